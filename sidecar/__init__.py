@@ -1,0 +1,3 @@
+"""gts-sidecar: a per-pod distributed-transaction sidecar for services in any language."""
+
+__version__ = "0.1.0"

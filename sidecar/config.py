@@ -1,0 +1,431 @@
+"""The config file: a typed, validated, immutable schema and `load(path, env)`.
+
+Rules: everything here is pure apart from reading the file and the `*_file` secrets it names.
+A `Config` is frozen; reloading builds a whole new one and swaps a reference (see reload.py),
+so a half-valid config is never in force. Every problem is reported with its key path, all at
+once, so `check-config` can list them together.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from sidecar.errors import ConfigError
+
+# --- scalar types --------------------------------------------------------------------------
+
+_DURATION_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: object) -> float:
+    """'500ms' / '8s' / '2m' / '24h' → seconds. Bare numbers are refused: a unit is required
+    so that nobody wonders whether `timeout: 30` means seconds or milliseconds."""
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ValueError(f"invalid duration {value!r} (use a number and a unit: 500ms, 8s, 2m, 24h)")
+
+
+def format_duration(seconds: float) -> str:
+    if seconds and seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"
+
+
+_SIZE_RE: Final = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
+_SIZE_UNITS: Final = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+
+
+def parse_size(value: object) -> int:
+    """64KiB / 1MiB / 512 → bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid size {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    raise ValueError(f"invalid size {value!r} (use bytes or a unit: 512, 64KiB, 1MiB)")
+
+
+Duration = Annotated[
+    float, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)
+]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class Secret:
+    """A secret read from a file. Never shows its value in repr, str or serialisation."""
+
+    __slots__ = ("_value", "path")
+
+    def __init__(self, value: str, path: str) -> None:
+        self._value = value
+        self.path = path
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret(path={self.path!r}, value=<redacted>)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def _read_secret(value: object) -> Secret:
+    if isinstance(value, Secret):
+        return value
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be the path of a file holding the secret")
+    try:
+        text = Path(value).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read secret file {value!r}: {exc.strerror}") from None
+    if not text:
+        raise ValueError(f"secret file {value!r} is empty")
+    return Secret(text, value)
+
+
+SecretFile = Annotated[
+    Secret,
+    BeforeValidator(_read_secret),
+    PlainSerializer(lambda s: f"<redacted: {s.path}>", return_type=str),
+]
+
+_TOKEN_RE: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def _header_name(value: str) -> str:
+    if not _TOKEN_RE.match(value):
+        raise ValueError(f"invalid header name {value!r}")
+    return value
+
+
+HeaderName = Annotated[str, BeforeValidator(lambda v: _header_name(v) if isinstance(v, str) else v)]
+
+
+def parse_bind(value: str) -> tuple[str, int]:
+    """'0.0.0.0:15006' / '[::1]:15006' / 'localhost:15006' → (host, port)."""
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not host or not port_s.isdigit():
+        raise ValueError(f"invalid bind address {value!r} (expected host:port)")
+    port = int(port_s)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"invalid port in {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    return host, port
+
+
+def _bind(value: object) -> object:
+    if isinstance(value, str):
+        parse_bind(value)
+    return value
+
+
+Bind = Annotated[str, BeforeValidator(_bind)]
+
+
+def _http_url(value: object) -> object:
+    if isinstance(value, str):
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"invalid url {value!r} (expected http://host[:port][/base])")
+        try:
+            _ = parts.port
+        except ValueError:
+            raise ValueError(f"invalid port in url {value!r}") from None
+        if parts.query or parts.fragment:
+            raise ValueError(f"url {value!r} must not carry a query or fragment")
+    return value
+
+
+HttpUrl = Annotated[str, BeforeValidator(_http_url)]
+
+
+class _Model(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+# --- sections ------------------------------------------------------------------------------
+
+
+class NodeConfig(_Model):
+    #: the address peers and coordinators reach this sidecar at (Kubernetes: the pod IP)
+    advertise_address: str = "127.0.0.1"
+
+
+class ListenerConfig(_Model):
+    bind: Bind
+
+
+class HeaderLimits(_Model):
+    request_line: Size = 8 * 1024
+    header_field: Size = 16 * 1024
+    header_count: int = Field(default=100, ge=1)
+    #: total bytes of the request head (request line + all headers)
+    header_bytes: Size = 64 * 1024
+
+
+class ProxyListenerTimeouts(_Model):
+    #: a client must finish sending its request head within this (slowloris)
+    header_read: Duration = 10.0
+    #: a request body that stalls this long is cut off
+    body_idle: Duration = 30.0
+    #: an idle keep-alive client connection is closed after this
+    keepalive: Duration = 60.0
+
+
+class ProxyListenerConfig(ListenerConfig):
+    limits: HeaderLimits = HeaderLimits()
+    timeouts: ProxyListenerTimeouts = ProxyListenerTimeouts()
+
+
+class ListenersConfig(_Model):
+    inbound: ProxyListenerConfig = ProxyListenerConfig(bind="0.0.0.0:15006")
+    outbound: ProxyListenerConfig = ProxyListenerConfig(bind="127.0.0.1:15001")
+    api: ListenerConfig = ListenerConfig(bind="127.0.0.1:15000")
+    peer: ListenerConfig = ListenerConfig(bind="0.0.0.0:15020")
+    admin: ListenerConfig = ListenerConfig(bind="0.0.0.0:15090")
+    #: aiohttp's pure-Python parser mis-frames inputs its C parser refuses; start only with
+    #: the C parsers unless this is explicitly turned off.
+    require_c_parser: bool = True
+
+
+class UpstreamTimeouts(_Model):
+    connect: Duration = 1.0
+    #: from the request head sent to the response head received
+    response_header: Duration = 8.0
+    #: the whole exchange, request start to response end
+    total: Duration = 12.0
+
+
+class PoolConfig(_Model):
+    max_connections: int = Field(default=100, ge=1)
+    max_idle: int = Field(default=100, ge=0)
+    idle_timeout: Duration = 30.0
+    #: requests allowed to wait for a connection; past it → 503 POOL_EXHAUSTED at once
+    max_pending: int = Field(default=1024, ge=0)
+
+
+class RetryConfig(_Model):
+    #: extra attempts for idempotent requests that cannot have reached the upstream
+    attempts: int = Field(default=1, ge=0, le=10)
+    #: retries in flight may be at most this share of requests in flight (min 3)
+    budget_ratio: float = Field(default=0.2, ge=0.0, le=1.0)
+
+
+class ClusterConfig(_Model):
+    """A pool of one upstream host: the app behind the inbound listener, or a named upstream."""
+
+    url: HttpUrl
+    timeouts: UpstreamTimeouts = UpstreamTimeouts()
+    pool: PoolConfig = PoolConfig()
+    retries: RetryConfig = RetryConfig()
+
+    @model_validator(mode="after")
+    def _timeouts_nest(self) -> ClusterConfig:
+        t = self.timeouts
+        problems = []
+        if t.total <= t.response_header:
+            problems.append(
+                f"timeouts.total ({format_duration(t.total)}) must exceed "
+                f"timeouts.response_header ({format_duration(t.response_header)})"
+            )
+        if t.total <= t.connect:
+            problems.append(
+                f"timeouts.total ({format_duration(t.total)}) must exceed "
+                f"timeouts.connect ({format_duration(t.connect)})"
+            )
+        if self.pool.max_idle > self.pool.max_connections:
+            problems.append("pool.max_idle must not exceed pool.max_connections")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class AppConfig(ClusterConfig):
+    url: HttpUrl = "http://127.0.0.1:8080"
+
+
+class UpstreamConfig(ClusterConfig):
+    #: header names the XID is written under for this upstream (None: xid.app_headers)
+    xid_headers: list[HeaderName] | None = None
+
+
+class XidConfig(_Model):
+    #: aliases accepted on incoming requests
+    headers: list[HeaderName] = Field(default_factory=lambda: ["XID", "X-GTS-XID", "TX_XID"])
+    #: names the app receives the XID under
+    app_headers: list[HeaderName] = Field(default_factory=lambda: ["XID"])
+    max_length: int = Field(default=128, ge=8, le=4096)
+
+    @field_validator("headers", "app_headers")
+    @classmethod
+    def _non_empty_unique(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must name at least one header")
+        lowered = [h.lower() for h in v]
+        if len(set(lowered)) != len(lowered):
+            raise ValueError("names a header twice (header names are case-insensitive)")
+        return v
+
+
+class LoggingConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+class AdminConfig(_Model):
+    #: bearer token for /admin/* (metrics and health stay open)
+    token_file: SecretFile | None = None
+
+
+class MetricsConfig(_Model):
+    enabled: bool = True
+
+
+_UPSTREAM_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class Config(_Model):
+    node: NodeConfig = NodeConfig()
+    listeners: ListenersConfig = ListenersConfig()
+    app: AppConfig = AppConfig()
+    xid: XidConfig = XidConfig()
+    upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
+    admin: AdminConfig = AdminConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    drain_timeout: Duration = 20.0
+
+    @field_validator("upstreams")
+    @classmethod
+    def _upstream_names(cls, v: dict[str, UpstreamConfig]) -> dict[str, UpstreamConfig]:
+        for name in v:
+            if not _UPSTREAM_NAME_RE.match(name):
+                raise ValueError(
+                    f"upstream name {name!r} must be 1-63 letters, digits, '.', '_' or '-' "
+                    "(it is used as a path prefix and a Host name)"
+                )
+        return v
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective config as plain data with every secret replaced by its file path."""
+        return self.model_dump(mode="json")
+
+
+# --- loading -------------------------------------------------------------------------------
+
+_ENV_RE: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _substitute(node: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
+    """Replace ${VAR} and ${VAR:-default} in string scalars (not in the raw text, so that a
+    value can never inject YAML structure)."""
+    if isinstance(node, str):
+
+        def repl(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            problems.append(f"{path or '<root>'}: environment variable {name} is not set")
+            return ""
+
+        return _ENV_RE.sub(repl, node)
+    if isinstance(node, dict):
+        return {
+            k: _substitute(v, env, f"{path}.{k}" if path else str(k), problems)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_substitute(v, env, f"{path}[{i}]", problems) for i, v in enumerate(node)]
+    return node
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith("function-") or part in ("is-instance[Secret]",):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<root>"
+
+
+def _format_error(err: Mapping[str, Any]) -> str:
+    loc = _format_loc(tuple(err["loc"]))
+    msg = str(err["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix) :]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{loc}: {msg}"
+
+
+def parse(data: Any, env: Mapping[str, str] | None = None) -> Config:
+    """Validate already-parsed YAML data into a Config, or raise ConfigError with every
+    problem and its key path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(["<root>: the config file must be a mapping of sections"])
+    problems: list[str] = []
+    data = _substitute(data, os.environ if env is None else env, "", problems)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(_format_error(e) for e in exc.errors())
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read, substitute and validate one config file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"<file>: cannot read {str(path)!r}: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"<file>: invalid YAML{where}: {problem}"]) from None
+    return parse(data, env)

@@ -1,0 +1,104 @@
+"""One error tree for everything the sidecar itself answers with.
+
+Each error knows its stable upper-case code and its HTTP status; `error_body` is the one
+place that turns an error into the JSON body of DESIGN §6. Only listeners turn errors into
+responses; adapters translate foreign exceptions into these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import ClassVar
+
+import orjson
+
+#: Response header that tells the sidecar's own errors apart from the app's.
+ERROR_HEADER = "x-gts-sidecar-error"
+
+
+class SidecarError(Exception):
+    code: ClassVar[str] = "INTERNAL"
+    status: ClassVar[int] = 500
+
+    def __init__(self, message: str, *, header: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.header = header
+
+    def body(self) -> bytes:
+        return error_body(self.code, self.message, header=self.header)
+
+
+def error_body(code: str, message: str, *, header: str | None = None) -> bytes:
+    err: dict[str, str] = {"code": code, "message": message}
+    if header is not None:
+        err["header"] = header
+    return orjson.dumps({"error": err})
+
+
+class XidInvalid(SidecarError, ValueError):
+    code = "XID_INVALID"
+    status = 400
+
+    def __init__(self, message: str, *, header: str | None = None, reason: str = "format"):
+        super().__init__(message, header=header)
+        #: short machine reason, used as a metric label (bounded set)
+        self.reason = reason
+
+
+class BadRequest(SidecarError, ValueError):
+    code = "BAD_REQUEST"
+    status = 400
+
+
+class HeadersTooLarge(SidecarError):
+    code = "HEADERS_TOO_LARGE"
+    status = 431
+
+
+class RequestTimeout(SidecarError, asyncio.TimeoutError):
+    code = "REQUEST_TIMEOUT"
+    status = 408
+
+
+class UpstreamNotFound(SidecarError, LookupError):
+    code = "UPSTREAM_NOT_FOUND"
+    status = 404
+
+
+class UpstreamTimeout(SidecarError, asyncio.TimeoutError):
+    code = "UPSTREAM_TIMEOUT"
+    status = 504
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message)
+        #: which timeout fired: connect, response_header or total
+        self.kind = kind
+
+
+class UpstreamUnavailable(SidecarError, ConnectionError):
+    code = "UPSTREAM_UNAVAILABLE"
+    status = 502
+
+
+class PoolExhausted(SidecarError):
+    code = "POOL_EXHAUSTED"
+    status = 503
+
+
+class NotImplementedByProxy(SidecarError):
+    code = "NOT_IMPLEMENTED"
+    status = 501
+
+
+class Draining(SidecarError):
+    code = "DRAINING"
+    status = 503
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; carries every problem with its key path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
