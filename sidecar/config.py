@@ -61,6 +61,8 @@ def parse_size(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError(f"invalid size {value!r}")
     if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"invalid size {value!r} (must not be negative)")
         return value
     if isinstance(value, str):
         m = _SIZE_RE.match(value)
@@ -119,7 +121,7 @@ SecretFile = Annotated[
     PlainSerializer(lambda s: f"<redacted: {s.path}>", return_type=str),
 ]
 
-_TOKEN_RE: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_TOKEN_RE: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # \Z: "$" allows a final \n
 
 
 def _header_name(value: str) -> str:
@@ -131,17 +133,26 @@ def _header_name(value: str) -> str:
 HeaderName = Annotated[str, BeforeValidator(lambda v: _header_name(v) if isinstance(v, str) else v)]
 
 
+_BIND_HOST_RE: Final = re.compile(r"^[A-Za-z0-9._-]+\Z")
+
+
 def parse_bind(value: str) -> tuple[str, int]:
     """'0.0.0.0:15006' / '[::1]:15006' / 'localhost:15006' → (host, port)."""
     host, sep, port_s = value.rpartition(":")
-    if not sep or not host or not port_s.isdigit():
+    if not sep or not host or not (port_s.isascii() and port_s.isdigit()):
         raise ValueError(f"invalid bind address {value!r} (expected host:port)")
     port = int(port_s)
     if not 0 <= port <= 65535:
         raise ValueError(f"invalid port in {value!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-        ipaddress.IPv6Address(host)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid IPv6 address in bind address {value!r}") from None
+    elif not _BIND_HOST_RE.match(host):
+        # an IPv6 address must be bracketed; spaces and control characters are typos
+        raise ValueError(f"invalid host in bind address {value!r} (IPv6 goes in brackets)")
     return host, port
 
 
@@ -154,8 +165,14 @@ def _bind(value: object) -> object:
 Bind = Annotated[str, BeforeValidator(_bind)]
 
 
+_URL_UNSAFE_RE: Final = re.compile(r"[\x00-\x20\x7f]")
+
+
 def _http_url(value: object) -> object:
     if isinstance(value, str):
+        if _URL_UNSAFE_RE.search(value):
+            # urlsplit silently drops tab/CR/LF, so they would pass here and reach the wire
+            raise ValueError(f"invalid url {value!r} (contains whitespace or control characters)")
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"invalid url {value!r} (expected http://host[:port][/base])")
@@ -281,6 +298,14 @@ class UpstreamConfig(ClusterConfig):
     #: header names the XID is written under for this upstream (None: xid.app_headers)
     xid_headers: list[HeaderName] | None = None
 
+    @field_validator("xid_headers")
+    @classmethod
+    def _unique(cls, v: list[str] | None) -> list[str] | None:
+        # a header written twice is a repeated XID header, which receivers refuse (DESIGN §3)
+        if v is not None and len({h.lower() for h in v}) != len(v):
+            raise ValueError("names a header twice (header names are case-insensitive)")
+        return v
+
 
 class XidConfig(_Model):
     #: aliases accepted on incoming requests
@@ -314,7 +339,7 @@ class MetricsConfig(_Model):
     enabled: bool = True
 
 
-_UPSTREAM_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_UPSTREAM_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 
 
 class Config(_Model):
@@ -356,10 +381,13 @@ def _substitute(node: Any, env: Mapping[str, str], path: str, problems: list[str
 
         def repl(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
-            if name in env:
+            # ${VAR:-default} as in the shell: the default also replaces an empty value
+            if env.get(name):
                 return env[name]
             if default is not None:
                 return default
+            if name in env:
+                return ""
             problems.append(f"{path or '<root>'}: environment variable {name} is not set")
             return ""
 
@@ -379,7 +407,9 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part.startswith("function-") or part in ("is-instance[Secret]",):
+        elif (part.startswith("function-") and part.endswith("]")) or part in (
+            "is-instance[Secret]",
+        ):
             continue
         else:
             out += f".{part}" if out else str(part)
@@ -421,6 +451,8 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"<file>: cannot read {str(path)!r}: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"<file>: {str(path)!r} is not UTF-8 (byte {exc.start})"]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -53,7 +53,9 @@ class Xid:
 def parse(value: str | bytes, max_length: int = DEFAULT_MAX_LENGTH) -> Xid:
     """Parse one XID or raise XidInvalid with a message that says what is wrong and a short
     `reason` (a bounded set, used as a metric label)."""
-    raw = value.encode("latin-1") if isinstance(value, str) else value
+    # a character outside latin-1 cannot come from an HTTP header; "?" is in no field's
+    # grammar, so the value is refused with the reason of the field it spoils
+    raw = value.encode("latin-1", "replace") if isinstance(value, str) else value
     if len(raw) > max_length:
         raise XidInvalid(
             f"XID is {len(raw)} bytes, longer than the {max_length}-byte limit", reason="length"
@@ -69,9 +71,7 @@ def parse(value: str | bytes, max_length: int = DEFAULT_MAX_LENGTH) -> Xid:
         try:
             host = str(ipaddress.IPv6Address(v6.decode("ascii")))
         except ValueError:
-            raise XidInvalid(
-                f"XID {_show(raw)} has an invalid IPv6 host", reason="host"
-            ) from None
+            raise XidInvalid(f"XID {_show(raw)} has an invalid IPv6 host", reason="host") from None
     else:
         host_b = m.group("host")
         if _NUMERIC_HOST_RE.fullmatch(host_b):
@@ -104,7 +104,7 @@ def _explain(raw: bytes) -> XidInvalid:
     for i, c in enumerate(raw):
         if c == 0x5B:  # [
             depth += 1
-        elif c == 0x5D:  # ]
+        elif c == 0x5D and depth:  # ] (a stray one must not hide the colons after it)
             depth -= 1
         elif c == 0x3A and depth == 0:
             fields.append(raw[start:i])
@@ -127,7 +127,7 @@ def _explain(raw: bytes) -> XidInvalid:
             return XidInvalid(
                 f"XID {_show(raw)} has an empty {name} field (truncated?)", reason="truncated"
             )
-    if not port.isdigit() or port.startswith(b"0"):
+    if not port.isdigit() or port.startswith(b"0") or int(port) > 65535:
         return XidInvalid(
             f"XID {_show(raw)} has port {_show(port)}; expected 1-65535", reason="port"
         )
@@ -170,10 +170,13 @@ class TxidGenerator:
         clock_ms: Callable[[], int] = _wall_ms,
         salt: int | None = None,
     ) -> None:
+        if salt is not None and not 0 <= salt < (1 << _SALT_BITS):
+            # masking would silently give salts 0 and 512 the same ids
+            raise ValueError(f"salt must be in 0..{(1 << _SALT_BITS) - 1}, not {salt}")
         self._clock_ms = clock_ms
-        self._salt = (
-            int.from_bytes(os.urandom(2), "big") if salt is None else salt
-        ) & ((1 << _SALT_BITS) - 1)
+        self._salt = (int.from_bytes(os.urandom(2), "big") if salt is None else salt) & (
+            (1 << _SALT_BITS) - 1
+        )
         self._last_ms = 0
         self._counter = 0
         self._lock = threading.Lock()
@@ -193,9 +196,7 @@ class TxidGenerator:
                 self._counter = 0
             ms = self._last_ms & ((1 << _TIME_BITS) - 1)
             return (
-                (ms << (_SALT_BITS + _COUNTER_BITS))
-                | (self._salt << _COUNTER_BITS)
-                | self._counter
+                (ms << (_SALT_BITS + _COUNTER_BITS)) | (self._salt << _COUNTER_BITS) | self._counter
             )
 
 

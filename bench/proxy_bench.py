@@ -1,0 +1,744 @@
+"""Proxy overhead benchmark for gts-sidecar, on loopback, in one run.
+
+What it is for: to put a number on what the sidecar's data plane costs, next to a
+reference proxy everyone knows. Four targets serve the SAME tiny upstream and are hit with
+the SAME wrk settings, every request carrying a valid XID header:
+
+  direct            the upstream itself (nginx, 1 worker, ``return 200 "ok\\n"``)
+  nginx-proxy       nginx, 1 worker, reverse proxy with upstream keep-alive
+  sidecar-inbound   ``gts-sidecar run``: inbound listener -> ``app.url`` = the upstream
+  sidecar-outbound  the same sidecar: ``/up/`` on the outbound listener -> upstream ``up``
+
+Two sets of wrk runs: ``-t1 -c<connections>`` (throughput: requests/s, p50, p99) and
+``-t1 -c1`` (latency: the p50 each hop adds over ``direct``). wrk runs on CPU 1; the
+upstream and the proxies share CPU 0 ("proxy and upstream on one core").
+
+Usage (from the repo root)::
+
+    .venv/bin/python bench/proxy_bench.py [--duration 10s] [--connections 50] [--quick]
+                                          [--targets direct,nginx-proxy]
+
+The markdown report goes to stdout and to bench/results/latest.md. Exit status: 0 when every
+requested target was measured cleanly, 1 when one failed (e.g. the sidecar did not start) or
+answered errors, 2 on bad usage or missing tools. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime
+import http.client
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+RESULTS_FILE = BENCH_DIR / "results" / "latest.md"
+
+XID_HEADER = ("XID", "127.0.0.1:8091:123456789")
+UPSTREAM_BODY = b"ok\n"
+ALL_TARGETS = ("direct", "nginx-proxy", "sidecar-inbound", "sidecar-outbound")
+SIDECAR_TARGETS = ("sidecar-inbound", "sidecar-outbound")
+TOOL_PACKAGES = {"nginx": "nginx-light", "wrk": "wrk"}
+SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
+
+SERVER_CPU = 0  # upstream and every proxy under test
+CLIENT_CPU = 1  # wrk
+START_TIMEOUT = 30.0  # seconds a server gets to open its port / become ready
+
+
+class BenchError(Exception):
+    """A failure worth one clear line (plus, maybe, a server's log tail), not a traceback."""
+
+    def __init__(self, message: str, log_tail: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.log_tail = log_tail
+
+    def report(self, prefix: str) -> None:
+        print(f"{prefix}{self.message}", file=sys.stderr)
+        if self.log_tail:
+            print(self.log_tail, file=sys.stderr)
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    duration_s: int
+    warmup_s: int
+    connections: int
+    targets: tuple[str, ...]
+    sidecar_cmd: list[str]
+
+
+def parse_seconds(text: str) -> int:
+    """'10s', '2m', '1h' or a bare number of seconds -> whole seconds (>= 1)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([smh]?)\s*", text)
+    if not m or int(m.group(1)) < 1:
+        raise argparse.ArgumentTypeError(f"not a duration like 10s, 2m or 30: {text!r}")
+    return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    unknown = [t for t in names if t not in ALL_TARGETS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown target(s) {', '.join(unknown) or '(none)'}; choose from "
+            + ",".join(ALL_TARGETS)
+        )
+    return names
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    p = argparse.ArgumentParser(
+        description="requests/s and latency of direct vs nginx vs gts-sidecar, with wrk",
+    )
+    p.add_argument("--duration", type=parse_seconds, default=10, help="per wrk run (10s)")
+    p.add_argument("--warmup", type=parse_seconds, default=2, help="per target, unmeasured (2s)")
+    p.add_argument("--connections", type=int, default=50, help="throughput set's -c (50)")
+    p.add_argument("--quick", action="store_true", help="3 s runs: a smoke test")
+    p.add_argument(
+        "--sidecar-cmd",
+        type=shlex.split,
+        default=None,
+        help="command that takes `run --config FILE` (default: .venv/bin/gts-sidecar, "
+        "else python -m sidecar)",
+    )
+    p.add_argument(
+        "--targets",
+        type=parse_targets,
+        default=ALL_TARGETS,
+        help="comma list, subset of " + ",".join(ALL_TARGETS),
+    )
+    a = p.parse_args(argv)
+    if a.connections < 1:
+        p.error("--connections must be at least 1")
+    return Options(
+        duration_s=3 if a.quick else a.duration,
+        warmup_s=a.warmup,
+        connections=a.connections,
+        # report rows in the canonical order whatever order they were asked in
+        targets=tuple(t for t in ALL_TARGETS if t in a.targets),
+        sidecar_cmd=a.sidecar_cmd or default_sidecar_command(),
+    )
+
+
+# --- tools ---------------------------------------------------------------------------------
+
+
+def find_tool(name: str) -> str | None:
+    """Like `which`, but also looks in the sbin directories (nginx lives in /usr/sbin)."""
+    return shutil.which(name, path=os.environ.get("PATH", "") + os.pathsep + SBIN_PATH)
+
+
+def ensure_tools() -> dict[str, str]:
+    """Return paths of nginx and wrk, installing the Debian packages first if one is missing."""
+    missing = [pkg for tool, pkg in TOOL_PACKAGES.items() if find_tool(tool) is None]
+    if missing:
+        install_packages(missing)
+    paths = {tool: find_tool(tool) for tool in TOOL_PACKAGES}
+    absent = [tool for tool, path in paths.items() if path is None]
+    if absent:
+        raise BenchError(f"still not found after installing: {', '.join(absent)}")
+    return {tool: str(path) for tool, path in paths.items()}
+
+
+def install_packages(packages: list[str]) -> None:
+    """apt-get install, non-interactive; apt-get update only if apt does not know them yet."""
+    hint = "apt-get install -y " + " ".join(packages)
+    if shutil.which("apt-get") is None:
+        raise BenchError(f"missing {', '.join(packages)} and no apt-get; install them: {hint}")
+    if os.geteuid() != 0:
+        raise BenchError(f"missing {', '.join(packages)}; as root run: {hint}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    print(f"# installing {' '.join(packages)} ...", file=sys.stderr)
+    known = subprocess.run(["apt-cache", "show", *packages], env=env, capture_output=True)
+    if known.returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, check=False)
+    done = subprocess.run(["apt-get", "install", "-y", *packages], env=env)
+    if done.returncode != 0:
+        raise BenchError(f"`{hint}` failed (exit {done.returncode})")
+
+
+def cpu_pinning() -> tuple[list[str], list[str], str]:
+    """taskset prefixes for the servers and for wrk, and a sentence saying what was done."""
+    taskset = shutil.which("taskset")
+    cpus = os.sched_getaffinity(0)
+    if taskset is None:
+        return [], [], "not pinned (taskset not found)"
+    if not {SERVER_CPU, CLIENT_CPU} <= cpus:
+        return [], [], f"not pinned (CPUs {SERVER_CPU} and {CLIENT_CPU} not both available)"
+    return (
+        [taskset, "-c", str(SERVER_CPU)],
+        [taskset, "-c", str(CLIENT_CPU)],
+        f"wrk on CPU {CLIENT_CPU}; upstream and proxy under test together on CPU {SERVER_CPU}",
+    )
+
+
+def default_sidecar_command() -> list[str]:
+    """The console script when the package is installed, else `python -m sidecar`."""
+    script = REPO_DIR / ".venv" / "bin" / "gts-sidecar"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "sidecar"]
+
+
+# --- ports and readiness ---------------------------------------------------------------------
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free TCP ports on 127.0.0.1 (all held open until all are chosen)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def wait_until(
+    ready: Callable[[], bool], server: Server, what: str, timeout: float = START_TIMEOUT
+) -> None:
+    """Poll `ready()` until it is true. If the server exits first or the time runs out, stop
+    it and raise with the tail of its stderr."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if server.popen.poll() is not None:
+            problem = f"{server.name} exited with status {server.popen.returncode}"
+        elif time.monotonic() > deadline:
+            problem = f"{server.name}: {what} not ready after {timeout:.0f}s"
+        else:
+            time.sleep(0.02)
+            continue
+        server.stop()
+        raise BenchError(
+            f"{problem} (command: {shlex.join(server.popen.args)})",
+            f"-- last lines of {server.name}'s stderr:\n{server.stderr_tail() or '(empty)'}",
+        )
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def http_get(port: int, path: str = "/", timeout: float = 2.0) -> tuple[int, bytes]:
+    """One GET with the bench's XID header; (status, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers=dict([XID_HEADER]))
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def http_ok(port: int, path: str) -> bool:
+    try:
+        return http_get(port, path)[0] == 200
+    except OSError:
+        return False
+
+
+# --- server processes ----------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """A process we started, in its own session, with its output in log files."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    stderr_path: Path
+
+    def stderr_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM its process group (nginx master + workers), SIGKILL after `grace`."""
+        if self.popen.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+        with contextlib.suppress(ProcessLookupError):  # stray workers of a dead master
+            os.killpg(self.popen.pid, signal.SIGKILL)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL if the benchmark itself is killed (Linux prctl)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class Servers:
+    """Starts server processes and guarantees they are all stopped on exit."""
+
+    def __init__(self, workdir: Path, pin: list[str]) -> None:
+        self.workdir = workdir
+        self.pin = pin
+        self.started: list[Server] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Server:
+        err_path = self.workdir / f"{name}.stderr.log"
+        with open(self.workdir / f"{name}.stdout.log", "wb") as out, open(err_path, "wb") as err:
+            popen = subprocess.Popen(
+                [*self.pin, *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                cwd=REPO_DIR,
+                env=env,
+                start_new_session=True,  # Ctrl-C reaches us; we stop them in order
+                preexec_fn=_die_with_parent,
+            )
+        server = Server(name, popen, err_path)
+        self.started.append(server)
+        return server
+
+    def stop_all(self) -> None:
+        for server in reversed(self.started):
+            server.stop()
+        self.started.clear()
+
+
+# --- nginx ---------------------------------------------------------------------------------
+
+NGINX_MAIN = """\
+{user}worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    default_type text/plain;
+    keepalive_requests 1000000;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+{http}
+}}
+"""
+
+NGINX_UPSTREAM_HTTP = """\
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ return 200 "ok\\n"; }}
+    }}"""
+
+NGINX_PROXY_HTTP = """\
+    upstream up {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}"""
+
+
+def start_nginx(servers: Servers, nginx: str, name: str, http_block: str, port: int) -> Server:
+    """Write <tmp>/<name>/nginx.conf and run nginx in the foreground from that prefix."""
+    prefix = servers.workdir / name
+    prefix.mkdir()
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    conf = NGINX_MAIN.format(user=user, prefix=prefix, http=http_block)
+    (prefix / "nginx.conf").write_text(conf)
+    argv = [nginx, "-p", f"{prefix}/", "-c", f"{prefix}/nginx.conf", "-e", f"{prefix}/error.log"]
+    server = servers.start(name, [*argv, "-g", "daemon off;"])
+    wait_until(lambda: port_open(port), server, f"port {port}")
+    return server
+
+
+# --- the sidecar ---------------------------------------------------------------------------
+
+SIDECAR_YAML = """\
+listeners:
+  inbound:  {{bind: "127.0.0.1:{inbound}"}}
+  outbound: {{bind: "127.0.0.1:{outbound}"}}
+  api:      {{bind: "127.0.0.1:{api}"}}
+  peer:     {{bind: "127.0.0.1:{peer}"}}
+  admin:    {{bind: "127.0.0.1:{admin}"}}
+app:
+  url: "http://127.0.0.1:{upstream}"
+upstreams:
+  up:
+    url: "http://127.0.0.1:{upstream}"
+logging: {{level: warning}}
+"""
+
+
+def start_sidecar(servers: Servers, command: list[str], ports: dict[str, int]) -> Server:
+    """Run `gts-sidecar run --config` on a generated config; wait for admin /readyz = 200."""
+    config = servers.workdir / "sidecar.yaml"
+    config.write_text(SIDECAR_YAML.format(**ports))
+    # `python -m sidecar` needs the repo on the path when the package is not installed
+    pythonpath = [str(REPO_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)}
+    server = servers.start("sidecar", [*command, "run", "--config", str(config)], env)
+    wait_until(lambda: http_ok(ports["admin"], "/readyz"), server, "admin /readyz")
+    for listener in ("inbound", "outbound"):
+        wait_until(lambda p=ports[listener]: port_open(p), server, f"{listener} listener")
+    return server
+
+
+# --- wrk -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    rps: float
+    p50_us: float
+    p99_us: float
+    requests: int
+    non_2xx: int
+    socket_errors: int
+    raw: str
+
+    @property
+    def errors(self) -> int:
+        return self.non_2xx + self.socket_errors
+
+
+_UNIT_US = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6, "h": 3600e6}
+
+
+def to_us(value: str, unit: str) -> float:
+    return float(value) * _UNIT_US[unit]
+
+
+def parse_wrk(text: str) -> WrkResult:
+    """Pick Requests/sec, the 50% and 99% latency lines and any errors out of `wrk --latency`."""
+
+    def find(pattern: str) -> re.Match[str]:
+        m = re.search(pattern, text, re.MULTILINE)
+        if m is None:
+            raise BenchError(f"wrk output has no match for {pattern!r}:\n{text}")
+        return m
+
+    latency = r"([\d.]+)(us|ms|s|m|h)\s*$"
+    p50 = find(r"^\s*50(?:\.0+)?%\s+" + latency)
+    p99 = find(r"^\s*99(?:\.0+)?%\s+" + latency)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    return WrkResult(
+        rps=float(find(r"^Requests/sec:\s+([\d.]+)").group(1)),
+        p50_us=to_us(*p50.groups()),
+        p99_us=to_us(*p99.groups()),
+        requests=int(find(r"^\s*(\d+) requests in").group(1)),
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        socket_errors=sum(int(n) for n in sock.groups()) if sock else 0,
+        raw=text,
+    )
+
+
+def wrk_argv(wrk: str, connections: int, seconds: int, url: str) -> list[str]:
+    header = f"{XID_HEADER[0]}: {XID_HEADER[1]}"
+    return [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-H", header, url]
+
+
+def run_wrk(pin: list[str], argv: list[str], seconds: int) -> str:
+    done = subprocess.run(
+        [*pin, *argv], capture_output=True, text=True, timeout=seconds + 30, check=False
+    )
+    if done.returncode != 0:
+        raise BenchError(f"wrk exited {done.returncode}: {done.stderr.strip() or done.stdout}")
+    return done.stdout
+
+
+# --- targets and the run -------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    path: str = "/"
+    failure: str | None = None
+    results: dict[int, WrkResult] = field(default_factory=dict)  # connections -> result
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.path}"
+
+
+def check_target(target: Target) -> None:
+    """One request before measuring: the target must answer 200 with the upstream's body."""
+    try:
+        status, body = http_get(target.port, target.path)
+    except OSError as exc:
+        raise BenchError(f"{target.name}: request to {target.url} failed: {exc}") from exc
+    if status != 200 or body != UPSTREAM_BODY:
+        raise BenchError(
+            f"{target.name}: {target.url} answered {status} {body[:300]!r}, "
+            f"expected 200 {UPSTREAM_BODY!r}"
+        )
+
+
+def start_targets(servers: Servers, tools: dict[str, str], opts: Options) -> list[Target]:
+    """Start the upstream and every proxy the chosen targets need; a proxy that fails to start is
+    recorded on its targets (and its log tail printed) instead of aborting the run."""
+    wanted = opts.targets
+    names = ("upstream", "proxy", "inbound", "outbound", "api", "peer", "admin")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
+    upstream_http = NGINX_UPSTREAM_HTTP.format(port=ports["upstream"])
+    start_nginx(servers, tools["nginx"], "upstream", upstream_http, ports["upstream"])
+
+    targets = {
+        "direct": Target("direct", ports["upstream"]),
+        "nginx-proxy": Target("nginx-proxy", ports["proxy"]),
+        "sidecar-inbound": Target("sidecar-inbound", ports["inbound"]),
+        "sidecar-outbound": Target("sidecar-outbound", ports["outbound"], "/up/"),
+    }
+    if "nginx-proxy" in wanted:
+        proxy_http = NGINX_PROXY_HTTP.format(port=ports["proxy"], upstream_port=ports["upstream"])
+        with reported_failure([targets["nginx-proxy"]]):
+            start_nginx(servers, tools["nginx"], "nginx-proxy", proxy_http, ports["proxy"])
+    sidecar_targets = [targets[t] for t in SIDECAR_TARGETS if t in wanted]
+    if sidecar_targets:
+        sidecar_ports = {k: ports[k] for k in names if k != "proxy"}
+        with reported_failure(sidecar_targets):
+            start_sidecar(servers, opts.sidecar_cmd, sidecar_ports)
+
+    chosen = [targets[t] for t in wanted]
+    for target in chosen:
+        if target.failure is None:
+            with reported_failure([target]):
+                check_target(target)
+    return chosen
+
+
+@contextlib.contextmanager
+def reported_failure(targets: list[Target]) -> Iterator[None]:
+    """Turn a BenchError into a failure recorded on `targets`, printed with the log tail."""
+    try:
+        yield
+    except BenchError as exc:
+        exc.report("!! ")
+        for target in targets:
+            target.failure = exc.message
+
+
+def measure(targets: list[Target], opts: Options, wrk: str, pin: list[str]) -> None:
+    """Both wrk sets over every live target: warm-up, then the measured run."""
+    for connections in (opts.connections, 1):
+        for target in targets:
+            if target.failure is not None:
+                continue
+            print(f"# {target.name}: c={connections} ...", file=sys.stderr, flush=True)
+            with reported_failure([target]):
+                run_wrk(pin, wrk_argv(wrk, connections, opts.warmup_s, target.url), opts.warmup_s)
+                argv = wrk_argv(wrk, connections, opts.duration_s, target.url)
+                result = parse_wrk(run_wrk(pin, argv, opts.duration_s))
+                target.results[connections] = result
+                if result.errors:
+                    print(
+                        f"!! {target.name} c={connections}: {result.non_2xx} non-2xx, "
+                        f"{result.socket_errors} socket errors",
+                        file=sys.stderr,
+                    )
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def command_output(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except OSError as exc:
+        return f"({exc})"
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    return lines[0].strip() if lines else "?"
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+def machine_facts(tools: dict[str, str], pinning: str) -> list[tuple[str, str]]:
+    commit = command_output(["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"])
+    return [
+        ("date", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")),
+        ("nproc", f"{os.cpu_count()} ({len(os.sched_getaffinity(0))} usable)"),
+        ("CPU", cpu_model()),
+        ("kernel", f"{platform.system()} {platform.release()}"),
+        ("python", f"{platform.python_implementation()} {platform.python_version()}"),
+        ("nginx", command_output([tools["nginx"], "-v"])),
+        ("wrk", command_output([tools["wrk"], "-v"]).split(" Copyright")[0]),
+        ("pinning", pinning),
+        ("repo commit", commit + " (plus any uncommitted changes)"),
+    ]
+
+
+def fmt_ms(us: float) -> str:
+    return f"{us / 1000:.3f}"
+
+
+def results_table(targets: list[Target], connections: int) -> list[str]:
+    by_name = {t.name: t for t in targets}
+    ref = by_name.get("nginx-proxy")
+    ref_rps = ref.results[connections].rps if ref and connections in ref.results else None
+    direct = by_name.get("direct")
+    direct_c1 = direct.results.get(1) if direct else None
+
+    rows = [
+        "| target | rps | ratio vs nginx-proxy | p50 (ms) | p99 (ms) "
+        "| p50 at c=1 (µs) | p50 added over direct at c=1 (µs) |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for t in targets:
+        if t.failure is not None:
+            rows.append(f"| {t.name} | FAILED | – | – | – | – | – |")
+            continue
+        tput, lat = t.results.get(connections), t.results.get(1)
+        cells = [t.name]
+        cells += [f"{tput.rps:,.0f}", f"{tput.rps / ref_rps:.2f}×" if ref_rps else "n/a"]
+        cells += [fmt_ms(tput.p50_us), fmt_ms(tput.p99_us)]
+        cells.append(f"{lat.p50_us:.0f}")
+        cells.append(f"{lat.p50_us - direct_c1.p50_us:+.0f}" if direct_c1 else "n/a")
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def render_report(
+    targets: list[Target], opts: Options, facts: list[tuple[str, str]], wrk: str
+) -> str:
+    c = opts.connections
+    lines = [
+        "# gts-sidecar proxy benchmark",
+        "",
+        f'Same upstream (nginx `return 200 "ok\\n"`), every request with '
+        f"`{XID_HEADER[0]}: {XID_HEADER[1]}`. Throughput set: wrk `-t1 -c{c}`; latency set: "
+        f"wrk `-t1 -c1`; {opts.duration_s} s per run after a {opts.warmup_s} s warm-up.",
+        "rps, p50 and p99 are from the throughput set.",
+        "",
+        *results_table(targets, c),
+        "",
+    ]
+    notes = [f"- **{t.name}** failed: {t.failure}" for t in targets if t.failure]
+    for t in targets:
+        for conns, r in sorted(t.results.items(), reverse=True):
+            if r.errors:
+                notes.append(
+                    f"- **{t.name}** c={conns}: {r.non_2xx} non-2xx responses and "
+                    f"{r.socket_errors} socket errors out of {r.requests} requests "
+                    "(its figures are suspect)"
+                )
+    if notes:
+        lines += ["Problems:", "", *notes, ""]
+    lines += ["## Machine", "", *(f"- {k}: {v}" for k, v in facts), ""]
+    lines += [
+        "## Command",
+        "",
+        "```",
+        shlex.join(sys.orig_argv),
+        "```",
+        "",
+        "wrk, per target (URL varies):",
+        "",
+        "```",
+        shlex.join(wrk_argv(Path(wrk).name, c, opts.duration_s, "URL")),
+        shlex.join(wrk_argv(Path(wrk).name, 1, opts.duration_s, "URL")),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def raw_outputs(targets: list[Target]) -> str:
+    parts = ["## Raw wrk output", ""]
+    for t in targets:
+        for conns, r in sorted(t.results.items(), reverse=True):
+            parts += [f"<details><summary>{t.name}, c={conns}</summary>", "", "```"]
+            parts += [r.raw.rstrip(), "```", "", "</details>", ""]
+    return "\n".join(parts)
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def _terminate_on_sigterm() -> None:
+    """Make SIGTERM/SIGHUP unwind like Ctrl-C so the servers are stopped."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
+def run(opts: Options) -> int:
+    tools = ensure_tools()
+    server_pin, client_pin, pinning = cpu_pinning()
+    with tempfile.TemporaryDirectory(prefix="proxy-bench-") as tmp:
+        servers = Servers(Path(tmp), server_pin)
+        try:
+            targets = start_targets(servers, tools, opts)
+            measure(targets, opts, tools["wrk"], client_pin)
+        finally:
+            servers.stop_all()
+    report = render_report(targets, opts, machine_facts(tools, pinning), tools["wrk"])
+    print(report)
+    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_FILE.write_text(report + "\n" + raw_outputs(targets))
+    print(f"# written to {RESULTS_FILE.relative_to(REPO_DIR)}", file=sys.stderr)
+    clean = all(
+        t.failure is None and not any(r.errors for r in t.results.values()) for t in targets
+    )
+    return 0 if clean else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    _terminate_on_sigterm()
+    try:
+        return run(opts)
+    except BenchError as exc:
+        exc.report("proxy_bench: ")
+        return 2
+    except KeyboardInterrupt:
+        print("proxy_bench: interrupted; servers stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

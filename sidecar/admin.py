@@ -1,0 +1,106 @@
+"""The admin listener (aiohttp): /metrics, /healthz, /readyz and /admin/*.
+
+Metrics and health are open (kubelet and Prometheus call them); /admin/* needs the bearer
+token from `admin.token_file` when one is configured.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from sidecar.config import Config
+from sidecar.errors import ERROR_HEADER, error_body
+from sidecar.metrics import Metrics
+
+
+class AdminState(Protocol):
+    """What the admin listener reads from the running sidecar."""
+
+    metrics: Metrics
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def config_digest(self) -> str: ...
+    async def readiness(self) -> list[str]: ...
+
+
+STATE = web.AppKey("state", AdminState)
+
+
+def json_response(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.Response(
+        body=error_body(code, message),
+        status=status,
+        content_type="application/json",
+        headers={ERROR_HEADER: code},
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = generate_latest(state.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    problems = await state.readiness()
+    if problems:
+        state.metrics.ready.set(0)
+        return json_response({"ready": False, "reasons": problems}, status=503)
+    state.metrics.ready.set(1)
+    return json_response({"ready": True})
+
+
+async def admin_config(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return json_response({"sha256": state.config_digest, "config": state.config.redacted()})
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def admin_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith("/admin/"):
+        token = request.app[STATE].config.admin.token_file
+        if token is not None:
+            sent = request.headers.get("Authorization", "")
+            expected = "Bearer " + token.reveal()
+            if not hmac.compare_digest(sent.encode(), expected.encode()):
+                return error_response(
+                    401, "UNAUTHORIZED", "admin endpoints need 'Authorization: Bearer <token>'"
+                )
+    return await handler(request)
+
+
+def build_admin_app(state: AdminState) -> web.Application:
+    app = web.Application(middlewares=[admin_auth])
+    app[STATE] = state
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/admin/config", admin_config)
+    return app
+
+
+def build_health_app() -> web.Application:
+    """The api and peer listeners until their APIs land: health only."""
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    return app

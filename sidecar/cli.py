@@ -1,0 +1,105 @@
+"""The `gts-sidecar` command line: argparse → config → server. The only place that exits.
+
+Exit codes: 0 ok; 2 invalid config or usage (every problem listed with its key path);
+1 a failure at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from sidecar import __version__, logs
+from sidecar.config import Config, load, parse_duration
+from sidecar.errors import ConfigError
+from sidecar.reload import file_digest
+
+
+def _duration(value: str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gts-sidecar",
+        description="A distributed-transaction sidecar: XID propagation, pools and timeouts, "
+        "GTS coordination for any HTTP service.",
+    )
+    parser.add_argument("--version", action="version", version=f"gts-sidecar {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the sidecar")
+    run.add_argument("--config", required=True, metavar="FILE", help="the YAML config file")
+    run.add_argument(
+        "--reload-interval",
+        type=_duration,
+        default=1.0,
+        metavar="DURATION",
+        help="how often the config file is checked for changes (default 1s)",
+    )
+
+    check = sub.add_parser("check-config", help="validate a config file and exit (0 ok, 2 not)")
+    check.add_argument("file", metavar="FILE")
+    return parser
+
+
+def _print_problems(path: str, exc: ConfigError) -> None:
+    print(f"{path}: invalid config ({len(exc.problems)} problem(s)):", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
+def check_config(path: str) -> int:
+    try:
+        load(path)
+    except ConfigError as exc:
+        _print_problems(path, exc)
+        return 2
+    print(f"{path}: ok")
+    return 0
+
+
+async def _serve(config: Config, path: str, interval: float) -> None:
+    from sidecar.server import Sidecar
+
+    sidecar = Sidecar(
+        config, config_path=path, config_digest=file_digest(path), reload_interval=interval
+    )
+    await sidecar.start()
+    await sidecar.serve_forever()
+
+
+def run(path: str, interval: float) -> int:
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        _print_problems(path, exc)
+        return 2
+    logs.setup(config.logging.level, config.logging.format)
+    import uvloop
+
+    try:
+        uvloop.run(_serve(config, path, interval))
+    except ConfigError as exc:
+        _print_problems(path, exc)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check-config":
+        return check_config(args.file)
+    if args.command == "run":
+        return run(args.config, args.reload_interval)
+    raise AssertionError(args.command)  # argparse enforces the choices
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Request-head model and the header rules of both proxy listeners.
+
+Rules: pure — no sockets, no clock. The listener feeds parsed (name, value) pairs into a
+`RequestHead`; this module decides which headers are hop-by-hop or framing (never copied),
+which carry the XID (validated here, re-written by the caller), and renders the head that goes
+upstream. Header values are forwarded byte for byte; nothing is normalised or "repaired".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from sidecar import xid as xidmod
+from sidecar.errors import XidInvalid
+
+# Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
+# non-standard ones proxies commonly strip. `connection`-listed names are added per request.
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# Framing is recomputed by us; a copied Content-Length/Transfer-Encoding (or an underscore
+# spelling that a CGI-style upstream would fold into the same variable) is a smuggling vector.
+FRAMING: Final = frozenset(
+    {b"content-length", b"transfer-encoding", b"content_length", b"transfer_encoding"}
+)
+
+# classification codes, looked up once per header name
+PASS: Final = 0
+DROP: Final = 1
+XID: Final = 2
+HOST: Final = 3
+CONTENT_LENGTH: Final = 4
+TRANSFER_ENCODING: Final = 5
+CONNECTION: Final = 6
+EXPECT: Final = 7
+XFF: Final = 8
+XFP: Final = 9
+
+
+def build_classifier(xid_aliases: list[str]) -> dict[bytes, int]:
+    """Lower-cased header name → classification code; absent means PASS."""
+    table: dict[bytes, int] = {name: DROP for name in HOP_BY_HOP | FRAMING}
+    table[b"content-length"] = CONTENT_LENGTH
+    table[b"transfer-encoding"] = TRANSFER_ENCODING
+    table[b"connection"] = CONNECTION
+    table[b"host"] = HOST
+    table[b"expect"] = EXPECT
+    table[b"x-forwarded-for"] = XFF
+    table[b"x-forwarded-proto"] = XFP
+    for alias in xid_aliases:
+        table[alias.lower().encode("latin-1")] = XID
+    return table
+
+
+def resolve_xid(found: list[tuple[bytes, bytes]], max_length: int) -> xidmod.Xid:
+    """The one XID a request carries, from every alias header it sent.
+
+    A header sent twice is refused even when both copies agree: a repeated XID header is
+    how a truncated or injected copy rides along with a good one, and intermediaries differ
+    in which copy they keep.
+    """
+    first_name, first_value = found[0]
+    if len(found) > 1:
+        seen: set[bytes] = set()
+        for name, value in found:
+            lname = name.lower()
+            if lname in seen:
+                raise XidInvalid(
+                    f"XID header {name.decode('latin-1')} appears more than once",
+                    header=name.decode("latin-1"),
+                    reason="repeated",
+                )
+            seen.add(lname)
+            if value != first_value:
+                raise XidInvalid(
+                    f"XID headers disagree: {first_name.decode('latin-1')} and "
+                    f"{name.decode('latin-1')} carry different values",
+                    header=name.decode("latin-1"),
+                    reason="conflict",
+                )
+    try:
+        return xidmod.parse(first_value, max_length)
+    except XidInvalid as exc:
+        exc.header = first_name.decode("latin-1")
+        raise
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """One parsed request head, split by the classifier."""
+
+    method: bytes = b""
+    url: bytes = b""
+    #: pass-through headers, in order, exactly as received
+    headers: list[tuple[bytes, bytes]] | None = None
+    host: bytes | None = None
+    host_count: int = 0
+    xid_headers: list[tuple[bytes, bytes]] | None = None
+    content_length: bytes | None = None
+    chunked: bool = False
+    connection_tokens: list[bytes] | None = None
+    expect_continue: bool = False
+    forwarded_for: bytes | None = None
+    forwarded_proto: bytes | None = None
+    keep_alive: bool = True
+    http_minor: int = 1
+
+    def add(self, name: bytes, value: bytes, kind: int) -> None:
+        if kind == PASS:
+            assert self.headers is not None
+            self.headers.append((name, value))
+        elif kind == XID:
+            if self.xid_headers is None:
+                self.xid_headers = []
+            self.xid_headers.append((name, value))
+        elif kind == HOST:
+            self.host = value
+            self.host_count += 1
+        elif kind == CONTENT_LENGTH:
+            self.content_length = value
+        elif kind == TRANSFER_ENCODING:
+            # llhttp has already refused TE together with CL and a non-final chunked
+            self.chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+        elif kind == CONNECTION:
+            tokens = [t.strip().lower() for t in value.split(b",") if t.strip()]
+            if self.connection_tokens is None:
+                self.connection_tokens = tokens
+            else:
+                self.connection_tokens.extend(tokens)
+        elif kind == EXPECT:
+            if value.strip().lower() == b"100-continue":
+                self.expect_continue = True
+            else:
+                assert self.headers is not None
+                self.headers.append((name, value))
+        elif kind == XFF:
+            self.forwarded_for = (
+                value if self.forwarded_for is None else self.forwarded_for + b", " + value
+            )
+        elif kind == XFP:
+            self.forwarded_proto = value
+        # DROP: hop-by-hop and underscore framing headers vanish here
+
+    def strip_connection_listed(self) -> None:
+        """Drop headers named in Connection (they are hop-by-hop for this hop only)."""
+        if not self.connection_tokens or self.headers is None:
+            return
+        listed = {t for t in self.connection_tokens if t not in (b"close", b"keep-alive")}
+        if listed:
+            self.headers = [(n, v) for n, v in self.headers if n.lower() not in listed]
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or (self.content_length is not None and self.content_length != b"0")
+
+
+def split_target(url: bytes) -> tuple[bytes, bytes]:
+    """Origin-form target → (path, '?query' or b'')."""
+    path, sep, query = url.partition(b"?")
+    return path, (sep + query)
+
+
+def render_request_head(
+    method: bytes,
+    target: bytes,
+    host: bytes | None,
+    headers: list[tuple[bytes, bytes]],
+    extra: list[tuple[bytes, bytes]],
+    content_length: bytes | None,
+    chunked: bool,
+) -> bytes:
+    """The HTTP/1.1 head sent upstream (always keep-alive; framing recomputed)."""
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    if host is not None:
+        parts += [b"host: ", host, b"\r\n"]
+    for name, value in headers:
+        parts += [name, b": ", value, b"\r\n"]
+    for name, value in extra:
+        parts += [name, b": ", value, b"\r\n"]
+    if chunked:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    elif content_length is not None:
+        parts += [b"content-length: ", content_length, b"\r\n"]
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+_REASONS: Final = {
+    100: b"Continue",
+    200: b"OK",
+    201: b"Created",
+    202: b"Accepted",
+    204: b"No Content",
+    301: b"Moved Permanently",
+    302: b"Found",
+    304: b"Not Modified",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    409: b"Conflict",
+    413: b"Content Too Large",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+_STATUS_LINES: Final = {
+    code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()
+}
+
+
+def status_line(code: int) -> bytes:
+    line = _STATUS_LINES.get(code)
+    if line is None:
+        line = b"HTTP/1.1 %d \r\n" % code
+    return line

@@ -1,0 +1,53 @@
+"""Inbound listener routing: other pods → the local app (`app.url`).
+
+The XID (already validated by the listener) reaches the app under `xid.app_headers` only; the
+aliases it arrived under are dropped. The client's Host is kept, as Envoy does.
+X-Forwarded-For gets the peer appended; X-Forwarded-Proto is set when absent.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import httptools
+
+from sidecar.errors import BadRequest
+from sidecar.proxy.listener import Route, Router
+
+if TYPE_CHECKING:
+    from sidecar.proxy.headers import RequestHead
+    from sidecar.proxy.upstream import Cluster
+    from sidecar.xid import Xid
+
+
+class InboundRouter(Router):
+    listener_name = "inbound"
+
+    def __init__(self, app: Cluster, app_headers: list[str]) -> None:
+        self.app = app
+        self.app_headers = [n.encode("latin-1") for n in app_headers]
+
+    def clusters(self) -> list[Cluster]:
+        return [self.app]
+
+    def route(self, head: RequestHead, xid: Xid | None, peer_ip: bytes) -> Route:
+        url = head.url
+        if url[:1] != b"/":
+            if url == b"*" and head.method == b"OPTIONS":
+                target = url
+            else:
+                try:
+                    parsed = httptools.parse_url(url)
+                except httptools.HttpParserInvalidURLError:
+                    raise BadRequest("invalid request target") from None
+                target = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
+        else:
+            target = self.app.base_path + url if self.app.base_path else url
+        extra: list[tuple[bytes, bytes]] = []
+        if xid is not None:
+            raw = xid.raw.encode("ascii")
+            extra = [(name, raw) for name in self.app_headers]
+        xff = peer_ip if head.forwarded_for is None else head.forwarded_for + b", " + peer_ip
+        extra.append((b"x-forwarded-for", xff))
+        extra.append((b"x-forwarded-proto", head.forwarded_proto or b"http"))
+        return Route(self.app, target, head.host, extra)

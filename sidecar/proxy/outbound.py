@@ -1,0 +1,100 @@
+"""Outbound listener routing: the app → named upstreams.
+
+Three ways to name an upstream, tried in this order (DESIGN §6):
+1. absolute-form request line (the app uses us as HTTP_PROXY): its host is an upstream's name
+   or the host[:port] of an upstream's url;
+2. a Host header equal to an upstream's name;
+3. a path prefix: `/{upstream}/{rest}` → `{upstream url path}/{rest}`.
+The XID is written under the upstream's `xid_headers`; Host becomes the upstream's authority.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import httptools
+
+from sidecar.errors import BadRequest, UpstreamNotFound
+from sidecar.proxy.listener import Route, Router
+
+if TYPE_CHECKING:
+    from sidecar.proxy.headers import RequestHead
+    from sidecar.proxy.upstream import Cluster
+    from sidecar.xid import Xid
+
+
+class OutboundRouter(Router):
+    listener_name = "outbound"
+
+    def __init__(self, clusters: dict[str, Cluster], xid_headers: dict[str, list[str]]) -> None:
+        self._by_name = {name.encode("latin-1"): c for name, c in clusters.items()}
+        self._by_lower_name = {name.lower(): c for name, c in self._by_name.items()}
+        self._by_authority: dict[bytes, Cluster] = {}
+        for c in clusters.values():
+            self._by_authority.setdefault(c.authority.lower(), c)
+            if c.port in (80, 443):
+                self._by_authority.setdefault(c.host.encode("latin-1").lower(), c)
+        self._xid_names = {
+            name: [n.encode("latin-1") for n in names] for name, names in xid_headers.items()
+        }
+
+    def clusters(self) -> list[Cluster]:
+        return list(self._by_name.values())
+
+    def _by_host(self, host: bytes) -> Cluster | None:
+        host = host.lower()
+        cluster = self._by_lower_name.get(host)
+        if cluster is None:
+            cluster = self._by_authority.get(host)
+        if cluster is None:
+            name, sep, port = host.rpartition(b":")
+            if sep and port.isdigit():
+                cluster = self._by_lower_name.get(name)
+        return cluster
+
+    def route(self, head: RequestHead, xid: Xid | None, peer_ip: bytes) -> Route:
+        url = head.url
+        cluster: Cluster | None = None
+        if url[:1] != b"/":
+            try:
+                parsed = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                raise BadRequest("invalid request target") from None
+            if parsed.schema not in (b"http", None) or not parsed.host:
+                raise BadRequest(
+                    "absolute-form requests must be http://host/...; TLS is originated by "
+                    "the sidecar from the upstream's url"
+                )
+            authority = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
+            cluster = self._by_host(authority)
+            if cluster is None:
+                raise UpstreamNotFound(f"no upstream named {authority.decode('latin-1')!r}")
+            if head.host is not None and self._by_host(head.host) not in (cluster, None):
+                raise BadRequest("Host header names a different upstream than the request line")
+            path = parsed.path or b"/"
+            rest = path + (b"?" + parsed.query if parsed.query else b"")
+        elif head.host is not None and (cluster := self._by_host(head.host)) is not None:
+            rest = url
+        else:
+            # prefix: /{upstream}/{rest}
+            end = url.find(b"/", 1)
+            q = url.find(b"?", 1)
+            if end == -1 or (q != -1 and q < end):
+                end = q if q != -1 else len(url)
+            name = url[1:end]
+            cluster = self._by_name.get(name)
+            if cluster is None:
+                shown = name[:64].decode("latin-1")
+                raise UpstreamNotFound(
+                    f"no upstream named {shown!r} (route by /{{upstream}}/path, by a Host "
+                    "equal to the upstream's name, or by an absolute-form request line)"
+                )
+            rest = url[end:]
+            if rest[:1] != b"/":
+                rest = b"/" + rest
+        target = cluster.base_path + rest if cluster.base_path else rest
+        extra: list[tuple[bytes, bytes]] = []
+        if xid is not None:
+            raw = xid.raw.encode("ascii")
+            extra = [(n, raw) for n in self._xid_names[cluster.name]]
+        return Route(cluster, target, cluster.authority, extra)

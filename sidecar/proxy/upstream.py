@@ -1,0 +1,486 @@
+"""Clusters: one keep-alive connection pool per upstream host, and the upstream connection.
+
+A `Cluster` owns its pool bookkeeping (synchronous: idle stack, open count, FIFO of waiters)
+and opens connections with the connect timeout; an `UpstreamConnection` is an asyncio
+Protocol that parses one response at a time with llhttp and hands each event to the
+`ResponseSink` (the exchange) that currently owns it. Foreign errors (OSError, SSL, parser)
+are translated here into the sidecar's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from urllib.parse import urlsplit
+
+import httptools
+
+from sidecar.config import ClusterConfig, format_duration
+from sidecar.errors import PoolExhausted, UpstreamTimeout, UpstreamUnavailable
+
+if TYPE_CHECKING:
+    from sidecar.metrics import Metrics
+
+_IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+#: the retry budget never drops below this many concurrent retries
+_MIN_RETRY_CONCURRENCY: Final = 3
+
+
+def is_idempotent(method: bytes) -> bool:
+    return method in _IDEMPOTENT
+
+
+class ResponseSink(Protocol):
+    """What an upstream connection reports to the exchange that owns it."""
+
+    def on_response_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], minor: int
+    ) -> None: ...
+    def on_response_body(self, data: bytes) -> None: ...
+    def on_response_complete(self) -> None: ...
+    def on_upstream_lost(self, exc: Exception | None, got_bytes: bool) -> None: ...
+    def on_upstream_pause_writing(self) -> None: ...
+    def on_upstream_resume_writing(self) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to an upstream host, carrying one exchange at a time."""
+
+    __slots__ = (
+        "cluster",
+        "transport",
+        "parser",
+        "sink",
+        "idle_since",
+        "reusable",
+        "got_bytes",
+        "_headers",
+        "_reason",
+        "_closed",
+        "expect_no_body",
+        "response_done",
+        "_eof_body",
+        "counted",
+    )
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.sink: ResponseSink | None = None
+        self.idle_since = 0.0
+        self.reusable = True
+        self.got_bytes = False
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._reason = b""
+        self._closed = False
+        #: the request was HEAD: llhttp cannot be told to skip the body, so the response
+        #: ends at its head and the connection is not reused
+        self.expect_no_body = False
+        self.response_done = False
+        self._eof_body = False
+        #: counted in the cluster's open connections (until connection_lost)
+        self.counted = True
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.sink is None:
+            # bytes on an idle connection: the upstream is misbehaving; never reuse it
+            self.close()
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            sink, self.sink = self.sink, None
+            self.close()
+            if sink is not None:
+                sink.on_upstream_lost(
+                    UpstreamUnavailable(
+                        f"upstream {self.cluster.name!r} sent an invalid response: {exc}"
+                    ),
+                    True,
+                )
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.cluster._forget(self)
+        sink, self.sink = self.sink, None
+        if sink is None:
+            return
+        if self._eof_body and not self.response_done:
+            # a response delimited by connection close ends here (httptools exposes no
+            # llhttp_finish, so the parser cannot say it itself)
+            self.response_done = True
+            sink.on_response_complete()
+            return
+        sink.on_upstream_lost(exc, self.got_bytes)
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.on_upstream_pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.on_upstream_resume_writing()
+
+    # --- llhttp callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self.response_done:
+            # a second response to one request: the stream cannot be trusted any more
+            self.reusable = False
+            self.sink = None
+            return
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            # interim responses (100 Continue, 103 Early Hints) are consumed here; the client
+            # gets the final one (we answered its Expect ourselves)
+            return
+        if not self.parser.should_keep_alive():
+            self.reusable = False
+        framed = False
+        for name, value in self._headers:
+            lname = name.lower()
+            if lname == b"content-length" or (
+                lname == b"transfer-encoding" and b"chunked" in value.lower()
+            ):
+                framed = True
+                break
+        body_allowed = not (status == 204 or status == 304 or self.expect_no_body)
+        self._eof_body = body_allowed and not framed
+        if self._eof_body:
+            self.reusable = False
+        sink = self.sink
+        if sink is None:
+            return
+        minor = 1 if self.parser.get_http_version() == "1.1" else 0
+        sink.on_response_head(status, self._reason, self._headers, minor)
+        if self.expect_no_body and not self.response_done:
+            self.reusable = False
+            self.response_done = True
+            sink.on_response_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self.sink is not None and not self.response_done:
+            self.sink.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if 100 <= self.parser.get_status_code() < 200:
+            return
+        if self.response_done:
+            return
+        self.response_done = True
+        if self.sink is not None:
+            self.sink.on_response_complete()
+
+    # --- used by the exchange ---------------------------------------------------------------
+
+    def attach(self, sink: ResponseSink, head_request: bool) -> None:
+        self.sink = sink
+        self.got_bytes = False
+        self.response_done = False
+        self._eof_body = False
+        self.expect_no_body = head_request
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.resume_reading()
+
+    @property
+    def usable(self) -> bool:
+        return not self._closed and self.transport is not None and not self.transport.is_closing()
+
+    def close(self) -> None:
+        self.reusable = False
+        if self.transport is not None and not self._closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.reusable = False
+        if self.transport is not None and not self._closed:
+            self.transport.abort()
+
+
+class Cluster:
+    """A pool of keep-alive connections to one upstream host."""
+
+    def __init__(
+        self,
+        name: str,
+        cfg: ClusterConfig,
+        metrics: Metrics,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.name = name
+        self.cfg = cfg
+        self._loop = loop or asyncio.get_running_loop()
+        parts = urlsplit(cfg.url)
+        assert parts.hostname is not None
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.ssl: ssl.SSLContext | None = (
+            ssl.create_default_context() if parts.scheme == "https" else None
+        )
+        self.authority = parts.netloc.rpartition("@")[2].encode("latin-1")
+        self.base_path = parts.path.rstrip("/").encode("latin-1")
+        self.connect_timeout = cfg.timeouts.connect
+        self.response_header_timeout = cfg.timeouts.response_header
+        self.total_timeout = cfg.timeouts.total
+        self.max_connections = cfg.pool.max_connections
+        self.max_idle = cfg.pool.max_idle
+        self.idle_timeout = cfg.pool.idle_timeout
+        self.max_pending = cfg.pool.max_pending
+        self.retry_attempts = cfg.retries.attempts
+        self.retry_ratio = cfg.retries.budget_ratio
+        self._idle: deque[UpstreamConnection] = deque()
+        self._open = 0  # connected or connecting
+        self._in_use = 0
+        self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
+        self.active_requests = 0
+        self.active_retries = 0
+        self._closed = False
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.m_in_use = metrics.pool_in_use.labels(name)
+        self.m_idle = metrics.pool_idle.labels(name)
+        self.m_waiting = metrics.pool_waiting.labels(name)
+        self.m_exhausted = metrics.pool_exhausted.labels(name)
+        self.m_retries = metrics.upstream_retries.labels(name)
+        self._schedule_sweep()
+
+    # --- pool bookkeeping (synchronous) -------------------------------------------------------
+
+    def _take_idle(self) -> UpstreamConnection | None:
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()  # most recently used first: likeliest still alive
+            if conn.usable and now - conn.idle_since < self.idle_timeout:
+                self._in_use += 1
+                self.m_idle.dec()
+                self.m_in_use.inc()
+                return conn
+            self.m_idle.dec()
+            conn.close()
+        return None
+
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """Give a connection back after an exchange; reuse it only if it is clean."""
+        self._in_use -= 1
+        self.m_in_use.dec()
+        conn.sink = None
+        if not (reusable and conn.reusable and conn.usable) or self._closed:
+            conn.close()
+            return
+        while self._waiters:
+            fut = self._waiters.popleft()
+            self.m_waiting.dec()
+            if not fut.done():
+                self._in_use += 1
+                self.m_in_use.inc()
+                fut.set_result(conn)
+                return
+        if len(self._idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        self._idle.append(conn)
+        self.m_idle.inc()
+
+    def _forget(self, conn: UpstreamConnection) -> None:
+        """Called once per connection, from connection_lost."""
+        if not conn.counted:
+            return
+        conn.counted = False
+        self._open -= 1
+        try:
+            self._idle.remove(conn)
+            self.m_idle.dec()
+        except ValueError:
+            pass
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        # a slot freed up: let the oldest waiter open a connection of its own
+        while self._waiters:
+            fut = self._waiters.popleft()
+            self.m_waiting.dec()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def _schedule_sweep(self) -> None:
+        if not self._closed:
+            self._sweeper = self._loop.call_later(
+                max(0.05, min(self.idle_timeout / 2, 5.0)), self._sweep
+            )
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        keep: deque[UpstreamConnection] = deque()
+        for conn in self._idle:
+            if conn.usable and now - conn.idle_since < self.idle_timeout:
+                keep.append(conn)
+            else:
+                self.m_idle.dec()
+                conn.close()
+        self._idle = keep
+        self._schedule_sweep()
+
+    # --- acquisition --------------------------------------------------------------------------
+
+    async def acquire(
+        self, waiter_slot: list[asyncio.Future[Any] | None]
+    ) -> tuple[UpstreamConnection, bool]:
+        """A connection for one attempt: (conn, reused). `waiter_slot[0]` is set to whatever
+        this call is waiting on, so the exchange's timers can fail it."""
+        while True:
+            conn = self._take_idle()
+            if conn is not None:
+                return conn, True
+            if self._open < self.max_connections:
+                return await self._connect(waiter_slot), False
+            if len(self._waiters) >= self.max_pending:
+                self.m_exhausted.inc()
+                raise PoolExhausted(
+                    f"upstream {self.name!r}: all {self.max_connections} connections busy "
+                    f"and {self.max_pending} requests already waiting"
+                )
+            fut: asyncio.Future[UpstreamConnection | None] = self._loop.create_future()
+            self._waiters.append(fut)
+            self.m_waiting.inc()
+            waiter_slot[0] = fut
+            try:
+                got = await fut
+            except BaseException:
+                # failed by the exchange's timer or cancelled: leave the queue now, so that
+                # a dead waiter never counts against max_pending
+                try:
+                    self._waiters.remove(fut)
+                    self.m_waiting.dec()
+                except ValueError:
+                    pass
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    # a connection was handed over just as we gave up: pass it on
+                    conn = fut.result()
+                    if conn is not None:
+                        self.release(conn, True)
+                raise
+            finally:
+                waiter_slot[0] = None
+            if got is not None:
+                return got, True
+            # None: a slot was freed for us; loop round and connect
+
+    async def _connect(self, waiter_slot: list[asyncio.Future[Any] | None]) -> UpstreamConnection:
+        self._open += 1
+        conn = UpstreamConnection(self)
+        fut = self._loop.create_future()
+        waiter_slot[0] = fut
+        handle = self._loop.call_later(
+            self.connect_timeout,
+            _fail,
+            fut,
+            UpstreamTimeout(
+                f"connect timeout ({format_duration(self.connect_timeout)}) to upstream "
+                f"{self.name!r} at {self.host}:{self.port}",
+                kind="connect",
+            ),
+        )
+        task = self._loop.create_task(
+            self._loop.create_connection(lambda: conn, self.host, self.port, ssl=self.ssl)
+        )
+        task.add_done_callback(lambda t: _relay(t, fut))
+        try:
+            await fut
+        except BaseException as exc:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                # connected just as a timer fired: drop it; connection_lost accounts for it
+                task.result()[0].close()
+                raise
+            task.cancel()
+            # never connected: account here, and make a late connection_lost a no-op
+            conn.counted = False
+            self._open -= 1
+            self._wake_one()
+            if isinstance(exc, OSError):
+                raise UpstreamUnavailable(
+                    f"cannot connect to upstream {self.name!r} at {self.host}:{self.port}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+            raise
+        finally:
+            handle.cancel()
+            waiter_slot[0] = None
+        self._in_use += 1
+        self.m_in_use.inc()
+        return conn
+
+    # --- retry budget ---------------------------------------------------------------------
+
+    def may_retry(self) -> bool:
+        budget = max(_MIN_RETRY_CONCURRENCY, int(self.active_requests * self.retry_ratio))
+        return self.active_retries < budget
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+    def close(self) -> None:
+        """Stop pooling: idle connections close now, busy ones when released."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        while self._idle:
+            self._idle.pop().close()
+            self.m_idle.dec()
+
+
+def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+def _relay(task: asyncio.Task[Any], fut: asyncio.Future[Any]) -> None:
+    if fut.done():
+        return
+    if task.cancelled():
+        fut.cancel()
+    elif (exc := task.exception()) is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(None)

@@ -1,0 +1,307 @@
+"""Wiring: build listeners and clusters from config, run them, reload, and drain.
+
+Lifecycle (explicit and ordered, after uvicorn): start → serve until SIGTERM/SIGINT →
+readiness false → proxy listeners stop accepting (idle keep-alive connections close) →
+in-flight requests get up to `drain_timeout` → whatever is left is aborted → pools and the
+control-plane listeners close → exit 0. SIGHUP reloads the config file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from sidecar import __version__, logs
+from sidecar.admin import build_admin_app, build_health_app
+from sidecar.config import Config, parse_bind
+from sidecar.errors import ConfigError
+from sidecar.metrics import Metrics
+from sidecar.proxy import headers as h
+from sidecar.proxy.inbound import InboundRouter
+from sidecar.proxy.listener import ListenerRuntime, ProxyListener
+from sidecar.proxy.outbound import OutboundRouter
+from sidecar.proxy.upstream import Cluster
+from sidecar.reload import ConfigWatcher
+
+log = logging.getLogger("sidecar.server")
+
+
+def c_parser_problem() -> str | None:
+    """Why the data plane's and control plane's parsers are not the strict C ones, if so."""
+    import aiohttp.http_parser as hp
+
+    if hp.HttpRequestParser.__module__ != "aiohttp._http_parser":
+        return (
+            "aiohttp is running its pure-Python HTTP parser (AIOHTTP_NO_EXTENSIONS is set, or "
+            "its C extension is missing); that parser mis-frames inputs the C parser refuses "
+            "(e.g. a bare CR in a chunk extension smuggles a second request). Install aiohttp "
+            "with its C extension, or set listeners.require_c_parser: false to run anyway"
+        )
+    return None
+
+
+@dataclass
+class _Compiled:
+    inbound: ListenerRuntime
+    outbound: ListenerRuntime
+    clusters: dict[str, Cluster]
+
+
+class Sidecar:
+    """The running sidecar: listeners, clusters, config, readiness."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str | None = None,
+        config_digest: str = "",
+        metrics: Metrics | None = None,
+        reload_interval: float = 1.0,
+    ) -> None:
+        self._config = config
+        self._digest = config_digest
+        self.config_path = config_path
+        self.metrics = metrics or Metrics()
+        self.metrics.build_info.info({"version": __version__})
+        self.reload_interval = reload_interval
+        self.draining = False
+        self._clusters: dict[str, Cluster] = {}
+        self._compiled: _Compiled | None = None
+        self.inbound: ProxyListener | None = None
+        self.outbound: ProxyListener | None = None
+        self._runners: list[web.AppRunner] = []
+        self._watcher: ConfigWatcher | None = None
+        self._stop = asyncio.Event()
+        self._app_probe: tuple[float, str | None] = (0.0, None)
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- state read by the admin listener -------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @property
+    def config_digest(self) -> str:
+        return self._digest
+
+    async def readiness(self) -> list[str]:
+        problems = []
+        if self.draining:
+            problems.append("draining")
+        app_problem = await self._probe_app()
+        if app_problem:
+            problems.append(app_problem)
+        return problems
+
+    async def _probe_app(self) -> str | None:
+        """Can the app be connected to? Cached for a second: kubelet and humans both poll."""
+        checked_at, result = self._app_probe
+        now = time.monotonic()
+        if now - checked_at < 1.0:
+            return result
+        cfg = self._config.app
+        assert self._compiled is not None
+        app = self._compiled.inbound.router.clusters()[0]
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(app.host, app.port), cfg.timeouts.connect
+            )
+            writer.close()
+            result = None
+        except (TimeoutError, OSError) as exc:
+            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else exc.strerror
+            result = f"app at {app.host}:{app.port} is unreachable ({reason})"
+        self._app_probe = (time.monotonic(), result)
+        return result
+
+    # --- compile config into runtimes ---------------------------------------------------------
+
+    def _cluster(self, key: str, name: str, cfg: Any, fresh: dict[str, Cluster]) -> Cluster:
+        old = self._clusters.get(key)
+        if old is not None and old.cfg == cfg:
+            cluster = old
+        else:
+            cluster = Cluster(name, cfg, self.metrics)
+        fresh[key] = cluster
+        return cluster
+
+    def _compile(self, config: Config) -> _Compiled:
+        fresh: dict[str, Cluster] = {}
+        app = self._cluster("app", "app", config.app, fresh)
+        upstreams = {
+            name: self._cluster(f"upstream:{name}", name, up, fresh)
+            for name, up in config.upstreams.items()
+        }
+        classifier = h.build_classifier(config.xid.headers)
+        lst = config.listeners
+        inbound = ListenerRuntime(
+            name="inbound",
+            router=InboundRouter(app, config.xid.app_headers),
+            classifier=classifier,
+            xid_max_length=config.xid.max_length,
+            limits=lst.inbound.limits,
+            timeouts=lst.inbound.timeouts,
+            metrics=self.metrics,
+        )
+        outbound = ListenerRuntime(
+            name="outbound",
+            router=OutboundRouter(
+                upstreams,
+                {
+                    name: up.xid_headers or config.xid.app_headers
+                    for name, up in config.upstreams.items()
+                },
+            ),
+            classifier=classifier,
+            xid_max_length=config.xid.max_length,
+            limits=lst.outbound.limits,
+            timeouts=lst.outbound.timeouts,
+            metrics=self.metrics,
+        )
+        return _Compiled(inbound, outbound, fresh)
+
+    def _swap(self, compiled: _Compiled) -> None:
+        retired = [c for k, c in self._clusters.items() if compiled.clusters.get(k) is not c]
+        self._compiled = compiled
+        self._clusters = compiled.clusters
+        if self.inbound is not None:
+            self.inbound.runtime = compiled.inbound
+        if self.outbound is not None:
+            self.outbound.runtime = compiled.outbound
+        for cluster in retired:
+            # idle connections close now; busy ones when their exchange releases them
+            cluster.close()
+
+    def apply(self, config: Config, digest: str) -> None:
+        """Swap in a new, already validated config (the reload path)."""
+        changed_binds = [
+            name
+            for name in ("inbound", "outbound", "api", "peer", "admin")
+            if getattr(config.listeners, name).bind != getattr(self._config.listeners, name).bind
+        ]
+        if changed_binds:
+            raise ConfigError(
+                [
+                    f"listeners.{name}.bind: changing a bind address needs a restart"
+                    for name in changed_binds
+                ]
+            )
+        self._swap(self._compile(config))
+        self._config = config
+        self._set_version(digest)
+        logs.set_level(config.logging.level)
+
+    def _set_version(self, digest: str) -> None:
+        if self._digest:
+            self.metrics.config_info.remove(self._digest[:12])
+        self._digest = digest
+        self.metrics.config_info.labels(digest[:12] or "inline").set(1)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self._config
+        if config.listeners.require_c_parser and (problem := c_parser_problem()):
+            raise ConfigError([f"listeners.require_c_parser: {problem}"])
+        compiled = self._compile(config)
+        self._swap(compiled)
+        self._set_version(self._digest)
+        self.inbound = ProxyListener(compiled.inbound)
+        self.outbound = ProxyListener(compiled.outbound)
+        try:
+            await self.inbound.start(*parse_bind(config.listeners.inbound.bind))
+            await self.outbound.start(*parse_bind(config.listeners.outbound.bind))
+            for name, app in (
+                ("api", build_health_app()),
+                ("peer", build_health_app()),
+                ("admin", build_admin_app(self)),
+            ):
+                runner = web.AppRunner(app, handle_signals=False, access_log=None)
+                await runner.setup()
+                host, port = parse_bind(getattr(config.listeners, name).bind)
+                await web.TCPSite(runner, host, port, reuse_address=True).start()
+                self._runners.append(runner)
+        except OSError as exc:
+            await self.close()
+            raise ConfigError([f"listeners: cannot bind: {exc.strerror or exc}"]) from None
+        if self.config_path is not None:
+            self._watcher = ConfigWatcher(
+                self.config_path, self._digest, self.apply, self.metrics, self.reload_interval
+            )
+            self._watcher.start()
+        log.info(
+            "gts-sidecar started",
+            extra={
+                "version": __version__,
+                "inbound": config.listeners.inbound.bind,
+                "outbound": config.listeners.outbound.bind,
+                "admin": config.listeners.admin.bind,
+                "app": config.app.url,
+            },
+        )
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def reload(self, reason: str) -> str:
+        if self._watcher is None:
+            return "unchanged"
+        return await self._watcher.reload(reason)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: self._spawn(self.reload("SIGHUP"), "reload-sighup")
+        )
+        await self._stop.wait()
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Graceful shutdown, bounded by drain_timeout."""
+        self.draining = True
+        self.metrics.ready.set(0)
+        timeout = self._config.drain_timeout
+        log.info("draining", extra={"drain_timeout": timeout})
+        if self._watcher is not None:
+            self._watcher.stop()
+        listeners = [lst for lst in (self.inbound, self.outbound) if lst is not None]
+        for lst in listeners:
+            lst.stop_accepting()
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(lst.wait_drained() for lst in listeners)), timeout
+            )
+        except TimeoutError:
+            left = sum(len(lst.connections) for lst in listeners)
+            log.warning(
+                "drain timeout: aborting connections still busy", extra={"connections": left}
+            )
+            for lst in listeners:
+                lst.abort_all()
+        await self.close()
+        log.info("stopped")
+
+    async def close(self) -> None:
+        for lst in (self.inbound, self.outbound):
+            if lst is not None and lst.server is not None:
+                lst.server.close()
+        for cluster in self._clusters.values():
+            cluster.close()
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
