@@ -81,6 +81,8 @@ class Sidecar:
         self._stop = asyncio.Event()
         self._app_probe: tuple[float, str | None] = (0.0, None)
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: bound ports by listener name (useful with port 0 in tests)
+        self.ports: dict[str, int] = {}
 
     # --- state read by the admin listener -------------------------------------------------
 
@@ -229,6 +231,9 @@ class Sidecar:
                 host, port = parse_bind(getattr(config.listeners, name).bind)
                 await web.TCPSite(runner, host, port, reuse_address=True).start()
                 self._runners.append(runner)
+                self.ports[name] = int(runner.addresses[0][1])
+            self.ports["inbound"] = self.inbound.port
+            self.ports["outbound"] = self.outbound.port
         except OSError as exc:
             await self.close()
             raise ConfigError([f"listeners: cannot bind: {exc.strerror or exc}"]) from None
@@ -245,6 +250,7 @@ class Sidecar:
                 "outbound": config.listeners.outbound.bind,
                 "admin": config.listeners.admin.bind,
                 "app": config.app.url,
+                "ports": self.ports,
             },
         )
 

@@ -298,6 +298,8 @@ class ClientConnection(asyncio.Protocol):
     # --- llhttp callbacks ---------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        # each request takes the config in force when it begins, and keeps it to the end
+        self.runtime = self.listener.runtime
         self.head = h.RequestHead(headers=[])
         self.header_count = 0
         self.head_size = 0

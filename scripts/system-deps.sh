@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Debian packages the tests and benchmarks use, installed when missing (needs root or sudo).
+# Under CI=true a package that cannot be installed is an error; elsewhere a warning, and the
+# tests that need it fail with a message naming it.
+set -uo pipefail
+need=()
+command -v strace >/dev/null 2>&1 || need+=(strace)
+[ -n "${GTS_NEED_REDIS:-1}" ] && ! command -v redis-server >/dev/null 2>&1 && need+=(redis-server)
+[ ${#need[@]} -eq 0 ] && exit 0
+
+SUDO=""
+[ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
+echo "installing Debian packages: ${need[*]}"
+if $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null 2>&1 ||
+   { $SUDO apt-get update -qq >/dev/null 2>&1 &&
+     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null; }; then
+  exit 0
+fi
+if [ "${CI:-}" = "true" ]; then
+  echo "cannot install ${need[*]} (CI=true: this is an error)" >&2
+  exit 1
+fi
+echo "warning: cannot install ${need[*]}; tests needing them will fail" >&2
+exit 0

@@ -1,0 +1,90 @@
+"""Run `gts-sidecar` as a real process: start it, learn its ports from its start-up log line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LISTENERS = {
+    name: {"bind": "127.0.0.1:0"} for name in ("inbound", "outbound", "api", "peer", "admin")
+}
+
+
+@dataclass
+class SidecarProcess:
+    proc: asyncio.subprocess.Process
+    ports: dict[str, int]
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+    async def wait(self, timeout: float = 30.0) -> int:
+        return await asyncio.wait_for(self.proc.wait(), timeout)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGKILL)
+            await self.proc.wait()
+
+
+def write_config(path: Path, cfg: dict[str, Any]) -> Path:
+    data = {"listeners": LISTENERS, "logging": {"level": "info"}}
+    data.update(cfg)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+async def start_sidecar(config_path: Path, *extra: str, timeout: float = 30.0) -> SidecarProcess:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sidecar",
+        "run",
+        "--config",
+        str(config_path),
+        *extra,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stderr is not None
+    lines: list[dict[str, Any]] = []
+
+    async def until_started() -> dict[str, int]:
+        assert proc.stderr is not None
+        while True:
+            raw = await proc.stderr.readline()
+            if not raw:
+                rc = await proc.wait()
+                raise AssertionError(f"sidecar exited with {rc} before starting: {lines}")
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                lines.append({"raw": raw.decode(errors="replace")})
+                continue
+            lines.append(rec)
+            if rec.get("msg") == "gts-sidecar started":
+                return {k: int(v) for k, v in rec["ports"].items()}
+
+    ports = await asyncio.wait_for(until_started(), timeout)
+    sp = SidecarProcess(proc, ports, lines)
+
+    async def pump() -> None:
+        assert proc.stderr is not None
+        while raw := await proc.stderr.readline():
+            try:
+                sp.log.append(json.loads(raw))
+            except ValueError:
+                sp.log.append({"raw": raw.decode(errors="replace")})
+
+    sp._pump = asyncio.get_running_loop().create_task(pump())  # type: ignore[attr-defined]
+    return sp

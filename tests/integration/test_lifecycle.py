@@ -1,0 +1,105 @@
+"""The sidecar as a real process: SIGTERM drains in-flight requests, then exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from tests.integration.proc import start_sidecar, write_config
+
+
+async def test_sigterm_finishes_in_flight_request_then_exits_zero(
+    tmp_path: Path, aiohttp_server
+) -> None:
+    arrived = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        arrived.set()
+        await release.wait()
+        return web.Response(text="finished")
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    server = await aiohttp_server(app)
+    cfg = write_config(
+        tmp_path / "sidecar.yaml",
+        {"app": {"url": f"http://127.0.0.1:{server.port}"}, "drain_timeout": "30s"},
+    )
+    sc = await start_sidecar(cfg)
+    try:
+        async with aiohttp.ClientSession() as session:
+            in_flight = asyncio.ensure_future(
+                session.get(f"http://127.0.0.1:{sc.ports['inbound']}/slow")
+            )
+            await asyncio.wait_for(arrived.wait(), 10)
+            sc.signal(signal.SIGTERM)
+
+            # readiness goes false while the request is still in flight
+            async def not_ready() -> None:
+                while True:
+                    async with session.get(f"http://127.0.0.1:{sc.ports['admin']}/readyz") as r:
+                        if r.status == 503:
+                            body = await r.json()
+                            assert "draining" in body["reasons"]
+                            return
+                    await asyncio.sleep(0.02)
+
+            await asyncio.wait_for(not_ready(), 10)
+            # the listener no longer accepts new connections
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", sc.ports["inbound"])
+            except OSError:
+                pass
+            else:
+                w.close()
+                raise AssertionError("inbound still accepts connections while draining")
+            assert sc.proc.returncode is None
+            release.set()
+            resp = await asyncio.wait_for(in_flight, 10)
+            assert resp.status == 200
+            assert await resp.text() == "finished"
+            assert resp.headers.get("Connection", "").lower() == "close"
+            resp.release()
+        assert await sc.wait(20) == 0
+    finally:
+        release.set()
+        await sc.stop()
+
+
+async def test_drain_timeout_aborts_what_is_left_and_still_exits_zero(
+    tmp_path: Path, aiohttp_server
+) -> None:
+    arrived = asyncio.Event()
+    never = asyncio.Event()
+
+    async def stuck(request: web.Request) -> web.Response:
+        arrived.set()
+        await never.wait()
+        return web.Response(text="never")
+
+    app = web.Application()
+    app.router.add_get("/stuck", stuck)
+    server = await aiohttp_server(app)
+    cfg = write_config(
+        tmp_path / "sidecar.yaml",
+        {"app": {"url": f"http://127.0.0.1:{server.port}"}, "drain_timeout": "300ms"},
+    )
+    sc = await start_sidecar(cfg)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.ports["inbound"])
+        writer.write(b"GET /stuck HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(arrived.wait(), 10)
+        sc.signal(signal.SIGTERM)
+        assert await sc.wait(20) == 0
+        # the client's connection was cut, not left hanging
+        assert await asyncio.wait_for(reader.read(-1), 10) == b""
+        writer.close()
+        assert any(rec.get("msg", "").startswith("drain timeout") for rec in sc.log)
+    finally:
+        never.set()
+        await sc.stop()
