@@ -71,8 +71,17 @@ def parse_size(value: object) -> int:
     raise ValueError(f"invalid size {value!r} (use bytes or a unit: 512, 64KiB, 1MiB)")
 
 
+def parse_positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"duration {value!r} must be greater than zero")
+    return seconds
+
+
 Duration = Annotated[
-    float, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)
+    float,
+    BeforeValidator(parse_positive_duration),
+    PlainSerializer(format_duration, return_type=str),
 ]
 Size = Annotated[int, BeforeValidator(parse_size)]
 
@@ -227,7 +236,28 @@ class ProxyListenerConfig(ListenerConfig):
     timeouts: ProxyListenerTimeouts = ProxyListenerTimeouts()
 
 
+_DEFAULT_BINDS: Final = {
+    "inbound": "0.0.0.0:15006",
+    "outbound": "127.0.0.1:15001",
+    "api": "127.0.0.1:15000",
+    "peer": "0.0.0.0:15020",
+    "admin": "0.0.0.0:15090",
+}
+
+
 class ListenersConfig(_Model):
+    @model_validator(mode="before")
+    @classmethod
+    def _default_binds(cls, data: Any) -> Any:
+        # a listener given in part (say, only its limits) keeps its default bind
+        if isinstance(data, dict):
+            data = dict(data)
+            for name, bind in _DEFAULT_BINDS.items():
+                section = data.get(name)
+                if isinstance(section, dict) and "bind" not in section:
+                    data[name] = {**section, "bind": bind}
+        return data
+
     inbound: ProxyListenerConfig = ProxyListenerConfig(bind="0.0.0.0:15006")
     outbound: ProxyListenerConfig = ProxyListenerConfig(bind="127.0.0.1:15001")
     api: ListenerConfig = ListenerConfig(bind="127.0.0.1:15000")
@@ -445,6 +475,28 @@ def parse(data: Any, env: Mapping[str, str] | None = None) -> Config:
     return config
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: PyYAML would keep the last
+    one silently, so a pasted section could override another without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                mark = key_node.start_mark
+                raise _DuplicateKey(
+                    f"<file>: key {key!r} appears twice in one mapping "
+                    f"(line {seen[key]} and line {mark.line + 1})"
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
     """Read, substitute and validate one config file."""
     try:
@@ -454,7 +506,9 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     except UnicodeDecodeError as exc:
         raise ConfigError([f"<file>: {str(path)!r} is not UTF-8 (byte {exc.start})"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise ConfigError([str(exc)]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

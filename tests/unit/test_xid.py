@@ -78,7 +78,12 @@ def valid_xids(draw: st.DrawFn) -> str:
         ("0.0.0.0:1:0", "0.0.0.0", 1, 0),
         ("255.255.255.255:65535:99999999999999999999", "255.255.255.255", 65535, 10**20 - 1),
         ("localhost:15020:1", "localhost", 15020, 1),
-        ("gts-server.prod.svc.cluster.local:8091:42", "gts-server.prod.svc.cluster.local", 8091, 42),
+        (
+            "gts-server.prod.svc.cluster.local:8091:42",
+            "gts-server.prod.svc.cluster.local",
+            8091,
+            42,
+        ),
         ("a:1:1", "a", 1, 1),
         ("1a:1:1", "1a", 1, 1),
         ("10.0.1.example:1:1", "10.0.1.example", 1, 1),
