@@ -20,7 +20,8 @@ Usage (from the repo root)::
 
 The markdown report goes to stdout and to bench/results/latest.md. Exit status: 0 when every
 requested target was measured cleanly, 1 when one failed (e.g. the sidecar did not start) or
-answered errors, 2 on bad usage or missing tools. Standard library only.
+answered errors, 2 when nothing could be measured (bad usage, missing tools, the upstream
+did not start). Standard library only.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
 SERVER_CPU = 0  # upstream and every proxy under test
 CLIENT_CPU = 1  # wrk
 START_TIMEOUT = 30.0  # seconds a server gets to open its port / become ready
+BUSY_SHARE = 0.10  # CPU time used by others, before we start, above which we warn
 
 
 class BenchError(Exception):
@@ -113,7 +115,9 @@ def parse_args(argv: Sequence[str]) -> Options:
     p.add_argument("--duration", type=parse_seconds, default=10, help="per wrk run (10s)")
     p.add_argument("--warmup", type=parse_seconds, default=2, help="per target, unmeasured (2s)")
     p.add_argument("--connections", type=int, default=50, help="throughput set's -c (50)")
-    p.add_argument("--quick", action="store_true", help="3 s runs: a smoke test")
+    p.add_argument(
+        "--quick", action="store_true", help="3 s runs, overriding --duration: a smoke test"
+    )
     p.add_argument(
         "--sidecar-cmd",
         type=shlex.split,
@@ -473,9 +477,13 @@ def wrk_argv(wrk: str, connections: int, seconds: int, url: str) -> list[str]:
 
 
 def run_wrk(pin: list[str], argv: list[str], seconds: int) -> str:
-    done = subprocess.run(
-        [*pin, *argv], capture_output=True, text=True, timeout=seconds + 30, check=False
-    )
+    """Run wrk to completion and return its report."""
+    try:
+        done = subprocess.run(
+            [*pin, *argv], capture_output=True, text=True, timeout=seconds + 30, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"wrk did not finish within {seconds + 30}s: {shlex.join(argv)}") from exc
     if done.returncode != 0:
         raise BenchError(f"wrk exited {done.returncode}: {done.stderr.strip() or done.stdout}")
     return done.stdout
@@ -594,7 +602,39 @@ def cpu_model() -> str:
     return platform.processor() or "?"
 
 
-def machine_facts(tools: dict[str, str], pinning: str) -> list[tuple[str, str]]:
+def cpu_busy_share(seconds: float = 1.0) -> float | None:
+    """Share of all CPUs' time spent busy over `seconds`, from /proc/stat (None if unknown)."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total1 - total0
+    return 1.0 - (idle1 - idle0) / total if total > 0 else None
+
+
+def check_idle() -> str:
+    """Measure how busy the machine is before we start; warn on stderr when it is not idle."""
+    busy = cpu_busy_share()
+    if busy is None:
+        return "unknown"
+    if busy > BUSY_SHARE:
+        print(
+            f"!! the CPUs are {busy:.0%} busy before the benchmark: other work on this machine "
+            "will skew the figures; run on an idle machine",
+            file=sys.stderr,
+        )
+    return f"{busy:.0%}"
+
+
+def machine_facts(tools: dict[str, str], pinning: str, busy_before: str) -> list[tuple[str, str]]:
     commit = command_output(["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"])
     return [
         ("date", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")),
@@ -605,6 +645,7 @@ def machine_facts(tools: dict[str, str], pinning: str) -> list[tuple[str, str]]:
         ("nginx", command_output([tools["nginx"], "-v"])),
         ("wrk", command_output([tools["wrk"], "-v"]).split(" Copyright")[0]),
         ("pinning", pinning),
+        ("CPU busy before start (all CPUs, 1 s)", busy_before),
         ("repo commit", commit + " (plus any uncommitted changes)"),
     ]
 
@@ -709,6 +750,7 @@ def _terminate_on_sigterm() -> None:
 def run(opts: Options) -> int:
     tools = ensure_tools()
     server_pin, client_pin, pinning = cpu_pinning()
+    busy_before = check_idle()
     with tempfile.TemporaryDirectory(prefix="proxy-bench-") as tmp:
         servers = Servers(Path(tmp), server_pin)
         try:
@@ -716,7 +758,7 @@ def run(opts: Options) -> int:
             measure(targets, opts, tools["wrk"], client_pin)
         finally:
             servers.stop_all()
-    report = render_report(targets, opts, machine_facts(tools, pinning), tools["wrk"])
+    report = render_report(targets, opts, machine_facts(tools, pinning, busy_before), tools["wrk"])
     print(report)
     RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_FILE.write_text(report + "\n" + raw_outputs(targets))
