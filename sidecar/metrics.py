@@ -2,30 +2,83 @@
 
 Objects live in a registry of their own (not the process-global default), so tests and an
 embedded coordinator can build as many as they like. Hot-path users pre-bind label children
-once (see `ProxyMetrics`) instead of calling `.labels()` per request.
+once instead of calling `.labels()` per request, and request counts are plain integers
+read at scrape time (`ProxyStats`).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from bisect import bisect_left
+from collections.abc import Iterator
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# request-duration buckets (seconds): loopback proxying sits in the first few
 _BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
+    *(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05),
+    *(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+
+
+class RequestStats:
+    """Requests of one (listener, upstream): counts by status and a duration histogram."""
+
+    __slots__ = ("by_status", "buckets", "total_seconds")
+
+    def __init__(self) -> None:
+        self.by_status: dict[int, int] = {}
+        self.buckets = [0] * (len(_BUCKETS) + 1)  # per bucket, not cumulative; last is +Inf
+        self.total_seconds = 0.0
+
+    def observe(self, status: int, seconds: float) -> None:
+        by_status = self.by_status
+        by_status[status] = by_status.get(status, 0) + 1
+        self.buckets[bisect_left(_BUCKETS, seconds)] += 1
+        self.total_seconds += seconds
+
+
+class ProxyStats(Collector):
+    """The proxy listeners' request counters, exported as
+    gts_sidecar_requests_total{listener,upstream,status} and
+    gts_sidecar_request_duration_seconds{listener,upstream}."""
+
+    def __init__(self) -> None:
+        self._stats: dict[tuple[str, str], RequestStats] = {}
+
+    def stats(self, listener: str, upstream: str) -> RequestStats:
+        key = (listener, upstream)
+        st = self._stats.get(key)
+        if st is None:
+            st = self._stats[key] = RequestStats()
+        return st
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "gts_sidecar_requests",
+            "Requests answered by the proxy listeners",
+            labels=["listener", "upstream", "status"],
+        )
+        durations = HistogramMetricFamily(
+            "gts_sidecar_request_duration_seconds",
+            "Time from request head received to response end, per listener and upstream",
+            labels=["listener", "upstream"],
+        )
+        bounds = [*map(str, _BUCKETS), "+Inf"]
+        for (listener, upstream), st in list(self._stats.items()):
+            for status, n in sorted(st.by_status.items()):
+                requests.add_metric([listener, upstream, str(status)], n)
+            cumulative, acc = [], 0
+            for bound, n in zip(bounds, st.buckets, strict=True):
+                acc += n
+                cumulative.append((bound, float(acc)))
+            durations.add_metric([listener, upstream], cumulative, st.total_seconds)
+        yield requests
+        yield durations
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
 
 
 class Metrics:
@@ -33,19 +86,11 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.build_info = Info("gts_sidecar_build", "Version of the running sidecar", registry=r)
-        self.requests = Counter(
-            "gts_sidecar_requests",
-            "Requests answered by the proxy listeners",
-            ["listener", "upstream", "status"],
-            registry=r,
-        )
-        self.request_duration = Histogram(
-            "gts_sidecar_request_duration_seconds",
-            "Time from request head received to response end, per listener and upstream",
-            ["listener", "upstream"],
-            buckets=_BUCKETS,
-            registry=r,
-        )
+        #: requests and their durations: counted in plain ints on the hot path and turned
+        #: into metric families only when scraped (prometheus-client's own objects take a
+        #: lock per update)
+        self.proxy = ProxyStats()
+        r.register(self.proxy)
         self.xid_rejections = Counter(
             "gts_sidecar_xid_rejections",
             "Requests refused because of their XID header(s), by reason",

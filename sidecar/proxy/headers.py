@@ -62,7 +62,14 @@ def build_classifier(xid_aliases: list[str]) -> dict[bytes, int]:
     return table
 
 
-def resolve_xid(found: list[tuple[bytes, bytes]], max_length: int) -> xidmod.Xid:
+_XID_CACHE_SIZE: Final = 4096
+
+
+def resolve_xid(
+    found: list[tuple[bytes, bytes]],
+    max_length: int,
+    cache: dict[bytes, xidmod.Xid] | None = None,
+) -> xidmod.Xid:
     """The one XID a request carries, from every alias header it sent.
 
     A header sent twice is refused even when both copies agree: a repeated XID header is
@@ -88,11 +95,20 @@ def resolve_xid(found: list[tuple[bytes, bytes]], max_length: int) -> xidmod.Xid
                     header=name.decode("latin-1"),
                     reason="conflict",
                 )
+    if cache is not None:
+        hit = cache.get(first_value)
+        if hit is not None:
+            return hit
     try:
-        return xidmod.parse(first_value, max_length)
+        parsed = xidmod.parse(first_value, max_length)
     except XidInvalid as exc:
         exc.header = first_name.decode("latin-1")
         raise
+    if cache is not None:
+        if len(cache) >= _XID_CACHE_SIZE:
+            cache.clear()  # crude but bounded; a transaction's XID is back in one miss
+        cache[first_value] = parsed
+    return parsed
 
 
 @dataclass(slots=True)

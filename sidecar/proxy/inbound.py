@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from sidecar.errors import BadRequest
-from sidecar.proxy.listener import Route, Router
+from sidecar.proxy.route import Route, Router
 
 if TYPE_CHECKING:
     from sidecar.proxy.headers import RequestHead
@@ -21,8 +21,6 @@ if TYPE_CHECKING:
 
 
 class InboundRouter(Router):
-    listener_name = "inbound"
-
     def __init__(self, app: Cluster, app_headers: list[str]) -> None:
         self.app = app
         self.app_headers = [n.encode("latin-1") for n in app_headers]

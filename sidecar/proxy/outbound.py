@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from sidecar.errors import BadRequest, UpstreamNotFound
-from sidecar.proxy.listener import Route, Router
+from sidecar.proxy.route import Route, Router
 
 if TYPE_CHECKING:
     from sidecar.proxy.headers import RequestHead
@@ -24,8 +24,6 @@ if TYPE_CHECKING:
 
 
 class OutboundRouter(Router):
-    listener_name = "outbound"
-
     def __init__(self, clusters: dict[str, Cluster], xid_headers: dict[str, list[str]]) -> None:
         self._by_name = {name.encode("latin-1"): c for name, c in clusters.items()}
         self._by_lower_name = {name.lower(): c for name, c in self._by_name.items()}

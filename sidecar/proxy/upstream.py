@@ -41,6 +41,7 @@ class ResponseSink(Protocol):
     ) -> None: ...
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_complete(self) -> None: ...
+    def flush(self) -> None: ...
     def on_upstream_lost(self, exc: Exception | None, got_bytes: bool) -> None: ...
     def on_upstream_pause_writing(self) -> None: ...
     def on_upstream_resume_writing(self) -> None: ...
@@ -63,6 +64,7 @@ class UpstreamConnection(asyncio.Protocol):
         "expect_no_body",
         "response_done",
         "_eof_body",
+        "_complete_pending",
         "counted",
     )
 
@@ -82,6 +84,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.expect_no_body = False
         self.response_done = False
         self._eof_body = False
+        #: the response ended during this read: tell the sink once the read is parsed, so
+        #: that it never re-uses the connection from inside the parser's own callback
+        self._complete_pending = False
         #: counted in the cluster's open connections (until connection_lost)
         self.counted = True
 
@@ -92,7 +97,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if self.sink is None:
+        sink = self.sink
+        if sink is None:
             # bytes on an idle connection: the upstream is misbehaving; never reuse it
             self.close()
             return
@@ -100,15 +106,20 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            sink, self.sink = self.sink, None
+            self.sink = None
             self.close()
-            if sink is not None:
-                sink.on_upstream_lost(
-                    UpstreamUnavailable(
-                        f"upstream {self.cluster.name!r} sent an invalid response: {exc}"
-                    ),
-                    True,
-                )
+            sink.on_upstream_lost(
+                UpstreamUnavailable(
+                    f"upstream {self.cluster.name!r} sent an invalid response: {exc}"
+                ),
+                True,
+            )
+            return
+        if self._complete_pending:
+            self._complete_pending = False
+            sink.on_response_complete()  # flushes what this read produced, then ends
+        else:
+            sink.flush()
 
     def eof_received(self) -> bool | None:
         return False
@@ -180,7 +191,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.expect_no_body and not self.response_done:
             self.reusable = False
             self.response_done = True
-            sink.on_response_complete()
+            self._complete_pending = True
 
     def on_body(self, body: bytes) -> None:
         if self.sink is not None and not self.response_done:
@@ -192,8 +203,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.response_done:
             return
         self.response_done = True
-        if self.sink is not None:
-            self.sink.on_response_complete()
+        self._complete_pending = True
 
     # --- used by the exchange ---------------------------------------------------------------
 
@@ -202,11 +212,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = False
         self.response_done = False
         self._eof_body = False
+        self._complete_pending = False
         self.expect_no_body = head_request
 
     def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+        if not self._closed and self.transport is not None:
+            self.transport.write(data)
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self._closed:
@@ -279,7 +290,7 @@ class Cluster:
 
     # --- pool bookkeeping (synchronous) -------------------------------------------------------
 
-    def _take_idle(self) -> UpstreamConnection | None:
+    def take_idle(self) -> UpstreamConnection | None:
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()  # most recently used first: likeliest still alive
@@ -363,7 +374,7 @@ class Cluster:
         """A connection for one attempt: (conn, reused). `waiter_slot[0]` is set to whatever
         this call is waiting on, so the exchange's timers can fail it."""
         while True:
-            conn = self._take_idle()
+            conn = self.take_idle()
             if conn is not None:
                 return conn, True
             if self._open < self.max_connections:

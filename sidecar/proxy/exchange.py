@@ -1,0 +1,500 @@
+"""One request and its response, driven by protocol callbacks.
+
+Theory of operation. `start()` runs the filters (XID) and routing synchronously, takes an idle
+pooled connection if there is one and writes the request: the common case creates no task,
+no future and no timer. Only when a connection must be opened or waited for does the
+exchange spawn a (named, referenced) task for that wait. From then on everything happens in
+callbacks: request-body chunks from the client connection, the response head and body from
+the upstream connection, and the deadline sweep of the listener (total and response-header
+timeouts). Response bytes produced while one upstream read is parsed are written to the
+client in one call. An exchange ends exactly once, in `_finish()`, which hands the client
+connection its next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, Final
+
+from sidecar.config import format_duration
+from sidecar.errors import (
+    BadRequest,
+    RequestTimeout,
+    SidecarError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    XidInvalid,
+)
+from sidecar.proxy import headers as h
+from sidecar.proxy.upstream import is_idempotent
+
+if TYPE_CHECKING:
+    from sidecar.metrics import RequestStats
+    from sidecar.proxy.listener import ClientConnection, ListenerRuntime
+    from sidecar.proxy.route import Route
+    from sidecar.proxy.upstream import Cluster, UpstreamConnection
+    from sidecar.xid import Xid
+
+log = logging.getLogger("sidecar.proxy")
+
+#: request-body bytes held for an upstream that is not connected yet before reads pause
+MAX_PREBUFFER: Final = 64 * 1024
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CRLF: Final = b"\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+_NO_BODY_STATUS: Final = frozenset({204, 304})
+
+# reasons client reading is paused (a bitmask: reading resumes when none is left)
+PAUSE_UPSTREAM_FULL: Final = 1
+PAUSE_PREBUFFER: Final = 2
+PAUSE_PIPELINE: Final = 4
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n" % len(data) + data + _CRLF
+
+
+class Exchange:
+    """One request and its response (the `ResponseSink` of its upstream connection)."""
+
+    __slots__ = (
+        "conn", "head", "rt", "started", "task", "route", "cluster", "upstream", "xid",
+        "request_head", "body_buf", "body_buffered", "body_done", "body_sent", "deadline",
+        "header_deadline", "waiter_slot", "resp_started", "resp_chunked", "resp_close",
+        "resp_status", "keep_client", "reused", "upstream_paused", "out", "finished",
+        "attempts_left", "retrying", "error_code", "stats",
+    )  # fmt: skip
+
+    def __init__(self, conn: ClientConnection, head: h.RequestHead, rt: ListenerRuntime) -> None:
+        self.conn = conn
+        self.head = head
+        self.rt = rt
+        self.started = conn.loop.time()
+        self.task: asyncio.Task[None] | None = None
+        self.route: Route | None = None
+        self.cluster: Cluster | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.xid: Xid | None = None
+        self.request_head = b""
+        self.body_buf: list[bytes] | None = None
+        self.body_buffered = 0
+        self.body_done = not head.has_body
+        self.body_sent = False
+        self.deadline = 0.0
+        self.header_deadline = 0.0
+        self.waiter_slot: list[asyncio.Future[Any] | None] = [None]
+        self.resp_started = False
+        self.resp_chunked = False
+        self.resp_close = False
+        self.resp_status = 0
+        self.keep_client = head.keep_alive
+        self.reused = False
+        self.upstream_paused = False
+        self.out: list[bytes] | None = None
+        self.finished = False
+        self.attempts_left = 0
+        self.retrying = False
+        self.error_code: str | None = None
+        self.stats: RequestStats | None = None
+
+    # --- start: filters, routing, a connection --------------------------------------------
+
+    def start(self) -> None:
+        rt = self.rt
+        head = self.head
+        try:
+            if head.xid_headers is not None:
+                try:
+                    self.xid = h.resolve_xid(head.xid_headers, rt.xid_max_length, rt.xid_cache)
+                except XidInvalid as exc:
+                    rt.count_xid_rejection(exc.reason)
+                    raise
+            if head.host_count > 1:
+                raise BadRequest("request carries more than one Host header")
+            if head.connection_tokens:
+                head.strip_connection_listed()
+            route = rt.router.route(head, self.xid, self.conn.peer_ip)
+        except SidecarError as err:
+            self._fail(err)
+            return
+        self.route = route
+        cluster = self.cluster = route.cluster
+        self.stats = rt.stats(cluster.name)
+        cluster.active_requests += 1
+        self.attempts_left = cluster.retry_attempts
+        self.deadline = self.started + cluster.total_timeout
+        self.conn.listener.watch(self)
+        if head.expect_continue and not self.body_done:
+            self.conn.write(_CONTINUE)
+        self.request_head = h.render_request_head(
+            head.method,
+            route.target,
+            route.host,
+            head.headers or [],
+            route.extra,
+            head.content_length,
+            head.chunked,
+        )
+        up = cluster.take_idle()
+        if up is not None:
+            self._send(up, True)
+        else:
+            self._acquire()
+
+    def _acquire(self) -> None:
+        self.task = self.conn.loop.create_task(self._acquire_and_send(), name="proxy-acquire")
+
+    async def _acquire_and_send(self) -> None:
+        cluster = self.cluster
+        assert cluster is not None
+        try:
+            up, reused = await cluster.acquire(self.waiter_slot)
+        except asyncio.CancelledError:
+            return  # the client went away; client_gone() has cleaned up
+        except UpstreamUnavailable as err:
+            self.task = None
+            if self._may_retry():
+                self._retry()
+            else:
+                self._fail(err)
+            return
+        except SidecarError as err:
+            self.task = None
+            self._fail(err)
+            return
+        self.task = None
+        if self.finished:
+            cluster.release(up, True)
+            return
+        self._send(up, reused)
+
+    def _send(self, up: UpstreamConnection, reused: bool) -> None:
+        self.upstream = up
+        self.reused = reused
+        up.attach(self, self.head.method == b"HEAD")
+        if self.conn.write_paused:
+            self.pause_upstream_reading()
+        buf = self.body_buf
+        if buf:
+            self.body_buf = None
+            self.body_buffered = 0
+            if self.head.chunked:
+                up.write(self.request_head + b"".join(map(_chunk, buf)))
+            else:
+                up.write(self.request_head + b"".join(buf))
+            self.conn.resume(PAUSE_PREBUFFER)
+        else:
+            up.write(self.request_head)
+        if self.body_done:
+            self._finish_request()
+
+    # --- retries ---------------------------------------------------------------------------
+
+    def _may_retry(self) -> bool:
+        cluster = self.cluster
+        assert cluster is not None
+        return (
+            self.attempts_left > 0
+            and is_idempotent(self.head.method)
+            and not self.head.has_body
+            and (self.retrying or cluster.may_retry())
+        )
+
+    def _retry(self, counted: bool = True) -> None:
+        cluster = self.cluster
+        assert cluster is not None
+        if counted:
+            self.attempts_left -= 1
+        self._drop_upstream()
+        if not self.retrying:
+            self.retrying = True
+            cluster.active_retries += 1
+        cluster.m_retries.inc()
+        self._acquire()
+
+    # --- request body, from the client connection ------------------------------------------
+
+    def feed_body(self, data: bytes) -> None:
+        if self.finished:
+            return
+        up = self.upstream
+        if up is not None:
+            up.write(_chunk(data) if self.head.chunked else data)
+            return
+        if self.body_buf is None:
+            self.body_buf = []
+        self.body_buf.append(data)
+        self.body_buffered += len(data)
+        if self.body_buffered > MAX_PREBUFFER:
+            self.conn.pause(PAUSE_PREBUFFER)
+
+    def body_complete(self) -> None:
+        self.body_done = True
+        if self.upstream is not None and not self.finished:
+            self._finish_request()
+
+    def _finish_request(self) -> None:
+        if self.body_sent:
+            return
+        self.body_sent = True
+        if self.head.chunked and self.upstream is not None:
+            self.upstream.write(_LAST_CHUNK)
+        if not self.resp_started:
+            assert self.cluster is not None
+            self.header_deadline = self.conn.loop.time() + self.cluster.response_header_timeout
+
+    # --- upstream events (ResponseSink) ------------------------------------------------------
+
+    def on_response_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], minor: int
+    ) -> None:
+        self.header_deadline = 0.0
+        self.resp_status = status
+        self.resp_started = True
+        listed: set[bytes] | None = None
+        content_length: bytes | None = None
+        out = [b"HTTP/1.1 %d " % status, reason, _CRLF]
+        for name, value in headers:
+            lname = name.lower()
+            if lname in h.HOP_BY_HOP or lname in h.FRAMING:
+                if lname == b"content-length":
+                    content_length = value
+                elif lname == b"connection":
+                    tokens = {t.strip().lower() for t in value.split(b",")}
+                    listed = tokens - {b"close", b"keep-alive"}
+                continue
+            out += (name, b": ", value, _CRLF)
+        if listed:
+            # headers named in the upstream's Connection are for that hop only
+            kept = [
+                part
+                for i in range(3, len(out), 4)
+                if out[i].lower() not in listed
+                for part in out[i : i + 4]
+            ]
+            out = out[:3] + kept
+        if status in _NO_BODY_STATUS or self.head.method == b"HEAD":
+            if content_length is not None and status != 204:
+                out += (b"content-length: ", content_length, _CRLF)
+        elif content_length is not None:
+            out += (b"content-length: ", content_length, _CRLF)
+        elif self.head.http_minor == 1:
+            self.resp_chunked = True
+            out.append(b"transfer-encoding: chunked\r\n")
+        else:
+            # an HTTP/1.0 client: the end of the body is the end of the connection
+            self.resp_close = True
+        conn = self.conn
+        if not self.keep_client or self.resp_close or conn.closing or conn.listener.draining:
+            self.resp_close = True
+            out.append(b"connection: close\r\n")
+        out.append(_CRLF)
+        self.out = [b"".join(out)]
+
+    def on_response_body(self, data: bytes) -> None:
+        out = self.out
+        if out is None:
+            out = self.out = []
+        if self.resp_chunked:
+            out += (b"%x\r\n" % len(data), data, _CRLF)
+        else:
+            out.append(data)
+
+    def flush(self) -> None:
+        out = self.out
+        if out:
+            self.out = None
+            self.conn.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def on_response_complete(self) -> None:
+        if self.finished:
+            return
+        if self.resp_chunked:
+            self.on_response_body_end()
+        self.flush()
+        up = self.upstream
+        self.upstream = None
+        assert up is not None and self.cluster is not None
+        if self.upstream_paused:
+            self.upstream_paused = False
+            up.resume_reading()
+        # reuse only a connection whose request and response both ended cleanly
+        self.cluster.release(up, self.body_sent and up.response_done)
+        if not self.body_done:
+            # the upstream answered before the client finished its body: the rest of the body
+            # cannot be skipped reliably, so this client connection closes after the response
+            self.resp_close = True
+        self._finish()
+
+    def on_response_body_end(self) -> None:
+        out = self.out
+        if out is None:
+            self.out = [_LAST_CHUNK]
+        else:
+            out.append(_LAST_CHUNK)
+
+    def on_upstream_lost(self, exc: Exception | None, got_bytes: bool) -> None:
+        if self.finished:
+            return
+        self.flush()
+        if isinstance(exc, SidecarError):
+            self._fail(exc)
+            return
+        if not got_bytes and not self.resp_started and not self.head.has_body:
+            if self.reused and is_idempotent(self.head.method):
+                # a pooled keep-alive connection the upstream had already closed: the request
+                # never reached it, so try again on a fresh connection (not counted as an
+                # attempt: each such retry uses up one stale idle connection)
+                self._retry(counted=False)
+                return
+        detail = f": {exc}" if exc else ""
+        when = "mid-response" if self.resp_started else "before responding"
+        self._fail(
+            UpstreamUnavailable(
+                f"upstream {self._cluster_name()!r} closed the connection {when}{detail}"
+            )
+        )
+
+    def on_upstream_pause_writing(self) -> None:
+        self.conn.pause(PAUSE_UPSTREAM_FULL)
+
+    def on_upstream_resume_writing(self) -> None:
+        self.conn.resume(PAUSE_UPSTREAM_FULL)
+
+    def pause_upstream_reading(self) -> None:
+        if self.upstream is not None and not self.upstream_paused:
+            self.upstream_paused = True
+            self.upstream.pause_reading()
+
+    def resume_upstream_reading(self) -> None:
+        if self.upstream is not None and self.upstream_paused:
+            self.upstream_paused = False
+            self.upstream.resume_reading()
+
+    # --- deadlines (called by the listener's sweep) ------------------------------------------
+
+    def check_deadlines(self, now: float) -> None:
+        cluster = self.cluster
+        assert cluster is not None
+        if now >= self.deadline:
+            self._timeout(
+                UpstreamTimeout(
+                    f"total timeout ({format_duration(cluster.total_timeout)}): the exchange "
+                    f"with upstream {cluster.name!r} did not finish in time",
+                    kind="total",
+                )
+            )
+        elif self.header_deadline and now >= self.header_deadline:
+            self._timeout(
+                UpstreamTimeout(
+                    "response header timeout "
+                    f"({format_duration(cluster.response_header_timeout)}): upstream "
+                    f"{cluster.name!r} sent no response head in time",
+                    kind="response_header",
+                )
+            )
+
+    def _timeout(self, err: UpstreamTimeout) -> None:
+        waiter = self.waiter_slot[0]
+        if waiter is not None and not waiter.done():
+            # in the pool queue or connecting: the acquiring task reports it
+            waiter.set_exception(err)
+        else:
+            self._fail(err)
+
+    # --- endings -----------------------------------------------------------------------------
+
+    def _cluster_name(self) -> str:
+        return self.cluster.name if self.cluster is not None else "-"
+
+    def _drop_upstream(self) -> None:
+        up, self.upstream = self.upstream, None
+        if up is not None:
+            up.abort()
+            up.cluster.release(up, False)
+        self.resp_started = False
+        self.body_sent = False
+        self.header_deadline = 0.0
+        self.out = None
+
+    def _fail(self, err: SidecarError) -> None:
+        if self.finished:
+            return
+        resp_started = self.resp_started
+        self._drop_upstream()
+        self.error_code = err.code
+        if isinstance(err, UpstreamTimeout):
+            self.rt.count_timeout(self._cluster_name(), err.kind)
+        conn = self.conn
+        if resp_started:
+            # the head is out: the only honest signal left is an aborted connection
+            self.resp_close = True
+            conn.abort()
+        else:
+            self.resp_status = err.status
+            close = not self.body_done or not self.keep_client or conn.closing
+            self.resp_close = self.resp_close or close
+            log.debug("sidecar error %s: %s", err.code, err.message)
+            conn.write_error(err, close=self.resp_close)
+        self._finish()
+
+    def abort_request(self, err: SidecarError) -> None:
+        """The client's request broke mid-body (stalled or mis-framed): answer if no response
+        has started, and close; the upstream attempt is abandoned."""
+        if self.finished:
+            return
+        self.conn.closing = True
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        self._fail(err)
+
+    def client_gone(self) -> None:
+        if self.finished:
+            return
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        self._drop_upstream()
+        self.resp_close = True
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        conn = self.conn
+        cluster = self.cluster
+        if cluster is not None:
+            cluster.active_requests -= 1
+            if self.retrying:
+                cluster.active_retries -= 1
+            conn.listener.unwatch(self)
+        elapsed = conn.loop.time() - self.started
+        if self.resp_status:
+            stats = self.stats or self.rt.stats("-")
+            stats.observe(self.resp_status, elapsed)
+        if log.isEnabledFor(logging.DEBUG):
+            self._log(elapsed)
+        conn.exchange_finished(self, self.keep_client and not self.resp_close)
+
+    def _log(self, elapsed: float) -> None:
+        head = self.head
+        log.debug(
+            "request",
+            extra={
+                "listener": self.rt.name,
+                "method": head.method.decode("latin-1"),
+                "target": head.url[:256].decode("latin-1"),
+                "upstream": self._cluster_name(),
+                "status": self.resp_status,
+                "error": self.error_code,
+                "xid": self.xid.raw if self.xid is not None else None,
+                "ms": round(elapsed * 1000, 3),
+            },
+        )
+
+
+def body_timeout(limit: float) -> RequestTimeout:
+    return RequestTimeout(f"request body stalled for {format_duration(limit)}")

@@ -1,0 +1,32 @@
+"""What routing decides once per request: the cluster and the head to send it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sidecar.proxy.headers import RequestHead
+    from sidecar.proxy.upstream import Cluster
+    from sidecar.xid import Xid
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    cluster: Cluster
+    #: origin-form target sent upstream
+    target: bytes
+    #: Host header sent upstream (None: keep the client's)
+    host: bytes | None
+    #: headers added by filters (XID under the names the upstream expects, X-Forwarded-*)
+    extra: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+class Router:
+    """Decides, once per request, where it goes. Subclassed by inbound and outbound."""
+
+    def route(self, head: RequestHead, xid: Xid | None, peer_ip: bytes) -> Route:
+        raise NotImplementedError
+
+    def clusters(self) -> list[Cluster]:
+        raise NotImplementedError
