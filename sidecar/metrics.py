@@ -8,11 +8,18 @@ read at scrape time (`ProxyStats`).
 
 from __future__ import annotations
 
+import weakref
 from bisect import bisect_left
 from collections.abc import Iterator
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 # request-duration buckets (seconds): loopback proxying sits in the first few
@@ -81,6 +88,61 @@ class ProxyStats(Collector):
         return iter(())
 
 
+class Pool(Protocol):
+    name: str
+
+    @property
+    def in_use(self) -> int: ...
+    @property
+    def idle_count(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+
+
+class PoolStats(Collector):
+    """gts_sidecar_pool_connections_{in_use,idle} and gts_sidecar_pool_requests_waiting per
+    upstream, summed over the clusters alive (a reload can leave a retired one draining)."""
+
+    def __init__(self) -> None:
+        self._pools: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def add(self, pool: Pool) -> None:
+        self._pools.add(pool)
+
+    def collect(self) -> Iterator[Metric]:
+        families = {
+            "in_use": GaugeMetricFamily(
+                "gts_sidecar_pool_connections_in_use",
+                "Upstream connections carrying a request",
+                labels=["upstream"],
+            ),
+            "idle": GaugeMetricFamily(
+                "gts_sidecar_pool_connections_idle",
+                "Upstream keep-alive connections waiting for a request",
+                labels=["upstream"],
+            ),
+            "waiting": GaugeMetricFamily(
+                "gts_sidecar_pool_requests_waiting",
+                "Requests waiting for an upstream connection",
+                labels=["upstream"],
+            ),
+        }
+        sums: dict[str, list[int]] = {}
+        for pool in list(self._pools):
+            acc = sums.setdefault(pool.name, [0, 0, 0])
+            acc[0] += pool.in_use
+            acc[1] += pool.idle_count
+            acc[2] += pool.waiting
+        for name, (in_use, idle, waiting) in sorted(sums.items()):
+            families["in_use"].add_metric([name], in_use)
+            families["idle"].add_metric([name], idle)
+            families["waiting"].add_metric([name], waiting)
+        yield from families.values()
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -109,24 +171,9 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
-        self.pool_in_use = Gauge(
-            "gts_sidecar_pool_connections_in_use",
-            "Upstream connections carrying a request",
-            ["upstream"],
-            registry=r,
-        )
-        self.pool_idle = Gauge(
-            "gts_sidecar_pool_connections_idle",
-            "Upstream keep-alive connections waiting for a request",
-            ["upstream"],
-            registry=r,
-        )
-        self.pool_waiting = Gauge(
-            "gts_sidecar_pool_requests_waiting",
-            "Requests waiting for an upstream connection",
-            ["upstream"],
-            registry=r,
-        )
+        #: pool gauges, read from the live clusters at scrape time
+        self.pools = PoolStats()
+        r.register(self.pools)
         self.pool_exhausted = Counter(
             "gts_sidecar_pool_exhausted",
             "Requests refused at once because the pool and its pending queue were full",

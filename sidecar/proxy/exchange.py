@@ -247,7 +247,7 @@ class Exchange:
     # --- upstream events (ResponseSink) ------------------------------------------------------
 
     def on_response_head(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], minor: int
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     ) -> None:
         self.header_deadline = 0.0
         self.resp_status = status

@@ -32,6 +32,7 @@ class OutboundRouter(Router):
             self._by_authority.setdefault(c.authority.lower(), c)
             if c.port in (80, 443):
                 self._by_authority.setdefault(c.host.encode("latin-1").lower(), c)
+        self._host_cache: dict[bytes, Cluster | None] = {}
         self._xid_names = {
             name: [n.encode("latin-1") for n in names] for name, names in xid_headers.items()
         }
@@ -40,6 +41,18 @@ class OutboundRouter(Router):
         return list(self._by_name.values())
 
     def _by_host(self, host: bytes) -> Cluster | None:
+        # the same few Host values recur on every request: remember the answers
+        try:
+            return self._host_cache[host]
+        except KeyError:
+            pass
+        cluster = self._lookup_host(host)
+        if len(self._host_cache) >= 1024:
+            self._host_cache.clear()
+        self._host_cache[host] = cluster
+        return cluster
+
+    def _lookup_host(self, host: bytes) -> Cluster | None:
         host = host.lower()
         cluster = self._by_lower_name.get(host)
         if cluster is None:

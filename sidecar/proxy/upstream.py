@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 from urllib.parse import urlsplit
@@ -37,7 +36,7 @@ class ResponseSink(Protocol):
     """What an upstream connection reports to the exchange that owns it."""
 
     def on_response_head(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], minor: int
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     ) -> None: ...
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_complete(self) -> None: ...
@@ -186,8 +185,7 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self.sink
         if sink is None:
             return
-        minor = 1 if self.parser.get_http_version() == "1.1" else 0
-        sink.on_response_head(status, self._reason, self._headers, minor)
+        sink.on_response_head(status, self._reason, self._headers)
         if self.expect_no_body and not self.response_done:
             self.reusable = False
             self.response_done = True
@@ -281,9 +279,7 @@ class Cluster:
         self.active_retries = 0
         self._closed = False
         self._sweeper: asyncio.TimerHandle | None = None
-        self.m_in_use = metrics.pool_in_use.labels(name)
-        self.m_idle = metrics.pool_idle.labels(name)
-        self.m_waiting = metrics.pool_waiting.labels(name)
+        metrics.pools.add(self)
         self.m_exhausted = metrics.pool_exhausted.labels(name)
         self.m_retries = metrics.upstream_retries.labels(name)
         self._schedule_sweep()
@@ -291,40 +287,33 @@ class Cluster:
     # --- pool bookkeeping (synchronous) -------------------------------------------------------
 
     def take_idle(self) -> UpstreamConnection | None:
-        now = time.monotonic()
+        now = self._loop.time()
         while self._idle:
             conn = self._idle.pop()  # most recently used first: likeliest still alive
             if conn.usable and now - conn.idle_since < self.idle_timeout:
                 self._in_use += 1
-                self.m_idle.dec()
-                self.m_in_use.inc()
                 return conn
-            self.m_idle.dec()
             conn.close()
         return None
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         """Give a connection back after an exchange; reuse it only if it is clean."""
         self._in_use -= 1
-        self.m_in_use.dec()
         conn.sink = None
         if not (reusable and conn.reusable and conn.usable) or self._closed:
             conn.close()
             return
         while self._waiters:
             fut = self._waiters.popleft()
-            self.m_waiting.dec()
             if not fut.done():
                 self._in_use += 1
-                self.m_in_use.inc()
                 fut.set_result(conn)
                 return
         if len(self._idle) >= self.max_idle:
             conn.close()
             return
-        conn.idle_since = time.monotonic()
+        conn.idle_since = self._loop.time()
         self._idle.append(conn)
-        self.m_idle.inc()
 
     def _forget(self, conn: UpstreamConnection) -> None:
         """Called once per connection, from connection_lost."""
@@ -334,7 +323,6 @@ class Cluster:
         self._open -= 1
         try:
             self._idle.remove(conn)
-            self.m_idle.dec()
         except ValueError:
             pass
         self._wake_one()
@@ -343,7 +331,6 @@ class Cluster:
         # a slot freed up: let the oldest waiter open a connection of its own
         while self._waiters:
             fut = self._waiters.popleft()
-            self.m_waiting.dec()
             if not fut.done():
                 fut.set_result(None)
                 return
@@ -355,13 +342,12 @@ class Cluster:
             )
 
     def _sweep(self) -> None:
-        now = time.monotonic()
+        now = self._loop.time()
         keep: deque[UpstreamConnection] = deque()
         for conn in self._idle:
             if conn.usable and now - conn.idle_since < self.idle_timeout:
                 keep.append(conn)
             else:
-                self.m_idle.dec()
                 conn.close()
         self._idle = keep
         self._schedule_sweep()
@@ -387,7 +373,6 @@ class Cluster:
                 )
             fut: asyncio.Future[UpstreamConnection | None] = self._loop.create_future()
             self._waiters.append(fut)
-            self.m_waiting.inc()
             waiter_slot[0] = fut
             try:
                 got = await fut
@@ -396,7 +381,6 @@ class Cluster:
                 # a dead waiter never counts against max_pending
                 try:
                     self._waiters.remove(fut)
-                    self.m_waiting.dec()
                 except ValueError:
                     pass
                 if fut.done() and not fut.cancelled() and fut.exception() is None:
@@ -452,7 +436,6 @@ class Cluster:
             handle.cancel()
             waiter_slot[0] = None
         self._in_use += 1
-        self.m_in_use.inc()
         return conn
 
     # --- retry budget ---------------------------------------------------------------------
@@ -471,6 +454,10 @@ class Cluster:
     def in_use(self) -> int:
         return self._in_use
 
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
     def close(self) -> None:
         """Stop pooling: idle connections close now, busy ones when released."""
         self._closed = True
@@ -478,7 +465,6 @@ class Cluster:
             self._sweeper.cancel()
         while self._idle:
             self._idle.pop().close()
-            self.m_idle.dec()
 
 
 def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
