@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from sidecar import xid as xidmod
-from sidecar.errors import XidInvalid
+from sidecar.errors import BadRequest, NotImplementedByProxy, SidecarError, XidInvalid
 
 # Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 # non-standard ones proxies commonly strip. `connection`-listed names are added per request.
@@ -130,6 +130,22 @@ class RequestHead:
     forwarded_proto: bytes | None = None
     keep_alive: bool = True
     http_minor: int = 1
+    #: a Transfer-Encoding other than one `chunked`: refused (see te_problem)
+    unsupported_te: bytes | None = None
+
+    def te_problem(self) -> SidecarError | None:
+        """RFC 9112 §6.3: a request whose final coding is not chunked has no determinable
+        length (400); other codings before chunked we do not carry (501, as Envoy)."""
+        te = self.unsupported_te
+        if te is None:
+            return None
+        shown = te[:64].decode("latin-1")
+        codings = [c.strip().lower() for c in te.split(b",")]
+        if codings[-1] != b"chunked" or codings.count(b"chunked") > 1:
+            return BadRequest(f"Transfer-Encoding {shown!r} does not end in a single chunked")
+        return NotImplementedByProxy(
+            f"Transfer-Encoding {shown!r} is not supported (only 'chunked')"
+        )
 
     def add(self, name: bytes, value: bytes, kind: int) -> None:
         if kind == PASS:
@@ -145,8 +161,13 @@ class RequestHead:
         elif kind == CONTENT_LENGTH:
             self.content_length = value
         elif kind == TRANSFER_ENCODING:
-            # llhttp has already refused TE together with CL and a non-final chunked
-            self.chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+            # Only a single `chunked` is accepted (as Envoy does): other codings would have to
+            # be carried through untouched, and llhttp validates them only after the head is
+            # complete, too late for a request already on its way.
+            if self.chunked or value.strip().lower() != b"chunked":
+                prior = self.unsupported_te or (b"chunked" if self.chunked else None)
+                self.unsupported_te = value if prior is None else prior + b", " + value
+            self.chunked = True
         elif kind == CONNECTION:
             tokens = [t.strip().lower() for t in value.split(b",") if t.strip()]
             if self.connection_tokens is None:

@@ -48,4 +48,6 @@ class InboundRouter(Router):
         xff = peer_ip if head.forwarded_for is None else head.forwarded_for + b", " + peer_ip
         extra.append((b"x-forwarded-for", xff))
         extra.append((b"x-forwarded-proto", head.forwarded_proto or b"http"))
-        return Route(self.app, target, head.host, extra)
+        # an HTTP/1.0 request may come without Host; the hop to the app is HTTP/1.1, which
+        # requires one
+        return Route(self.app, target, head.host or self.app.authority, extra)

@@ -341,6 +341,8 @@ class ClientConnection(asyncio.Protocol):
         parser = self.parser
         if parser.should_upgrade():
             return  # feed_data raises HttpParserUpgrade next: refused there
+        if head.unsupported_te is not None and (problem := head.te_problem()) is not None:
+            raise problem
         head.method = parser.get_method()
         head.keep_alive = parser.should_keep_alive()
         if parser.get_http_version() != "1.1":
@@ -424,6 +426,12 @@ class ClientConnection(asyncio.Protocol):
 
     def _on_header_timeout(self) -> None:
         self.header_timer = None
+        if self.head is not None and self.paused:
+            # we stopped reading (a pipelined head waits its turn): not the client's stall
+            self.header_timer = self.loop.call_later(
+                self.runtime.timeouts.header_read, self._on_header_timeout
+            )
+            return
         if self.head is not None:
             self._refuse(
                 RequestTimeout(
@@ -439,7 +447,7 @@ class ClientConnection(asyncio.Protocol):
         if exchange is None or self.closing:
             return
         if self.body_progress != self.body_seen or self.paused & (
-            PAUSE_UPSTREAM_FULL | PAUSE_PREBUFFER
+            PAUSE_UPSTREAM_FULL | PAUSE_PREBUFFER | PAUSE_PIPELINE
         ):
             # still flowing, or held back by us (back-pressure), not stalled by the client
             self.body_seen = self.body_progress

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from sidecar.config import ClusterConfig, format_duration
-from sidecar.errors import PoolExhausted, UpstreamTimeout, UpstreamUnavailable
+from sidecar.errors import PoolExhausted, SidecarError, UpstreamTimeout, UpstreamUnavailable
 
 if TYPE_CHECKING:
     from sidecar.metrics import Metrics
@@ -426,7 +426,8 @@ class Cluster:
             conn.counted = False
             self._open -= 1
             self._wake_one()
-            if isinstance(exc, OSError):
+            # (our UpstreamTimeout is an asyncio.TimeoutError, an OSError since 3.11: keep it)
+            if isinstance(exc, OSError) and not isinstance(exc, SidecarError):
                 raise UpstreamUnavailable(
                     f"cannot connect to upstream {self.name!r} at {self.host}:{self.port}: "
                     f"{exc.strerror or exc}"
