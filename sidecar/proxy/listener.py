@@ -31,8 +31,6 @@ from sidecar.errors import (
 from sidecar.proxy import headers as h
 from sidecar.proxy.exchange import (
     PAUSE_PIPELINE,
-    PAUSE_PREBUFFER,
-    PAUSE_UPSTREAM_FULL,
     Exchange,
     body_timeout,
 )
@@ -207,6 +205,10 @@ class ClientConnection(asyncio.Protocol):
         self.body_timer: asyncio.TimerHandle | None = None
         self.body_progress = 0
         self.body_seen = 0
+        #: times reading resumed after we paused it; a client timer that spans one gives
+        #: the client a fresh period instead of blaming it for our pause
+        self.resumes = 0
+        self.timer_resumes = 0
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -257,12 +259,14 @@ class ClientConnection(asyncio.Protocol):
             if self.head_bytes > limit:
                 self._refuse(HeadersTooLarge(f"request head exceeds {limit} bytes"), "head_limit")
             elif self.header_timer is None:
+                self.timer_resumes = self.resumes
                 self.header_timer = self.loop.call_later(
                     self.runtime.timeouts.header_read, self._on_header_timeout
                 )
         elif self.parsing is not None and self.body_timer is None and not self.closing:
             # the read ended inside a request body
             self.body_seen = self.body_progress
+            self.timer_resumes = self.resumes
             self.body_timer = self.loop.call_later(
                 self.runtime.timeouts.body_idle, self._check_body_idle
             )
@@ -407,6 +411,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.paused &= ~reason
         if not self.paused and self.transport is not None and not self.transport.is_closing():
+            self.resumes += 1
             self.transport.resume_reading()
 
     # --- timers ------------------------------------------------------------------------------
@@ -426,8 +431,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _on_header_timeout(self) -> None:
         self.header_timer = None
-        if self.head is not None and self.paused:
+        if self.head is not None and (self.paused or self.resumes != self.timer_resumes):
             # we stopped reading (a pipelined head waits its turn): not the client's stall
+            self.timer_resumes = self.resumes
             self.header_timer = self.loop.call_later(
                 self.runtime.timeouts.header_read, self._on_header_timeout
             )
@@ -446,11 +452,15 @@ class ClientConnection(asyncio.Protocol):
         exchange = self.parsing
         if exchange is None or self.closing:
             return
-        if self.body_progress != self.body_seen or self.paused & (
-            PAUSE_UPSTREAM_FULL | PAUSE_PREBUFFER | PAUSE_PIPELINE
+        if (
+            self.body_progress != self.body_seen
+            or self.paused
+            or self.resumes != self.timer_resumes
         ):
-            # still flowing, or held back by us (back-pressure), not stalled by the client
+            # still flowing, or held back by us (back-pressure, pipelining), not stalled by
+            # the client
             self.body_seen = self.body_progress
+            self.timer_resumes = self.resumes
             self.body_timer = self.loop.call_later(
                 self.runtime.timeouts.body_idle, self._check_body_idle
             )
