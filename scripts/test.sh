@@ -9,6 +9,8 @@ scripts/system-deps.sh
 echo "== ruff"
 .venv/bin/ruff check sidecar tests bench
 .venv/bin/ruff format --check sidecar tests bench
+echo "== import-linter (dependency direction)"
+.venv/bin/lint-imports --no-cache >/dev/null || .venv/bin/lint-imports --no-cache
 echo "== mypy"
 .venv/bin/mypy
 echo "== pytest"

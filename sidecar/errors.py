@@ -7,7 +7,6 @@ responses; adapters translate foreign exceptions into these.
 
 from __future__ import annotations
 
-import asyncio
 from typing import ClassVar
 
 import orjson
@@ -56,7 +55,7 @@ class HeadersTooLarge(SidecarError):
     status = 431
 
 
-class RequestTimeout(SidecarError, asyncio.TimeoutError):
+class RequestTimeout(SidecarError, TimeoutError):
     code = "REQUEST_TIMEOUT"
     status = 408
 
@@ -66,7 +65,7 @@ class UpstreamNotFound(SidecarError, LookupError):
     status = 404
 
 
-class UpstreamTimeout(SidecarError, asyncio.TimeoutError):
+class UpstreamTimeout(SidecarError, TimeoutError):
     code = "UPSTREAM_TIMEOUT"
     status = 504
 

@@ -1,0 +1,1 @@
+"""The data plane: the inbound and outbound proxy listeners."""
