@@ -103,3 +103,43 @@ async def test_drain_timeout_aborts_what_is_left_and_still_exits_zero(
     finally:
         never.set()
         await sc.stop()
+
+
+async def test_sighup_reloads_and_api_and_peer_listeners_serve_health(
+    tmp_path: Path, aiohttp_server
+) -> None:
+    app = web.Application()
+    server = await aiohttp_server(app)
+    path = write_config(
+        tmp_path / "sidecar.yaml", {"app": {"url": f"http://127.0.0.1:{server.port}"}}
+    )
+    # the watcher is slowed to an hour so that only SIGHUP can cause this reload
+    sc = await start_sidecar(path, "--reload-interval", "1h")
+    try:
+        async with aiohttp.ClientSession() as session:
+            for name in ("api", "peer", "admin"):
+                async with session.get(f"http://127.0.0.1:{sc.ports[name]}/healthz") as r:
+                    assert r.status == 200, name
+            write_config(
+                path,
+                {"app": {"url": f"http://127.0.0.1:{server.port}"}, "drain_timeout": "7s"},
+            )
+            sc.signal(signal.SIGHUP)
+
+            async def reloaded() -> None:
+                while True:
+                    async with session.get(
+                        f"http://127.0.0.1:{sc.ports['admin']}/admin/config"
+                    ) as r:
+                        if (await r.json())["config"]["drain_timeout"] == "7s":
+                            return
+                    await asyncio.sleep(0.02)
+
+            await asyncio.wait_for(reloaded(), 10)
+        sc.signal(signal.SIGTERM)
+        assert await sc.wait(20) == 0
+        assert any(
+            rec.get("msg") == "config reloaded" and rec.get("reason") == "SIGHUP" for rec in sc.log
+        )
+    finally:
+        await sc.stop()
