@@ -369,6 +369,176 @@ class MetricsConfig(_Model):
     enabled: bool = True
 
 
+# --- coordinator, local coordinator, declarative transactions --------------------------------
+
+
+class SigningKey(_Model):
+    key_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    secret_file: SecretFile
+
+
+class SigningConfig(_Model):
+    """HMAC-SHA256 request signing (DESIGN §2). Without a key the sidecar makes up a random
+    one at start: it then signs and verifies only its own calls (one pod, development)."""
+
+    key_id: str | None = Field(
+        default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$"
+    )
+    secret_file: SecretFile | None = None
+    #: keys that still verify (not sign) during a rotation
+    previous: list[SigningKey] = Field(default_factory=list)
+    #: accepted clock difference between signer and verifier, either way
+    window: Duration = 300.0
+
+    @model_validator(mode="after")
+    def _pairs(self) -> SigningConfig:
+        if (self.key_id is None) != (self.secret_file is None):
+            raise ValueError("key_id and secret_file go together")
+        ids = [k.key_id for k in self.previous] + ([self.key_id] if self.key_id else [])
+        if len(set(ids)) != len(ids):
+            raise ValueError("a key id appears twice (current and previous keys must differ)")
+        return self
+
+
+_JWT_ALGORITHMS: Final = frozenset(
+    {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA"}
+)
+
+
+class AuthConfig(_Model):
+    """Bearer JWTs: fetched from `token_url` with the access key (client side), verified with
+    `verify_key_file` when this process serves the protocol (coordinator side)."""
+
+    token_url: HttpUrl | None = None
+    access_key_file: SecretFile | None = None
+    audience: str | None = None
+    algorithms: list[str] = Field(default_factory=lambda: ["HS256"])
+    verify_key_file: SecretFile | None = None
+
+    @field_validator("algorithms")
+    @classmethod
+    def _allow_list(cls, v: list[str]) -> list[str]:
+        bad = [a for a in v if a not in _JWT_ALGORITHMS]
+        if bad or not v:
+            raise ValueError(
+                f"unsupported algorithm(s) {bad or v}; choose from {sorted(_JWT_ALGORITHMS)}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _pairs(self) -> AuthConfig:
+        if (self.token_url is None) != (self.access_key_file is None):
+            raise ValueError("token_url and access_key_file go together")
+        return self
+
+
+class CoordinatorTimeouts(_Model):
+    connect: Duration = 1.0
+    #: one call to the coordinator, connect included; must be below every transaction timeout
+    request: Duration = 3.0
+
+
+class BreakerConfig(_Model):
+    #: consecutive failures that open the breaker
+    failures: int = Field(default=5, ge=1)
+    #: how long it stays open before one probe is let through
+    reset: Duration = 10.0
+
+
+class CoordinatorConfig(_Model):
+    #: the coordinator cluster (http://host:port of each node's peer listener); empty: this
+    #: sidecar's local coordinator serves every transaction
+    endpoints: list[HttpUrl] = Field(default_factory=list)
+    signing: SigningConfig = SigningConfig()
+    auth: AuthConfig = AuthConfig()
+    timeouts: CoordinatorTimeouts = CoordinatorTimeouts()
+    breaker: BreakerConfig = BreakerConfig()
+
+
+class PhaseTwoRetry(_Model):
+    initial: Duration = 1.0
+    max: Duration = 60.0
+    multiplier: float = Field(default=2.0, ge=1.0, le=10.0)
+    #: +/- this share of each delay is random, so retries of many branches spread out
+    jitter: float = Field(default=0.2, ge=0.0, le=1.0)
+    #: attempts before a branch is marked stuck (it then waits for /admin retry or skip)
+    max_attempts: int = Field(default=20, ge=1)
+
+
+def _journal_url(value: object) -> object:
+    if isinstance(value, str) and not (
+        value == "memory://" or (value.startswith("sqlite:///") and len(value) > 10)
+    ):
+        raise ValueError(
+            f"invalid journal {value!r} (sqlite:///relative/path.db, "
+            "sqlite:////absolute/path.db, or memory:// for tests: not durable)"
+        )
+    return value
+
+
+class LocalCoordinatorConfig(_Model):
+    journal: Annotated[str, BeforeValidator(_journal_url)] = "sqlite:///var/journal.db"
+    #: for begins that name no timeout
+    default_timeout: Duration = 60.0
+    max_timeout: Duration = 86400.0
+    phase_two: PhaseTwoRetry = PhaseTwoRetry()
+    #: finished transactions stay queryable this long, then are compacted away
+    retention: Duration = 86400.0
+    #: POSTed a JSON event when a branch is marked stuck
+    alert_webhook: HttpUrl | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> LocalCoordinatorConfig:
+        if self.default_timeout > self.max_timeout:
+            raise ValueError("default_timeout must not exceed max_timeout")
+        return self
+
+
+_METHOD_RE: Final = re.compile(r"^[A-Z]+\Z")
+
+
+class TransactionMatch(_Model):
+    method: str | None = None
+    #: exactly one of: path (exact), path_prefix, path_regex (full match)
+    path: str | None = None
+    path_prefix: str | None = None
+    path_regex: str | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str | None) -> str | None:
+        if v is not None and not _METHOD_RE.match(v):
+            raise ValueError(f"invalid method {v!r} (upper-case, e.g. POST)")
+        return v
+
+    @field_validator("path_regex")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"invalid regex {v!r}: {exc}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _one_path(self) -> TransactionMatch:
+        given = [k for k in ("path", "path_prefix", "path_regex") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of path, path_prefix, path_regex")
+        for key in ("path", "path_prefix"):
+            value = getattr(self, key)
+            if value is not None and not value.startswith("/"):
+                raise ValueError(f"{key} must start with '/'")
+        return self
+
+
+class TransactionRule(_Model):
+    match: TransactionMatch
+    name: str = Field(min_length=1, max_length=128)
+    timeout: Duration = 60.0
+
+
 _UPSTREAM_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 
 
@@ -382,6 +552,46 @@ class Config(_Model):
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
     drain_timeout: Duration = 20.0
+    coordinator: CoordinatorConfig = CoordinatorConfig()
+    local_coordinator: LocalCoordinatorConfig = LocalCoordinatorConfig()
+    transactions: list[TransactionRule] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _timeouts_below_transactions(self) -> Config:
+        """The seed's trap: a call that outlives the transaction it serves leaves it
+        "committed, response lost". Everything a transaction waits on must give up first."""
+        problems = []
+        budgets = [
+            (f"transactions[{i}].timeout", r.timeout) for i, r in enumerate(self.transactions)
+        ]
+        budgets.append(
+            ("local_coordinator.default_timeout", self.local_coordinator.default_timeout)
+        )
+        waits = [("coordinator.timeouts.request", self.coordinator.timeouts.request)]
+        for i, rule in enumerate(self.transactions):
+            where = f"transactions[{i}].timeout"
+            if self.app.timeouts.total >= rule.timeout:
+                problems.append(
+                    f"{where} ({format_duration(rule.timeout)}) must exceed app.timeouts.total "
+                    f"({format_duration(self.app.timeouts.total)}): the app's answer decides it"
+                )
+            for name, up in self.upstreams.items():
+                if up.timeouts.total >= rule.timeout:
+                    problems.append(
+                        f"upstreams.{name}.timeouts.total ({format_duration(up.timeouts.total)}) "
+                        f"must be below {where} ({format_duration(rule.timeout)}): calls made "
+                        "inside the transaction must give up before it does"
+                    )
+        for budget_key, budget in budgets:
+            for wait_key, wait in waits:
+                if wait >= budget:
+                    problems.append(
+                        f"{wait_key} ({format_duration(wait)}) must be below {budget_key} "
+                        f"({format_duration(budget)})"
+                    )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @field_validator("upstreams")
     @classmethod
@@ -446,7 +656,7 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     return out or "<root>"
 
 
-def _format_error(err: Mapping[str, Any]) -> str:
+def _format_error(err: Mapping[str, Any]) -> list[str]:
     loc = _format_loc(tuple(err["loc"]))
     msg = str(err["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
@@ -454,7 +664,10 @@ def _format_error(err: Mapping[str, Any]) -> str:
             msg = msg[len(prefix) :]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
-    return f"{loc}: {msg}"
+    if loc == "<root>" and err["type"] == "value_error":
+        # cross-section checks name their own keys, one problem each
+        return msg.split("; ")
+    return [f"{loc}: {msg}"]
 
 
 def parse(data: Any, env: Mapping[str, str] | None = None) -> Config:
@@ -469,7 +682,7 @@ def parse(data: Any, env: Mapping[str, str] | None = None) -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        problems.extend(_format_error(e) for e in exc.errors())
+        problems.extend(p for e in exc.errors() for p in _format_error(e))
     if problems:
         raise ConfigError(problems)
     return config

@@ -101,3 +101,62 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
         self.problems = problems
+
+
+class InvalidRequest(SidecarError, ValueError):
+    """A control-plane request body that is not the JSON the API expects."""
+
+    code = "INVALID_REQUEST"
+    status = 400
+
+
+class SignatureInvalid(SidecarError):
+    code = "SIGNATURE_INVALID"
+    status = 401
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        #: unknown_key, stale, mismatch, replay, malformed (a bounded set: a metric label)
+        self.reason = reason
+
+
+class Unauthorized(SidecarError):
+    code = "UNAUTHORIZED"
+    status = 401
+
+
+class TransactionNotFound(SidecarError, LookupError):
+    code = "TRANSACTION_NOT_FOUND"
+    status = 404
+
+
+class BranchNotFound(SidecarError, LookupError):
+    code = "BRANCH_NOT_FOUND"
+    status = 404
+
+
+class TransactionNotActive(SidecarError):
+    """A branch registration or report for a transaction that is no longer Begin."""
+
+    code = "TRANSACTION_NOT_ACTIVE"
+    status = 409
+
+
+class IdempotencyConflict(SidecarError):
+    code = "IDEMPOTENCY_KEY_REUSED"
+    status = 422
+
+
+class CoordinatorUnavailable(SidecarError, ConnectionError):
+    code = "COORDINATOR_UNAVAILABLE"
+    status = 503
+
+
+class JournalUnavailable(SidecarError):
+    code = "JOURNAL_UNAVAILABLE"
+    status = 503
+
+
+class PayloadTooLarge(SidecarError):
+    code = "PAYLOAD_TOO_LARGE"
+    status = 413

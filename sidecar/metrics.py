@@ -204,4 +204,50 @@ class Metrics:
             ["sha256"],
             registry=r,
         )
+        self.signature_failures = Counter(
+            "gts_sidecar_signature_failures",
+            "Signed requests refused, by reason (unknown_key, stale, mismatch, replay, malformed)",
+            ["reason"],
+            registry=r,
+        )
+        self.transactions = Counter(
+            "gts_sidecar_transactions",
+            "Global transactions finished by this process's coordinator, by outcome",
+            ["coordinator", "status"],
+            registry=r,
+        )
+        self.transactions_active = Gauge(
+            "gts_sidecar_transactions_active",
+            "Unfinished global transactions held by this process's coordinator",
+            ["coordinator"],
+            registry=r,
+        )
+        self.phase_two_calls = Counter(
+            "gts_sidecar_phase_two_calls",
+            "Phase-two callbacks made to branches, by result (ok, failed)",
+            ["result"],
+            registry=r,
+        )
+        self.branches_stuck = Counter(
+            "gts_sidecar_branches_stuck",
+            "Branches whose phase two gave up after max_attempts (need an operator)",
+            registry=r,
+        )
+        self.declarative = Counter(
+            "gts_sidecar_declarative_transactions",
+            "Transactions begun by inbound rules, by outcome (Committed, Rollbacked, …)",
+            ["name", "status"],
+            registry=r,
+        )
+        self.coordinator_calls = Counter(
+            "gts_sidecar_coordinator_calls",
+            "Calls to the coordinator cluster, by call and result",
+            ["call", "result"],
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "gts_sidecar_coordinator_breaker_open",
+            "1 while the circuit breaker to the coordinator cluster is open or half open",
+            registry=r,
+        )
         self.ready = Gauge("gts_sidecar_ready", "1 when /readyz answers 200", registry=r)

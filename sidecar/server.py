@@ -18,8 +18,9 @@ from typing import Any
 from aiohttp import web
 
 from sidecar import __version__, logs
-from sidecar.admin import build_admin_app, build_health_app
+from sidecar.admin import build_admin_app
 from sidecar.config import Config, parse_bind
+from sidecar.control import ControlPlane, owner_address
 from sidecar.errors import ConfigError
 from sidecar.metrics import Metrics
 from sidecar.proxy import headers as h
@@ -28,6 +29,8 @@ from sidecar.proxy.listener import ListenerRuntime, ProxyListener
 from sidecar.proxy.outbound import OutboundRouter
 from sidecar.proxy.upstream import Cluster
 from sidecar.reload import ConfigWatcher
+from sidecar.txn.rules import RuleSet
+from sidecar.xid import format_owner
 
 log = logging.getLogger("sidecar.server")
 
@@ -83,6 +86,7 @@ class Sidecar:
         self._tasks: set[asyncio.Task[Any]] = set()
         #: bound ports by listener name (useful with port 0 in tests)
         self.ports: dict[str, int] = {}
+        self.control = ControlPlane(config, self.metrics, role="local")
 
     # --- state read by the admin listener -------------------------------------------------
 
@@ -146,12 +150,13 @@ class Sidecar:
         lst = config.listeners
         inbound = ListenerRuntime(
             name="inbound",
-            router=InboundRouter(app, config.xid.app_headers),
+            router=InboundRouter(app, config.xid.app_headers, RuleSet(config.transactions)),
             classifier=classifier,
             xid_max_length=config.xid.max_length,
             limits=lst.inbound.limits,
             timeouts=lst.inbound.timeouts,
             metrics=self.metrics,
+            coordinator=self.control.coordinator,
         )
         outbound = ListenerRuntime(
             name="outbound",
@@ -184,18 +189,18 @@ class Sidecar:
 
     def apply(self, config: Config, digest: str) -> None:
         """Swap in a new, already validated config (the reload path)."""
-        changed_binds = [
-            name
+        needs_restart = [
+            f"listeners.{name}.bind: changing a bind address needs a restart"
             for name in ("inbound", "outbound", "api", "peer", "admin")
             if getattr(config.listeners, name).bind != getattr(self._config.listeners, name).bind
         ]
-        if changed_binds:
-            raise ConfigError(
-                [
-                    f"listeners.{name}.bind: changing a bind address needs a restart"
-                    for name in changed_binds
-                ]
-            )
+        needs_restart += [
+            f"{section}: changing this section needs a restart"
+            for section in ("coordinator", "local_coordinator")
+            if getattr(config, section) != getattr(self._config, section)
+        ]
+        if needs_restart:
+            raise ConfigError(needs_restart)
         self._swap(self._compile(config))
         self._config = config
         self._set_version(digest)
@@ -213,6 +218,7 @@ class Sidecar:
         config = self._config
         if config.listeners.require_c_parser and (problem := c_parser_problem()):
             raise ConfigError([f"listeners.require_c_parser: {problem}"])
+        await self.control.start(serve_local=not config.coordinator.endpoints)
         compiled = self._compile(config)
         self._swap(compiled)
         self._set_version(self._digest)
@@ -222,8 +228,8 @@ class Sidecar:
             await self.inbound.start(*parse_bind(config.listeners.inbound.bind))
             await self.outbound.start(*parse_bind(config.listeners.outbound.bind))
             for name, app in (
-                ("api", build_health_app()),
-                ("peer", build_health_app()),
+                ("api", self.control.api_app()),
+                ("peer", self.control.peer_app()),
                 ("admin", build_admin_app(self)),
             ):
                 runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -232,6 +238,10 @@ class Sidecar:
                 await web.TCPSite(runner, host, port, reuse_address=True).start()
                 self._runners.append(runner)
                 self.ports[name] = int(runner.addresses[0][1])
+            if self.control.engine is not None:
+                # XIDs name the peer port actually bound (it differs when configured as 0)
+                host, _ = owner_address(config)
+                self.control.engine.owner = format_owner(host, self.ports["peer"])
             self.ports["inbound"] = self.inbound.port
             self.ports["outbound"] = self.outbound.port
         except OSError as exc:
@@ -282,6 +292,7 @@ class Sidecar:
         self.draining = True
         self.metrics.ready.set(0)
         timeout = self._config.drain_timeout
+        deadline = asyncio.get_running_loop().time() + timeout
         log.info("draining", extra={"drain_timeout": timeout})
         if self._watcher is not None:
             self._watcher.stop()
@@ -299,6 +310,9 @@ class Sidecar:
             )
             for lst in listeners:
                 lst.abort_all()
+        # local transactions in phase two get what is left of the drain period; what cannot
+        # finish stays journalled and resumes on the next start
+        await self.control.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         await self.close()
         log.info("stopped")
 
@@ -311,3 +325,4 @@ class Sidecar:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
+        await self.control.stop(0)

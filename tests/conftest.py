@@ -38,9 +38,12 @@ async def sidecar_factory() -> AsyncIterator[SidecarFactory]:
     started: list[Sidecar] = []
 
     async def make(overrides: dict[str, Any] | None = None, **kw: Any) -> Sidecar:
-        data = merge(
-            {"listeners": LOOPBACK_LISTENERS, "logging": {"level": "warning"}}, overrides or {}
-        )
+        base = {
+            "listeners": LOOPBACK_LISTENERS,
+            "logging": {"level": "warning"},
+            "local_coordinator": {"journal": "memory://"},
+        }
+        data = merge(base, overrides or {})
         cfg = configmod.parse(data, env={})
         sc = Sidecar(cfg, metrics=Metrics(), **kw)
         await sc.start()

@@ -27,6 +27,7 @@ from sidecar.errors import (
     XidInvalid,
 )
 from sidecar.proxy import headers as h
+from sidecar.proxy.txn_filter import TxnFilter
 from sidecar.proxy.upstream import is_idempotent
 
 if TYPE_CHECKING:
@@ -63,7 +64,8 @@ class Exchange:
         "request_head", "body_buf", "body_buffered", "body_done", "body_sent", "deadline",
         "header_deadline", "waiter_slot", "resp_started", "resp_chunked", "resp_close",
         "resp_status", "keep_client", "reused", "upstream_paused", "out", "finished",
-        "attempts_left", "retrying", "error_code", "stats",
+        "attempts_left", "retrying", "error_code", "stats", "txn", "xid_extra", "held_head",
+        "held_complete",
     )  # fmt: skip
 
     def __init__(self, conn: ClientConnection, head: h.RequestHead, rt: ListenerRuntime) -> None:
@@ -97,6 +99,12 @@ class Exchange:
         self.retrying = False
         self.error_code: str | None = None
         self.stats: RequestStats | None = None
+        #: the declarative-transaction filter, on requests that begin a transaction
+        self.txn: TxnFilter | None = None
+        self.xid_extra: list[tuple[bytes, bytes]] = []
+        #: the response head, held (without its final CRLF) while the transaction decides
+        self.held_head: list[bytes] | None = None
+        self.held_complete = False
 
     # --- start: filters, routing, a connection --------------------------------------------
 
@@ -127,12 +135,28 @@ class Exchange:
         self.conn.listener.watch(self)
         if head.expect_continue and not self.body_done:
             self.conn.write(_CONTINUE)
+        if route.txn is not None and rt.coordinator is not None:
+            self.txn = TxnFilter(self, route.txn, rt.coordinator, rt.metrics)
+            self.txn.begin()  # → proceed() once the transaction exists
+            return
+        self._forward()
+
+    def proceed(self, xid: str) -> None:
+        """The transaction filter began `xid`: forward the request carrying it."""
+        self.xid_extra = self.rt.router.xid_headers(xid.encode("ascii"))
+        self._forward()
+
+    def _forward(self) -> None:
+        route = self.route
+        cluster = self.cluster
+        head = self.head
+        assert route is not None and cluster is not None
         self.request_head = h.render_request_head(
             head.method,
             route.target,
             route.host,
             head.headers or [],
-            route.extra,
+            route.extra + self.xid_extra if self.xid_extra else route.extra,
             head.content_length,
             head.chunked,
         )
@@ -289,6 +313,15 @@ class Exchange:
         if not self.keep_client or self.resp_close or conn.closing or conn.listener.draining:
             self.resp_close = True
             out.append(b"connection: close\r\n")
+        txn = self.txn
+        if txn is not None and not txn.decided:
+            # hold the head until the transaction is decided; the total deadline stands aside
+            # (the coordinator call has its own, shorter timeout)
+            self.held_head = out
+            self.deadline = float("inf")
+            self.pause_upstream_reading()
+            txn.decide(status)
+            return
         out.append(_CRLF)
         self.out = [b"".join(out)]
 
@@ -303,12 +336,15 @@ class Exchange:
 
     def flush(self) -> None:
         out = self.out
-        if out:
+        if out and self.held_head is None:
             self.out = None
             self.conn.write(out[0] if len(out) == 1 else b"".join(out))
 
     def on_response_complete(self) -> None:
         if self.finished:
+            return
+        if self.held_head is not None:
+            self.held_complete = True  # finished once the held head is released
             return
         if self.resp_chunked:
             self.on_response_body_end()
@@ -326,6 +362,30 @@ class Exchange:
             # cannot be skipped reliably, so this client connection closes after the response
             self.resp_close = True
         self._finish()
+
+    def release_held_response(self, extra: list[tuple[bytes, bytes]]) -> None:
+        """The transaction decided in the app's favour: send its response, with `extra`."""
+        head = self.held_head
+        if head is None or self.finished:
+            return
+        self.held_head = None
+        for name, value in extra:
+            head += (name, b": ", value, _CRLF)
+        head.append(_CRLF)
+        self.out = [b"".join(head), *(self.out or ())]
+        self.resume_upstream_reading()
+        if self.held_complete:
+            self.on_response_complete()
+        else:
+            self.flush()
+
+    def replace_held_response(self, err: SidecarError, extra: list[tuple[bytes, bytes]]) -> None:
+        """The app succeeded but its transaction did not commit: answer with `err` instead."""
+        if self.finished:
+            return
+        self.held_head = None
+        self._drop_upstream()
+        self.fail_now(err, extra)
 
     def on_response_body_end(self) -> None:
         out = self.out
@@ -421,7 +481,20 @@ class Exchange:
     def _fail(self, err: SidecarError) -> None:
         if self.finished:
             return
-        resp_started = self.resp_started
+        txn = self.txn
+        if txn is not None and not txn.decided:
+            # roll the transaction back first; the filter calls fail_now() with its headers
+            self.held_head = None
+            self._drop_upstream()
+            txn.fail(err)
+            return
+        self.fail_now(err, txn.headers() if txn is not None else [])
+
+    def fail_now(self, err: SidecarError, extra: list[tuple[bytes, bytes]]) -> None:
+        """Answer with `err` (or cut the connection if a response is already under way)."""
+        if self.finished:
+            return
+        resp_started = self.resp_started and self.held_head is None
         self._drop_upstream()
         self.error_code = err.code
         if isinstance(err, UpstreamTimeout):
@@ -436,7 +509,7 @@ class Exchange:
             close = not self.body_done or not self.keep_client or conn.closing
             self.resp_close = self.resp_close or close
             log.debug("sidecar error %s: %s", err.code, err.message)
-            conn.write_error(err, close=self.resp_close)
+            conn.write_error(err, close=self.resp_close, extra=extra)
         self._finish()
 
     def abort_request(self, err: SidecarError) -> None:
@@ -453,6 +526,8 @@ class Exchange:
     def client_gone(self) -> None:
         if self.finished:
             return
+        if self.txn is not None:
+            self.txn.abandon()
         if self.task is not None:
             self.task.cancel()
             self.task = None

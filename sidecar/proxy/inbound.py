@@ -17,13 +17,18 @@ from sidecar.proxy.route import Route, Router
 if TYPE_CHECKING:
     from sidecar.proxy.headers import RequestHead
     from sidecar.proxy.upstream import Cluster
+    from sidecar.txn.rules import RuleSet
     from sidecar.xid import Xid
 
 
 class InboundRouter(Router):
-    def __init__(self, app: Cluster, app_headers: list[str]) -> None:
+    def __init__(self, app: Cluster, app_headers: list[str], rules: RuleSet | None = None) -> None:
         self.app = app
         self.app_headers = [n.encode("latin-1") for n in app_headers]
+        self.rules = rules
+
+    def xid_headers(self, xid: bytes) -> list[tuple[bytes, bytes]]:
+        return [(name, xid) for name in self.app_headers]
 
     def clusters(self) -> list[Cluster]:
         return [self.app]
@@ -50,4 +55,7 @@ class InboundRouter(Router):
         extra.append((b"x-forwarded-proto", head.forwarded_proto or b"http"))
         # an HTTP/1.0 request may come without Host; the hop to the app is HTTP/1.1, which
         # requires one
-        return Route(self.app, target, head.host or self.app.authority, extra)
+        txn = None
+        if xid is None and self.rules is not None and not self.rules.empty:
+            txn = self.rules.match(head.method, url)
+        return Route(self.app, target, head.host or self.app.authority, extra, txn)

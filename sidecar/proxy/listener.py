@@ -36,6 +36,7 @@ from sidecar.proxy.exchange import (
 )
 
 if TYPE_CHECKING:
+    from sidecar.coordinator.client import Coordinator
     from sidecar.metrics import Metrics, RequestStats
     from sidecar.proxy.route import Router
     from sidecar.xid import Xid
@@ -60,6 +61,8 @@ class ListenerRuntime:
     limits: HeaderLimits
     timeouts: ProxyListenerTimeouts
     metrics: Metrics
+    #: where declarative transactions begin and end (None: no rules, or no coordinator)
+    coordinator: Coordinator | None = None
     #: recently validated XIDs (a transaction's XID recurs on every call it makes)
     xid_cache: dict[bytes, Xid] = field(default_factory=dict)
     _stats: dict[str, RequestStats] = field(default_factory=dict)
@@ -499,7 +502,9 @@ class ClientConnection(asyncio.Protocol):
             # (exchange_finished sees `closing`); nothing more is read
             self.transport.pause_reading()
 
-    def write_error(self, err: SidecarError, close: bool) -> None:
+    def write_error(
+        self, err: SidecarError, close: bool, extra: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         body = err.body()
         parts = [
             h.status_line(err.status),
@@ -511,6 +516,8 @@ class ClientConnection(asyncio.Protocol):
             str(len(body)).encode("ascii"),
             _CRLF,
         ]
+        for name, value in extra or ():
+            parts += [name, b": ", value, _CRLF]
         if close:
             parts.append(b"connection: close\r\n")
         parts += [_CRLF, body]

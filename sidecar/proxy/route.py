@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sidecar.proxy.headers import RequestHead
     from sidecar.proxy.upstream import Cluster
+    from sidecar.txn.rules import TxnRule
     from sidecar.xid import Xid
 
 
@@ -20,6 +21,8 @@ class Route:
     host: bytes | None
     #: headers added by filters (XID under the names the upstream expects, X-Forwarded-*)
     extra: list[tuple[bytes, bytes]] = field(default_factory=list)
+    #: the declarative transaction this request begins (inbound, no XID, a rule matched)
+    txn: TxnRule | None = None
 
 
 class Router:
@@ -30,3 +33,7 @@ class Router:
 
     def clusters(self) -> list[Cluster]:
         raise NotImplementedError
+
+    def xid_headers(self, xid: bytes) -> list[tuple[bytes, bytes]]:
+        """The headers that carry `xid` to this router's upstream."""
+        return []

@@ -47,6 +47,7 @@ def cfg_text(app_port: int, **extra: Any) -> str:
         "listeners": LOOPBACK_LISTENERS,
         "logging": {"level": "warning"},
         "app": {"url": f"http://127.0.0.1:{app_port}"},
+        "local_coordinator": {"journal": "memory://"},
     }
     data.update(extra)
     return yaml.safe_dump(data)

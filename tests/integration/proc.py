@@ -37,7 +37,11 @@ class SidecarProcess:
 
 
 def write_config(path: Path, cfg: dict[str, Any]) -> Path:
-    data = {"listeners": LISTENERS, "logging": {"level": "info"}}
+    data: dict[str, Any] = {
+        "listeners": LISTENERS,
+        "logging": {"level": "info"},
+        "local_coordinator": {"journal": f"sqlite:///{path.parent.resolve()}/journal.db"},
+    }
     data.update(cfg)
     path.write_text(yaml.safe_dump(data))
     return path

@@ -1,0 +1,152 @@
+"""Wiring of the control plane: signing, the local engine and its journal, the coordinator
+client, and the aiohttp apps of the api and peer listeners.
+
+Used by the sidecar (server.py) and by the standalone coordinator (standalone.py). Which
+coordinator serves the app's transactions: the cluster when `coordinator.endpoints` is set,
+else this process's own engine on its durable journal (the embedded default).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from sidecar.config import Config, parse_bind
+from sidecar.coordinator.auth import TokenSource
+from sidecar.coordinator.callbacks import HttpBranchCaller
+from sidecar.coordinator.client import Coordinator, LocalCoordinator, RemoteCoordinator
+from sidecar.coordinator.engine import Engine
+from sidecar.coordinator.journal import open_journal
+from sidecar.coordinator.nonces import MemoryNonceStore
+from sidecar.coordinator.records import BranchRecord, GlobalRecord, Journal
+from sidecar.coordinator.server import SignatureGate, build_peer_app
+from sidecar.coordinator.signing import KeyRing
+from sidecar.errors import ConfigError, JournalUnavailable
+from sidecar.metrics import Metrics
+from sidecar.txn.api import build_api_app
+
+log = logging.getLogger("sidecar.control")
+
+
+class MetricsEvents:
+    """The engine's events as metrics."""
+
+    def __init__(self, metrics: Metrics, role: str) -> None:
+        self.metrics = metrics
+        self.role = role
+
+    def finished(self, record: GlobalRecord) -> None:
+        self.metrics.transactions.labels(self.role, record.status.value).inc()
+
+    def branch_stuck(self, branch: BranchRecord) -> None:
+        self.metrics.branches_stuck.inc()
+
+    def phase_two_call(self, ok: bool) -> None:
+        self.metrics.phase_two_calls.labels("ok" if ok else "failed").inc()
+
+
+def owner_address(config: Config) -> tuple[str, int]:
+    """host:port that this process's XIDs name: the advertised address and the peer port."""
+    host = config.node.advertise_address
+    _, port = parse_bind(config.listeners.peer.bind)
+    return host, port
+
+
+@dataclass
+class ControlPlane:
+    config: Config
+    metrics: Metrics
+    role: str
+    ring: KeyRing = field(init=False)
+    gate: SignatureGate = field(init=False)
+    journal: Journal | None = None
+    engine: Engine | None = None
+    caller: HttpBranchCaller | None = None
+    remote: RemoteCoordinator | None = None
+    coordinator: Coordinator | None = None
+    _stopped: bool = False
+
+    def __post_init__(self) -> None:
+        cfg = self.config.coordinator
+        self.ring = KeyRing.from_config(cfg.signing)
+        if self.ring.ephemeral:
+            log.warning(
+                "coordinator.signing has no key: using a random one; calls from other "
+                "processes will be refused (configure key_id and secret_file)"
+            )
+        verify_key = cfg.auth.verify_key_file.reveal() if cfg.auth.verify_key_file else None
+        self.gate = SignatureGate(
+            self.ring,
+            MemoryNonceStore(),
+            cfg.signing.window,
+            self.metrics,
+            bearer_key=verify_key,
+            bearer_algorithms=list(cfg.auth.algorithms),
+            bearer_audience=cfg.auth.audience,
+        )
+
+    async def start(self, *, serve_local: bool, peer_port: int | None = None) -> None:
+        """Open the journal and engine when this process coordinates (`serve_local`), and
+        the client of the cluster when endpoints are configured."""
+        cfg = self.config
+        if serve_local:
+            lc = cfg.local_coordinator
+            host, port = owner_address(cfg)
+            if peer_port:
+                port = peer_port
+            try:
+                self.journal = open_journal(lc.journal)
+            except ValueError as exc:
+                raise ConfigError([f"local_coordinator.journal: {exc}"]) from None
+            try:
+                await self.journal.open()
+            except JournalUnavailable as exc:
+                raise ConfigError([f"local_coordinator.journal: {exc.message}"]) from None
+            self.caller = HttpBranchCaller(
+                self.ring,
+                timeout=cfg.coordinator.timeouts.request,
+                connect_timeout=cfg.coordinator.timeouts.connect,
+            )
+            self.engine = Engine(
+                self.journal,
+                self.caller,
+                owner_host=host,
+                owner_port=port,
+                policy=lc.phase_two,
+                default_timeout_ms=int(lc.default_timeout * 1000),
+                max_timeout_ms=int(lc.max_timeout * 1000),
+                retention_ms=int(lc.retention * 1000),
+                events=MetricsEvents(self.metrics, self.role),
+            )
+            await self.engine.start()
+        if cfg.coordinator.endpoints:
+            tokens = TokenSource.from_config(cfg.coordinator.auth, aiohttp.ClientSession)
+            self.remote = RemoteCoordinator(cfg.coordinator, self.ring, self.metrics, tokens=tokens)
+            self.coordinator = self.remote
+        elif self.engine is not None:
+            self.coordinator = LocalCoordinator(self.engine)
+
+    def peer_app(self) -> web.Application:
+        return build_peer_app(self.gate, self.engine)
+
+    def api_app(self) -> web.Application:
+        assert self.coordinator is not None
+        return build_api_app(self.coordinator)
+
+    async def stop(self, timeout: float) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.engine is not None:
+            await self.engine.stop(timeout)
+        if self.caller is not None:
+            await self.caller.close()
+        if self.remote is not None:
+            await self.remote.close()
+            if self.remote.tokens is not None:
+                await self.remote.tokens.close()
+        if self.journal is not None:
+            await self.journal.close()

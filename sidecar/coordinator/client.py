@@ -1,0 +1,353 @@
+"""Talking to a coordinator: the cluster over signed HTTP, or this process's own engine.
+
+`RemoteCoordinator` is the sidecar's client of GTS REST v1: every call is signed, carries a
+bearer JWT when configured, and an Idempotency-Key on writes that stays the same across
+failover; calls about an XID go first to the endpoint the XID names (affinity); connect
+errors, timeouts and 5xx fail over to the next endpoint within one deadline (the request
+timeout, checked at config load to be below every transaction timeout); consecutive failures
+open the circuit breaker. `LocalCoordinator` offers the same calls on the local engine.
+Foreign errors are translated here; callers see only the sidecar's own errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import orjson
+
+from sidecar.config import CoordinatorConfig
+from sidecar.coordinator import protocol
+from sidecar.coordinator.auth import TokenSource
+from sidecar.coordinator.breaker import Breaker, BreakerState
+from sidecar.coordinator.engine import Engine
+from sidecar.coordinator.signing import KeyRing, sign_headers
+from sidecar.coordinator.states import BranchStatus, BranchType
+from sidecar.errors import (
+    BranchNotFound,
+    CoordinatorUnavailable,
+    IdempotencyConflict,
+    InvalidRequest,
+    SidecarError,
+    TransactionNotActive,
+    TransactionNotFound,
+    Unauthorized,
+    XidInvalid,
+)
+from sidecar.metrics import Metrics
+from sidecar.xid import parse as parse_xid
+
+log = logging.getLogger("sidecar.coordinator.client")
+
+
+@dataclass(frozen=True, slots=True)
+class TxState:
+    xid: str
+    status: str
+
+
+class Coordinator(Protocol):
+    """The calls a transaction manager (the TM API, declarative rules) needs."""
+
+    async def begin(
+        self, name: str, timeout_ms: int | None, idempotency_key: str | None = None
+    ) -> TxState: ...
+    async def commit(self, xid: str) -> TxState: ...
+    async def rollback(self, xid: str) -> TxState: ...
+    async def status(self, xid: str) -> dict[str, Any]: ...
+
+
+class LocalCoordinator:
+    """This process's engine, behind the same calls."""
+
+    def __init__(self, engine: Engine, decision_wait: float = 1.0) -> None:
+        self.engine = engine
+        self.decision_wait = decision_wait
+
+    async def begin(
+        self, name: str, timeout_ms: int | None, idempotency_key: str | None = None
+    ) -> TxState:
+        request_hash = protocol.body_hash(orjson.dumps([name, timeout_ms]))
+        rec = await self.engine.begin(
+            name, timeout_ms, idempotency_key=idempotency_key, request_hash=request_hash
+        )
+        return TxState(rec.xid, rec.status.value)
+
+    async def commit(self, xid: str) -> TxState:
+        rec = await self.engine.commit(xid, wait=self.decision_wait)
+        return TxState(rec.xid, rec.status.value)
+
+    async def rollback(self, xid: str) -> TxState:
+        rec = await self.engine.rollback(xid, wait=self.decision_wait)
+        return TxState(rec.xid, rec.status.value)
+
+    async def status(self, xid: str) -> dict[str, Any]:
+        record, branches = await self.engine.get(xid)
+        data: dict[str, Any] = orjson.loads(protocol.render_global(record, branches))
+        return data
+
+    async def register(
+        self,
+        xid: str,
+        branch_type: BranchType,
+        resource_id: str,
+        callback_url: str,
+        application_data: bytes,
+        idempotency_key: str | None = None,
+    ) -> int:
+        branch = await self.engine.register(
+            xid, branch_type, resource_id, callback_url, application_data,
+            idempotency_key=idempotency_key,
+            request_hash=protocol.body_hash(application_data),
+        )  # fmt: skip
+        return branch.branch_id
+
+    async def report(self, xid: str, branch_id: int, status: BranchStatus) -> None:
+        await self.engine.report(xid, branch_id, status)
+
+
+#: the coordinator's error codes, back into the sidecar's own errors
+_REMOTE_ERRORS: Final[dict[str, type[SidecarError]]] = {
+    "TRANSACTION_NOT_FOUND": TransactionNotFound,
+    "TRANSACTION_NOT_ACTIVE": TransactionNotActive,
+    "BRANCH_NOT_FOUND": BranchNotFound,
+    "IDEMPOTENCY_KEY_REUSED": IdempotencyConflict,
+    "INVALID_REQUEST": InvalidRequest,
+    "XID_INVALID": XidInvalid,
+}
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class RemoteCoordinator:
+    def __init__(
+        self,
+        cfg: CoordinatorConfig,
+        ring: KeyRing,
+        metrics: Metrics,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        tokens: TokenSource | None = None,
+        clock_ms: Callable[[], int] = _now_ms,
+    ) -> None:
+        if not cfg.endpoints:
+            raise ValueError("RemoteCoordinator needs coordinator.endpoints")
+        self.endpoints = [e.rstrip("/") for e in cfg.endpoints]
+        self._authority = {urlsplit(e).netloc.lower(): e for e in self.endpoints}
+        self.ring = ring
+        self.metrics = metrics
+        self.connect_timeout = cfg.timeouts.connect
+        self.request_timeout = cfg.timeouts.request
+        self.breaker = Breaker(cfg.breaker.failures, cfg.breaker.reset)
+        self._session = session
+        self._own_session = session is None
+        self.tokens = tokens
+        self._last_token = ""
+        self._clock_ms = clock_ms
+
+    async def close(self) -> None:
+        if self._own_session and self._session is not None:
+            await self._session.close()
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=100, keepalive_timeout=30),
+                auto_decompress=False,
+            )
+        return self._session
+
+    # --- the calls ---------------------------------------------------------------------------
+
+    async def begin(
+        self, name: str, timeout_ms: int | None, idempotency_key: str | None = None
+    ) -> TxState:
+        body: dict[str, Any] = {"name": name}
+        if timeout_ms is not None:
+            body["timeoutMs"] = timeout_ms
+        data = await self._call(
+            "start", "POST", f"{protocol.API}/transaction/start", orjson.dumps(body),
+            idempotency_key=idempotency_key or uuid.uuid4().hex,
+        )  # fmt: skip
+        return TxState(data["xid"], data.get("status", "Begin"))
+
+    async def commit(self, xid: str) -> TxState:
+        return await self._decide("commit", xid)
+
+    async def rollback(self, xid: str) -> TxState:
+        return await self._decide("rollback", xid)
+
+    async def _decide(self, call: str, xid: str) -> TxState:
+        path = f"{protocol.API}/transaction/{quote(xid, safe='')}/{call}"
+        data = await self._call(call, "POST", path, b"", xid=xid)
+        return TxState(data["xid"], data["status"])
+
+    async def status(self, xid: str) -> dict[str, Any]:
+        path = f"{protocol.API}/transaction/{quote(xid, safe='')}"
+        return await self._call("status", "GET", path, b"", xid=xid)
+
+    async def register(
+        self,
+        xid: str,
+        branch_type: BranchType,
+        resource_id: str,
+        callback_url: str,
+        application_data: bytes,
+        idempotency_key: str | None = None,
+    ) -> int:
+        body = (
+            b'{"xid":' + orjson.dumps(xid)
+            + b',"branchType":' + orjson.dumps(branch_type.value)
+            + b',"resourceId":' + orjson.dumps(resource_id)
+            + b',"callbackUrl":' + orjson.dumps(callback_url)
+            + b',"applicationData":' + application_data + b"}"
+        )  # fmt: skip
+        data = await self._call(
+            "register", "POST", f"{protocol.API}/branch/register", body, xid=xid,
+            idempotency_key=idempotency_key or uuid.uuid4().hex,
+        )  # fmt: skip
+        return int(data["branchId"])
+
+    async def report(self, xid: str, branch_id: int, status: BranchStatus) -> None:
+        body = orjson.dumps({"xid": xid, "branchId": branch_id, "status": status.value})
+        await self._call("report", "POST", f"{protocol.API}/branch/report", body, xid=xid)
+
+    # --- transport ---------------------------------------------------------------------------
+
+    def _order(self, xid: str | None) -> list[str]:
+        """XID affinity: the endpoint that owns the XID first, the others after."""
+        if xid is not None:
+            try:
+                owner = parse_xid(xid).owner.lower()
+            except XidInvalid:
+                owner = ""
+            first = self._authority.get(owner)
+            if first is not None:
+                return [first] + [e for e in self.endpoints if e != first]
+        return list(self.endpoints)
+
+    async def _call(
+        self,
+        call: str,
+        method: str,
+        path: str,
+        body: bytes,
+        *,
+        xid: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        if not self.breaker.allow():
+            self._count(call, "breaker_open")
+            raise CoordinatorUnavailable(
+                "coordinator cluster unavailable (circuit breaker open; next probe in "
+                f"{self.breaker.seconds_until_probe():.1f}s)"
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout
+        errors: list[str] = []
+        refreshed = False
+        for endpoint in self._order(xid):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                errors.append("request timeout spent")
+                break
+            try:
+                status, data = await self._send(
+                    endpoint, method, path, body, xid, idempotency_key, remaining
+                )
+                if status == 401 and self.tokens is not None and not refreshed:
+                    # one refresh and one retry on 401 (the token may have been revoked)
+                    refreshed = True
+                    await self.tokens.invalidate(self._last_token)
+                    status, data = await self._send(
+                        endpoint, method, path, body, xid, idempotency_key,
+                        max(0.001, deadline - loop.time()),
+                    )  # fmt: skip
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                errors.append(f"{endpoint}: {type(exc).__name__} {exc}".strip())
+                continue
+            if status >= 500:
+                errors.append(f"{endpoint}: HTTP {status}")
+                continue
+            self.breaker.success()
+            self._set_breaker_gauge()
+            if status < 300:
+                self._count(call, "ok")
+                return data
+            self._count(call, "refused")
+            raise self._translate(status, data)
+        self.breaker.failure()
+        self._set_breaker_gauge()
+        self._count(call, "unavailable")
+        raise CoordinatorUnavailable(
+            f"coordinator cluster unavailable for {call}: " + "; ".join(errors)
+        )
+
+    async def _send(
+        self,
+        endpoint: str,
+        method: str,
+        path: str,
+        body: bytes,
+        xid: str | None,
+        idempotency_key: str | None,
+        timeout: float,
+    ) -> tuple[int, dict[str, Any]]:
+        raw_path, _, raw_query = path.partition("?")
+        headers = sign_headers(
+            self.ring, method, raw_path, raw_query, body,
+            now_ms=self._clock_ms(), idempotency_key=idempotency_key, xid=xid,
+        )  # fmt: skip
+        headers["Content-Type"] = "application/json"
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
+        if xid is not None:
+            headers["XID"] = xid
+        if self.tokens is not None:
+            self._last_token = await self.tokens.token()
+            headers["Authorization"] = "Bearer " + self._last_token
+        client_timeout = aiohttp.ClientTimeout(
+            total=timeout, sock_connect=min(self.connect_timeout, timeout)
+        )
+        async with self._get_session().request(
+            method, endpoint + path, data=body or None, headers=headers,
+            timeout=client_timeout, allow_redirects=False,
+        ) as resp:  # fmt: skip
+            raw = await resp.read()
+        try:
+            data = orjson.loads(raw) if raw else {}
+        except orjson.JSONDecodeError:
+            data = {"error": {"code": "?", "message": raw[:200].decode("latin-1")}}
+        if not isinstance(data, dict):
+            data = {}
+        return resp.status, data
+
+    def _translate(self, status: int, data: dict[str, Any]) -> SidecarError:
+        err = data.get("error") if isinstance(data.get("error"), dict) else {}
+        assert isinstance(err, dict)
+        code = str(err.get("code", ""))
+        message = str(err.get("message", f"HTTP {status}"))
+        cls = _REMOTE_ERRORS.get(code)
+        if cls is not None:
+            return cls(f"coordinator: {message}")
+        if code in ("SIGNATURE_INVALID", "UNAUTHORIZED"):
+            return Unauthorized(
+                f"the coordinator refused our credentials ({message}); check "
+                "coordinator.signing and coordinator.auth"
+            )
+        return CoordinatorUnavailable(f"coordinator answered HTTP {status}: {message}")
+
+    def _count(self, call: str, result: str) -> None:
+        self.metrics.coordinator_calls.labels(call, result).inc()
+
+    def _set_breaker_gauge(self) -> None:
+        self.metrics.breaker_state.set(0 if self.breaker.state is BreakerState.CLOSED else 1)

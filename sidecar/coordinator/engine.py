@@ -1,0 +1,512 @@
+"""The transaction engine: global transactions, branches, timeouts and phase two.
+
+Theory of operation. Live (unfinished) transactions are held in memory, each with a lock
+that serialises its state changes; every change is written to the journal, and awaited
+(fsync'd), before anyone is told about it. Global status moves only through the table in
+states.py. Once decided, a transaction's phase two is driven by one named task: commit calls
+every branch's confirm concurrently; rollback calls cancel/compensate one branch at a time in
+reverse registration order (Saga). A branch that fails is retried with exponential backoff and
+jitter; after `max_attempts` it is marked stuck and left for an operator, never retried
+silently forever. On start, every unfinished transaction in the journal is resumed: its
+timeout re-armed (fired at once if passed) or its phase two restarted.
+
+I/O comes in through the constructor: the journal, the branch caller (HTTP callbacks), the
+wall clock and the XID generator, so the engine is tested with fakes and with the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Final, Protocol
+
+from sidecar.config import PhaseTwoRetry
+from sidecar.coordinator.records import BranchRecord, GlobalRecord, Journal
+from sidecar.coordinator.states import (
+    BranchStatus,
+    BranchType,
+    Event,
+    GlobalStatus,
+    decided_like,
+    transition,
+)
+from sidecar.errors import (
+    BranchNotFound,
+    IdempotencyConflict,
+    InvalidRequest,
+    TransactionNotActive,
+    TransactionNotFound,
+)
+from sidecar.xid import TxidGenerator, format_owner
+
+log = logging.getLogger("sidecar.engine")
+
+#: finished transactions kept in memory for status queries (older ones: from the journal)
+_FINISHED_CACHE: Final = 10_000
+
+
+class BranchCaller(Protocol):
+    async def phase_two(self, branch: BranchRecord, commit: bool) -> str | None:
+        """Call the branch's commit (or rollback) callback. None: done; else why not."""
+        ...
+
+
+class EngineEvents(Protocol):
+    """What the engine reports (metrics, alerts); all optional to act on."""
+
+    def finished(self, record: GlobalRecord) -> None: ...
+    def branch_stuck(self, branch: BranchRecord) -> None: ...
+    def phase_two_call(self, ok: bool) -> None: ...
+
+
+class _NoEvents:
+    def finished(self, record: GlobalRecord) -> None:
+        pass
+
+    def branch_stuck(self, branch: BranchRecord) -> None:
+        pass
+
+    def phase_two_call(self, ok: bool) -> None:
+        pass
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def backoff(policy: PhaseTwoRetry, attempt: int, rand: Callable[[], float]) -> float:
+    """Seconds before retry number `attempt` (1-based): initial × multiplier^(n-1), capped,
+    ± jitter."""
+    base = min(policy.max, policy.initial * policy.multiplier ** max(0, attempt - 1))
+    spread = base * policy.jitter
+    return max(0.0, base - spread + 2 * spread * rand())
+
+
+@dataclass(eq=False)
+class _Live:
+    record: GlobalRecord
+    branches: list[BranchRecord]
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    timer: asyncio.TimerHandle | None = None
+    driver: asyncio.Task[None] | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Engine:
+    def __init__(
+        self,
+        journal: Journal,
+        caller: BranchCaller,
+        *,
+        owner_host: str,
+        owner_port: int,
+        policy: PhaseTwoRetry,
+        default_timeout_ms: int = 60_000,
+        max_timeout_ms: int = 86_400_000,
+        retention_ms: int = 86_400_000,
+        clock_ms: Callable[[], int] = _wall_ms,
+        ids: TxidGenerator | None = None,
+        events: EngineEvents | None = None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.journal = journal
+        self.caller = caller
+        self.owner = format_owner(owner_host, owner_port)
+        self.policy = policy
+        self.default_timeout_ms = default_timeout_ms
+        self.max_timeout_ms = max_timeout_ms
+        self.retention_ms = retention_ms
+        self._clock_ms = clock_ms
+        self._ids = ids or TxidGenerator()
+        self._events: EngineEvents = events or _NoEvents()
+        self._rand = rand
+        self._live: dict[str, _Live] = {}
+        self._finished: OrderedDict[str, tuple[GlobalRecord, list[BranchRecord]]] = OrderedDict()
+        self._keys: dict[str, str] = {}  # begin idempotency key → xid, for live ones
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Resume every unfinished transaction in the journal; returns how many."""
+        self._loop = asyncio.get_running_loop()
+        resumed = 0
+        for record, branches in await self.journal.unfinished():
+            live = _Live(record, list(branches))
+            self._live[record.xid] = live
+            if record.idempotency_key:
+                self._keys[record.idempotency_key] = record.xid
+            if record.status is GlobalStatus.BEGIN:
+                self._arm_timeout(live)
+            else:
+                self._start_driver(live)
+            resumed += 1
+        if resumed:
+            log.info("resumed unfinished transactions", extra={"count": resumed})
+        self._spawn(self._compact_forever(), "journal-compaction")
+        return resumed
+
+    async def stop(self, timeout: float) -> None:
+        """Stop: phase two in progress gets `timeout` seconds; what is left stays journalled
+        and resumes on the next start."""
+        self._stopping = True
+        for live in self._live.values():
+            if live.timer is not None:
+                live.timer.cancel()
+        drivers = [lv.driver for lv in self._live.values() if lv.driver is not None]
+        if drivers:
+            _, pending = await asyncio.wait(drivers, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    @property
+    def active(self) -> int:
+        return len(self._live)
+
+    # --- the TM's calls -----------------------------------------------------------------------
+
+    async def begin(
+        self,
+        name: str,
+        timeout_ms: int | None = None,
+        *,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+    ) -> GlobalRecord:
+        timeout_ms = self.default_timeout_ms if timeout_ms is None else timeout_ms
+        if not 0 < timeout_ms <= self.max_timeout_ms:
+            raise InvalidRequest(
+                f"timeoutMs must be between 1 and {self.max_timeout_ms} (got {timeout_ms})"
+            )
+        if idempotency_key is not None:
+            earlier = await self._begin_by_key(idempotency_key)
+            if earlier is not None:
+                if earlier.request_hash != request_hash:
+                    raise IdempotencyConflict(
+                        f"Idempotency-Key {idempotency_key!r} was used for a different begin"
+                    )
+                return (await self.get(earlier.xid))[0]
+        now = self._clock_ms()
+        xid = f"{self.owner}:{self._ids.next()}"
+        record = GlobalRecord(
+            xid=xid,
+            name=name,
+            status=GlobalStatus.BEGIN,
+            timeout_ms=timeout_ms,
+            begin_ms=now,
+            updated_ms=now,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+        )
+        live = _Live(record, [])
+        self._live[xid] = live
+        if idempotency_key is not None:
+            self._keys[idempotency_key] = xid
+        try:
+            await self.journal.write([record])
+        except BaseException:
+            self._live.pop(xid, None)
+            if idempotency_key is not None:
+                self._keys.pop(idempotency_key, None)
+            raise
+        self._arm_timeout(live)
+        return record
+
+    async def _begin_by_key(self, key: str) -> GlobalRecord | None:
+        xid = self._keys.get(key)
+        if xid is not None and xid in self._live:
+            return self._live[xid].record
+        return await self.journal.find_global_by_key(key)
+
+    async def commit(self, xid: str, wait: float = 0.0) -> GlobalRecord:
+        return await self._decide(xid, Event.COMMIT, wait)
+
+    async def rollback(self, xid: str, wait: float = 0.0) -> GlobalRecord:
+        return await self._decide(xid, Event.ROLLBACK, wait)
+
+    async def _decide(self, xid: str, event: Event, wait: float) -> GlobalRecord:
+        live = self._live.get(xid)
+        if live is None:
+            # finished (or unknown): a repeated decision is answered with the outcome
+            return (await self.get(xid))[0]
+        async with live.lock:
+            status = live.record.status
+            if status is GlobalStatus.BEGIN:
+                if event is Event.COMMIT and any(
+                    b.status is BranchStatus.PHASE_ONE_FAILED for b in live.branches
+                ):
+                    # a branch whose try failed cannot be confirmed: the whole thing rolls back
+                    event = Event.ROLLBACK
+                if live.timer is not None:
+                    live.timer.cancel()
+                    live.timer = None
+                decided = transition(status, event)
+                if not live.branches:
+                    # nothing to drive: write the outcome at once (one fsync, not two); a
+                    # crash before it leaves Begin, which times out and rolls back, and
+                    # nobody was told otherwise
+                    await self._set_status(live, transition(decided, Event.PHASE_TWO_DONE))
+                    self._retire(live)
+                else:
+                    await self._set_status(live, decided)
+                    self._start_driver(live)
+            elif not decided_like(status, event):
+                # e.g. commit after the timeout rolled it back: the answer is the truth
+                log.info(
+                    "decision refused: already decided otherwise",
+                    extra={"xid": xid, "status": status.value, "event": event.value},
+                )
+        if wait > 0 and not live.done.is_set():
+            try:
+                await asyncio.wait_for(live.done.wait(), wait)
+            except TimeoutError:
+                pass
+        return live.record
+
+    async def get(self, xid: str) -> tuple[GlobalRecord, list[BranchRecord]]:
+        live = self._live.get(xid)
+        if live is not None:
+            return live.record, list(live.branches)
+        cached = self._finished.get(xid)
+        if cached is not None:
+            return cached
+        found = await self.journal.find(xid)
+        if found is None:
+            raise TransactionNotFound(f"no transaction {xid!r} at this coordinator")
+        return found
+
+    # --- the RM's calls -----------------------------------------------------------------------
+
+    async def register(
+        self,
+        xid: str,
+        branch_type: BranchType,
+        resource_id: str,
+        callback_url: str,
+        application_data: bytes,
+        *,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+    ) -> BranchRecord:
+        live = await self._live_or_explain(xid)
+        async with live.lock:
+            if idempotency_key is not None:
+                earlier = next(
+                    (b for b in live.branches if b.idempotency_key == idempotency_key), None
+                ) or await self.journal.find_branch_by_key(idempotency_key)
+                if earlier is not None:
+                    if earlier.request_hash != request_hash or earlier.xid != xid:
+                        raise IdempotencyConflict(
+                            f"Idempotency-Key {idempotency_key!r} was used for a different "
+                            "registration"
+                        )
+                    return earlier
+            status = live.record.status
+            if status is not GlobalStatus.BEGIN:
+                raise TransactionNotActive(
+                    f"transaction {xid!r} is {status.value}: no new branches"
+                )
+            branch = BranchRecord(
+                branch_id=self._ids.next(),
+                xid=xid,
+                seq=len(live.branches),
+                branch_type=branch_type,
+                resource_id=resource_id,
+                callback_url=callback_url,
+                application_data=application_data,
+                status=BranchStatus.REGISTERED,
+                updated_ms=self._clock_ms(),
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
+            )
+            await self.journal.write(branches=[branch])
+            live.branches.append(branch)
+            return branch
+
+    async def report(self, xid: str, branch_id: int, status: BranchStatus) -> BranchRecord:
+        if status not in (BranchStatus.PHASE_ONE_DONE, BranchStatus.PHASE_ONE_FAILED):
+            raise InvalidRequest("status must be PhaseOne_Done or PhaseOne_Failed")
+        live = await self._live_or_explain(xid)
+        async with live.lock:
+            index = next((i for i, b in enumerate(live.branches) if b.branch_id == branch_id), None)
+            if index is None:
+                raise BranchNotFound(f"no branch {branch_id} in transaction {xid!r}")
+            branch = live.branches[index]
+            if branch.status not in (
+                BranchStatus.REGISTERED,
+                BranchStatus.PHASE_ONE_DONE,
+                BranchStatus.PHASE_ONE_FAILED,
+            ):
+                return branch  # phase two already ran: a late report changes nothing
+            updated = replace(branch, status=status, updated_ms=self._clock_ms())
+            await self.journal.write(branches=[updated])
+            live.branches[index] = updated
+            return updated
+
+    async def _live_or_explain(self, xid: str) -> _Live:
+        live = self._live.get(xid)
+        if live is not None:
+            return live
+        record, _ = await self.get(xid)  # raises TransactionNotFound
+        raise TransactionNotActive(f"transaction {xid!r} is {record.status.value}")
+
+    # --- timeouts -----------------------------------------------------------------------------
+
+    def _arm_timeout(self, live: _Live) -> None:
+        loop = self._loop or asyncio.get_running_loop()
+        delay = max(0.0, (live.record.deadline_ms - self._clock_ms()) / 1000)
+        live.timer = loop.call_later(
+            delay, lambda: self._spawn(self._on_timeout(live), f"timeout {live.record.xid}")
+        )
+
+    async def _on_timeout(self, live: _Live) -> None:
+        live.timer = None
+        async with live.lock:
+            if live.record.status is not GlobalStatus.BEGIN or self._stopping:
+                return
+            await self._set_status(live, transition(GlobalStatus.BEGIN, Event.TIMEOUT))
+            self._start_driver(live)
+
+    # --- phase two ----------------------------------------------------------------------------
+
+    def _start_driver(self, live: _Live) -> None:
+        if live.driver is None or live.driver.done():
+            live.driver = self._spawn(self._drive(live), f"phase-two {live.record.xid}")
+
+    async def _drive(self, live: _Live) -> None:
+        while True:
+            commit = live.record.status.committing
+            pending = [b for b in live.branches if not b.status.phase_two_done and not b.stuck]
+            if commit:
+                await asyncio.gather(*(self._call(live, b, True) for b in pending))
+            else:
+                for branch in sorted(pending, key=lambda b: b.seq, reverse=True):
+                    await self._call(live, branch, False)
+            async with live.lock:
+                left = [b for b in live.branches if not b.status.phase_two_done]
+                if not left:
+                    await self._set_status(
+                        live, transition(live.record.status, Event.PHASE_TWO_DONE)
+                    )
+                    self._retire(live)
+                    return
+                new = transition(live.record.status, Event.PHASE_TWO_FAILED)
+                if new is not live.record.status:
+                    await self._set_status(live, new)
+                retryable = [b for b in left if not b.stuck]
+            if not retryable:
+                log.warning(
+                    "phase two halted: every remaining branch is stuck",
+                    extra={"xid": live.record.xid, "branches": [b.branch_id for b in left]},
+                )
+                return
+            await asyncio.sleep(
+                backoff(self.policy, min(b.attempts for b in retryable), self._rand)
+            )
+
+    async def _call(self, live: _Live, branch: BranchRecord, commit: bool) -> None:
+        try:
+            error = await self.caller.phase_two(branch, commit)
+        except Exception as exc:  # the caller translates; anything left is a failure too
+            error = f"{type(exc).__name__}: {exc}"
+        self._events.phase_two_call(error is None)
+        async with live.lock:
+            index = next(i for i, b in enumerate(live.branches) if b.branch_id == branch.branch_id)
+            current = live.branches[index]
+            if error is None:
+                done = (
+                    BranchStatus.PHASE_TWO_COMMITTED
+                    if commit
+                    else BranchStatus.PHASE_TWO_ROLLBACKED
+                )
+                updated = replace(
+                    current, status=done, attempts=current.attempts + 1,
+                    updated_ms=self._clock_ms(), last_error=None,
+                )  # fmt: skip
+            else:
+                failed = (
+                    BranchStatus.PHASE_TWO_COMMIT_RETRYABLE
+                    if commit
+                    else BranchStatus.PHASE_TWO_ROLLBACK_RETRYABLE
+                )
+                attempts = current.attempts + 1
+                updated = replace(
+                    current, status=failed, attempts=attempts, updated_ms=self._clock_ms(),
+                    last_error=error[:500], stuck=attempts >= self.policy.max_attempts,
+                )  # fmt: skip
+            await self.journal.write(branches=[updated])
+            live.branches[index] = updated
+        if updated.stuck:
+            log.error(
+                "branch stuck: phase two gave up after %d attempts",
+                updated.attempts,
+                extra={"xid": updated.xid, "branch_id": updated.branch_id, "error": error},
+            )
+            self._events.branch_stuck(updated)
+
+    async def _set_status(self, live: _Live, status: GlobalStatus) -> None:
+        record = replace(live.record, status=status, updated_ms=self._clock_ms())
+        await self.journal.write([record])
+        live.record = record
+
+    def _retire(self, live: _Live) -> None:
+        xid = live.record.xid
+        self._live.pop(xid, None)
+        if live.record.idempotency_key:
+            self._keys.pop(live.record.idempotency_key, None)
+        self._finished[xid] = (live.record, list(live.branches))
+        while len(self._finished) > _FINISHED_CACHE:
+            self._finished.popitem(last=False)
+        live.done.set()
+        self._events.finished(live.record)
+
+    # --- operators ----------------------------------------------------------------------------
+
+    def stuck(self) -> list[BranchRecord]:
+        return [b for lv in self._live.values() for b in lv.branches if b.stuck]
+
+    async def retry_branch(self, xid: str, branch_id: int) -> BranchRecord:
+        """Un-stick a branch: its attempts start again from one."""
+        live = await self._live_or_explain(xid)
+        async with live.lock:
+            index = next((i for i, b in enumerate(live.branches) if b.branch_id == branch_id), None)
+            if index is None:
+                raise BranchNotFound(f"no branch {branch_id} in transaction {xid!r}")
+            updated = replace(live.branches[index], stuck=False, attempts=0)
+            await self.journal.write(branches=[updated])
+            live.branches[index] = updated
+        if live.record.status is not GlobalStatus.BEGIN:
+            self._start_driver(live)
+        return updated
+
+    # --- housekeeping -------------------------------------------------------------------------
+
+    async def _compact_forever(self) -> None:
+        interval = max(1.0, min(3600.0, self.retention_ms / 1000 / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                removed = await self.journal.compact(self._clock_ms() - self.retention_ms)
+            except Exception:
+                log.exception("journal compaction failed")
+                continue
+            if removed:
+                log.info("journal compacted", extra={"transactions": removed})

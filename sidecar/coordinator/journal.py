@@ -1,0 +1,790 @@
+"""The durable transaction journal (SQLite) and its in-memory twin, behind `records.Journal`.
+
+Theory of operation. `SqliteJournal` owns one sqlite3 connection, opened, used and closed by
+one dedicated writer thread; the event loop never touches it. Every call (writes, reads,
+compaction) is a job on a queue; the thread answers each job's asyncio future with
+`loop.call_soon_threadsafe`, so a slow disk or a locked database never blocks the loop.
+
+Durability. The database runs with `journal_mode=WAL` and `synchronous=FULL`: every COMMIT
+appends to the WAL file and fsyncs it (fdatasync on Linux) before it returns, and
+checkpoints fsync the database file before the WAL is reused. `write()` returns only after
+the COMMIT that holds its records has returned, so a write that returned survives a crash of
+the process, of the kernel or a power loss (on a disk that honours flushes). The journal's
+directory is fsync'd at open, so a newly created database file (and its parents created
+here) are on disk too. A write that raised, or that was cancelled while waiting, may or may
+not be on disk; a writer must treat it as unknown (the engine re-reads or retries with the
+same records: every write is an upsert, so repeating one is harmless).
+
+Group commit. Concurrent `write()` calls queue up while the thread is busy with a commit (an
+fsync costs milliseconds); the thread then takes every queued write at once and applies them
+all in ONE transaction with ONE commit (one fsync), and only then answers all of them. So
+durability costs one fsync per batch, not per write, and throughput grows with concurrency.
+If a batch fails, each of its writes is retried in its own transaction, so one bad write
+(a constraint violation) fails alone with `JournalUnavailable` and the others succeed.
+Jobs are applied in the order they were queued: a read sees every write queued before it.
+
+Errors. Every sqlite3 and OS error is translated here, at the adapter edge, into
+`JournalUnavailable` (503 JOURNAL_UNAVAILABLE) whose message says what failed; sqlite3
+exceptions never leave this module. A constraint violation (a branch of an unknown
+transaction, an idempotency key already used by another record) is such an error too, and
+`MemoryJournal` raises the same ones, with the state left unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TypeVar
+
+from sidecar.coordinator.records import BranchRecord, GlobalRecord, Journal
+from sidecar.coordinator.states import BranchStatus, BranchType, GlobalStatus
+from sidecar.errors import JournalUnavailable
+
+__all__ = ["MemoryJournal", "SqliteJournal", "open_journal", "SCHEMA_VERSION"]
+
+T = TypeVar("T")
+
+#: the schema this code writes; a journal with a newer one is refused at open
+SCHEMA_VERSION: Final = 1
+#: jobs taken off the queue at once: bounds one transaction's size under a backlog
+_MAX_BATCH: Final = 1024
+
+_FINISHED: Final = tuple(s.value for s in GlobalStatus if s.finished)
+_NOT_FINISHED_SQL: Final = f"status NOT IN ({', '.join('?' * len(_FINISHED))})"
+
+_SCHEMA: Final = (
+    """CREATE TABLE schema_version (
+        version INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL
+    )""",
+    """CREATE TABLE globals (
+        xid TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        timeout_ms INTEGER NOT NULL,
+        begin_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        idempotency_key TEXT UNIQUE,
+        request_hash TEXT
+    )""",
+    "CREATE INDEX globals_status ON globals(status)",
+    """CREATE TABLE branches (
+        branch_id INTEGER PRIMARY KEY,
+        xid TEXT NOT NULL REFERENCES globals(xid) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        branch_type TEXT NOT NULL,
+        resource_id TEXT NOT NULL,
+        callback_url TEXT NOT NULL,
+        application_data BLOB NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        stuck INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        last_error TEXT,
+        idempotency_key TEXT UNIQUE,
+        request_hash TEXT
+    )""",
+    "CREATE INDEX branches_xid_seq ON branches(xid, seq)",
+)
+
+_G_COLS: Final = (
+    "xid, name, status, timeout_ms, begin_ms, updated_ms, idempotency_key, request_hash"
+)
+_B_COLS: Final = (
+    "branch_id, xid, seq, branch_type, resource_id, callback_url, application_data, status, "
+    "attempts, stuck, updated_ms, last_error, idempotency_key, request_hash"
+)
+
+
+def _upsert(table: str, cols: str, key: str) -> str:
+    names = [c.strip() for c in cols.split(",")]
+    updates = ", ".join(f"{n} = excluded.{n}" for n in names if n != key)
+    marks = ", ".join("?" * len(names))
+    # ON CONFLICT DO UPDATE, never INSERT OR REPLACE: a replace deletes the row first, and
+    # the delete would cascade to the transaction's branches.
+    return (
+        f"INSERT INTO {table} ({cols}) VALUES ({marks}) ON CONFLICT({key}) DO UPDATE SET {updates}"
+    )
+
+
+_UPSERT_GLOBAL: Final = _upsert("globals", _G_COLS, "xid")
+_UPSERT_BRANCH: Final = _upsert("branches", _B_COLS, "branch_id")
+
+_GlobalRow = tuple[str, str, str, int, int, int, str | None, str | None]
+_BranchRow = tuple[
+    int, str, int, str, str, str, bytes, str, int, int, int, str | None, str | None, str | None
+]
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _global_row(g: GlobalRecord) -> _GlobalRow:
+    return (
+        g.xid,
+        g.name,
+        GlobalStatus(g.status).value,
+        g.timeout_ms,
+        g.begin_ms,
+        g.updated_ms,
+        g.idempotency_key,
+        g.request_hash,
+    )
+
+
+def _branch_row(b: BranchRecord) -> _BranchRow:
+    return (
+        b.branch_id,
+        b.xid,
+        b.seq,
+        BranchType(b.branch_type).value,
+        b.resource_id,
+        b.callback_url,
+        bytes(b.application_data),
+        BranchStatus(b.status).value,
+        b.attempts,
+        int(b.stuck),
+        b.updated_ms,
+        b.last_error,
+        b.idempotency_key,
+        b.request_hash,
+    )
+
+
+def _global(row: Sequence[Any]) -> GlobalRecord:
+    xid, name, status, timeout_ms, begin_ms, updated_ms, key, request_hash = row
+    return GlobalRecord(
+        xid=xid,
+        name=name,
+        status=GlobalStatus(status),
+        timeout_ms=timeout_ms,
+        begin_ms=begin_ms,
+        updated_ms=updated_ms,
+        idempotency_key=key,
+        request_hash=request_hash,
+    )
+
+
+def _branch(row: Sequence[Any]) -> BranchRecord:
+    (bid, xid, seq, btype, resource, url, data, status, attempts, stuck, updated, err, key, rh) = (
+        row
+    )
+    return BranchRecord(
+        branch_id=bid,
+        xid=xid,
+        seq=seq,
+        branch_type=BranchType(btype),
+        resource_id=resource,
+        callback_url=url,
+        application_data=bytes(data),
+        status=BranchStatus(status),
+        attempts=attempts,
+        stuck=bool(stuck),
+        updated_ms=updated,
+        last_error=err,
+        idempotency_key=key,
+        request_hash=rh,
+    )
+
+
+def _translate(what: str, exc: BaseException) -> BaseException:
+    """The edge table: sqlite3 and OS errors (and rows this code cannot decode) become
+    JournalUnavailable; anything else is a bug and travels as it is."""
+    if isinstance(exc, JournalUnavailable):
+        return exc
+    if isinstance(exc, sqlite3.Error | OSError | ValueError):
+        err = JournalUnavailable(f"{what}: {exc}")
+        err.__cause__ = exc
+        return err
+    return exc
+
+
+# --- the writer thread's jobs -------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Write:
+    globals_: list[_GlobalRow]
+    branches: list[_BranchRow]
+    future: asyncio.Future[None]
+
+
+@dataclass(slots=True)
+class _Call:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+    #: what failed, for the error message ("journal read failed")
+    what: str
+    #: a write transaction (BEGIN IMMEDIATE, counted in `commits`)
+    writes: bool
+
+
+@dataclass(slots=True)
+class _Stop:
+    future: asyncio.Future[None] | None
+
+
+_Job = _Write | _Call | _Stop
+_Outcome = tuple["asyncio.Future[Any]", BaseException | None, Any]
+
+
+def _settle(outcomes: list[_Outcome]) -> None:
+    """On the loop: answer the futures whose callers still wait."""
+    for future, exc, value in outcomes:
+        if future.done():  # the caller was cancelled; a write may still have committed
+            continue
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark an abandoned future's outcome as seen (no "exception never retrieved")."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _post(outcomes: list[_Outcome]) -> None:
+    """From the writer thread: hand outcomes to their loops, one wake-up per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+    for outcome in outcomes:
+        by_loop.setdefault(outcome[0].get_loop(), []).append(outcome)
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, items)
+        except RuntimeError:  # that loop is closed: nobody is waiting any more
+            pass
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # SQLite has rolled back by itself when it cannot
+
+
+def _run_transaction(conn: sqlite3.Connection, fn: Callable[[], T], *, writes: bool) -> T:
+    conn.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
+    try:
+        result = fn()
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+    return result
+
+
+class SqliteJournal:
+    """The durable journal: one SQLite file in WAL mode, one writer thread, group commit."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        clock_ms: Callable[[], int] = _wall_ms,
+        busy_timeout: float = 5.0,
+    ) -> None:
+        self.path = path
+        self._clock_ms = clock_ms
+        #: how long a write waits for another process's lock before it fails
+        self.busy_timeout = busy_timeout
+        #: write transactions committed (each one fsync'd): schema, write batches, compaction
+        self.commits = 0
+        #: write() calls made durable
+        self.writes = 0
+        self._state: Literal["new", "opening", "open", "closing", "closed"] = "new"
+        self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"<SqliteJournal {self.path!r} {self._state}>"
+
+    # --- lifecycle (on the loop) -----------------------------------------------------------
+
+    async def open(self) -> None:
+        """Start the writer thread; create the directory and the schema if missing."""
+        if self._state == "open":
+            return
+        if self._state in ("opening", "closing"):
+            raise JournalUnavailable(f"journal at {self.path!r} is {self._state}")
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        thread = threading.Thread(
+            target=self._main, args=(jobs, ready), name="journal-writer", daemon=True
+        )
+        self._state = "opening"
+        self._queue = jobs
+        self._thread = thread
+        thread.start()
+        try:
+            await asyncio.shield(ready)
+        except asyncio.CancelledError:
+            jobs.put(_Stop(None))  # the thread stops once it has (or has not) opened
+            ready.add_done_callback(_retrieve)
+            self._state = "closed"
+            raise
+        except BaseException:
+            thread.join()  # it has answered `ready` and is returning
+            self._state = "closed"
+            raise
+        self._state = "open"
+
+    async def close(self) -> None:
+        """Finish every write queued so far, then close the database and the thread."""
+        if self._state != "open":
+            return
+        self._state = "closing"
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put(_Stop(done))
+        try:
+            await asyncio.shield(done)
+        finally:
+            self._state = "closed"
+        if self._thread is not None:
+            self._thread.join()  # it has answered `done` and is returning
+            self._thread = None
+
+    # --- the Journal API (on the loop) -----------------------------------------------------
+
+    async def write(
+        self,
+        globals_: Sequence[GlobalRecord] = (),
+        branches: Sequence[BranchRecord] = (),
+    ) -> None:
+        """Upsert the records (globals first); returns once they are committed and fsync'd."""
+        self._check_open("write")
+        if not globals_ and not branches:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        job = _Write([_global_row(g) for g in globals_], [_branch_row(b) for b in branches], future)
+        self._queue.put(job)
+        await future
+
+    async def unfinished(self) -> list[tuple[GlobalRecord, list[BranchRecord]]]:
+        """Every transaction not in a finished status (oldest begin first), with its branches
+        in seq order."""
+
+        def query(conn: sqlite3.Connection) -> list[tuple[GlobalRecord, list[BranchRecord]]]:
+            rows = conn.execute(
+                f"SELECT {_G_COLS} FROM globals WHERE {_NOT_FINISHED_SQL} ORDER BY begin_ms, xid",
+                _FINISHED,
+            ).fetchall()
+            branches: dict[str, list[BranchRecord]] = {}
+            cols = ", ".join(f"b.{c.strip()}" for c in _B_COLS.split(","))
+            for row in conn.execute(
+                f"SELECT {cols} FROM branches b JOIN globals g ON g.xid = b.xid "
+                f"WHERE g.{_NOT_FINISHED_SQL} ORDER BY b.xid, b.seq, b.branch_id",
+                _FINISHED,
+            ):
+                branches.setdefault(row[1], []).append(_branch(row))
+            return [(_global(row), branches.get(row[0], [])) for row in rows]
+
+        return await self._call(query, "journal read failed")
+
+    async def find(self, xid: str) -> tuple[GlobalRecord, list[BranchRecord]] | None:
+        def query(conn: sqlite3.Connection) -> tuple[GlobalRecord, list[BranchRecord]] | None:
+            row = conn.execute(f"SELECT {_G_COLS} FROM globals WHERE xid = ?", (xid,)).fetchone()
+            if row is None:
+                return None
+            branches = conn.execute(
+                f"SELECT {_B_COLS} FROM branches WHERE xid = ? ORDER BY seq, branch_id", (xid,)
+            ).fetchall()
+            return _global(row), [_branch(b) for b in branches]
+
+        return await self._call(query, "journal read failed")
+
+    async def find_global_by_key(self, idempotency_key: str) -> GlobalRecord | None:
+        def query(conn: sqlite3.Connection) -> GlobalRecord | None:
+            row = conn.execute(
+                f"SELECT {_G_COLS} FROM globals WHERE idempotency_key = ?", (idempotency_key,)
+            ).fetchone()
+            return None if row is None else _global(row)
+
+        return await self._call(query, "journal read failed")
+
+    async def find_branch_by_key(self, idempotency_key: str) -> BranchRecord | None:
+        def query(conn: sqlite3.Connection) -> BranchRecord | None:
+            row = conn.execute(
+                f"SELECT {_B_COLS} FROM branches WHERE idempotency_key = ?", (idempotency_key,)
+            ).fetchone()
+            return None if row is None else _branch(row)
+
+        return await self._call(query, "journal read failed")
+
+    async def compact(self, finished_before_ms: int) -> int:
+        """Delete finished transactions last updated strictly before `finished_before_ms`,
+        with their branches (ON DELETE CASCADE); returns how many transactions went."""
+
+        def delete(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                f"DELETE FROM globals WHERE status IN ({', '.join('?' * len(_FINISHED))}) "
+                "AND updated_ms < ?",
+                (*_FINISHED, finished_before_ms),
+            )
+            return cur.rowcount
+
+        return await self._call(delete, "journal compaction failed", writes=True)
+
+    def _check_open(self, what: str) -> None:
+        if self._state != "open":
+            state = "not open" if self._state in ("new", "opening") else "closed"
+            raise JournalUnavailable(
+                f"journal {what} failed: the journal at {self.path!r} is {state}"
+            )
+
+    async def _call(
+        self, fn: Callable[[sqlite3.Connection], T], what: str, *, writes: bool = False
+    ) -> T:
+        self._check_open("read" if not writes else "write")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put(_Call(fn, future, what, writes))
+        return await future
+
+    # --- the writer thread -----------------------------------------------------------------
+
+    def _main(self, jobs: queue.SimpleQueue[_Job], ready: asyncio.Future[None]) -> None:
+        try:
+            conn = self._connect()
+        except BaseException as exc:
+            _post([(ready, _translate(f"cannot open journal at {self.path!r}", exc), None)])
+            self._fail_queued(jobs, "the journal failed to open")
+            return
+        _post([(ready, None, None)])
+        stop: _Stop | None = None
+        taken: list[_Job] = []
+        try:
+            while stop is None:
+                taken = [jobs.get()]
+                while len(taken) < _MAX_BATCH:
+                    try:
+                        taken.append(jobs.get_nowait())
+                    except queue.Empty:
+                        break
+                stop = self._process(conn, taken)
+                taken = []
+        except BaseException as exc:  # a bug: answer everyone rather than hang them
+            failure = JournalUnavailable(f"journal writer stopped: {exc!r}")
+            _post([(j.future, failure, None) for j in taken if j.future is not None])
+            raise
+        finally:
+            conn.close()
+            self._fail_queued(jobs, f"the journal at {self.path!r} is closed")
+        if stop.future is not None:
+            _post([(stop.future, None, None)])
+
+    def _connect(self) -> sqlite3.Connection:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        missing: list[str] = []
+        probe = directory
+        while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+            missing.append(probe)
+            probe = os.path.dirname(probe)
+        os.makedirs(directory, exist_ok=True)
+        # isolation_level=None: no implicit transactions; this code says BEGIN and COMMIT
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            _run_transaction(conn, lambda: self._ensure_schema(conn), writes=True)
+            self.commits += 1
+            # make the new file's (and new directories') names durable too
+            _fsync_dir(directory)
+            for created in missing:
+                _fsync_dir(os.path.dirname(created))
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _ensure_schema(self, conn: sqlite3.Connection) -> None:
+        exists = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+        ).fetchone()
+        if exists is None:
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_version (version, created_ms) VALUES (?, ?)",
+                (SCHEMA_VERSION, self._clock_ms()),
+            )
+            return
+        (version,) = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+        if not isinstance(version, int):
+            raise JournalUnavailable(
+                f"cannot open journal at {self.path!r}: its schema_version table is empty"
+            )
+        if version > SCHEMA_VERSION:
+            raise JournalUnavailable(
+                f"cannot open journal at {self.path!r}: schema version {version} is newer "
+                f"than this sidecar supports ({SCHEMA_VERSION})"
+            )
+
+    def _process(self, conn: sqlite3.Connection, taken: list[_Job]) -> _Stop | None:
+        """Apply jobs in queue order: consecutive writes share one transaction."""
+        outcomes: list[_Outcome] = []
+        writes: list[_Write] = []
+        stop: _Stop | None = None
+        for job in taken:
+            if stop is not None:  # queued after close() (a bug in the caller): refuse
+                if job.future is not None:
+                    closed = JournalUnavailable(f"the journal at {self.path!r} is closed")
+                    outcomes.append((job.future, closed, None))
+                continue
+            if isinstance(job, _Write):
+                writes.append(job)
+                continue
+            if writes:
+                outcomes += self._commit(conn, writes)
+                writes = []
+            if isinstance(job, _Stop):
+                stop = job
+            else:
+                outcomes.append(self._run_call(conn, job))
+        if writes:
+            outcomes += self._commit(conn, writes)
+        _post(outcomes)
+        return stop
+
+    def _commit(self, conn: sqlite3.Connection, writes: list[_Write]) -> list[_Outcome]:
+        def fail_all(exc: BaseException) -> list[_Outcome]:
+            err = _translate("journal write failed", exc)
+            return [(w.future, err, None) for w in writes]
+
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except Exception as exc:  # locked by another process, I/O error: fails them all alike
+            return fail_all(exc)
+        try:
+            self._apply(conn, writes)
+        except Exception as exc:
+            _rollback(conn)
+            if len(writes) == 1:
+                return fail_all(exc)
+            # one bad write (a constraint) must not fail its batch: each in its own transaction
+            return [outcome for w in writes for outcome in self._commit(conn, [w])]
+        try:
+            conn.execute("COMMIT")
+        except Exception as exc:  # disk full, I/O error: nothing of the batch is durable
+            _rollback(conn)
+            return fail_all(exc)
+        self.commits += 1
+        self.writes += len(writes)
+        return [(w.future, None, None) for w in writes]
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, writes: Iterable[_Write]) -> None:
+        for w in writes:
+            if w.globals_:
+                conn.executemany(_UPSERT_GLOBAL, w.globals_)
+            if w.branches:
+                conn.executemany(_UPSERT_BRANCH, w.branches)
+
+    def _run_call(self, conn: sqlite3.Connection, job: _Call) -> _Outcome:
+        try:
+            result = _run_transaction(conn, lambda: job.fn(conn), writes=job.writes)
+        except Exception as exc:
+            return (job.future, _translate(job.what, exc), None)
+        if job.writes:
+            self.commits += 1
+        return (job.future, None, result)
+
+    @staticmethod
+    def _fail_queued(jobs: queue.SimpleQueue[_Job], why: str) -> None:
+        outcomes: list[_Outcome] = []
+        while True:
+            try:
+                job = jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job.future is not None:
+                outcomes.append((job.future, JournalUnavailable(why), None))
+        _post(outcomes)
+
+
+# --- in memory ------------------------------------------------------------------------------
+
+_MISSING: Final = object()
+
+
+class MemoryJournal:
+    """The journal's semantics without durability: for unit tests and `memory://`.
+
+    Same rules as SqliteJournal: upserts, a branch needs its transaction, idempotency keys
+    are unique, a failed write changes nothing, closed means JournalUnavailable. Data
+    survives close() and open() of the same object (like a file), not the process."""
+
+    def __init__(self) -> None:
+        self.commits = 0
+        self.writes = 0
+        self._open = False
+        self._closed = False
+        self._globals: dict[str, GlobalRecord] = {}
+        self._branches: dict[int, BranchRecord] = {}
+        #: xid → its branch ids (a dict as an ordered set)
+        self._by_xid: dict[str, dict[int, None]] = {}
+        self._global_keys: dict[str, str] = {}
+        self._branch_keys: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return f"<MemoryJournal {len(self._globals)} transactions>"
+
+    async def open(self) -> None:
+        self._open, self._closed = True, False
+
+    async def close(self) -> None:
+        if self._open:
+            self._open, self._closed = False, True
+
+    def _check_open(self, what: str) -> None:
+        if not self._open:
+            state = "closed" if self._closed else "not open"
+            raise JournalUnavailable(f"journal {what} failed: the memory journal is {state}")
+
+    async def write(
+        self,
+        globals_: Sequence[GlobalRecord] = (),
+        branches: Sequence[BranchRecord] = (),
+    ) -> None:
+        self._check_open("write")
+        # validate like the database would (enum values, bytes), before changing anything
+        globals_ = [_global(_global_row(g)) for g in globals_]
+        branches = [_branch(_branch_row(b)) for b in branches]
+        undo: list[tuple[dict[Any, Any], Any, Any]] = []
+        try:
+            for g in globals_:
+                self._put_global(g, undo)
+            for b in branches:
+                self._put_branch(b, undo)
+        except JournalUnavailable:
+            for table, key, old in reversed(undo):
+                if old is _MISSING:
+                    del table[key]
+                else:
+                    table[key] = old
+            raise
+        self.commits += 1
+        self.writes += 1
+
+    @staticmethod
+    def _set(table: dict[Any, Any], key: Any, value: Any, undo: list[Any]) -> None:
+        undo.append((table, key, table.get(key, _MISSING)))
+        table[key] = value
+
+    @staticmethod
+    def _del(table: dict[Any, Any], key: Any, undo: list[Any]) -> None:
+        undo.append((table, key, table[key]))
+        del table[key]
+
+    def _put_global(self, g: GlobalRecord, undo: list[Any]) -> None:
+        key = g.idempotency_key
+        if key is not None and self._global_keys.get(key, g.xid) != g.xid:
+            raise JournalUnavailable(
+                "journal write failed: UNIQUE constraint failed: globals.idempotency_key"
+            )
+        old = self._globals.get(g.xid)
+        if old is not None and old.idempotency_key is not None:
+            self._del(self._global_keys, old.idempotency_key, undo)
+        if key is not None:
+            self._set(self._global_keys, key, g.xid, undo)
+        self._set(self._globals, g.xid, g, undo)
+
+    def _put_branch(self, b: BranchRecord, undo: list[Any]) -> None:
+        if b.xid not in self._globals:
+            raise JournalUnavailable("journal write failed: FOREIGN KEY constraint failed")
+        key = b.idempotency_key
+        if key is not None and self._branch_keys.get(key, b.branch_id) != b.branch_id:
+            raise JournalUnavailable(
+                "journal write failed: UNIQUE constraint failed: branches.idempotency_key"
+            )
+        old = self._branches.get(b.branch_id)
+        if old is not None:
+            if old.idempotency_key is not None:
+                self._del(self._branch_keys, old.idempotency_key, undo)
+            self._del(self._by_xid[old.xid], b.branch_id, undo)
+        if key is not None:
+            self._set(self._branch_keys, key, b.branch_id, undo)
+        if b.xid not in self._by_xid:
+            self._set(self._by_xid, b.xid, {}, undo)
+        self._set(self._by_xid[b.xid], b.branch_id, None, undo)
+        self._set(self._branches, b.branch_id, b, undo)
+
+    def _branches_of(self, xid: str) -> list[BranchRecord]:
+        found = [self._branches[bid] for bid in self._by_xid.get(xid, ())]
+        return sorted(found, key=lambda b: (b.seq, b.branch_id))
+
+    async def unfinished(self) -> list[tuple[GlobalRecord, list[BranchRecord]]]:
+        self._check_open("read")
+        live = sorted(
+            (g for g in self._globals.values() if not g.status.finished),
+            key=lambda g: (g.begin_ms, g.xid),
+        )
+        return [(g, self._branches_of(g.xid)) for g in live]
+
+    async def find(self, xid: str) -> tuple[GlobalRecord, list[BranchRecord]] | None:
+        self._check_open("read")
+        g = self._globals.get(xid)
+        return None if g is None else (g, self._branches_of(xid))
+
+    async def find_global_by_key(self, idempotency_key: str) -> GlobalRecord | None:
+        self._check_open("read")
+        xid = self._global_keys.get(idempotency_key)
+        return None if xid is None else self._globals[xid]
+
+    async def find_branch_by_key(self, idempotency_key: str) -> BranchRecord | None:
+        self._check_open("read")
+        branch_id = self._branch_keys.get(idempotency_key)
+        return None if branch_id is None else self._branches[branch_id]
+
+    async def compact(self, finished_before_ms: int) -> int:
+        self._check_open("write")
+        gone = [
+            g
+            for g in self._globals.values()
+            if g.status.finished and g.updated_ms < finished_before_ms
+        ]
+        for g in gone:
+            for branch_id in self._by_xid.pop(g.xid, {}):
+                branch = self._branches.pop(branch_id)
+                if branch.idempotency_key is not None:
+                    del self._branch_keys[branch.idempotency_key]
+            if g.idempotency_key is not None:
+                del self._global_keys[g.idempotency_key]
+            del self._globals[g.xid]
+        if gone:
+            self.commits += 1
+        return len(gone)
+
+
+def open_journal(url: str) -> Journal:
+    """`sqlite:///relative/path.db`, `sqlite:////absolute/path.db` or `memory://` (tests:
+    nothing survives the process). The path is taken literally (no URI parameters)."""
+    if url == "memory://":
+        return MemoryJournal()
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and len(url) > len(prefix):
+        path = url[len(prefix) :]
+        if path == ":memory:" or path.endswith("/"):
+            raise ValueError(f"invalid journal {url!r}: the path must name a file")
+        return SqliteJournal(path)
+    raise ValueError(
+        f"invalid journal {url!r} (sqlite:///relative/path.db, sqlite:////absolute/path.db, "
+        "or memory:// for tests: not durable)"
+    )

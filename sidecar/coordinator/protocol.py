@@ -1,0 +1,170 @@
+"""GTS REST v1 message shapes: parse and validate request bodies, render answers.
+
+Rules: pure. Bodies are parsed with orjson into plain data, then checked field by field; any
+problem is an InvalidRequest naming the field. Nothing here touches the engine or a socket.
+The prose and OpenAPI description of these shapes is docs/protocol.md and docs/openapi.yaml.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from sidecar.coordinator.records import BranchRecord, GlobalRecord
+from sidecar.coordinator.states import BranchStatus, BranchType
+from sidecar.errors import InvalidRequest
+from sidecar.xid import DEFAULT_MAX_LENGTH
+from sidecar.xid import parse as parse_xid
+
+API: Final = "/api/v1"
+#: phase-two callback paths, appended to a branch's callbackUrl
+COMMIT_SUFFIX: Final = "/commit"
+ROLLBACK_SUFFIX: Final = "/rollback"
+MAX_APPLICATION_DATA: Final = 64 * 1024
+_MAX_NAME: Final = 128
+
+
+def body_hash(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def _object(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise InvalidRequest("the body must be a JSON object")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    return data
+
+
+def _string(data: dict[str, Any], key: str, *, max_len: int = 256, required: bool = True) -> str:
+    value = data.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"{key} must be a non-empty string")
+    if len(value) > max_len:
+        raise InvalidRequest(f"{key} must be at most {max_len} characters")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise InvalidRequest(f"{key} must not contain control characters")
+    return value
+
+
+def _int(data: dict[str, Any], key: str, *, required: bool = True) -> int | None:
+    value = data.get(key)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"{key} must be an integer")
+    return value
+
+
+def xid_field(value: object, where: str = "xid") -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{where} must be a string")
+    return parse_xid(value, DEFAULT_MAX_LENGTH).raw
+
+
+@dataclass(frozen=True, slots=True)
+class StartRequest:
+    name: str
+    timeout_ms: int | None
+
+
+def parse_start(body: bytes) -> StartRequest:
+    data = _object(body)
+    timeout = _int(data, "timeoutMs", required=False)
+    if timeout is not None and timeout <= 0:
+        raise InvalidRequest("timeoutMs must be positive")
+    return StartRequest(_string(data, "name", max_len=_MAX_NAME), timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterRequest:
+    xid: str
+    branch_type: BranchType
+    resource_id: str
+    callback_url: str
+    application_data: bytes
+
+
+def parse_register(body: bytes) -> RegisterRequest:
+    data = _object(body)
+    xid = xid_field(data.get("xid"))
+    try:
+        branch_type = BranchType(str(data.get("branchType")))
+    except ValueError:
+        raise InvalidRequest("branchType must be TCC or SAGA") from None
+    callback = _string(data, "callbackUrl", max_len=1024)
+    if not callback.startswith(("http://", "https://")):
+        raise InvalidRequest("callbackUrl must be an http(s) URL")
+    app_data = orjson.dumps(data.get("applicationData"))
+    if len(app_data) > MAX_APPLICATION_DATA:
+        raise InvalidRequest(f"applicationData is larger than {MAX_APPLICATION_DATA} bytes")
+    return RegisterRequest(
+        xid, branch_type, _string(data, "resourceId"), callback.rstrip("/"), app_data
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ReportRequest:
+    xid: str
+    branch_id: int
+    status: BranchStatus
+
+
+def parse_report(body: bytes) -> ReportRequest:
+    data = _object(body)
+    xid = xid_field(data.get("xid"))
+    branch_id = _int(data, "branchId")
+    assert branch_id is not None
+    status = data.get("status")
+    if status not in (BranchStatus.PHASE_ONE_DONE.value, BranchStatus.PHASE_ONE_FAILED.value):
+        raise InvalidRequest("status must be PhaseOne_Done or PhaseOne_Failed")
+    return ReportRequest(xid, branch_id, BranchStatus(status))
+
+
+def render_global(record: GlobalRecord, branches: list[BranchRecord] | None = None) -> bytes:
+    out: dict[str, Any] = {
+        "xid": record.xid,
+        "status": record.status.value,
+        "name": record.name,
+        "timeoutMs": record.timeout_ms,
+        "beginTime": record.begin_ms,
+    }
+    if branches is not None:
+        out["branches"] = [render_branch(b) for b in branches]
+    return orjson.dumps(out)
+
+
+def render_branch(b: BranchRecord) -> dict[str, Any]:
+    return {
+        "branchId": b.branch_id,
+        "branchType": b.branch_type.value,
+        "resourceId": b.resource_id,
+        "status": b.status.value,
+        "attempts": b.attempts,
+        "stuck": b.stuck,
+        "lastError": b.last_error,
+    }
+
+
+def callback_body(b: BranchRecord) -> bytes:
+    """What a branch's phase-two callback receives."""
+    return (
+        b'{"xid":'
+        + orjson.dumps(b.xid)
+        + b',"branchId":'
+        + str(b.branch_id).encode()
+        + b',"resourceId":'
+        + orjson.dumps(b.resource_id)
+        + b',"applicationData":'
+        + b.application_data
+        + b"}"
+    )

@@ -1,0 +1,206 @@
+"""GTS REST v1 served over aiohttp: the standalone coordinator's and the local coordinator's
+routes, behind the signature gate.
+
+Every request on the peer listener (but /healthz) passes the gate before its body is parsed:
+key id known → timestamp within the window → signature → nonce never seen → optional bearer
+JWT. Handlers stay thin: parse (protocol.py), call the engine, render.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+
+from sidecar.coordinator import protocol
+from sidecar.coordinator.auth import verify_bearer
+from sidecar.coordinator.engine import Engine
+from sidecar.coordinator.nonces import NonceStore
+from sidecar.coordinator.signing import KeyRing, verify
+from sidecar.errors import ERROR_HEADER, PayloadTooLarge, SidecarError, SignatureInvalid
+from sidecar.metrics import Metrics
+
+log = logging.getLogger("sidecar.coordinator")
+
+#: request bodies on the peer listener are small JSON documents
+MAX_BODY: Final = 256 * 1024
+#: how long commit/rollback waits for phase two before answering with the current status
+DECISION_WAIT: Final = 1.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class SignatureGate:
+    """Checks every signed request in DESIGN's order; only then may its body be parsed."""
+
+    def __init__(
+        self,
+        ring: KeyRing,
+        nonces: NonceStore,
+        window_s: float,
+        metrics: Metrics,
+        *,
+        bearer_key: str | None = None,
+        bearer_algorithms: list[str] | None = None,
+        bearer_audience: str | None = None,
+        clock_ms: Callable[[], int] = _now_ms,
+    ) -> None:
+        self.ring = ring
+        self.nonces = nonces
+        self.window_ms = int(window_s * 1000)
+        self.metrics = metrics
+        self.bearer_key = bearer_key
+        self.bearer_algorithms = bearer_algorithms or ["HS256"]
+        self.bearer_audience = bearer_audience
+        self._clock_ms = clock_ms
+
+    async def check(self, request: web.Request, body: bytes) -> None:
+        raw_path, _, raw_query = request.raw_path.partition("?")
+        try:
+            verified = verify(
+                self.ring,
+                request.method,
+                raw_path,
+                raw_query,
+                [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers],
+                body,
+                now_ms=self._clock_ms(),
+                window_ms=self.window_ms,
+            )
+            if await self.nonces.seen(verified.key_id, verified.nonce, 2 * self.window_ms / 1000):
+                raise SignatureInvalid(
+                    "nonce already used: the request is a replay", reason="replay"
+                )
+        except SignatureInvalid as exc:
+            self.metrics.signature_failures.labels(exc.reason).inc()
+            raise
+        if self.bearer_key is not None:
+            verify_bearer(
+                request.headers.get("Authorization"),
+                self.bearer_key,
+                algorithms=self.bearer_algorithms,
+                audience=self.bearer_audience,
+            )
+
+
+GATE: Final = web.AppKey("gate", SignatureGate)
+ENGINE: Final = web.AppKey("engine", Engine)
+
+
+def error_response(err: SidecarError) -> web.Response:
+    return web.Response(
+        body=err.body(),
+        status=err.status,
+        content_type="application/json",
+        headers={ERROR_HEADER: err.code},
+    )
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    body = data if isinstance(data, bytes) else orjson.dumps(data)
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+@web.middleware
+async def signed_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Gate every route but health; turn our errors into the DESIGN error shape."""
+    try:
+        if request.path != "/healthz":
+            if request.content_length is not None and request.content_length > MAX_BODY:
+                raise PayloadTooLarge(f"body larger than {MAX_BODY} bytes")
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise PayloadTooLarge(f"body larger than {MAX_BODY} bytes") from None
+            await request.app[GATE].check(request, body)
+            request["body"] = body
+        return await handler(request)
+    except SidecarError as err:
+        return error_response(err)
+
+
+def _xid(request: web.Request) -> str:
+    return protocol.xid_field(request.match_info["xid"])
+
+
+async def start(request: web.Request) -> web.Response:
+    body: bytes = request["body"]
+    req = protocol.parse_start(body)
+    record = await request.app[ENGINE].begin(
+        req.name,
+        req.timeout_ms,
+        idempotency_key=request.headers.get("Idempotency-Key"),
+        request_hash=protocol.body_hash(body),
+    )
+    return json_response({"xid": record.xid, "status": record.status.value})
+
+
+async def commit(request: web.Request) -> web.Response:
+    record = await request.app[ENGINE].commit(_xid(request), wait=DECISION_WAIT)
+    return json_response({"xid": record.xid, "status": record.status.value})
+
+
+async def rollback(request: web.Request) -> web.Response:
+    record = await request.app[ENGINE].rollback(_xid(request), wait=DECISION_WAIT)
+    return json_response({"xid": record.xid, "status": record.status.value})
+
+
+async def status(request: web.Request) -> web.Response:
+    record, branches = await request.app[ENGINE].get(_xid(request))
+    return json_response(protocol.render_global(record, branches))
+
+
+async def register(request: web.Request) -> web.Response:
+    body: bytes = request["body"]
+    req = protocol.parse_register(body)
+    branch = await request.app[ENGINE].register(
+        req.xid,
+        req.branch_type,
+        req.resource_id,
+        req.callback_url,
+        req.application_data,
+        idempotency_key=request.headers.get("Idempotency-Key"),
+        request_hash=protocol.body_hash(body),
+    )
+    return json_response({"xid": branch.xid, "branchId": branch.branch_id})
+
+
+async def report(request: web.Request) -> web.Response:
+    req = protocol.parse_report(request["body"])
+    branch = await request.app[ENGINE].report(req.xid, req.branch_id, req.status)
+    return json_response(
+        {"xid": branch.xid, "branchId": branch.branch_id, "status": branch.status.value}
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+def add_gts_routes(app: web.Application, engine: Engine) -> None:
+    app[ENGINE] = engine
+    api = protocol.API
+    app.router.add_post(f"{api}/transaction/start", start)
+    app.router.add_post(f"{api}/transaction/{{xid}}/commit", commit)
+    app.router.add_post(f"{api}/transaction/{{xid}}/rollback", rollback)
+    app.router.add_get(f"{api}/transaction/{{xid}}", status)
+    app.router.add_post(f"{api}/branch/register", register)
+    app.router.add_post(f"{api}/branch/report", report)
+
+
+def build_peer_app(gate: SignatureGate, engine: Engine | None) -> web.Application:
+    """The peer listener: health, and (when this process coordinates) GTS REST v1."""
+    app = web.Application(middlewares=[signed_only], client_max_size=MAX_BODY)
+    app[GATE] = gate
+    app.router.add_get("/healthz", healthz)
+    if engine is not None:
+        add_gts_routes(app, engine)
+    return app

@@ -1,0 +1,1 @@
+"""Transactions as the app sees them: the TM API and declarative rules."""

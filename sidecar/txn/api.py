@@ -1,0 +1,113 @@
+"""The app-facing transaction-manager API on the `api` listener (localhost).
+
+    POST /v1/transactions                {"name": "...", "timeout": "30s"} → {xid, status}
+    POST /v1/transactions/{xid}/commit   → {xid, status}
+    POST /v1/transactions/{xid}/rollback → {xid, status}
+    GET  /v1/transactions/{xid}          → {xid, status, name, timeoutMs, beginTime, branches}
+
+`Idempotency-Key` on a begin makes a retried begin return the original transaction. Errors
+use the DESIGN error shape. The calls go to the coordinator cluster, or to this sidecar's own
+coordinator when no cluster is configured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+
+from sidecar.config import parse_duration
+from sidecar.coordinator.client import Coordinator
+from sidecar.errors import ERROR_HEADER, InvalidRequest, PayloadTooLarge, SidecarError
+from sidecar.xid import parse as parse_xid
+
+COORDINATOR: Final = web.AppKey("coordinator", Coordinator)
+MAX_BODY: Final = 64 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except SidecarError as err:
+        return web.Response(
+            body=err.body(),
+            status=err.status,
+            content_type="application/json",
+            headers={ERROR_HEADER: err.code},
+        )
+    except web.HTTPRequestEntityTooLarge:
+        too_large = PayloadTooLarge(f"body larger than {MAX_BODY} bytes")
+        return web.Response(
+            body=too_large.body(), status=413, content_type="application/json",
+            headers={ERROR_HEADER: too_large.code},
+        )  # fmt: skip
+
+
+def _xid(request: web.Request) -> str:
+    return parse_xid(request.match_info["xid"]).raw
+
+
+async def begin(request: web.Request) -> web.Response:
+    raw = await request.read()
+    try:
+        data = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest('the body must be a JSON object: {"name": ..., "timeout": "30s"}')
+    name = data.get("name")
+    if not isinstance(name, str) or not name or len(name) > 128:
+        raise InvalidRequest("name must be a non-empty string of at most 128 characters")
+    timeout = data.get("timeout")
+    timeout_ms: int | None = None
+    if timeout is not None:
+        if not isinstance(timeout, str):
+            raise InvalidRequest('timeout must be a duration string such as "30s"')
+        try:
+            timeout_ms = int(parse_duration(timeout) * 1000)
+        except ValueError as exc:
+            raise InvalidRequest(f"timeout: {exc}") from None
+        if timeout_ms <= 0:
+            raise InvalidRequest("timeout must be positive")
+    state = await request.app[COORDINATOR].begin(
+        name, timeout_ms, request.headers.get("Idempotency-Key")
+    )
+    return _json({"xid": state.xid, "status": state.status})
+
+
+async def commit(request: web.Request) -> web.Response:
+    state = await request.app[COORDINATOR].commit(_xid(request))
+    return _json({"xid": state.xid, "status": state.status})
+
+
+async def rollback(request: web.Request) -> web.Response:
+    state = await request.app[COORDINATOR].rollback(_xid(request))
+    return _json({"xid": state.xid, "status": state.status})
+
+
+async def status(request: web.Request) -> web.Response:
+    return _json(await request.app[COORDINATOR].status(_xid(request)))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+def build_api_app(coordinator: Coordinator) -> web.Application:
+    app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
+    app[COORDINATOR] = coordinator
+    app.router.add_get("/healthz", healthz)
+    app.router.add_post("/v1/transactions", begin)
+    app.router.add_post("/v1/transactions/{xid}/commit", commit)
+    app.router.add_post("/v1/transactions/{xid}/rollback", rollback)
+    app.router.add_get("/v1/transactions/{xid}", status)
+    return app
