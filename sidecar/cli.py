@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file and exit (0 ok, 2 not)")
     check.add_argument("file", metavar="FILE")
+
+    coord = sub.add_parser(
+        "coordinator",
+        help="run a standalone coordinator (GTS REST v1 on listeners.peer, metrics on admin)",
+    )
+    coord.add_argument("--config", required=True, metavar="FILE", help="the YAML config file")
     return parser
 
 
@@ -73,6 +79,33 @@ async def _serve(config: Config, path: str, interval: float) -> None:
     await sidecar.serve_forever()
 
 
+async def _serve_coordinator(config: Config) -> None:
+    from sidecar.standalone import StandaloneCoordinator
+
+    coordinator = StandaloneCoordinator(config)
+    await coordinator.start()
+    await coordinator.serve_forever()
+
+
+def run_coordinator(path: str) -> int:
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        _print_problems(path, exc)
+        return 2
+    logs.setup(config.logging.level, config.logging.format)
+    import uvloop
+
+    try:
+        uvloop.run(_serve_coordinator(config))
+    except ConfigError as exc:
+        _print_problems(path, exc)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def run(path: str, interval: float) -> int:
     try:
         config = load(path)
@@ -98,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(args.file)
     if args.command == "run":
         return run(args.config, args.reload_interval)
+    if args.command == "coordinator":
+        return run_coordinator(args.config)
     raise AssertionError(args.command)  # argparse enforces the choices
 
 

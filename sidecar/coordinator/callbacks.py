@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from sidecar.coordinator import protocol
 from sidecar.coordinator.records import BranchRecord
@@ -64,7 +65,7 @@ class HttpBranchCaller:
             self._session = aiohttp.ClientSession()
         try:
             async with self._session.post(
-                url, data=body, headers=headers, timeout=self.timeout, allow_redirects=False
+                URL(url, encoded=True), data=body, headers=headers, timeout=self.timeout, allow_redirects=False
             ) as resp:
                 raw = await resp.read()
                 status = resp.status

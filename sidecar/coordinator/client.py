@@ -22,6 +22,7 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from sidecar.config import CoordinatorConfig
 from sidecar.coordinator import protocol
@@ -318,8 +319,10 @@ class RemoteCoordinator:
         client_timeout = aiohttp.ClientTimeout(
             total=timeout, sock_connect=min(self.connect_timeout, timeout)
         )
+        # encoded=True: the path goes out byte for byte as signed (yarl would otherwise
+        # normalise %3A in an XID back to ':')
         async with self._get_session().request(
-            method, endpoint + path, data=body or None, headers=headers,
+            method, URL(endpoint + path, encoded=True), data=body or None, headers=headers,
             timeout=client_timeout, allow_redirects=False,
         ) as resp:  # fmt: skip
             raw = await resp.read()

@@ -480,6 +480,7 @@ class SqliteJournal:
                 stop = self._process(conn, taken)
                 taken = []
         except BaseException as exc:  # a bug: answer everyone rather than hang them
+            self._state = "closed"  # later calls fail at once instead of queueing to nobody
             failure = JournalUnavailable(f"journal writer stopped: {exc!r}")
             _post([(j.future, failure, None) for j in taken if j.future is not None])
             raise

@@ -98,6 +98,10 @@ def test_exp_is_required() -> None:
     reject("Bearer " + make({"exp": None}), "missing required claim 'exp'")
 
 
+def test_claim_of_the_wrong_type() -> None:
+    reject("Bearer " + make({"iat": "yesterday"}), "invalid token (InvalidIssuedAtError)")
+
+
 def test_wrong_key() -> None:
     reject("Bearer " + make(key=OTHER_KEY), "bad signature")
 

@@ -299,7 +299,10 @@ def test_any_single_byte_change_is_a_mismatch(req: Req, data: st.DataObject) -> 
         else:
             new = _mutate_char(old, data, _ALNUM)
             tampered = replace_header(headers, name, new)
-        tampered_req = replace(req, **{field: new})
+        if field == "xid":
+            tampered_req = replace(req, xid=new)
+        else:
+            tampered_req = replace(req, idempotency_key=new)
     else:
         if req.body:
             i = data.draw(st.integers(0, len(req.body) - 1))

@@ -1,0 +1,104 @@
+"""`gts-sidecar coordinator`: the coordinator on its own, for development, tests and dev clusters.
+
+It serves GTS REST v1 on `listeners.peer.bind` (signed requests only) and metrics and health
+on `listeners.admin.bind`, with the engine on the durable journal of `local_coordinator`.
+SIGTERM: stop accepting, give phase two in progress `drain_timeout`, exit 0; whatever is
+unfinished is journalled and resumes on the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from aiohttp import web
+
+from sidecar import __version__
+from sidecar.admin import build_admin_app
+from sidecar.config import Config, parse_bind
+from sidecar.control import ControlPlane, owner_address
+from sidecar.errors import ConfigError
+from sidecar.metrics import Metrics
+from sidecar.server import c_parser_problem
+from sidecar.xid import format_owner
+
+log = logging.getLogger("sidecar.coordinator")
+
+
+class StandaloneCoordinator:
+    def __init__(self, config: Config, *, metrics: Metrics | None = None) -> None:
+        self._config = config
+        self.metrics = metrics or Metrics()
+        self.metrics.build_info.info({"version": __version__})
+        self.control = ControlPlane(config, self.metrics, role="standalone")
+        self.draining = False
+        self.ports: dict[str, int] = {}
+        self._runners: list[web.AppRunner] = []
+        self._stop = asyncio.Event()
+
+    # what the admin listener reads
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @property
+    def config_digest(self) -> str:
+        return ""
+
+    async def readiness(self) -> list[str]:
+        return ["draining"] if self.draining else []
+
+    async def start(self) -> None:
+        cfg = self._config
+        if cfg.listeners.require_c_parser and (problem := c_parser_problem()):
+            raise ConfigError([f"listeners.require_c_parser: {problem}"])
+        await self.control.start(serve_local=True)
+        try:
+            for name, app in (("peer", self.control.peer_app()), ("admin", build_admin_app(self))):
+                runner = web.AppRunner(app, handle_signals=False, access_log=None)
+                await runner.setup()
+                host, port = parse_bind(getattr(cfg.listeners, name).bind)
+                await web.TCPSite(runner, host, port, reuse_address=True).start()
+                self._runners.append(runner)
+                self.ports[name] = int(runner.addresses[0][1])
+        except OSError as exc:
+            await self.close()
+            raise ConfigError([f"listeners: cannot bind: {exc.strerror or exc}"]) from None
+        assert self.control.engine is not None
+        host, _ = owner_address(cfg)
+        self.control.engine.owner = format_owner(host, self.ports["peer"])
+        log.info(
+            "gts-sidecar coordinator started",
+            extra={
+                "version": __version__,
+                "owner": self.control.engine.owner,
+                "journal": cfg.local_coordinator.journal,
+                "resumed": self.control.engine.active,
+                "ports": self.ports,
+            },
+        )
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        await self._stop.wait()
+        self.draining = True
+        log.info("draining", extra={"drain_timeout": self._config.drain_timeout})
+        started = time.monotonic()
+        # stop taking requests first, so nothing new starts while phase two finishes
+        for runner in self._runners[:1]:
+            for site in list(runner.sites):
+                await site.stop()
+        left = self._config.drain_timeout - (time.monotonic() - started)
+        await self.control.stop(max(0.0, left))
+        await self.close()
+        log.info("stopped")
+
+    async def close(self) -> None:
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        await self.control.stop(0)
