@@ -65,7 +65,11 @@ class HttpBranchCaller:
             self._session = aiohttp.ClientSession()
         try:
             async with self._session.post(
-                URL(url, encoded=True), data=body, headers=headers, timeout=self.timeout, allow_redirects=False
+                URL(url, encoded=True),
+                data=body,
+                headers=headers,
+                timeout=self.timeout,
+                allow_redirects=False,
             ) as resp:
                 raw = await resp.read()
                 status = resp.status
