@@ -15,7 +15,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.config import Config
-from sidecar.errors import ERROR_HEADER, error_body
+from sidecar.coordinator.engine import Engine
+from sidecar.coordinator.protocol import render_branch
+from sidecar.errors import ERROR_HEADER, SidecarError, error_body
 from sidecar.metrics import Metrics
 
 
@@ -29,6 +31,8 @@ class AdminState(Protocol):
     @property
     def config_digest(self) -> str: ...
     async def readiness(self) -> list[str]: ...
+    @property
+    def engine(self) -> Engine | None: ...
 
 
 STATE = web.AppKey("state", AdminState)
@@ -67,6 +71,31 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response({"ready": True})
 
 
+async def stuck_branches(request: web.Request) -> web.Response:
+    """Branches whose phase two gave up (GET /admin/branches?state=stuck)."""
+    state = request.query.get("state", "stuck")
+    if state != "stuck":
+        return error_response(400, "INVALID_REQUEST", "only state=stuck is supported")
+    engine = request.app[STATE].engine
+    branches = engine.stuck() if engine is not None else []
+    return json_response({"branches": [{"xid": b.xid, **render_branch(b)} for b in branches]})
+
+
+async def retry_branch(request: web.Request) -> web.Response:
+    """POST /admin/branches/{xid}/{branch_id}/retry: un-stick a branch; phase two resumes."""
+    engine = request.app[STATE].engine
+    if engine is None:
+        return error_response(404, "BRANCH_NOT_FOUND", "this process coordinates nothing")
+    try:
+        branch_id = int(request.match_info["branch_id"])
+        branch = await engine.retry_branch(request.match_info["xid"], branch_id)
+    except ValueError:
+        return error_response(400, "INVALID_REQUEST", "branch id must be an integer")
+    except SidecarError as err:
+        return error_response(err.status, err.code, err.message)
+    return json_response({"xid": branch.xid, **render_branch(branch)})
+
+
 async def admin_config(request: web.Request) -> web.Response:
     state = request.app[STATE]
     return json_response({"sha256": state.config_digest, "config": state.config.redacted()})
@@ -96,11 +125,6 @@ def build_admin_app(state: AdminState) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/config", admin_config)
-    return app
-
-
-def build_health_app() -> web.Application:
-    """The api and peer listeners until their APIs land: health only."""
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/admin/branches", stuck_branches)
+    app.router.add_post("/admin/branches/{xid}/{branch_id}/retry", retry_branch)
     return app

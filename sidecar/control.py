@@ -8,6 +8,7 @@ else this process's own engine on its durable journal (the embedded default).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ from sidecar.coordinator.client import Coordinator, LocalCoordinator, RemoteCoor
 from sidecar.coordinator.engine import Engine
 from sidecar.coordinator.journal import open_journal
 from sidecar.coordinator.nonces import MemoryNonceStore
+from sidecar.coordinator.protocol import render_branch
 from sidecar.coordinator.records import BranchRecord, GlobalRecord, Journal
 from sidecar.coordinator.server import SignatureGate, build_peer_app
 from sidecar.coordinator.signing import KeyRing
@@ -32,17 +34,41 @@ log = logging.getLogger("sidecar.control")
 
 
 class MetricsEvents:
-    """The engine's events as metrics."""
+    """The engine's events as metrics, and stuck branches POSTed to the alert webhook."""
 
-    def __init__(self, metrics: Metrics, role: str) -> None:
+    def __init__(self, metrics: Metrics, role: str, webhook: str | None = None) -> None:
         self.metrics = metrics
         self.role = role
+        self.webhook = webhook
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def finished(self, record: GlobalRecord) -> None:
         self.metrics.transactions.labels(self.role, record.status.value).inc()
 
     def branch_stuck(self, branch: BranchRecord) -> None:
         self.metrics.branches_stuck.inc()
+        if self.webhook is not None:
+            task = asyncio.get_running_loop().create_task(
+                self._alert(branch), name=f"stuck-alert {branch.branch_id}"
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _alert(self, branch: BranchRecord) -> None:
+        assert self.webhook is not None
+        event = {
+            "event": "branch_stuck",
+            "xid": branch.xid,
+            **render_branch(branch),
+        }
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.post(
+                    self.webhook, json=event, timeout=aiohttp.ClientTimeout(total=5)
+                ) as resp:
+                    await resp.read()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.warning("stuck-branch alert not delivered", extra={"error": str(exc)})
 
     def phase_two_call(self, ok: bool) -> None:
         self.metrics.phase_two_calls.labels("ok" if ok else "failed").inc()
@@ -119,7 +145,7 @@ class ControlPlane:
                 default_timeout_ms=int(lc.default_timeout * 1000),
                 max_timeout_ms=int(lc.max_timeout * 1000),
                 retention_ms=int(lc.retention * 1000),
-                events=MetricsEvents(self.metrics, self.role),
+                events=MetricsEvents(self.metrics, self.role, lc.alert_webhook),
             )
             await self.engine.start()
         if cfg.coordinator.endpoints:

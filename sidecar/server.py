@@ -21,6 +21,7 @@ from sidecar import __version__, logs
 from sidecar.admin import build_admin_app
 from sidecar.config import Config, parse_bind
 from sidecar.control import ControlPlane, owner_address
+from sidecar.coordinator.engine import Engine
 from sidecar.errors import ConfigError
 from sidecar.metrics import Metrics
 from sidecar.proxy import headers as h
@@ -93,6 +94,10 @@ class Sidecar:
     @property
     def config(self) -> Config:
         return self._config
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.control.engine
 
     @property
     def config_digest(self) -> str:

@@ -19,6 +19,7 @@ from sidecar import __version__
 from sidecar.admin import build_admin_app
 from sidecar.config import Config, parse_bind
 from sidecar.control import ControlPlane, owner_address
+from sidecar.coordinator.engine import Engine
 from sidecar.errors import ConfigError
 from sidecar.metrics import Metrics
 from sidecar.server import c_parser_problem
@@ -42,6 +43,10 @@ class StandaloneCoordinator:
     @property
     def config(self) -> Config:
         return self._config
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.control.engine
 
     @property
     def config_digest(self) -> str:

@@ -178,6 +178,7 @@ class TokenSource:
         self._retry_after = retry_after
         self._current: _Token | None = None
         self._inflight: asyncio.Task[str] | None = None
+        self._closed = False
         #: fetches started (successful or not): for tests and metrics
         self.fetches = 0
 
@@ -216,13 +217,14 @@ class TokenSource:
         return await self.token()
 
     async def close(self) -> None:
+        """Stop: a fetch in flight is abandoned (its waiters get CoordinatorUnavailable)."""
+        self._closed = True
         task, self._inflight = self._inflight, None
         if task is not None and not task.done():
             task.cancel()
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+            # its outcome no longer matters; gather collects it (cancelled or failed) so
+            # nothing is logged as "never retrieved", and a cancel of close() itself propagates
+            await asyncio.gather(task, return_exceptions=True)
         if self._factory is not None and self._session is not None:
             session, self._session = self._session, None
             await session.close()
@@ -230,6 +232,8 @@ class TokenSource:
     # -- internals ----------------------------------------------------------------------
 
     async def _refresh(self) -> str:
+        if self._closed:
+            raise CoordinatorUnavailable("token source closed (shutting down)")
         task = self._inflight
         if task is None:
             task = asyncio.get_running_loop().create_task(
@@ -250,6 +254,10 @@ class TokenSource:
     async def _run_refresh(self, stale: _Token | None) -> str:
         try:
             fresh = await self._fetch()
+        except asyncio.CancelledError:
+            if self._closed:  # the waiters were not cancelled: tell them why they get nothing
+                raise CoordinatorUnavailable("token source closed (shutting down)") from None
+            raise
         except CoordinatorUnavailable as exc:
             now = self._clock()
             # `stale` is None after invalidate(): a token the server refused is never reused
