@@ -152,7 +152,6 @@ class RemoteCoordinator:
         self._session = session
         self._own_session = session is None
         self.tokens = tokens
-        self._last_token = ""
         self._clock_ms = clock_ms
 
     async def close(self) -> None:
@@ -262,17 +261,19 @@ class RemoteCoordinator:
                 errors.append("request timeout spent")
                 break
             try:
-                status, data = await self._send(
+                status, data, token = await self._send(
                     endpoint, method, path, body, xid, idempotency_key, remaining
                 )
                 if status == 401 and self.tokens is not None and not refreshed:
                     # one refresh and one retry on 401 (the token may have been revoked)
                     refreshed = True
-                    await self.tokens.invalidate(self._last_token)
-                    status, data = await self._send(
+                    await self.tokens.invalidate(token)
+                    status, data, _ = await self._send(
                         endpoint, method, path, body, xid, idempotency_key,
                         max(0.001, deadline - loop.time()),
                     )  # fmt: skip
+            except SidecarError:
+                raise  # the token endpoint's answer: not this coordinator endpoint's fault
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 errors.append(f"{endpoint}: {type(exc).__name__} {exc}".strip())
                 continue
@@ -302,7 +303,7 @@ class RemoteCoordinator:
         xid: str | None,
         idempotency_key: str | None,
         timeout: float,
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> tuple[int, dict[str, Any], str]:
         raw_path, _, raw_query = path.partition("?")
         headers = sign_headers(
             self.ring, method, raw_path, raw_query, body,
@@ -313,9 +314,10 @@ class RemoteCoordinator:
             headers["Idempotency-Key"] = idempotency_key
         if xid is not None:
             headers["XID"] = xid
+        token = ""
         if self.tokens is not None:
-            self._last_token = await self.tokens.token()
-            headers["Authorization"] = "Bearer " + self._last_token
+            token = await self.tokens.token()
+            headers["Authorization"] = "Bearer " + token
         client_timeout = aiohttp.ClientTimeout(
             total=timeout, sock_connect=min(self.connect_timeout, timeout)
         )
@@ -332,7 +334,7 @@ class RemoteCoordinator:
             data = {"error": {"code": "?", "message": raw[:200].decode("latin-1")}}
         if not isinstance(data, dict):
             data = {}
-        return resp.status, data
+        return resp.status, data, token
 
     def _translate(self, status: int, data: dict[str, Any]) -> SidecarError:
         err = data.get("error") if isinstance(data.get("error"), dict) else {}

@@ -322,3 +322,15 @@ async def test_end_to_end_with_verify_bearer(
         assert not session.closed  # a borrowed session is the caller's to close
     claims = verify_bearer(f"Bearer {token}", KEY, algorithms=["HS256"], audience=AUD)
     assert claims["sub"] == "sidecar-a"
+
+
+async def test_close_during_a_fetch(env: Env) -> None:
+    env.endpoint.delay = 1.0
+    src = env.make()
+    waiter = asyncio.ensure_future(src.token())
+    await asyncio.sleep(0.05)
+    await src.close()
+    with pytest.raises(CoordinatorUnavailable, match="closed"):
+        await waiter
+    with pytest.raises(CoordinatorUnavailable, match="closed"):
+        await src.token()
