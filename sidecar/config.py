@@ -539,6 +539,65 @@ class TransactionRule(_Model):
     timeout: Duration = 60.0
 
 
+class Endpoint(_Model):
+    """One route of the app: an exact method and path."""
+
+    method: str
+    path: str
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if not _METHOD_RE.match(v):
+            raise ValueError(f"invalid method {v!r} (upper-case, e.g. POST)")
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/") or any(c in v for c in " ?#\r\n"):
+            raise ValueError(f"invalid path {v!r} (starts with '/', no query)")
+        return v
+
+
+class PhaseTwoHeader(_Model):
+    """A header sent with confirm/cancel/compensation calls, its value from a secret file
+    (the try's own Authorization is never replayed: it may have expired by then)."""
+
+    name: HeaderName
+    value_file: SecretFile
+
+
+_RESOURCE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+
+
+class _BranchResource(_Model):
+    resource: str
+    #: request headers of phase one kept for phase two (an allowlist)
+    forward_headers: list[HeaderName] = Field(default_factory=list)
+    phase_two_headers: list[PhaseTwoHeader] = Field(default_factory=list)
+    #: the phase-one body, query and headers are journalled up to this size (past it: 413)
+    max_application_data: Size = 64 * 1024
+
+    @field_validator("resource")
+    @classmethod
+    def _resource(cls, v: str) -> str:
+        if not _RESOURCE_RE.match(v):
+            raise ValueError(f"invalid resource {v!r} (1-128 letters, digits, '.', '_' or '-')")
+        return v
+
+
+class TccResource(_BranchResource):
+    try_: Endpoint = Field(alias="try")
+    confirm: Endpoint
+    cancel: Endpoint
+
+
+class SagaResource(_BranchResource):
+    action: Endpoint
+    compensation: Endpoint
+
+
 _UPSTREAM_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 
 
@@ -555,6 +614,16 @@ class Config(_Model):
     coordinator: CoordinatorConfig = CoordinatorConfig()
     local_coordinator: LocalCoordinatorConfig = LocalCoordinatorConfig()
     transactions: list[TransactionRule] = Field(default_factory=list)
+    tcc: list[TccResource] = Field(default_factory=list)
+    saga: list[SagaResource] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _resources_unique(self) -> Config:
+        names = [r.resource for r in self.tcc] + [r.resource for r in self.saga]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"tcc/saga: resource name(s) {dupes} declared twice")
+        return self
 
     @model_validator(mode="after")
     def _timeouts_below_transactions(self) -> Config:
@@ -606,7 +675,7 @@ class Config(_Model):
 
     def redacted(self) -> dict[str, Any]:
         """The effective config as plain data with every secret replaced by its file path."""
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", by_alias=True)
 
 
 # --- loading -------------------------------------------------------------------------------
