@@ -598,6 +598,61 @@ class SagaResource(_BranchResource):
     compensation: Endpoint
 
 
+class IdempotencyConfig(_Model):
+    """Where `Idempotency-Key`s (TM API, declarative begins) and the replay cache of signed
+    requests live: this process (`memory`), or a Redis shared by a service's replicas."""
+
+    #: memory, or redis://host[:port][/db] (rediss:// for TLS); no password in the URL
+    store: str = "memory"
+    #: the Redis AUTH password, from a secret file
+    password_file: SecretFile | None = None
+    #: how long a key is remembered
+    ttl: Duration = 86400.0
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str) -> str:
+        return cls.check_store(v)
+
+    @staticmethod
+    def check_store(value: str) -> str:
+        """`memory` or a redis:// / rediss:// URL naming host, optional port and db."""
+        if value == "memory":
+            return value
+        if _URL_UNSAFE_RE.search(value):
+            raise ValueError(f"invalid {value!r} (contains whitespace or control characters)")
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ValueError(f"invalid {value!r} (memory, or redis://host[:port][/db])")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("put the Redis password in password_file, not in the URL")
+        try:
+            _ = parts.port
+        except ValueError:
+            raise ValueError(f"invalid port in {value!r}") from None
+        db = parts.path.lstrip("/")
+        if parts.path not in ("", "/") and not (db.isascii() and db.isdigit() and len(db) <= 5):
+            raise ValueError(f"invalid db in {value!r} (a number: redis://host:6379/0)")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{value!r} must not carry a query or fragment")
+        return value
+
+
+class LocksConfig(_Model):
+    """Global locks (`POST /v1/locks`, seed §3.3): per resource key, held by XIDs."""
+
+    #: memory (this process only: lost on restart, not shared by replicas), or
+    #: redis://host[:port][/db] (rediss:// for TLS), shared by every replica
+    backend: str = "memory"
+    #: the Redis AUTH password, from a secret file
+    password_file: SecretFile | None = None
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        return IdempotencyConfig.check_store(v)
+
+
 _UPSTREAM_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 
 
@@ -616,6 +671,8 @@ class Config(_Model):
     transactions: list[TransactionRule] = Field(default_factory=list)
     tcc: list[TccResource] = Field(default_factory=list)
     saga: list[SagaResource] = Field(default_factory=list)
+    idempotency: IdempotencyConfig = IdempotencyConfig()
+    locks: LocksConfig = LocksConfig()
 
     @model_validator(mode="after")
     def _resources_unique(self) -> Config:

@@ -29,6 +29,9 @@ from sidecar.coordinator.signing import KeyRing
 from sidecar.errors import ConfigError, JournalUnavailable
 from sidecar.metrics import Metrics
 from sidecar.txn.api import build_api_app
+from sidecar.txn.branches import BranchRules, Participant
+from sidecar.txn.callbacks_api import add_callback_routes
+from sidecar.txn.fence_store import FenceStore, open_fence_store
 
 log = logging.getLogger("sidecar.control")
 
@@ -93,6 +96,8 @@ class ControlPlane:
     caller: HttpBranchCaller | None = None
     remote: RemoteCoordinator | None = None
     coordinator: Coordinator | None = None
+    fence: FenceStore | None = None
+    participant: Participant | None = None
     _stopped: bool = False
 
     def __post_init__(self) -> None:
@@ -154,9 +159,26 @@ class ControlPlane:
             self.coordinator = self.remote
         elif self.engine is not None:
             self.coordinator = LocalCoordinator(self.engine)
+        rules = BranchRules(cfg)
+        if not rules.empty:
+            self.fence = open_fence_store(cfg.local_coordinator.journal)
+            try:
+                await self.fence.open()
+            except JournalUnavailable as exc:
+                raise ConfigError([f"local_coordinator.journal: {exc.message}"]) from None
+            self.participant = Participant(
+                rules,
+                self.fence,
+                cfg.app.url,
+                timeout=cfg.app.timeouts.total,
+                connect_timeout=cfg.app.timeouts.connect,
+            )
 
     def peer_app(self) -> web.Application:
-        return build_peer_app(self.gate, self.engine)
+        app = build_peer_app(self.gate, self.engine)
+        if self.participant is not None:
+            add_callback_routes(app, self.participant)
+        return app
 
     def api_app(self) -> web.Application:
         assert self.coordinator is not None
@@ -174,5 +196,9 @@ class ControlPlane:
             await self.remote.close()
             if self.remote.tokens is not None:
                 await self.remote.tokens.close()
+        if self.participant is not None:
+            await self.participant.close()
+        if self.fence is not None:
+            await self.fence.close()
         if self.journal is not None:
             await self.journal.close()

@@ -160,3 +160,26 @@ class JournalUnavailable(SidecarError):
 class PayloadTooLarge(SidecarError):
     code = "PAYLOAD_TOO_LARGE"
     status = 413
+
+
+class StoreUnavailable(SidecarError, ConnectionError):
+    """The idempotency, nonce or lock store (Redis) cannot be reached or answered wrongly."""
+
+    code = "STORE_UNAVAILABLE"
+    status = 503
+
+
+class LockConflict(SidecarError):
+    """A global lock is held by another transaction; the body names the holder and the key."""
+
+    code = "LOCK_CONFLICT"
+    status = 409
+
+    def __init__(self, key: str, holder: str) -> None:
+        super().__init__(f"lock {key!r} is held by transaction {holder}")
+        self.key = key
+        self.holder = holder
+
+    def body(self) -> bytes:
+        err = {"code": self.code, "message": self.message, "holder": self.holder, "key": self.key}
+        return orjson.dumps({"error": err})

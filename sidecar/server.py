@@ -30,6 +30,7 @@ from sidecar.proxy.listener import ListenerRuntime, ProxyListener
 from sidecar.proxy.outbound import OutboundRouter
 from sidecar.proxy.upstream import Cluster
 from sidecar.reload import ConfigWatcher
+from sidecar.txn.branches import CALLBACK_PREFIX, BranchRules
 from sidecar.txn.rules import RuleSet
 from sidecar.xid import format_owner
 
@@ -88,6 +89,7 @@ class Sidecar:
         #: bound ports by listener name (useful with port 0 in tests)
         self.ports: dict[str, int] = {}
         self.control = ControlPlane(config, self.metrics, role="local")
+        self._callback_base = ""
 
     # --- state read by the admin listener -------------------------------------------------
 
@@ -155,13 +157,18 @@ class Sidecar:
         lst = config.listeners
         inbound = ListenerRuntime(
             name="inbound",
-            router=InboundRouter(app, config.xid.app_headers, RuleSet(config.transactions)),
+            router=InboundRouter(
+                app, config.xid.app_headers, RuleSet(config.transactions), BranchRules(config)
+            ),
             classifier=classifier,
             xid_max_length=config.xid.max_length,
             limits=lst.inbound.limits,
             timeouts=lst.inbound.timeouts,
             metrics=self.metrics,
             coordinator=self.control.coordinator,
+            participant=self.control.participant,
+            callback_base=self._callback_base,
+            xid_aliases=tuple(config.xid.headers),
         )
         outbound = ListenerRuntime(
             name="outbound",
@@ -243,10 +250,13 @@ class Sidecar:
                 await web.TCPSite(runner, host, port, reuse_address=True).start()
                 self._runners.append(runner)
                 self.ports[name] = int(runner.addresses[0][1])
+            # XIDs and callback URLs name the peer port actually bound (differs when it is 0)
+            host, _ = owner_address(config)
+            owner = format_owner(host, self.ports["peer"])
             if self.control.engine is not None:
-                # XIDs name the peer port actually bound (it differs when configured as 0)
-                host, _ = owner_address(config)
-                self.control.engine.owner = format_owner(host, self.ports["peer"])
+                self.control.engine.owner = owner
+            self._callback_base = f"http://{owner}{CALLBACK_PREFIX}"
+            compiled.inbound.callback_base = self._callback_base
             self.ports["inbound"] = self.inbound.port
             self.ports["outbound"] = self.outbound.port
         except OSError as exc:

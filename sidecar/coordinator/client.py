@@ -63,6 +63,16 @@ class Coordinator(Protocol):
     async def commit(self, xid: str) -> TxState: ...
     async def rollback(self, xid: str) -> TxState: ...
     async def status(self, xid: str) -> dict[str, Any]: ...
+    async def register(
+        self,
+        xid: str,
+        branch_type: BranchType,
+        resource_id: str,
+        callback_url: str,
+        application_data: bytes,
+        idempotency_key: str | None = None,
+    ) -> int: ...
+    async def report(self, xid: str, branch_id: int, status: BranchStatus) -> None: ...
 
 
 class LocalCoordinator:

@@ -39,6 +39,7 @@ from sidecar.errors import (
     BranchNotFound,
     IdempotencyConflict,
     InvalidRequest,
+    JournalUnavailable,
     TransactionNotActive,
     TransactionNotFound,
 )
@@ -128,6 +129,7 @@ class Engine:
         self._live: dict[str, _Live] = {}
         self._finished: OrderedDict[str, tuple[GlobalRecord, list[BranchRecord]]] = OrderedDict()
         self._keys: dict[str, str] = {}  # begin idempotency key → xid, for live ones
+        self._begins: dict[str, asyncio.Future[GlobalRecord]] = {}  # begins in flight, by key
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
@@ -196,6 +198,39 @@ class Engine:
             raise InvalidRequest(
                 f"timeoutMs must be between 1 and {self.max_timeout_ms} (got {timeout_ms})"
             )
+        if idempotency_key is not None:
+            # retries of one begin may arrive together: the first does the work, the others
+            # wait for it and get its transaction
+            in_flight = self._begins.get(idempotency_key)
+            if in_flight is not None:
+                record = await asyncio.shield(in_flight)
+                if record.request_hash != request_hash:
+                    raise IdempotencyConflict(
+                        f"Idempotency-Key {idempotency_key!r} was used for a different begin"
+                    )
+                return (await self.get(record.xid))[0]
+            fut: asyncio.Future[GlobalRecord] = asyncio.get_running_loop().create_future()
+            self._begins[idempotency_key] = fut
+            try:
+                record = await self._begin_once(name, timeout_ms, idempotency_key, request_hash)
+            except BaseException as exc:
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: waiters re-raise it, nobody else needs it
+                raise
+            else:
+                fut.set_result(record)
+                return record
+            finally:
+                del self._begins[idempotency_key]
+        return await self._begin_once(name, timeout_ms, None, request_hash)
+
+    async def _begin_once(
+        self,
+        name: str,
+        timeout_ms: int,
+        idempotency_key: str | None,
+        request_hash: str | None,
+    ) -> GlobalRecord:
         if idempotency_key is not None:
             earlier = await self._begin_by_key(idempotency_key)
             if earlier is not None:
@@ -382,7 +417,21 @@ class Engine:
         async with live.lock:
             if live.record.status is not GlobalStatus.BEGIN or self._stopping:
                 return
-            await self._set_status(live, transition(GlobalStatus.BEGIN, Event.TIMEOUT))
+            try:
+                await self._set_status(live, transition(GlobalStatus.BEGIN, Event.TIMEOUT))
+            except JournalUnavailable as exc:
+                # not lost: try again shortly (the transaction stays Begin meanwhile, and a
+                # commit that arrives first is refused only once the timeout is journalled)
+                log.error(
+                    "timeout not journalled; retrying",
+                    extra={"xid": live.record.xid, "error": exc.message},
+                )
+                loop = self._loop or asyncio.get_running_loop()
+                live.timer = loop.call_later(
+                    self.policy.initial,
+                    lambda: self._spawn(self._on_timeout(live), f"timeout {live.record.xid}"),
+                )
+                return
             self._start_driver(live)
 
     # --- phase two ----------------------------------------------------------------------------
@@ -392,14 +441,35 @@ class Engine:
             live.driver = self._spawn(self._drive(live), f"phase-two {live.record.xid}")
 
     async def _drive(self, live: _Live) -> None:
+        attempt = 0
+        while True:
+            try:
+                if await self._drive_once(live):
+                    return
+                attempt = 0
+            except JournalUnavailable as exc:
+                # the journal refused a write: nothing was acknowledged, so go round again
+                # after a pause rather than let the transaction hang in memory
+                attempt += 1
+                log.error(
+                    "phase two paused: journal unavailable",
+                    extra={"xid": live.record.xid, "error": exc.message},
+                )
+                await asyncio.sleep(backoff(self.policy, attempt, self._rand))
+
+    async def _drive_once(self, live: _Live) -> bool:
+        """One pass of phase two; True when the transaction is finished (or all stuck)."""
         while True:
             commit = live.record.status.committing
             pending = [b for b in live.branches if not b.status.phase_two_done and not b.stuck]
             if commit:
                 await asyncio.gather(*(self._call(live, b, True) for b in pending))
             else:
+                # one at a time, newest first, and never past a failure: a Saga's earlier
+                # steps are compensated only after every later one has been
                 for branch in sorted(pending, key=lambda b: b.seq, reverse=True):
-                    await self._call(live, branch, False)
+                    if not await self._call(live, branch, False):
+                        break
             async with live.lock:
                 left = [b for b in live.branches if not b.status.phase_two_done]
                 if not left:
@@ -407,7 +477,7 @@ class Engine:
                         live, transition(live.record.status, Event.PHASE_TWO_DONE)
                     )
                     self._retire(live)
-                    return
+                    return True
                 new = transition(live.record.status, Event.PHASE_TWO_FAILED)
                 if new is not live.record.status:
                     await self._set_status(live, new)
@@ -417,12 +487,13 @@ class Engine:
                     "phase two halted: every remaining branch is stuck",
                     extra={"xid": live.record.xid, "branches": [b.branch_id for b in left]},
                 )
-                return
+                return True
             await asyncio.sleep(
                 backoff(self.policy, min(b.attempts for b in retryable), self._rand)
             )
 
-    async def _call(self, live: _Live, branch: BranchRecord, commit: bool) -> None:
+    async def _call(self, live: _Live, branch: BranchRecord, commit: bool) -> bool:
+        """One phase-two call and its journalled outcome; True when the branch is done."""
         try:
             error = await self.caller.phase_two(branch, commit)
         except Exception as exc:  # the caller translates; anything left is a failure too
@@ -461,6 +532,7 @@ class Engine:
                 extra={"xid": updated.xid, "branch_id": updated.branch_id, "error": error},
             )
             self._events.branch_stuck(updated)
+        return error is None
 
     async def _set_status(self, live: _Live, status: GlobalStatus) -> None:
         record = replace(live.record, status=status, updated_ms=self._clock_ms())

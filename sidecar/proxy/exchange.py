@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 from sidecar.config import format_duration
 from sidecar.errors import (
     BadRequest,
+    PayloadTooLarge,
     RequestTimeout,
     SidecarError,
     UpstreamTimeout,
@@ -27,8 +28,10 @@ from sidecar.errors import (
     XidInvalid,
 )
 from sidecar.proxy import headers as h
+from sidecar.proxy.branch_filter import BranchFilter
 from sidecar.proxy.txn_filter import TxnFilter
 from sidecar.proxy.upstream import is_idempotent
+from sidecar.txn.branches import XidRequired
 
 if TYPE_CHECKING:
     from sidecar.metrics import RequestStats
@@ -65,7 +68,7 @@ class Exchange:
         "header_deadline", "waiter_slot", "resp_started", "resp_chunked", "resp_close",
         "resp_status", "keep_client", "reused", "upstream_paused", "out", "finished",
         "attempts_left", "retrying", "error_code", "stats", "txn", "xid_extra", "held_head",
-        "held_complete",
+        "held_complete", "branch",
     )  # fmt: skip
 
     def __init__(self, conn: ClientConnection, head: h.RequestHead, rt: ListenerRuntime) -> None:
@@ -105,6 +108,8 @@ class Exchange:
         #: the response head, held (without its final CRLF) while the transaction decides
         self.held_head: list[bytes] | None = None
         self.held_complete = False
+        #: the branch filter, on a declared TCC try / Saga action
+        self.branch: BranchFilter | None = None
 
     # --- start: filters, routing, a connection --------------------------------------------
 
@@ -135,10 +140,33 @@ class Exchange:
         self.conn.listener.watch(self)
         if head.expect_continue and not self.body_done:
             self.conn.write(_CONTINUE)
+        if route.branch is not None and rt.participant is not None:
+            if self.xid is None:
+                self.fail_now(
+                    XidRequired(
+                        f"{route.branch.resource!r} is a branch of a global transaction: the "
+                        f"request must carry an XID ({', '.join(rt.xid_aliases)})"
+                    ),
+                    [],
+                )
+                return
+            assert rt.coordinator is not None
+            self.branch = BranchFilter(
+                self, route.branch, self.xid.raw, rt.coordinator, rt.participant,
+                rt.callback_base,
+            )  # fmt: skip
+            if self.body_done:
+                self.branch.register(b"".join(self.body_buf or ()))
+            return  # else body_complete() registers once the whole body is here
         if route.txn is not None and rt.coordinator is not None:
             self.txn = TxnFilter(self, route.txn, rt.coordinator, rt.metrics)
             self.txn.begin()  # → proceed() once the transaction exists
             return
+        self._forward()
+
+    def proceed_branch(self, extra: list[tuple[bytes, bytes]]) -> None:
+        """The branch is registered and fenced: forward the request carrying its id."""
+        self.xid_extra = extra
         self._forward()
 
     def proceed(self, xid: str) -> None:
@@ -250,12 +278,30 @@ class Exchange:
             self.body_buf = []
         self.body_buf.append(data)
         self.body_buffered += len(data)
+        branch = self.branch
+        if branch is not None and branch.branch_id is None:
+            # a branch's phase one is read whole (it becomes the journalled application
+            # data), within its cap
+            if self.body_buffered > branch.rule.max_application_data:
+                self.abort_request(
+                    PayloadTooLarge(
+                        f"the {branch.rule.resource!r} request body is over its "
+                        f"max_application_data of {branch.rule.max_application_data} bytes"
+                    )
+                )
+            return
         if self.body_buffered > MAX_PREBUFFER:
             self.conn.pause(PAUSE_PREBUFFER)
 
     def body_complete(self) -> None:
         self.body_done = True
-        if self.upstream is not None and not self.finished:
+        if self.finished:
+            return
+        branch = self.branch
+        if branch is not None and branch.task is None and branch.branch_id is None:
+            branch.register(b"".join(self.body_buf or ()))
+            return
+        if self.upstream is not None:
             self._finish_request()
 
     def _finish_request(self) -> None:
@@ -276,6 +322,8 @@ class Exchange:
         self.header_deadline = 0.0
         self.resp_status = status
         self.resp_started = True
+        if self.branch is not None:
+            self.branch.report(200 <= status < 300)
         listed: set[bytes] | None = None
         content_length: bytes | None = None
         out = [b"HTTP/1.1 %d " % status, reason, _CRLF]
@@ -488,7 +536,12 @@ class Exchange:
             self._drop_upstream()
             txn.fail(err)
             return
-        self.fail_now(err, txn.headers() if txn is not None else [])
+        extra = txn.headers() if txn is not None else []
+        if self.branch is not None:
+            self.branch.cancel()
+            self.branch.report(False)
+            extra = extra + self.branch.headers()
+        self.fail_now(err, extra)
 
     def fail_now(self, err: SidecarError, extra: list[tuple[bytes, bytes]]) -> None:
         """Answer with `err` (or cut the connection if a response is already under way)."""
@@ -528,6 +581,9 @@ class Exchange:
             return
         if self.txn is not None:
             self.txn.abandon()
+        if self.branch is not None:
+            self.branch.cancel()
+            self.branch.report(False)
         if self.task is not None:
             self.task.cancel()
             self.task = None

@@ -17,15 +17,23 @@ from sidecar.proxy.route import Route, Router
 if TYPE_CHECKING:
     from sidecar.proxy.headers import RequestHead
     from sidecar.proxy.upstream import Cluster
+    from sidecar.txn.branches import BranchRules
     from sidecar.txn.rules import RuleSet
     from sidecar.xid import Xid
 
 
 class InboundRouter(Router):
-    def __init__(self, app: Cluster, app_headers: list[str], rules: RuleSet | None = None) -> None:
+    def __init__(
+        self,
+        app: Cluster,
+        app_headers: list[str],
+        rules: RuleSet | None = None,
+        branches: BranchRules | None = None,
+    ) -> None:
         self.app = app
         self.app_headers = [n.encode("latin-1") for n in app_headers]
         self.rules = rules
+        self.branches = branches
 
     def xid_headers(self, xid: bytes) -> list[tuple[bytes, bytes]]:
         return [(name, xid) for name in self.app_headers]
@@ -58,4 +66,7 @@ class InboundRouter(Router):
         txn = None
         if xid is None and self.rules is not None and not self.rules.empty:
             txn = self.rules.match(head.method, url)
-        return Route(self.app, target, head.host or self.app.authority, extra, txn)
+        branch = None
+        if self.branches is not None and not self.branches.empty:
+            branch = self.branches.match(head.method, url)
+        return Route(self.app, target, head.host or self.app.authority, extra, txn, branch)

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from sidecar.coordinator.client import Coordinator
     from sidecar.metrics import Metrics, RequestStats
     from sidecar.proxy.route import Router
+    from sidecar.txn.branches import Participant
     from sidecar.xid import Xid
 
 log = logging.getLogger("sidecar.proxy")
@@ -63,6 +64,12 @@ class ListenerRuntime:
     metrics: Metrics
     #: where declarative transactions begin and end (None: no rules, or no coordinator)
     coordinator: Coordinator | None = None
+    #: the fence and phase-two caller of declared TCC/Saga resources
+    participant: Participant | None = None
+    #: http://advertised-address:peer-port/v1/resources: branches' callback URLs start here
+    callback_base: str = ""
+    #: the XID header names accepted, for error messages
+    xid_aliases: tuple[str, ...] = ()
     #: recently validated XIDs (a transaction's XID recurs on every call it makes)
     xid_cache: dict[bytes, Xid] = field(default_factory=dict)
     _stats: dict[str, RequestStats] = field(default_factory=dict)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sidecar.proxy.headers import RequestHead
     from sidecar.proxy.upstream import Cluster
+    from sidecar.txn.branches import BranchRule
     from sidecar.txn.rules import TxnRule
     from sidecar.xid import Xid
 
@@ -23,6 +24,8 @@ class Route:
     extra: list[tuple[bytes, bytes]] = field(default_factory=list)
     #: the declarative transaction this request begins (inbound, no XID, a rule matched)
     txn: TxnRule | None = None
+    #: the TCC try / Saga action this request is (inbound, a declared resource matched)
+    branch: BranchRule | None = None
 
 
 class Router:

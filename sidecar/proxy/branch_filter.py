@@ -1,0 +1,118 @@
+"""The branch filter of the inbound listener: a declared TCC try or Saga action.
+
+The request must carry an XID (else 400 XID_REQUIRED). Its body is read whole (up to the
+resource's `max_application_data`, else 413), the branch is registered with the XID's
+coordinator with the request as its application data and a callback URL on this sidecar's
+peer listener, the try is recorded in the fence (a try whose branch was already cancelled is
+refused with 409 and never forwarded), and only then does the request go to the app, with
+`x-gts-branch-id`. The app's answer is reported as the branch's phase-one result
+(PhaseOne_Done on 2xx, PhaseOne_Failed otherwise) without holding the response. If the
+registration fails, the request is not forwarded and the caller gets 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from sidecar.coordinator.states import BranchStatus
+from sidecar.errors import CoordinatorUnavailable, SidecarError
+from sidecar.txn.branches import BRANCH_HEADER, application_data
+
+if TYPE_CHECKING:
+    from sidecar.coordinator.client import Coordinator
+    from sidecar.proxy.exchange import Exchange
+    from sidecar.txn.branches import BranchRule, Participant
+
+log = logging.getLogger("sidecar.branches")
+
+_background: set[asyncio.Task[None]] = set()
+
+
+class BranchFilter:
+    def __init__(
+        self,
+        exchange: Exchange,
+        rule: BranchRule,
+        xid: str,
+        coordinator: Coordinator,
+        participant: Participant,
+        callback_base: str,
+    ) -> None:
+        self.exchange = exchange
+        self.rule = rule
+        self.xid = xid
+        self.coordinator = coordinator
+        self.participant = participant
+        self.callback_url = f"{callback_base}/{rule.resource}"
+        self.branch_id: int | None = None
+        self.reported = False
+        self.task: asyncio.Task[None] | None = None
+
+    def register(self, body: bytes) -> None:
+        """The whole phase-one body is here: register, fence, then forward."""
+        head = self.exchange.head
+        try:
+            data = application_data(self.rule, head.method, head.url, head.headers or [], body)
+        except SidecarError as err:
+            self.exchange.fail_now(err, [])
+            return
+        self.task = asyncio.get_running_loop().create_task(
+            self._register(data), name=f"branch-register {self.rule.resource}"
+        )
+
+    async def _register(self, data: bytes) -> None:
+        ex = self.exchange
+        try:
+            branch_id = await self.coordinator.register(
+                self.xid, self.rule.branch_type, self.rule.resource, self.callback_url, data
+            )
+            self.branch_id = branch_id
+            await self.participant.begin_try(self.xid, branch_id, self.rule.resource)
+        except asyncio.CancelledError:
+            return
+        except SidecarError as err:
+            if isinstance(err, CoordinatorUnavailable):
+                err = CoordinatorUnavailable(
+                    f"branch {self.rule.resource!r} could not be registered with the "
+                    f"coordinator of {self.xid}: {err.message}; the request was not forwarded"
+                )
+            ex.fail_now(err, self.headers())
+            return
+        self.task = None
+        if ex.finished:
+            self.report(False)
+            return
+        ex.proceed_branch([(BRANCH_HEADER.encode(), str(branch_id).encode())])
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        if self.branch_id is None:
+            return []
+        return [(BRANCH_HEADER.encode(), str(self.branch_id).encode())]
+
+    def report(self, ok: bool) -> None:
+        """Phase one's outcome, to the coordinator, in the background (best effort: a lost
+        PhaseOne_Failed still ends in a rollback, because the caller saw the failure)."""
+        if self.reported or self.branch_id is None:
+            return
+        self.reported = True
+        status = BranchStatus.PHASE_ONE_DONE if ok else BranchStatus.PHASE_ONE_FAILED
+        branch_id = self.branch_id
+
+        async def send() -> None:
+            try:
+                await self.coordinator.report(self.xid, branch_id, status)
+            except SidecarError as exc:
+                log.warning(
+                    "phase-one report not delivered",
+                    extra={"xid": self.xid, "branch_id": branch_id, "error": exc.message},
+                )
+
+        task = asyncio.get_running_loop().create_task(send(), name=f"branch-report {branch_id}")
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    def cancel(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()

@@ -1,0 +1,294 @@
+"""The participant side: declared TCC/Saga resources, their phase two through the fence.
+
+`BranchRules` (pure) finds the resource whose try (or Saga action) an inbound request is.
+`Participant` keeps the fence and answers the coordinator's signed phase-two callbacks:
+under a per-branch lock it decides with the fence, calls the app's confirm / cancel /
+compensation with the phase-one request's journalled body, query and allowed headers (plus
+`XID`, `x-gts-branch-id`, `x-gts-phase` and an `Idempotency-Key` stable for (xid, branch,
+phase)), records the outcome durably, and only then answers. A failure of the app answers
+`…_Retryable`, so the coordinator retries with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from sidecar.config import Config, SagaResource, TccResource
+from sidecar.coordinator.callbacks import idempotency_key
+from sidecar.coordinator.states import BranchType
+from sidecar.errors import InvalidRequest, PayloadTooLarge, SidecarError
+from sidecar.txn.fence import Action, Decision, FenceState, Phase, decide
+from sidecar.txn.fence_store import FenceRow, FenceStore, now_ms
+
+log = logging.getLogger("sidecar.branches")
+
+BRANCH_HEADER: Final = "x-gts-branch-id"
+PHASE_HEADER: Final = "x-gts-phase"
+#: phase-two callbacks land here on the peer listener: {callbackUrl}/commit | /rollback
+CALLBACK_PREFIX: Final = "/v1/resources"
+
+
+class BranchSuspended(SidecarError):
+    """A try that arrives after its branch was cancelled: never forwarded."""
+
+    code = "BRANCH_SUSPENDED"
+    status = 409
+
+
+class XidRequired(SidecarError):
+    code = "XID_REQUIRED"
+    status = 400
+
+
+class ResourceNotFound(SidecarError, LookupError):
+    code = "RESOURCE_NOT_FOUND"
+    status = 404
+
+
+@dataclass(frozen=True, slots=True)
+class BranchRule:
+    resource: str
+    branch_type: BranchType
+    method: bytes
+    path: bytes
+    #: lower-cased names of phase-one headers kept for phase two
+    forward_headers: frozenset[bytes]
+    max_application_data: int
+    #: (method, path) of the app's confirm (TCC) — None for Saga, whose action is final
+    confirm: tuple[str, str] | None
+    #: (method, path) of the app's cancel (TCC) or compensation (Saga)
+    cancel: tuple[str, str]
+    phase_two_headers: tuple[tuple[str, str], ...]
+
+
+def _rule(r: TccResource | SagaResource) -> BranchRule:
+    if isinstance(r, TccResource):
+        first, confirm, cancel = r.try_, (r.confirm.method, r.confirm.path), r.cancel
+        kind = BranchType.TCC
+    else:
+        first, confirm, cancel = r.action, None, r.compensation
+        kind = BranchType.SAGA
+    return BranchRule(
+        resource=r.resource,
+        branch_type=kind,
+        method=first.method.encode(),
+        path=first.path.encode(),
+        forward_headers=frozenset(h.lower().encode("latin-1") for h in r.forward_headers),
+        max_application_data=r.max_application_data,
+        confirm=confirm,
+        cancel=(cancel.method, cancel.path),
+        phase_two_headers=tuple((h.name, h.value_file.reveal()) for h in r.phase_two_headers),
+    )
+
+
+class BranchRules:
+    """Which inbound requests are a branch's phase one. Pure; compiled per config."""
+
+    def __init__(self, config: Config) -> None:
+        rules = [_rule(r) for r in config.tcc] + [_rule(r) for r in config.saga]
+        self._by_route = {(r.method, r.path): r for r in rules}
+        self.by_resource = {r.resource: r for r in rules}
+        self.empty = not rules
+
+    def match(self, method: bytes, target: bytes) -> BranchRule | None:
+        if self.empty:
+            return None
+        return self._by_route.get((method, target.partition(b"?")[0]))
+
+
+def application_data(
+    rule: BranchRule,
+    method: bytes,
+    target: bytes,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+) -> bytes:
+    """What phase two needs of phase one, as the branch's applicationData JSON."""
+    path, _, query = target.partition(b"?")
+    kept = {
+        name.decode("latin-1"): value.decode("latin-1")
+        for name, value in headers
+        if name.lower() in rule.forward_headers
+    }
+    data = orjson.dumps(
+        {
+            "resource": rule.resource,
+            "method": method.decode("ascii"),
+            "path": path.decode("latin-1"),
+            "query": query.decode("latin-1"),
+            "headers": kept,
+            "body": base64.b64encode(body).decode("ascii"),
+        }
+    )
+    if len(data) > rule.max_application_data:
+        raise PayloadTooLarge(
+            f"the {rule.resource!r} phase-one request is {len(data)} bytes as application "
+            f"data, over its max_application_data of {rule.max_application_data}"
+        )
+    return data
+
+
+def _decode_app_data(raw: Any) -> tuple[str, dict[str, str], bytes]:
+    if not isinstance(raw, dict):
+        raise InvalidRequest("applicationData must be the object the sidecar registered")
+    try:
+        body = base64.b64decode(str(raw.get("body", "")), validate=True)
+    except ValueError:
+        raise InvalidRequest("applicationData.body is not base64") from None
+    headers = raw.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise InvalidRequest("applicationData.headers must be an object")
+    return str(raw.get("query", "")), {str(k): str(v) for k, v in headers.items()}, body
+
+
+class Participant:
+    """Fence + phase-two calls to the app, for the resources this sidecar declares."""
+
+    def __init__(
+        self,
+        rules: BranchRules,
+        fence: FenceStore,
+        app_url: str,
+        *,
+        timeout: float,
+        connect_timeout: float,
+    ) -> None:
+        self.rules = rules
+        self.fence = fence
+        self.app_url = app_url.rstrip("/")
+        self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
+        self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _lock(self, xid: str, branch_id: int) -> asyncio.Lock:
+        key = (xid, branch_id)
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
+
+    def _release_lock(self, xid: str, branch_id: int, lock: asyncio.Lock) -> None:
+        if not lock.locked() and self._locks.get((xid, branch_id)) is lock:
+            del self._locks[(xid, branch_id)]
+
+    # --- phase one ---------------------------------------------------------------------------
+
+    async def begin_try(self, xid: str, branch_id: int, resource: str) -> None:
+        """Record the try before it is forwarded; refuse one whose branch was cancelled."""
+        lock = self._lock(xid, branch_id)
+        try:
+            async with lock:
+                row = await self.fence.get(xid, branch_id)
+                decision = decide(Phase.TRY, row.state if row else None)
+                if decision.action is Action.REFUSE:
+                    raise BranchSuspended(
+                        f"branch {branch_id} of {xid} was already ended ({decision.reason}): "
+                        "the request is not forwarded"
+                    )
+                if row is None:
+                    await self.fence.put(
+                        FenceRow(xid, branch_id, resource, FenceState.TRIED, now_ms())
+                    )
+        finally:
+            self._release_lock(xid, branch_id, lock)
+
+    # --- phase two ---------------------------------------------------------------------------
+
+    async def phase_two(self, resource: str, commit: bool, body: bytes) -> dict[str, str]:
+        """Handle one callback; returns the answer body ({"status": …})."""
+        rule = self.rules.by_resource.get(resource)
+        if rule is None:
+            raise ResourceNotFound(f"no tcc/saga resource {resource!r} is declared here")
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidRequest("the body must be a JSON object")
+        xid, branch_id = data.get("xid"), data.get("branchId")
+        if (
+            not isinstance(xid, str)
+            or isinstance(branch_id, bool)
+            or not isinstance(branch_id, int)
+        ):
+            raise InvalidRequest("xid (string) and branchId (integer) are required")
+        done = "PhaseTwo_Committed" if commit else "PhaseTwo_Rollbacked"
+        retry = "PhaseTwo_CommitFailed_Retryable" if commit else "PhaseTwo_RollbackFailed_Retryable"
+        phase = Phase.CONFIRM if commit else Phase.CANCEL
+        lock = self._lock(xid, branch_id)
+        try:
+            async with lock:
+                row = await self.fence.get(xid, branch_id)
+                decision = decide(phase, row.state if row else None)
+                saga_commit = rule.branch_type is BranchType.SAGA and commit
+                if saga_commit and decision.action is Action.FORWARD:
+                    # a Saga action is final: nothing to confirm at the app
+                    decision = Decision(Action.RECORD_ONLY, FenceState.CONFIRMED, "saga")
+                if decision.action is Action.DONE:
+                    return {"status": done}
+                if decision.action in (Action.REFUSE, Action.RETRY_LATER):
+                    log.error(
+                        "phase two refused by the fence",
+                        extra={"xid": xid, "branch_id": branch_id, "reason": decision.reason},
+                    )
+                    return {"status": retry, "reason": decision.reason}
+                if decision.action is Action.FORWARD:
+                    error = await self._call_app(rule, commit, xid, branch_id, data)
+                    if error is not None:
+                        log.warning(
+                            "phase two at the app failed; the coordinator will retry",
+                            extra={"xid": xid, "branch_id": branch_id, "error": error},
+                        )
+                        return {"status": retry, "reason": error}
+                assert decision.next_state is not None
+                await self.fence.put(
+                    FenceRow(xid, branch_id, resource, decision.next_state, now_ms())
+                )
+        finally:
+            self._release_lock(xid, branch_id, lock)
+        return {"status": done}
+
+    async def _call_app(
+        self, rule: BranchRule, commit: bool, xid: str, branch_id: int, data: dict[str, Any]
+    ) -> str | None:
+        target = rule.confirm if commit else rule.cancel
+        assert target is not None
+        method, path = target
+        query, headers, body = _decode_app_data(data.get("applicationData"))
+        phase = "commit" if commit else "rollback"
+        headers.update(dict(rule.phase_two_headers))
+        headers.update(
+            {
+                "XID": xid,
+                BRANCH_HEADER: str(branch_id),
+                PHASE_HEADER: "confirm" if commit else "cancel",
+                "Idempotency-Key": idempotency_key(xid, branch_id, phase),
+            }
+        )
+        url = self.app_url + path + (f"?{query}" if query else "")
+        if self._session is None:
+            self._session = aiohttp.ClientSession(auto_decompress=False)
+        try:
+            async with self._session.request(
+                method, URL(url, encoded=True), data=body, headers=headers,
+                timeout=self.timeout, allow_redirects=False,
+            ) as resp:  # fmt: skip
+                await resp.read()
+                status = resp.status
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            return f"{method} {path} failed: {type(exc).__name__} {exc}".strip()
+        if 200 <= status < 300:
+            return None
+        return f"{method} {path} answered HTTP {status}"
