@@ -81,19 +81,35 @@ async def stuck_branches(request: web.Request) -> web.Response:
     return json_response({"branches": [{"xid": b.xid, **render_branch(b)} for b in branches]})
 
 
-async def retry_branch(request: web.Request) -> web.Response:
-    """POST /admin/branches/{xid}/{branch_id}/retry: un-stick a branch; phase two resumes."""
+async def _operate(request: web.Request, action: str) -> web.Response:
     engine = request.app[STATE].engine
     if engine is None:
         return error_response(404, "BRANCH_NOT_FOUND", "this process coordinates nothing")
     try:
         branch_id = int(request.match_info["branch_id"])
-        branch = await engine.retry_branch(request.match_info["xid"], branch_id)
     except ValueError:
         return error_response(400, "INVALID_REQUEST", "branch id must be an integer")
+    found = engine.find_branch(branch_id)
+    if found is None:
+        return error_response(404, "BRANCH_NOT_FOUND", f"no live branch {branch_id}")
+    try:
+        if action == "retry":
+            branch = await engine.retry_branch(found.xid, branch_id)
+        else:
+            branch = await engine.skip_branch(found.xid, branch_id)
     except SidecarError as err:
         return error_response(err.status, err.code, err.message)
     return json_response({"xid": branch.xid, **render_branch(branch)})
+
+
+async def retry_branch(request: web.Request) -> web.Response:
+    """POST /admin/branches/{branch_id}/retry: un-stick a branch; phase two resumes."""
+    return await _operate(request, "retry")
+
+
+async def skip_branch(request: web.Request) -> web.Response:
+    """POST /admin/branches/{branch_id}/skip: settle a stuck branch by hand."""
+    return await _operate(request, "skip")
 
 
 async def admin_config(request: web.Request) -> web.Response:
@@ -126,5 +142,6 @@ def build_admin_app(state: AdminState) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/config", admin_config)
     app.router.add_get("/admin/branches", stuck_branches)
-    app.router.add_post("/admin/branches/{xid}/{branch_id}/retry", retry_branch)
+    app.router.add_post("/admin/branches/{branch_id}/retry", retry_branch)
+    app.router.add_post("/admin/branches/{branch_id}/skip", skip_branch)
     return app

@@ -555,6 +555,38 @@ class Engine:
     def stuck(self) -> list[BranchRecord]:
         return [b for lv in self._live.values() for b in lv.branches if b.stuck]
 
+    def find_branch(self, branch_id: int) -> BranchRecord | None:
+        """A live branch by id alone (ids are unique across transactions)."""
+        for live in self._live.values():
+            for branch in live.branches:
+                if branch.branch_id == branch_id:
+                    return branch
+        return None
+
+    async def skip_branch(self, xid: str, branch_id: int) -> BranchRecord:
+        """An operator settled a stuck branch by hand: mark its phase two done without
+        calling it again, so the transaction can finish."""
+        live = await self._live_or_explain(xid)
+        async with live.lock:
+            index = next((i for i, b in enumerate(live.branches) if b.branch_id == branch_id), None)
+            if index is None:
+                raise BranchNotFound(f"no branch {branch_id} in transaction {xid!r}")
+            current = live.branches[index]
+            done = (
+                BranchStatus.PHASE_TWO_COMMITTED
+                if live.record.status.committing
+                else BranchStatus.PHASE_TWO_ROLLBACKED
+            )
+            updated = replace(
+                current, status=done, stuck=False, updated_ms=self._clock_ms(),
+                last_error="skipped by an operator",
+            )  # fmt: skip
+            await self.journal.write(branches=[updated])
+            live.branches[index] = updated
+        if live.record.status is not GlobalStatus.BEGIN:
+            self._start_driver(live)
+        return updated
+
     async def retry_branch(self, xid: str, branch_id: int) -> BranchRecord:
         """Un-stick a branch: its attempts start again from one."""
         live = await self._live_or_explain(xid)

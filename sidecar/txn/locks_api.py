@@ -1,0 +1,109 @@
+"""Global locks on the `api` listener (seed §3.3), for the app on localhost:
+
+    POST   /v1/locks        {"xid": "…", "keys": ["resource:key", …], "timeout": "30s"}
+                            → 200 {xid, keys}
+                            → 409 {"error": {"code": "LOCK_CONFLICT", "message", "holder", "key"}}
+    DELETE /v1/locks/{xid}  → 200 {xid, released}
+    GET    /v1/locks/{key}  → 200 {key, holder}   (holder: null when the key is free)
+
+`timeout` (optional) is the lock TTL, a safety net: the sidecar frees the locks when the
+global transaction ends. Errors use the DESIGN shape and carry `x-gts-sidecar-error`, whatever
+middleware the host application has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from sidecar.config import parse_duration
+from sidecar.errors import ERROR_HEADER, InvalidRequest, PayloadTooLarge, SidecarError
+from sidecar.txn.locks import LockManager, check_key, check_keys
+from sidecar.xid import DEFAULT_MAX_LENGTH
+from sidecar.xid import parse as parse_xid
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _error(err: SidecarError) -> web.Response:
+    return web.Response(
+        body=err.body(),
+        status=err.status,
+        content_type="application/json",
+        headers={ERROR_HEADER: err.code},
+    )
+
+
+def _answering_errors(handler: Handler) -> Handler:
+    async def wrapped(request: web.Request) -> web.Response:
+        try:
+            return await handler(request)
+        except SidecarError as err:
+            return _error(err)
+        except web.HTTPRequestEntityTooLarge as exc:
+            return _error(PayloadTooLarge(exc.text or "request body too large"))
+
+    return wrapped
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        data = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest('the body must be a JSON object: {"xid": ..., "keys": [...]}')
+    return data
+
+
+def _ttl(value: object) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest('timeout must be a duration string such as "30s"')
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise InvalidRequest(f"timeout: {exc}") from None
+    if seconds <= 0:
+        raise InvalidRequest("timeout must be positive")
+    return seconds
+
+
+def add_lock_routes(
+    app: web.Application, locks: LockManager, *, xid_max_length: int = DEFAULT_MAX_LENGTH
+) -> None:
+    """Add the lock routes to `app` (the api listener's application)."""
+
+    def xid_of(value: object) -> str:
+        if not isinstance(value, str):
+            raise InvalidRequest("xid must be a string")
+        return parse_xid(value, xid_max_length).raw
+
+    async def acquire(request: web.Request) -> web.Response:
+        data = await _json_object(request)
+        xid = xid_of(data.get("xid"))
+        keys = check_keys(data.get("keys"))
+        await locks.acquire(xid, keys, ttl=_ttl(data.get("timeout")))
+        return _json({"xid": xid, "keys": keys})
+
+    async def release(request: web.Request) -> web.Response:
+        xid = xid_of(request.match_info["xid"])
+        return _json({"xid": xid, "released": await locks.release_all(xid)})
+
+    async def holder(request: web.Request) -> web.Response:
+        key = check_key(request.match_info["key"])
+        return _json({"key": key, "holder": await locks.holder(key)})
+
+    app.router.add_post("/v1/locks", _answering_errors(acquire))
+    app.router.add_delete("/v1/locks/{xid}", _answering_errors(release))
+    # keys may hold '/', so the key is the whole rest of the path
+    app.router.add_get("/v1/locks/{key:.+}", _answering_errors(holder))
