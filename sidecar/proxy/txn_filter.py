@@ -61,8 +61,18 @@ class TxnFilter:
 
     async def _begin(self) -> None:
         ex = self.exchange
+        # a client retrying its request with the same Idempotency-Key gets the same
+        # transaction, not a second one
+        key = next(
+            (
+                f"{self.rule.name}:{v.decode('latin-1')}"
+                for n, v in ex.head.headers or ()
+                if n.lower() == b"idempotency-key"
+            ),
+            None,
+        )
         try:
-            state = await self.coordinator.begin(self.rule.name, self.rule.timeout_ms)
+            state = await self.coordinator.begin(self.rule.name, self.rule.timeout_ms, key)
         except asyncio.CancelledError:
             return
         except SidecarError as err:
