@@ -290,18 +290,21 @@ class Engine:
                 ):
                     # a branch whose try failed cannot be confirmed: the whole thing rolls back
                     event = Event.ROLLBACK
-                if live.timer is not None:
-                    live.timer.cancel()
-                    live.timer = None
                 decided = transition(status, event)
                 if not live.branches:
                     # nothing to drive: write the outcome at once (one fsync, not two); a
                     # crash before it leaves Begin, which times out and rolls back, and
                     # nobody was told otherwise
                     await self._set_status(live, transition(decided, Event.PHASE_TWO_DONE))
-                    self._retire(live)
                 else:
                     await self._set_status(live, decided)
+                # only once the decision is on disk: a failed write keeps the timeout armed
+                if live.timer is not None:
+                    live.timer.cancel()
+                    live.timer = None
+                if not live.branches:
+                    self._retire(live)
+                else:
                     self._start_driver(live)
             elif not decided_like(status, event):
                 # e.g. commit after the timeout rolled it back: the answer is the truth
@@ -465,10 +468,11 @@ class Engine:
             if commit:
                 await asyncio.gather(*(self._call(live, b, True) for b in pending))
             else:
-                # one at a time, newest first, and never past a failure: a Saga's earlier
-                # steps are compensated only after every later one has been
-                for branch in sorted(pending, key=lambda b: b.seq, reverse=True):
-                    if not await self._call(live, branch, False):
+                # one at a time, newest first, and never past a failure or a stuck branch: a
+                # Saga's earlier steps are compensated only after every later one has been
+                unfinished = [b for b in live.branches if not b.status.phase_two_done]
+                for branch in sorted(unfinished, key=lambda b: b.seq, reverse=True):
+                    if branch.stuck or not await self._call(live, branch, False):
                         break
             async with live.lock:
                 left = [b for b in live.branches if not b.status.phase_two_done]

@@ -92,6 +92,8 @@ class SignatureGate:
 
 
 GATE: Final = web.AppKey("gate", SignatureGate)
+#: the request body, read once by the gate (signed bytes) and parsed by the handler
+BODY: Final = web.RequestKey("body", bytes)
 ENGINE: Final = web.AppKey("engine", Engine)
 
 
@@ -121,7 +123,7 @@ async def signed_only(request: web.Request, handler: Handler) -> web.StreamRespo
             except web.HTTPRequestEntityTooLarge:
                 raise PayloadTooLarge(f"body larger than {MAX_BODY} bytes") from None
             await request.app[GATE].check(request, body)
-            request["body"] = body
+            request[BODY] = body
         return await handler(request)
     except SidecarError as err:
         return error_response(err)
@@ -132,7 +134,7 @@ def _xid(request: web.Request) -> str:
 
 
 async def start(request: web.Request) -> web.Response:
-    body: bytes = request["body"]
+    body = request[BODY]
     req = protocol.parse_start(body)
     record = await request.app[ENGINE].begin(
         req.name,
@@ -159,7 +161,7 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def register(request: web.Request) -> web.Response:
-    body: bytes = request["body"]
+    body = request[BODY]
     req = protocol.parse_register(body)
     branch = await request.app[ENGINE].register(
         req.xid,
@@ -174,7 +176,7 @@ async def register(request: web.Request) -> web.Response:
 
 
 async def report(request: web.Request) -> web.Response:
-    req = protocol.parse_report(request["body"])
+    req = protocol.parse_report(request[BODY])
     branch = await request.app[ENGINE].report(req.xid, req.branch_id, req.status)
     return json_response(
         {"xid": branch.xid, "branchId": branch.branch_id, "status": branch.status.value}

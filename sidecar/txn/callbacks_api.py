@@ -11,6 +11,7 @@ from typing import Final
 import orjson
 from aiohttp import web
 
+from sidecar.coordinator.server import BODY
 from sidecar.txn.branches import CALLBACK_PREFIX, Participant
 
 PARTICIPANT: Final = web.AppKey("participant", Participant)
@@ -18,7 +19,7 @@ PARTICIPANT: Final = web.AppKey("participant", Participant)
 
 async def _phase_two(request: web.Request, commit: bool) -> web.Response:
     answer = await request.app[PARTICIPANT].phase_two(
-        request.match_info["resource"], commit, request["body"]
+        request.match_info["resource"], commit, request[BODY]
     )
     return web.Response(body=orjson.dumps(answer), content_type="application/json")
 

@@ -14,12 +14,15 @@ Rules:
   acquire with a TTL sets it for every key of the XID; one without keeps the XID's current one.
 
 Backends: `MemoryLocks` (one process, lost on restart) and `RedisLocks` (shared by replicas;
-each operation is one Lua script, so it is atomic on the server).
+each operation is one Lua script, so it is atomic on the server). `ReleaseOnFinish` connects
+`release_all` to the engine's `finished` event.
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
+import logging
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -27,9 +30,11 @@ from typing import Final, Protocol
 
 import redis.asyncio as aioredis
 
-from sidecar.errors import InvalidRequest, LockConflict
+from sidecar.errors import InvalidRequest, LockConflict, SidecarError, XidInvalid
 from sidecar.idempotency import DEFAULT_TIMEOUT, RedisAddress, redis_client, store_errors
 from sidecar.xid import parse as parse_xid
+
+log = logging.getLogger("sidecar.locks")
 
 #: the longest lock key, in characters
 MAX_KEY_LENGTH: Final = 512
@@ -302,3 +307,54 @@ class RedisLocks:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+class ReleaseOnFinish:
+    """Frees a global transaction's locks once it reaches a final state.
+
+    `finished(xid)` is synchronous, for the engine's `finished` event: it starts the release
+    as a named task and keeps a reference. A release the store refuses is retried with
+    backoff, then logged and left to the TTL safety net. `drain` waits a bounded time for
+    releases in flight at shutdown, then cancels the rest."""
+
+    def __init__(self, locks: LockManager, *, retries: int = 3, delay: float = 0.5) -> None:
+        self.locks = locks
+        self.retries = retries
+        self.delay = delay
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def finished(self, xid: str) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._release(xid), name=f"release-locks {xid}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, xid: str) -> None:
+        for attempt in range(self.retries + 1):
+            try:
+                released = await self.locks.release_all(xid)
+            except SidecarError as exc:
+                if attempt < self.retries and not isinstance(exc, XidInvalid):
+                    await asyncio.sleep(self.delay * 2**attempt)
+                    continue
+                log.warning(
+                    "global locks not released; the TTL, if any, will free them",
+                    extra={"xid": xid, "error": exc.message},
+                )
+                return
+            if released:
+                log.debug("global locks released", extra={"xid": xid, "count": released})
+            return
+
+    @property
+    def pending(self) -> int:
+        return len(self._tasks)
+
+    async def drain(self, timeout: float) -> None:
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)

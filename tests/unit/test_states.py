@@ -192,9 +192,7 @@ def test_each_outcome_is_reached_only_through_its_own_phase_two(events):
         assert set(middle) <= _ROUTES[final], path
         assert middle[0] in (S.COMMITTING, S.ROLLBACKING, S.TIMEOUT_ROLLBACKING), path
     # a path never mixes directions
-    assert not (
-        any(s.committing for s in path) and any(s.rolling_back for s in path)
-    ), path
+    assert not (any(s.committing for s in path) and any(s.rolling_back for s in path)), path
     # Begin appears once, first
     assert path.count(S.BEGIN) == 1
 
