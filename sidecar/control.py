@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -21,17 +22,19 @@ from sidecar.coordinator.callbacks import HttpBranchCaller
 from sidecar.coordinator.client import Coordinator, LocalCoordinator, RemoteCoordinator
 from sidecar.coordinator.engine import Engine
 from sidecar.coordinator.journal import open_journal
-from sidecar.coordinator.nonces import MemoryNonceStore
 from sidecar.coordinator.protocol import render_branch
 from sidecar.coordinator.records import BranchRecord, GlobalRecord, Journal
 from sidecar.coordinator.server import SignatureGate, build_peer_app
 from sidecar.coordinator.signing import KeyRing
 from sidecar.errors import ConfigError, JournalUnavailable
+from sidecar.idempotency import IdempotencyStore
 from sidecar.metrics import Metrics
 from sidecar.txn.api import build_api_app
 from sidecar.txn.branches import BranchRules, Participant
 from sidecar.txn.callbacks_api import add_callback_routes
 from sidecar.txn.fence_store import FenceStore, open_fence_store
+from sidecar.txn.locks import LockManager, MemoryLocks, RedisLocks, ReleaseOnFinish
+from sidecar.txn.locks_api import add_lock_routes
 
 log = logging.getLogger("sidecar.control")
 
@@ -39,14 +42,23 @@ log = logging.getLogger("sidecar.control")
 class MetricsEvents:
     """The engine's events as metrics, and stuck branches POSTed to the alert webhook."""
 
-    def __init__(self, metrics: Metrics, role: str, webhook: str | None = None) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        role: str,
+        webhook: str | None = None,
+        on_finished: Callable[[str], None] | None = None,
+    ) -> None:
         self.metrics = metrics
         self.role = role
         self.webhook = webhook
+        self.on_finished = on_finished
         self._tasks: set[asyncio.Task[None]] = set()
 
     def finished(self, record: GlobalRecord) -> None:
         self.metrics.transactions.labels(self.role, record.status.value).inc()
+        if self.on_finished is not None:
+            self.on_finished(record.xid)  # e.g. release the transaction's global locks
 
     def branch_stuck(self, branch: BranchRecord) -> None:
         self.metrics.branches_stuck.inc()
@@ -101,6 +113,21 @@ class ControlPlane:
     _stopped: bool = False
 
     def __post_init__(self) -> None:
+        idem, lk = self.config.idempotency, self.config.locks
+        self.idempotency = IdempotencyStore.from_url(
+            idem.store,
+            ttl=idem.ttl,
+            password=idem.password_file.reveal() if idem.password_file else None,
+        )
+        # the locks' safety net: no lock outlives the longest transaction allowed
+        safety = self.config.local_coordinator.max_timeout
+        password = lk.password_file.reveal() if lk.password_file else None
+        self.locks: LockManager = (
+            MemoryLocks(default_ttl=safety)
+            if lk.backend == "memory"
+            else RedisLocks.from_url(lk.backend, password=password, default_ttl=safety)
+        )
+        self.releaser = ReleaseOnFinish(self.locks)
         cfg = self.config.coordinator
         self.ring = KeyRing.from_config(cfg.signing)
         if self.ring.ephemeral:
@@ -111,7 +138,8 @@ class ControlPlane:
         verify_key = cfg.auth.verify_key_file.reveal() if cfg.auth.verify_key_file else None
         self.gate = SignatureGate(
             self.ring,
-            MemoryNonceStore(),
+            # with Redis, replicas that share a signing key share replay protection too
+            self.idempotency.nonce_store(),
             cfg.signing.window,
             self.metrics,
             bearer_key=verify_key,
@@ -150,7 +178,9 @@ class ControlPlane:
                 default_timeout_ms=int(lc.default_timeout * 1000),
                 max_timeout_ms=int(lc.max_timeout * 1000),
                 retention_ms=int(lc.retention * 1000),
-                events=MetricsEvents(self.metrics, self.role, lc.alert_webhook),
+                events=MetricsEvents(
+                    self.metrics, self.role, lc.alert_webhook, self.releaser.finished
+                ),
             )
             await self.engine.start()
         if cfg.coordinator.endpoints:
@@ -182,7 +212,9 @@ class ControlPlane:
 
     def api_app(self) -> web.Application:
         assert self.coordinator is not None
-        return build_api_app(self.coordinator)
+        app = build_api_app(self.coordinator, on_finished=self.releaser.finished)
+        add_lock_routes(app, self.locks, xid_max_length=self.config.xid.max_length)
+        return app
 
     async def stop(self, timeout: float) -> None:
         if self._stopped:
@@ -190,6 +222,9 @@ class ControlPlane:
         self._stopped = True
         if self.engine is not None:
             await self.engine.stop(timeout)
+        await self.releaser.drain(min(timeout, 5.0))
+        await self.locks.close()
+        await self.idempotency.close()
         if self.caller is not None:
             await self.caller.close()
         if self.remote is not None:

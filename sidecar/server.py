@@ -208,7 +208,14 @@ class Sidecar:
         ]
         needs_restart += [
             f"{section}: changing this section needs a restart"
-            for section in ("coordinator", "local_coordinator")
+            for section in (
+                "coordinator",
+                "local_coordinator",
+                "tcc",
+                "saga",
+                "idempotency",
+                "locks",
+            )
             if getattr(config, section) != getattr(self._config, section)
         ]
         if needs_restart:

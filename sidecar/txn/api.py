@@ -24,6 +24,9 @@ from sidecar.errors import ERROR_HEADER, InvalidRequest, PayloadTooLarge, Sideca
 from sidecar.xid import parse as parse_xid
 
 COORDINATOR: Final = web.AppKey("coordinator", Coordinator)
+#: told the XID of every transaction this API saw finish (releases its global locks)
+ON_FINISHED: Final[web.AppKey[Callable[[str], None]]] = web.AppKey("on_finished")
+_FINAL: Final = frozenset({"Committed", "Rollbacked", "TimeoutRollbacked"})
 MAX_BODY: Final = 64 * 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -86,12 +89,21 @@ async def begin(request: web.Request) -> web.Response:
 
 async def commit(request: web.Request) -> web.Response:
     state = await request.app[COORDINATOR].commit(_xid(request))
+    _maybe_finished(request, state.xid, state.status)
     return _json({"xid": state.xid, "status": state.status})
 
 
 async def rollback(request: web.Request) -> web.Response:
     state = await request.app[COORDINATOR].rollback(_xid(request))
+    _maybe_finished(request, state.xid, state.status)
     return _json({"xid": state.xid, "status": state.status})
+
+
+def _maybe_finished(request: web.Request, xid: str, status: str) -> None:
+    # with a remote coordinator no engine event says so: the final answer does (releasing
+    # twice is harmless)
+    if status in _FINAL:
+        request.app[ON_FINISHED](xid)
 
 
 async def status(request: web.Request) -> web.Response:
@@ -102,9 +114,16 @@ async def healthz(request: web.Request) -> web.Response:
     return _json({"status": "ok"})
 
 
-def build_api_app(coordinator: Coordinator) -> web.Application:
+def _ignore(xid: str) -> None:
+    pass
+
+
+def build_api_app(
+    coordinator: Coordinator, on_finished: Callable[[str], None] = _ignore
+) -> web.Application:
     app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
     app[COORDINATOR] = coordinator
+    app[ON_FINISHED] = on_finished
     app.router.add_get("/healthz", healthz)
     app.router.add_post("/v1/transactions", begin)
     app.router.add_post("/v1/transactions/{xid}/commit", commit)

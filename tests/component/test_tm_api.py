@@ -3,6 +3,7 @@ inbound listener, with the sidecar's own (local) coordinator, over real loopback
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
@@ -355,3 +356,31 @@ async def test_a_failed_branch_turns_the_apps_success_into_409(sidecar_factory, 
     assert branches.phases() == [("stock", "rollback")]
     assert (await sc.control.engine.get(holder["xid"]))[0].status is GlobalStatus.ROLLBACKED
     assert declared(sc, "Rollbacked") == 1
+
+
+async def test_global_locks_are_released_when_the_transaction_ends(sidecar_factory) -> None:
+    sc = await sidecar_factory({})
+    api = f"http://127.0.0.1:{sc.ports['api']}"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{api}/v1/transactions", json={"name": "a"}) as r:
+            first = (await r.json())["xid"]
+        async with s.post(f"{api}/v1/transactions", json={"name": "b"}) as r:
+            second = (await r.json())["xid"]
+        async with s.post(f"{api}/v1/locks", json={"xid": first, "keys": ["stock:sku-1"]}) as r:
+            assert r.status == 200
+        async with s.post(f"{api}/v1/locks", json={"xid": second, "keys": ["stock:sku-1"]}) as r:
+            assert r.status == 409
+            assert (await r.json())["error"]["holder"] == first
+        async with s.post(f"{api}/v1/transactions/{first}/commit") as r:
+            assert (await r.json())["status"] == "Committed"
+
+        async def released() -> None:
+            while True:
+                async with s.get(f"{api}/v1/locks/stock:sku-1") as r:
+                    if (await r.json())["holder"] is None:
+                        return
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(released(), 10)
+        async with s.post(f"{api}/v1/locks", json={"xid": second, "keys": ["stock:sku-1"]}) as r:
+            assert r.status == 200
