@@ -144,6 +144,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--warm-at", type=float, help=argparse.SUPPRESS)
     p.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
     p.add_argument("--end-at", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--result-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not args.worker and args.clients > args.concurrency:
         p.error("--clients must not exceed --concurrency")
@@ -154,14 +155,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def worker_main(args: argparse.Namespace) -> int:
-    """One client process: `args.concurrency` loops of begin → commit; JSON result on stdout."""
+    """One client process: `args.concurrency` loops of begin → commit; the JSON result goes
+    to `args.result_file`."""
     sys.path.insert(0, str(REPO_DIR))
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency of the sidecar
         uvloop = None
     result = (uvloop.run if uvloop is not None else asyncio.run)(_worker(args))
-    sys.stdout.write(json.dumps(result))
+    Path(args.result_file).write_text(json.dumps(result))
     return 0
 
 
@@ -182,7 +184,7 @@ async def _worker(args: argparse.Namespace) -> dict[str, Any]:
         env={},
     ).coordinator
     client = RemoteCoordinator(cfg, KeyRing.from_config(cfg.signing), Metrics())
-    latencies: list[int] = []  # µs, measured window only
+    latencies: list[int] = []  # µs, of the pairs completed in the measured window
     errors: Counter[str] = Counter()
     first_errors: list[str] = []
     completed = 0  # every begin+commit that committed, warm-up and stragglers included
@@ -197,10 +199,8 @@ async def _worker(args: argparse.Namespace) -> dict[str, Any]:
         nonlocal completed
         clock = time.perf_counter
         while True:
-            wall = time.time()
-            if wall >= args.end_at:
+            if time.time() >= args.end_at:
                 return
-            measured = wall >= args.start_at
             t0 = clock()
             try:
                 state = await client.begin("bench", 60_000)
@@ -216,7 +216,7 @@ async def _worker(args: argparse.Namespace) -> dict[str, Any]:
                 not_committed[done.status] += 1
                 continue
             completed += 1
-            if measured and time.time() <= args.end_at:
+            if args.start_at <= time.time() < args.end_at:  # completed inside the window
                 latencies.append(int(elapsed * 1_000_000))
 
     window_cpu: list[float] = []
@@ -627,21 +627,22 @@ def run(args: argparse.Namespace) -> int:
         shares = [args.concurrency // args.clients] * args.clients
         for i in range(args.concurrency % args.clients):
             shares[i] += 1
-        for share in shares:
+        for i, share in enumerate(shares):
             argv = [python, str(Path(__file__).resolve()), "--worker", "--url", url]
             argv += ["--key-file", str(key_file), "--concurrency", str(share)]
             argv += ["--warm-at", repr(warm_at), "--start-at", repr(start_at)]
-            argv += ["--end-at", repr(end_at)]
-            workers.append(
-                subprocess.Popen(
-                    [*client_pin, *argv],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    cwd=REPO_DIR,
-                    preexec_fn=_die_with_parent,
+            argv += ["--end-at", repr(end_at), "--result-file", str(work / f"client-{i}.json")]
+            with open(work / f"client-{i}.stderr.log", "wb") as err:
+                workers.append(
+                    subprocess.Popen(
+                        [*client_pin, *argv],
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=err,
+                        cwd=REPO_DIR,
+                        preexec_fn=_die_with_parent,
+                    )
                 )
-            )
         print(
             f"{args.clients} client process(es), {args.concurrency} loops; warm-up "
             f"{args.warmup:g}s, measuring {args.duration:g}s …",
@@ -660,11 +661,12 @@ def run(args: argparse.Namespace) -> int:
         results: list[dict[str, Any]] = []
         failures: list[str] = []
         for i, proc in enumerate(workers):
-            out, err = proc.communicate(timeout=args.duration + 120)
+            proc.wait(timeout=args.duration + 120)
             if proc.returncode != 0:
-                failures.append(f"client {i} exited {proc.returncode}: {err.decode()[-2000:]}")
+                err = (work / f"client-{i}.stderr.log").read_text(errors="replace")
+                failures.append(f"client {i} exited {proc.returncode}: {err[-2000:]}")
                 continue
-            results.append(json.loads(out))
+            results.append(json.loads((work / f"client-{i}.json").read_text()))
         if profiler is not None:
             _, perr = profiler.communicate(timeout=60)
             if profiler.returncode != 0:
@@ -795,10 +797,8 @@ def render(
         lines.append("| journal fsyncs | not counted (run with --count-fsyncs) |")
     if flushes is not None:
         lines.append(
-            f"| flush requests the journal's block device completed (/proc/diskstats, "
-            f"whole device) | {flushes} in the window ({flushes / args.duration:,.1f}/s). "
-            "Far fewer than the fsyncs means the (virtual) disk acknowledges writes without "
-            "cache flushes: fsync is then cheap, and durability rests on that device |"
+            f"| disk flush requests (/proc/diskstats, whole device; see bench/README.md) "
+            f"| {flushes} in the window ({flushes / args.duration:,.1f}/s) |"
         )
     before, after = committed
     if before is not None and after is not None:

@@ -67,6 +67,11 @@ class Breaker:
         if self._failures >= self.threshold:
             self._open()
 
+    def abandon(self) -> None:
+        """A call that was let through ended with neither verdict (cancelled, or failed for
+        a reason that says nothing about the coordinator): let another probe go."""
+        self._probe_out = False
+
     def _open(self) -> None:
         self._state = BreakerState.OPEN
         self._opened_at = self._clock()

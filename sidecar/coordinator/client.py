@@ -113,10 +113,11 @@ class LocalCoordinator:
         application_data: bytes,
         idempotency_key: str | None = None,
     ) -> int:
+        request = orjson.dumps([branch_type.value, resource_id, callback_url])
         branch = await self.engine.register(
             xid, branch_type, resource_id, callback_url, application_data,
             idempotency_key=idempotency_key,
-            request_hash=protocol.body_hash(application_data),
+            request_hash=protocol.body_hash(request + application_data),
         )  # fmt: skip
         return branch.branch_id
 
@@ -261,6 +262,27 @@ class RemoteCoordinator:
                 "coordinator cluster unavailable (circuit breaker open; next probe in "
                 f"{self.breaker.seconds_until_probe():.1f}s)"
             )
+        settled = False
+        try:
+            result = await self._try_endpoints(call, method, path, body, xid, idempotency_key)
+            settled = True
+            return result
+        except SidecarError:
+            settled = True  # every verdict path below has told the breaker
+            raise
+        finally:
+            if not settled:
+                self.breaker.abandon()  # cancelled mid-call: never leave the probe out
+
+    async def _try_endpoints(
+        self,
+        call: str,
+        method: str,
+        path: str,
+        body: bytes,
+        xid: str | None,
+        idempotency_key: str | None,
+    ) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.request_timeout
         errors: list[str] = []
@@ -283,12 +305,19 @@ class RemoteCoordinator:
                         max(0.001, deadline - loop.time()),
                     )  # fmt: skip
             except SidecarError:
-                raise  # the token endpoint's answer: not this coordinator endpoint's fault
+                # the token endpoint's answer: not this coordinator endpoint's fault
+                self.breaker.abandon()
+                raise
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 errors.append(f"{endpoint}: {type(exc).__name__} {exc}".strip())
                 continue
             if status >= 500:
                 errors.append(f"{endpoint}: HTTP {status}")
+                continue
+            if status == 404 and errors and xid is not None:
+                # the XID's owner failed and another node does not know it: the owner being
+                # down is the news, not "not found"
+                errors.append(f"{endpoint}: does not know {xid}")
                 continue
             self.breaker.success()
             self._set_breaker_gauge()

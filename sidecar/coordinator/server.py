@@ -23,6 +23,7 @@ from sidecar.coordinator.nonces import NonceStore
 from sidecar.coordinator.signing import KeyRing, verify
 from sidecar.errors import ERROR_HEADER, PayloadTooLarge, SidecarError, SignatureInvalid
 from sidecar.metrics import Metrics
+from sidecar.web_errors import from_http_exception, internal_error
 
 log = logging.getLogger("sidecar.coordinator")
 
@@ -127,6 +128,12 @@ async def signed_only(request: web.Request, handler: Handler) -> web.StreamRespo
         return await handler(request)
     except SidecarError as err:
         return error_response(err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return from_http_exception(exc)
+    except Exception as exc:
+        return internal_error(request, exc)
 
 
 def _xid(request: web.Request) -> str:

@@ -16,7 +16,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Final
 
-from sidecar.errors import CoordinatorUnavailable, SidecarError
+from sidecar.errors import CoordinatorUnavailable, SidecarError, TransactionNotActive
 
 if TYPE_CHECKING:
     from sidecar.coordinator.client import Coordinator
@@ -81,6 +81,19 @@ class TxnFilter:
             return
         self.task = None
         self.xid = state.xid
+        if state.status != "Begin":
+            # a retried request (same Idempotency-Key) whose transaction already ended: the
+            # app must not run it again under a finished XID
+            self.decided = True
+            self.status = state.status
+            ex.fail_now(
+                TransactionNotActive(
+                    f"this request's transaction {state.xid} already ended {state.status} "
+                    "(a retry with the same Idempotency-Key); it is not run again"
+                ),
+                self.headers(),
+            )
+            return
         if ex.finished:
             # the client left (or a timeout fired) while we were beginning
             self._rollback_in_background()

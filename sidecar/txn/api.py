@@ -21,6 +21,7 @@ from aiohttp import web
 from sidecar.config import parse_duration
 from sidecar.coordinator.client import Coordinator
 from sidecar.errors import ERROR_HEADER, InvalidRequest, PayloadTooLarge, SidecarError
+from sidecar.web_errors import from_http_exception, internal_error
 from sidecar.xid import parse as parse_xid
 
 COORDINATOR: Final = web.AppKey("coordinator", Coordinator)
@@ -53,6 +54,12 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             body=too_large.body(), status=413, content_type="application/json",
             headers={ERROR_HEADER: too_large.code},
         )  # fmt: skip
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return from_http_exception(exc)
+    except Exception as exc:
+        return internal_error(request, exc)
 
 
 def _xid(request: web.Request) -> str:
@@ -70,6 +77,8 @@ async def begin(request: web.Request) -> web.Response:
     name = data.get("name")
     if not isinstance(name, str) or not name or len(name) > 128:
         raise InvalidRequest("name must be a non-empty string of at most 128 characters")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise InvalidRequest("name must not contain control characters")
     timeout = data.get("timeout")
     timeout_ms: int | None = None
     if timeout is not None:
