@@ -641,16 +641,17 @@ class IdempotencyConfig(_Model):
 class LocksConfig(_Model):
     """Global locks (`POST /v1/locks`, seed §3.3): per resource key, held by XIDs."""
 
-    #: memory (this process only: lost on restart, not shared by replicas), or
-    #: redis://host[:port][/db] (rediss:// for TLS), shared by every replica
-    backend: str = "memory"
+    #: journal (SQLite beside local_coordinator.journal: one replica, survives restarts),
+    #: memory (this process only: lost on restart), or redis://host[:port][/db] (rediss://
+    #: for TLS), shared by every replica
+    backend: str = "journal"
     #: the Redis AUTH password, from a secret file
     password_file: SecretFile | None = None
 
     @field_validator("backend")
     @classmethod
     def _backend(cls, v: str) -> str:
-        return IdempotencyConfig.check_store(v)
+        return v if v == "journal" else IdempotencyConfig.check_store(v)
 
 
 _UPSTREAM_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")

@@ -33,6 +33,7 @@ from sidecar.txn.api import build_api_app
 from sidecar.txn.branches import BranchRules, Participant
 from sidecar.txn.callbacks_api import add_callback_routes
 from sidecar.txn.fence_store import FenceStore, open_fence_store
+from sidecar.txn.journal_locks import JournalLocks
 from sidecar.txn.locks import LockManager, MemoryLocks, RedisLocks, ReleaseOnFinish
 from sidecar.txn.locks_api import add_lock_routes
 
@@ -122,11 +123,16 @@ class ControlPlane:
         # the locks' safety net: no lock outlives the longest transaction allowed
         safety = self.config.local_coordinator.max_timeout
         password = lk.password_file.reveal() if lk.password_file else None
-        self.locks: LockManager = (
-            MemoryLocks(default_ttl=safety)
-            if lk.backend == "memory"
-            else RedisLocks.from_url(lk.backend, password=password, default_ttl=safety)
-        )
+        journal_url = self.config.local_coordinator.journal
+        self.locks: LockManager
+        if lk.backend == "memory" or (lk.backend == "journal" and journal_url == "memory://"):
+            self.locks = MemoryLocks(default_ttl=safety)
+        elif lk.backend == "journal":
+            self.locks = JournalLocks(
+                journal_url[len("sqlite:///") :] + ".locks", default_ttl=safety
+            )
+        else:
+            self.locks = RedisLocks.from_url(lk.backend, password=password, default_ttl=safety)
         self.releaser = ReleaseOnFinish(self.locks)
         cfg = self.config.coordinator
         self.ring = KeyRing.from_config(cfg.signing)
@@ -151,6 +157,11 @@ class ControlPlane:
         """Open the journal and engine when this process coordinates (`serve_local`), and
         the client of the cluster when endpoints are configured."""
         cfg = self.config
+        if isinstance(self.locks, JournalLocks):
+            try:
+                await self.locks.open()
+            except JournalUnavailable as exc:
+                raise ConfigError([f"locks.backend: {exc.message}"]) from None
         if serve_local:
             lc = cfg.local_coordinator
             host, port = owner_address(cfg)
