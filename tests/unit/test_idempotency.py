@@ -114,7 +114,7 @@ def test_config_defaults() -> None:
     cfg = configmod.parse({}, env={})
     assert cfg.idempotency.store == "memory"
     assert cfg.idempotency.ttl == 86400.0
-    assert cfg.locks.backend == "memory"
+    assert cfg.locks.backend == "journal"
 
 
 def test_config_redis() -> None:
@@ -138,7 +138,7 @@ def test_config_redis() -> None:
         ({"idempotency": {"store": "redis://x/a"}}, "idempotency.store", "invalid db"),
         ({"idempotency": {"store": "redis://x?db=1"}}, "idempotency.store", "query"),
         ({"idempotency": {"ttl": "0s"}}, "idempotency.ttl", "greater than zero"),
-        ({"locks": {"backend": "journal"}}, "locks.backend", "memory, or redis"),
+        ({"locks": {"backend": "sqlite"}}, "locks.backend", "memory, or redis"),
         ({"locks": {"backend": "redis://x:99999"}}, "locks.backend", "invalid port"),
     ],
 )
