@@ -169,6 +169,7 @@ class Sidecar:
             participant=self.control.participant,
             callback_base=self._callback_base,
             xid_aliases=tuple(config.xid.headers),
+            on_finished=self.control.releaser.finished,
         )
         outbound = ListenerRuntime(
             name="outbound",

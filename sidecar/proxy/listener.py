@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -70,6 +71,8 @@ class ListenerRuntime:
     callback_base: str = ""
     #: the XID header names accepted, for error messages
     xid_aliases: tuple[str, ...] = ()
+    #: told the XID of each declarative transaction seen finish (releases its global locks)
+    on_finished: Callable[[str], None] | None = None
     #: recently validated XIDs (a transaction's XID recurs on every call it makes)
     xid_cache: dict[bytes, Xid] = field(default_factory=dict)
     _stats: dict[str, RequestStats] = field(default_factory=dict)

@@ -29,6 +29,7 @@ log = logging.getLogger("sidecar.txn")
 STATUS_HEADER: Final = b"x-gts-transaction-status"
 #: outcomes under which the app's success may stand: committed, or committing for sure
 _COMMITTED: Final = frozenset({"Committed", "Committing", "CommitRetrying"})
+_FINAL: Final = frozenset({"Committed", "Rollbacked", "TimeoutRollbacked"})
 
 #: background rollbacks of abandoned requests, referenced until done
 _background: set[asyncio.Task[None]] = set()
@@ -171,6 +172,9 @@ class TxnFilter:
             status = "Unknown"
         self.status = status
         self.metrics.declarative.labels(self.rule.name, status).inc()
+        on_finished = self.exchange.rt.on_finished
+        if on_finished is not None and status in _FINAL:
+            on_finished(self.xid)  # with a remote coordinator no engine event will say so
         return status
 
     def headers(self) -> list[tuple[bytes, bytes]]:
