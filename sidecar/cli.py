@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from sidecar import __version__, logs
 from sidecar.config import Config, load, parse_duration
@@ -87,7 +88,8 @@ async def _serve_coordinator(config: Config) -> None:
     await coordinator.serve_forever()
 
 
-def run_coordinator(path: str) -> int:
+def _serve_config(path: str, serve: Callable[[Config], Coroutine[Any, Any, None]]) -> int:
+    """Load, set up logging, run `serve(config)` on uvloop; exit 2 on a config problem."""
     try:
         config = load(path)
     except ConfigError as exc:
@@ -97,32 +99,21 @@ def run_coordinator(path: str) -> int:
     import uvloop
 
     try:
-        uvloop.run(_serve_coordinator(config))
+        uvloop.run(serve(config))
     except ConfigError as exc:
         _print_problems(path, exc)
         return 2
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+def run_coordinator(path: str) -> int:
+    return _serve_config(path, _serve_coordinator)
 
 
 def run(path: str, interval: float) -> int:
-    try:
-        config = load(path)
-    except ConfigError as exc:
-        _print_problems(path, exc)
-        return 2
-    logs.setup(config.logging.level, config.logging.format)
-    import uvloop
-
-    try:
-        uvloop.run(_serve(config, path, interval))
-    except ConfigError as exc:
-        _print_problems(path, exc)
-        return 2
-    except KeyboardInterrupt:
-        return 0
-    return 0
+    return _serve_config(path, lambda config: _serve(config, path, interval))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

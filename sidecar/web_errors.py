@@ -8,7 +8,7 @@ from typing import Final
 
 from aiohttp import web
 
-from sidecar.errors import ERROR_HEADER, error_body
+from sidecar.errors import ERROR_HEADER, SidecarError, error_body
 
 log = logging.getLogger("sidecar.web")
 
@@ -41,3 +41,24 @@ def internal_error(request: web.Request, exc: Exception) -> web.Response:
         content_type="application/json",
         headers={ERROR_HEADER: "INTERNAL"},
     )
+
+
+def sidecar_error(err: SidecarError) -> web.Response:
+    return web.Response(
+        body=err.body(),
+        status=err.status,
+        content_type="application/json",
+        headers={ERROR_HEADER: err.code},
+    )
+
+
+def as_response(request: web.Request, exc: Exception) -> web.Response:
+    """Any exception out of a control-plane handler, as the DESIGN error response (HTTP
+    exceptions below 400 — redirects — are re-raised for aiohttp to send)."""
+    if isinstance(exc, SidecarError):
+        return sidecar_error(exc)
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            raise exc
+        return from_http_exception(exc)
+    return internal_error(request, exc)

@@ -23,7 +23,7 @@ from sidecar.coordinator.nonces import NonceStore
 from sidecar.coordinator.signing import KeyRing, verify
 from sidecar.errors import ERROR_HEADER, PayloadTooLarge, SidecarError, SignatureInvalid
 from sidecar.metrics import Metrics
-from sidecar.web_errors import from_http_exception, internal_error
+from sidecar.web_errors import as_response
 
 log = logging.getLogger("sidecar.coordinator")
 
@@ -126,14 +126,8 @@ async def signed_only(request: web.Request, handler: Handler) -> web.StreamRespo
             await request.app[GATE].check(request, body)
             request[BODY] = body
         return await handler(request)
-    except SidecarError as err:
-        return error_response(err)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return from_http_exception(exc)
     except Exception as exc:
-        return internal_error(request, exc)
+        return as_response(request, exc)
 
 
 def _xid(request: web.Request) -> str:

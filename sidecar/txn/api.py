@@ -20,8 +20,8 @@ from aiohttp import web
 
 from sidecar.config import parse_duration
 from sidecar.coordinator.client import Coordinator
-from sidecar.errors import ERROR_HEADER, InvalidRequest, PayloadTooLarge, SidecarError
-from sidecar.web_errors import from_http_exception, internal_error
+from sidecar.errors import InvalidRequest, PayloadTooLarge
+from sidecar.web_errors import as_response, sidecar_error
 from sidecar.xid import parse as parse_xid
 
 COORDINATOR: Final = web.AppKey("coordinator", Coordinator)
@@ -41,25 +41,10 @@ def _json(data: Any, status: int = 200) -> web.Response:
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except SidecarError as err:
-        return web.Response(
-            body=err.body(),
-            status=err.status,
-            content_type="application/json",
-            headers={ERROR_HEADER: err.code},
-        )
     except web.HTTPRequestEntityTooLarge:
-        too_large = PayloadTooLarge(f"body larger than {MAX_BODY} bytes")
-        return web.Response(
-            body=too_large.body(), status=413, content_type="application/json",
-            headers={ERROR_HEADER: too_large.code},
-        )  # fmt: skip
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return from_http_exception(exc)
+        return sidecar_error(PayloadTooLarge(f"body larger than {MAX_BODY} bytes"))
     except Exception as exc:
-        return internal_error(request, exc)
+        return as_response(request, exc)
 
 
 def _xid(request: web.Request) -> str:

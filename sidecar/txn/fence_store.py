@@ -8,7 +8,6 @@ semantics without durability, for tests and `memory://`.
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Protocol
 
 from sidecar.errors import JournalUnavailable
 from sidecar.txn.fence import FenceState
+from sidecar.txn.sqlite_file import open_sqlite
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS fence (
@@ -76,22 +76,8 @@ class SqliteFenceStore:
         self._lock = asyncio.Lock()
 
     async def open(self) -> None:
-        def connect() -> sqlite3.Connection:
-            parent = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(parent, exist_ok=True)
-            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute("PRAGMA busy_timeout=5000")
-                conn.execute(_SCHEMA)
-            except BaseException:
-                conn.close()
-                raise
-            return conn
-
         try:
-            self._conn = await asyncio.to_thread(connect)
+            self._conn = await asyncio.to_thread(open_sqlite, self.path, [_SCHEMA])
         except (sqlite3.Error, OSError) as exc:
             raise JournalUnavailable(f"cannot open fence store at {self.path!r}: {exc}") from None
 

@@ -9,7 +9,6 @@ TTL deadlines are wall-clock milliseconds, so they keep counting across a restar
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +16,7 @@ from typing import TypeVar
 
 from sidecar.errors import InvalidRequest, JournalUnavailable, LockConflict
 from sidecar.txn.locks import check_key, check_keys
+from sidecar.txn.sqlite_file import open_sqlite
 from sidecar.xid import parse as parse_xid
 
 T = TypeVar("T")
@@ -47,22 +47,8 @@ class JournalLocks:
         self._lock = asyncio.Lock()
 
     async def open(self) -> None:
-        def connect() -> sqlite3.Connection:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute("PRAGMA busy_timeout=5000")
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-            except BaseException:
-                conn.close()
-                raise
-            return conn
-
         try:
-            self._conn = await asyncio.to_thread(connect)
+            self._conn = await asyncio.to_thread(open_sqlite, self.path, _SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise JournalUnavailable(f"cannot open lock store at {self.path!r}: {exc}") from None
 
