@@ -533,6 +533,34 @@ class TransactionMatch(_Model):
         return self
 
 
+_DEFAULT_PEER_NETWORKS: Final = [
+    "127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7",
+]  # fmt: skip
+
+
+class DegradedConfig(_Model):
+    """When the coordinator cluster is unreachable (DESIGN §1, "degraded local coordinator")."""
+
+    #: a branch registration for a cluster-owned XID while the cluster is unreachable:
+    #: reject (503 COORDINATOR_UNAVAILABLE + Retry-After; the try is not forwarded, so the
+    #: initiator rolls back). The only policy that cannot split one transaction's outcome.
+    remote_xid_policy: Literal["reject"] = "reject"
+    #: XIDs owned by addresses in these networks are routed to that owner (a peer sidecar
+    #: coordinating in degraded mode); anything else is never called, so a forged XID cannot
+    #: aim signed calls at arbitrary hosts
+    peer_networks: list[str] = Field(default_factory=lambda: list(_DEFAULT_PEER_NETWORKS))
+
+    @field_validator("peer_networks")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"invalid network {net!r} (CIDR, e.g. 10.0.0.0/8)") from None
+        return v
+
+
 class TransactionRule(_Model):
     match: TransactionMatch
     name: str = Field(min_length=1, max_length=128)
@@ -670,6 +698,7 @@ class Config(_Model):
     coordinator: CoordinatorConfig = CoordinatorConfig()
     local_coordinator: LocalCoordinatorConfig = LocalCoordinatorConfig()
     transactions: list[TransactionRule] = Field(default_factory=list)
+    degraded: DegradedConfig = DegradedConfig()
     tcc: list[TccResource] = Field(default_factory=list)
     saga: list[SagaResource] = Field(default_factory=list)
     idempotency: IdempotencyConfig = IdempotencyConfig()

@@ -24,6 +24,7 @@ from sidecar.coordinator.engine import Engine
 from sidecar.coordinator.journal import open_journal
 from sidecar.coordinator.protocol import render_branch
 from sidecar.coordinator.records import BranchRecord, GlobalRecord, Journal
+from sidecar.coordinator.router import RoutingCoordinator
 from sidecar.coordinator.server import SignatureGate, build_peer_app
 from sidecar.coordinator.signing import KeyRing
 from sidecar.errors import ConfigError, JournalUnavailable
@@ -111,6 +112,7 @@ class ControlPlane:
     coordinator: Coordinator | None = None
     fence: FenceStore | None = None
     participant: Participant | None = None
+    router: RoutingCoordinator | None = None
     _stopped: bool = False
 
     def __post_init__(self) -> None:
@@ -197,7 +199,19 @@ class ControlPlane:
         if cfg.coordinator.endpoints:
             tokens = TokenSource.from_config(cfg.coordinator.auth, aiohttp.ClientSession)
             self.remote = RemoteCoordinator(cfg.coordinator, self.ring, self.metrics, tokens=tokens)
-            self.coordinator = self.remote
+            if self.engine is not None:
+                # degraded mode: the local engine stands in while the cluster is unreachable
+                self.router = RoutingCoordinator(
+                    LocalCoordinator(self.engine),
+                    self.remote,
+                    cfg.coordinator,
+                    cfg.degraded,
+                    self.ring,
+                    self.metrics,
+                )
+                self.coordinator = self.router
+            else:
+                self.coordinator = self.remote
         elif self.engine is not None:
             self.coordinator = LocalCoordinator(self.engine)
         rules = BranchRules(cfg)
@@ -238,6 +252,8 @@ class ControlPlane:
         await self.idempotency.close()
         if self.caller is not None:
             await self.caller.close()
+        if self.router is not None:
+            await self.router.close()
         if self.remote is not None:
             await self.remote.close()
             if self.remote.tokens is not None:

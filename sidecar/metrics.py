@@ -250,4 +250,14 @@ class Metrics:
             "1 while the circuit breaker to the coordinator cluster is open or half open",
             registry=r,
         )
+        self.degraded = Gauge(
+            "gts_sidecar_degraded",
+            "1 while new transactions are coordinated locally because the cluster is unreachable",
+            registry=r,
+        )
+        self.degraded_begins = Counter(
+            "gts_sidecar_degraded_begins",
+            "Transactions begun by the local coordinator because the cluster was unreachable",
+            registry=r,
+        )
         self.ready = Gauge("gts_sidecar_ready", "1 when /readyz answers 200", registry=r)

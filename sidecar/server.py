@@ -238,7 +238,9 @@ class Sidecar:
         config = self._config
         if config.listeners.require_c_parser and (problem := c_parser_problem()):
             raise ConfigError([f"listeners.require_c_parser: {problem}"])
-        await self.control.start(serve_local=not config.coordinator.endpoints)
+        # the local engine always runs: it is the coordinator when no cluster is configured,
+        # and the degraded-mode stand-in when the configured cluster is unreachable
+        await self.control.start(serve_local=True)
         compiled = self._compile(config)
         self._swap(compiled)
         self._set_version(self._digest)

@@ -53,6 +53,13 @@ class Breaker:
             return True
         return False
 
+    def allow_peek(self) -> bool:
+        """Would a call be let through now? (Takes no probe.)"""
+        state = self.state
+        return state is BreakerState.CLOSED or (
+            state is BreakerState.HALF_OPEN and not self._probe_out
+        )
+
     def success(self) -> None:
         self._state = BreakerState.CLOSED
         self._failures = 0

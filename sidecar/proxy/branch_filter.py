@@ -73,12 +73,16 @@ class BranchFilter:
         except asyncio.CancelledError:
             return
         except SidecarError as err:
+            extra = self.headers()
             if isinstance(err, CoordinatorUnavailable):
+                retry_after = getattr(err, "retry_after", None)
+                if retry_after is not None:
+                    extra.append((b"retry-after", b"%d" % max(1, round(retry_after))))
                 err = CoordinatorUnavailable(
                     f"branch {self.rule.resource!r} could not be registered with the "
                     f"coordinator of {self.xid}: {err.message}; the request was not forwarded"
                 )
-            ex.fail_now(err, self.headers())
+            ex.fail_now(err, extra)
             return
         self.task = None
         if ex.finished:

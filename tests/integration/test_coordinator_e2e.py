@@ -26,10 +26,10 @@ LISTENERS = {n: {"bind": "127.0.0.1:0"} for n in ("inbound", "outbound", "api", 
 
 
 class CoordinatorProcess:
-    def __init__(self, tmp: Path, key_file: Path, **local: Any) -> None:
+    def __init__(self, tmp: Path, key_file: Path, *, peer_port: int = 0, **local: Any) -> None:
         self.path = tmp / "coordinator.yaml"
         data = {
-            "listeners": LISTENERS,
+            "listeners": {**LISTENERS, "peer": {"bind": f"127.0.0.1:{peer_port}"}},
             "logging": {"level": "info"},
             "drain_timeout": "2s",
             "coordinator": {"signing": {"key_id": "k1", "secret_file": str(key_file)}},
