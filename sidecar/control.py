@@ -201,6 +201,7 @@ class ControlPlane:
             self.remote = RemoteCoordinator(cfg.coordinator, self.ring, self.metrics, tokens=tokens)
             if self.engine is not None:
                 # degraded mode: the local engine stands in while the cluster is unreachable
+                journal_url = cfg.local_coordinator.journal
                 self.router = RoutingCoordinator(
                     LocalCoordinator(self.engine),
                     self.remote,
@@ -208,7 +209,14 @@ class ControlPlane:
                     cfg.degraded,
                     self.ring,
                     self.metrics,
+                    outbox_path=None
+                    if journal_url == "memory://"
+                    else journal_url[len("sqlite:///") :] + ".outbox",
                 )
+                try:
+                    await self.router.open()
+                except JournalUnavailable as exc:
+                    raise ConfigError([f"local_coordinator.journal: {exc.message}"]) from None
                 self.coordinator = self.router
             else:
                 self.coordinator = self.remote

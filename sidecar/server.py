@@ -112,6 +112,9 @@ class Sidecar:
         app_problem = await self._probe_app()
         if app_problem:
             problems.append(app_problem)
+        engine = self.control.engine
+        if engine is not None and not engine.journal_ok:
+            problems.append("journal unavailable: new transactions are refused")
         return problems
 
     async def _probe_app(self) -> str | None:

@@ -53,7 +53,11 @@ class StandaloneCoordinator:
         return ""
 
     async def readiness(self) -> list[str]:
-        return ["draining"] if self.draining else []
+        problems = ["draining"] if self.draining else []
+        engine = self.control.engine
+        if engine is not None and not engine.journal_ok:
+            problems.append("journal unavailable: new transactions are refused")
+        return problems
 
     async def start(self) -> None:
         cfg = self._config

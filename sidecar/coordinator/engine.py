@@ -21,7 +21,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Protocol
 
@@ -133,6 +133,21 @@ class Engine:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        #: False since the last journal write failed (until one succeeds): readiness says so
+        self.journal_ok = True
+
+    # --- the journal ---------------------------------------------------------------------------
+
+    async def _write(
+        self, globals_: Sequence[GlobalRecord] = (), branches: Sequence[BranchRecord] = ()
+    ) -> None:
+        """Every write goes through here, so readiness can say when the journal fails."""
+        try:
+            await self.journal.write(globals_, branches)
+        except JournalUnavailable:
+            self.journal_ok = False
+            raise
+        self.journal_ok = True
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -256,7 +271,7 @@ class Engine:
         if idempotency_key is not None:
             self._keys[idempotency_key] = xid
         try:
-            await self.journal.write([record])
+            await self._write([record])
         except BaseException:
             self._live.pop(xid, None)
             if idempotency_key is not None:
@@ -375,7 +390,7 @@ class Engine:
                 idempotency_key=idempotency_key,
                 request_hash=request_hash,
             )
-            await self.journal.write(branches=[branch])
+            await self._write(branches=[branch])
             live.branches.append(branch)
             return branch
 
@@ -395,7 +410,7 @@ class Engine:
             ):
                 return branch  # phase two already ran: a late report changes nothing
             updated = replace(branch, status=status, updated_ms=self._clock_ms())
-            await self.journal.write(branches=[updated])
+            await self._write(branches=[updated])
             live.branches[index] = updated
             return updated
 
@@ -527,7 +542,7 @@ class Engine:
                     current, status=failed, attempts=attempts, updated_ms=self._clock_ms(),
                     last_error=error[:500], stuck=attempts >= self.policy.max_attempts,
                 )  # fmt: skip
-            await self.journal.write(branches=[updated])
+            await self._write(branches=[updated])
             live.branches[index] = updated
         if updated.stuck:
             log.error(
@@ -540,7 +555,7 @@ class Engine:
 
     async def _set_status(self, live: _Live, status: GlobalStatus) -> None:
         record = replace(live.record, status=status, updated_ms=self._clock_ms())
-        await self.journal.write([record])
+        await self._write([record])
         live.record = record
 
     def _retire(self, live: _Live) -> None:
@@ -585,7 +600,7 @@ class Engine:
                 current, status=done, stuck=False, updated_ms=self._clock_ms(),
                 last_error="skipped by an operator",
             )  # fmt: skip
-            await self.journal.write(branches=[updated])
+            await self._write(branches=[updated])
             live.branches[index] = updated
         if live.record.status is not GlobalStatus.BEGIN:
             self._start_driver(live)
@@ -599,7 +614,7 @@ class Engine:
             if index is None:
                 raise BranchNotFound(f"no branch {branch_id} in transaction {xid!r}")
             updated = replace(live.branches[index], stuck=False, attempts=0)
-            await self.journal.write(branches=[updated])
+            await self._write(branches=[updated])
             live.branches[index] = updated
         if live.record.status is not GlobalStatus.BEGIN:
             self._start_driver(live)

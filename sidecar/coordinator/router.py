@@ -21,6 +21,7 @@ from typing import Any
 
 from sidecar.config import CoordinatorConfig, DegradedConfig
 from sidecar.coordinator.client import LocalCoordinator, RemoteCoordinator, TxState
+from sidecar.coordinator.outbox import DecisionPending, Outbox
 from sidecar.coordinator.signing import KeyRing
 from sidecar.coordinator.states import BranchStatus, BranchType
 from sidecar.errors import CoordinatorUnavailable, XidInvalid
@@ -50,7 +51,9 @@ class RoutingCoordinator:
         degraded: DegradedConfig,
         ring: KeyRing,
         metrics: Metrics,
+        outbox_path: str | None = None,
     ) -> None:
+        self.outbox = Outbox(outbox_path, self._resend)
         self.local = local
         self.remote = remote
         self.cfg = cfg
@@ -64,9 +67,17 @@ class RoutingCoordinator:
     def own(self) -> str:
         return self.local.engine.owner
 
+    async def open(self) -> None:
+        await self.outbox.open()
+
     async def close(self) -> None:
+        await self.outbox.close()
         for peer in self._peers.values():
             await peer.close()
+
+    async def _resend(self, xid: str, commit: bool) -> str:
+        state = await (self.remote.commit if commit else self.remote.rollback)(xid)
+        return state.status
 
     # --- routing --------------------------------------------------------------------------
 
@@ -137,10 +148,22 @@ class RoutingCoordinator:
         return state
 
     async def commit(self, xid: str) -> TxState:
-        return await self._for_xid(xid).commit(xid)
+        return await self._decide(xid, True)
 
     async def rollback(self, xid: str) -> TxState:
-        return await self._for_xid(xid).rollback(xid)
+        return await self._decide(xid, False)
+
+    async def _decide(self, xid: str, commit: bool) -> TxState:
+        target = self._for_xid(xid)
+        try:
+            return await (target.commit if commit else target.rollback)(xid)
+        except CoordinatorUnavailable as exc:
+            if target is not self.remote:
+                raise
+            # a cluster-owned decision the cluster cannot take now: journal it, re-send it
+            # when it returns, and say the outcome is unknown meanwhile
+            await self.outbox.record(xid, commit)
+            raise DecisionPending(xid, commit, exc.message) from None
 
     async def status(self, xid: str) -> dict[str, Any]:
         return await self._for_xid(xid).status(xid)

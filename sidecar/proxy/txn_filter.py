@@ -52,6 +52,8 @@ class TxnFilter:
         self.status: str | None = None
         self.decided = False
         self.task: asyncio.Task[None] | None = None
+        #: why the decision did not reach the coordinator (journalled for re-sending, if so)
+        self.undelivered: SidecarError | None = None
 
     # --- begin -------------------------------------------------------------------------------
 
@@ -117,7 +119,7 @@ class TxnFilter:
         headers = self.headers()
         if success and status not in _COMMITTED:
             if status == "Unknown":
-                err: SidecarError = CoordinatorUnavailable(
+                err: SidecarError = self.undelivered or CoordinatorUnavailable(
                     f"the app succeeded but transaction {self.xid} could not be committed: "
                     "the coordinator did not answer; its outcome is unknown"
                 )
@@ -169,6 +171,7 @@ class TxnFilter:
                 "transaction decision not delivered",
                 extra={"xid": self.xid, "commit": commit, "error": exc.message},
             )
+            self.undelivered = exc
             status = "Unknown"
         self.status = status
         self.metrics.declarative.labels(self.rule.name, status).inc()

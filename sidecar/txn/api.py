@@ -20,6 +20,7 @@ from aiohttp import web
 
 from sidecar.config import parse_duration
 from sidecar.coordinator.client import Coordinator
+from sidecar.coordinator.outbox import DecisionPending
 from sidecar.errors import InvalidRequest, PayloadTooLarge
 from sidecar.web_errors import as_response, sidecar_error
 from sidecar.xid import parse as parse_xid
@@ -29,6 +30,7 @@ COORDINATOR: Final = web.AppKey("coordinator", Coordinator)
 ON_FINISHED: Final[web.AppKey[Callable[[str], None]]] = web.AppKey("on_finished")
 _FINAL: Final = frozenset({"Committed", "Rollbacked", "TimeoutRollbacked"})
 MAX_BODY: Final = 64 * 1024
+STATUS_HEADER: Final = "x-gts-transaction-status"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -81,14 +83,26 @@ async def begin(request: web.Request) -> web.Response:
     return _json({"xid": state.xid, "status": state.status})
 
 
+def _pending(err: DecisionPending) -> web.Response:
+    response = sidecar_error(err)
+    response.headers[STATUS_HEADER] = "Unknown"
+    return response
+
+
 async def commit(request: web.Request) -> web.Response:
-    state = await request.app[COORDINATOR].commit(_xid(request))
+    try:
+        state = await request.app[COORDINATOR].commit(_xid(request))
+    except DecisionPending as err:
+        return _pending(err)
     _maybe_finished(request, state.xid, state.status)
     return _json({"xid": state.xid, "status": state.status})
 
 
 async def rollback(request: web.Request) -> web.Response:
-    state = await request.app[COORDINATOR].rollback(_xid(request))
+    try:
+        state = await request.app[COORDINATOR].rollback(_xid(request))
+    except DecisionPending as err:
+        return _pending(err)
     _maybe_finished(request, state.xid, state.status)
     return _json({"xid": state.xid, "status": state.status})
 

@@ -139,3 +139,45 @@ async def test_tcc_in_degraded_mode_registers_with_the_owning_peer(
         async with s.post(deduct, headers={"XID": "8.8.8.8:15020:5"}, data=b"{}") as r:
             assert r.status == 503
     assert inventory.count()["/deduct"] == 1
+
+
+async def test_a_decision_the_cluster_cannot_take_is_journalled_and_resent(
+    tmp_path: Path, key_file: Path, sidecar_factory
+) -> None:
+    port = closed_port()
+    coordinator = CoordinatorProcess(tmp_path, key_file, peer_port=port)
+    await coordinator.start()
+    sc = await sidecar_factory(
+        {
+            "coordinator": {
+                "endpoints": [f"http://127.0.0.1:{port}"],
+                "signing": signing(key_file),
+                "breaker": {"failures": 1, "reset": "200ms"},
+                "timeouts": {"connect": "300ms", "request": "1s"},
+            },
+            "local_coordinator": {"journal": f"sqlite:///{tmp_path.resolve()}/sidecar.db"},
+        }
+    )
+    api = f"http://127.0.0.1:{sc.ports['api']}/v1/transactions"
+    try:
+        xid = await begin(sc)
+        assert xid.startswith(f"127.0.0.1:{port}:")  # cluster-owned
+        await coordinator.kill(signal.SIGKILL)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{api}/{xid}/commit") as r:
+                assert r.status == 503
+                assert r.headers["x-gts-transaction-status"] == "Unknown"
+                assert "journalled" in (await r.json())["error"]["message"]
+            assert await sc.control.router.outbox.pending() == [(xid, True)]
+
+            await coordinator.start()  # the cluster returns: the commit is delivered
+
+            async def delivered() -> None:
+                while await sc.control.router.outbox.pending():
+                    await asyncio.sleep(0.05)
+
+            await asyncio.wait_for(delivered(), 20)
+            async with s.get(f"{api}/{xid}") as r:
+                assert (await r.json())["status"] == "Committed"
+    finally:
+        await coordinator.kill(signal.SIGTERM)
