@@ -9,6 +9,11 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from sidecar import config as configmod
+from sidecar.coordinator.client import RemoteCoordinator
+from sidecar.coordinator.signing import KeyRing
+from sidecar.coordinator.states import BranchType
+from sidecar.metrics import Metrics
 from tests.integration.proc import start_sidecar, write_config
 
 
@@ -141,5 +146,82 @@ async def test_sighup_reloads_and_api_and_peer_listeners_serve_health(
         assert any(
             rec.get("msg") == "config reloaded" and rec.get("reason") == "SIGHUP" for rec in sc.log
         )
+    finally:
+        await sc.stop()
+
+
+async def test_sigterm_leaves_unfinished_phase_two_journalled_and_it_resumes(
+    tmp_path: Path, aiohttp_server
+) -> None:
+    """Phase two that cannot finish within drain_timeout is left in the journal; the next
+    start finishes it."""
+    healthy = asyncio.Event()
+    confirms: list[str] = []
+
+    async def confirm(request: web.Request) -> web.Response:
+        confirms.append(request.headers["Idempotency-Key"])
+        if not healthy.is_set():
+            return web.json_response({"status": "PhaseTwo_CommitFailed_Retryable"}, status=503)
+        return web.json_response({"status": "PhaseTwo_Committed"})
+
+    branch_app = web.Application()
+    branch_app.router.add_post("/cb/commit", confirm)
+    branch_server = await aiohttp_server(branch_app)
+    key = tmp_path / "signing.key"
+    key.write_text("lifecycle-key-0123456789abcdef\n")
+    signing = {"key_id": "k1", "secret_file": str(key)}
+    cfg = write_config(
+        tmp_path / "sidecar.yaml",
+        {
+            "drain_timeout": "300ms",
+            "coordinator": {"signing": signing},
+            "local_coordinator": {
+                "journal": f"sqlite:///{tmp_path.resolve()}/journal.db",
+                "phase_two": {"initial": "50ms", "max": "100ms", "max_attempts": 1000},
+            },
+        },
+    )
+    sc = await start_sidecar(cfg)
+    api = f"http://127.0.0.1:{sc.ports['api']}/v1/transactions"
+    try:
+        # a branch, registered over the sidecar's own signed GTS REST v1 (its peer listener)
+        cc = configmod.parse(
+            {"coordinator": {"endpoints": [f"http://127.0.0.1:{sc.ports['peer']}"],
+                             "signing": signing}},
+            env={},
+        )  # fmt: skip
+        client = RemoteCoordinator(
+            cc.coordinator, KeyRing.from_config(cc.coordinator.signing), Metrics()
+        )
+        try:
+            xid = (await client.begin("t", 60_000)).xid
+            await client.register(
+                xid, BranchType.TCC, "r", f"http://127.0.0.1:{branch_server.port}/cb", b"{}"
+            )
+            await client.commit(xid)
+        finally:
+            await client.close()
+
+        async def retried() -> None:
+            while len(confirms) < 2:
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(retried(), 10)  # phase two is running, and failing
+        sc.signal(signal.SIGTERM)
+        assert await sc.wait(20) == 0  # the drain gave up on it within drain_timeout
+        healthy.set()
+        sc = await start_sidecar(cfg)  # the same journal: phase two resumes and finishes
+        api = f"http://127.0.0.1:{sc.ports['api']}/v1/transactions"
+        async with aiohttp.ClientSession() as s:
+
+            async def committed() -> None:
+                while True:
+                    async with s.get(f"{api}/{xid}") as r:
+                        if (await r.json())["status"] == "Committed":
+                            return
+                    await asyncio.sleep(0.05)
+
+            await asyncio.wait_for(committed(), 20)
+        assert len(set(confirms)) == 1  # one branch, one stable Idempotency-Key, retried
     finally:
         await sc.stop()
