@@ -51,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a standalone coordinator (GTS REST v1 on listeners.peer, metrics on admin)",
     )
     coord.add_argument("--config", required=True, metavar="FILE", help="the YAML config file")
+
+    demo = sub.add_parser(
+        "demo",
+        help="run a whole transaction flow on loopback (coordinator, three services, "
+        "degraded mode) and check its consistency (exit 0 only when every check passes)",
+    )
+    demo.add_argument("--quiet", action="store_true", help="print only the summary")
+    demo.add_argument("--keep", action="store_true", help="keep the temp dir (journals, logs)")
     return parser
 
 
@@ -124,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args.config, args.reload_interval)
     if args.command == "coordinator":
         return run_coordinator(args.config)
+    if args.command == "demo":
+        from sidecar.demo import main as demo
+
+        return demo(args)
     raise AssertionError(args.command)  # argparse enforces the choices
 
 
