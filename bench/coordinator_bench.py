@@ -137,9 +137,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "must be on a real disk: fsync on tmpfs costs nothing",
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument(
+        "--degraded",
+        action="store_true",
+        help="instead of the standalone coordinator, a sidecar whose cluster is unreachable: "
+        "each transaction is begun and committed through its TM API (coordinated by its "
+        "local engine) with one TCC branch registered, signed, on its peer listener and "
+        "confirmed by a callback to the client",
+    )
     # the client processes run this same script
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
+    p.add_argument("--api-url", help=argparse.SUPPRESS)
     p.add_argument("--key-file", help=argparse.SUPPRESS)
     p.add_argument("--warm-at", type=float, help=argparse.SUPPRESS)
     p.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
@@ -190,6 +199,41 @@ async def _worker(args: argparse.Namespace) -> dict[str, Any]:
     completed = 0  # every begin+commit that committed, warm-up and stragglers included
     not_committed: Counter[str] = Counter()
 
+    # --degraded: the app's calls (TM API, unsigned, localhost) and a peer's registration
+    # (signed); the branch's confirm callback is answered by this process
+    import aiohttp
+    from aiohttp import web
+
+    from sidecar.coordinator.client import TxState
+    from sidecar.coordinator.states import BranchType
+
+    session: aiohttp.ClientSession | None = None
+    callback_url = ""
+    runner: web.AppRunner | None = None
+    if args.degraded:
+
+        async def confirm(request: web.Request) -> web.Response:
+            await request.read()
+            return web.json_response({"status": "PhaseTwo_Committed"})
+
+        cb_app = web.Application()
+        cb_app.router.add_post("/cb/commit", confirm)
+        runner = web.AppRunner(cb_app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        callback_url = f"http://127.0.0.1:{runner.addresses[0][1]}/cb"
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+    async def degraded_pair() -> TxState:
+        assert session is not None
+        async with session.post(f"{args.api_url}/v1/transactions", json={"name": "bench"}) as r:
+            xid = (await r.json())["xid"]
+        await client.register(xid, BranchType.TCC, "bench", callback_url, b"{}")
+        async with session.post(f"{args.api_url}/v1/transactions/{xid}/commit") as r:
+            body = await r.json()
+        return TxState(xid, body["status"])
+
     async def sleep_until(wall: float) -> None:
         delay = wall - time.time()
         if delay > 0:
@@ -203,8 +247,11 @@ async def _worker(args: argparse.Namespace) -> dict[str, Any]:
                 return
             t0 = clock()
             try:
-                state = await client.begin("bench", 60_000)
-                done = await client.commit(state.xid)
+                if args.degraded:
+                    done = await degraded_pair()
+                else:
+                    state = await client.begin("bench", 60_000)
+                    done = await client.commit(state.xid)
             except SidecarError as exc:
                 errors[exc.code] += 1
                 if len(first_errors) < 3:
@@ -234,6 +281,10 @@ async def _worker(args: argparse.Namespace) -> dict[str, Any]:
         await sampler
     finally:
         await client.close()
+        if session is not None:
+            await session.close()
+        if runner is not None:
+            await runner.cleanup()
     return {
         "latencies_us": latencies,
         "completed": completed,
@@ -309,15 +360,21 @@ class Coordinator:
         return self.popen.returncode
 
 
-def write_config(work: Path) -> tuple[Path, Path]:
+def write_config(work: Path, degraded: bool = False) -> tuple[Path, Path]:
     key_file = work / "signing.key"
     key_file.write_text(os.urandom(32).hex() + "\n")
     binds = {n: {"bind": "127.0.0.1:0"} for n in ("inbound", "outbound", "api", "peer", "admin")}
+    coordinator: dict[str, Any] = {"signing": {"key_id": KEY_ID, "secret_file": str(key_file)}}
+    if degraded:
+        # a cluster that refuses connections at once; after the first failure the breaker
+        # stays open for the whole run, so every begin is coordinated locally
+        coordinator["endpoints"] = ["http://127.0.0.1:1"]
+        coordinator["breaker"] = {"failures": 1, "reset": "1h"}
     config = {
         "listeners": binds,
         "logging": {"level": "info", "format": "json"},
         "drain_timeout": "5s",
-        "coordinator": {"signing": {"key_id": KEY_ID, "secret_file": str(key_file)}},
+        "coordinator": coordinator,
         "local_coordinator": {"journal": f"sqlite:///{work.resolve()}/journal.db"},
     }
     path = work / "coordinator.yaml"
@@ -327,10 +384,18 @@ def write_config(work: Path) -> tuple[Path, Path]:
 
 
 def start_coordinator(
-    config: Path, pin: list[str], strace_pin: list[str], strace: str | None, fsync_log: Path
+    config: Path,
+    pin: list[str],
+    strace_pin: list[str],
+    strace: str | None,
+    fsync_log: Path,
+    degraded: bool = False,
 ) -> Coordinator:
-    """The coordinator on `pin`; under strace (itself on `strace_pin`) when given."""
-    argv = [*pin, venv_python(), "-m", "sidecar", "coordinator", "--config", str(config)]
+    """The coordinator on `pin`; under strace (itself on `strace_pin`) when given. With
+    `degraded`, a sidecar (`run`) whose local engine is the coordinator."""
+    command = "run" if degraded else "coordinator"
+    started_msg = "gts-sidecar started" if degraded else STARTED_MSG
+    argv = [*pin, venv_python(), "-m", "sidecar", command, "--config", str(config)]
     if strace is not None:
         trace = [strace, "-f", "--seccomp-bpf", "-qq", "-ttt", "-T"]
         trace += ["-e", "trace=fsync,fdatasync"]
@@ -358,7 +423,7 @@ def start_coordinator(
             if not ready.is_set():
                 with contextlib.suppress(ValueError):
                     rec = json.loads(line)
-                    if isinstance(rec, dict) and rec.get("msg") == STARTED_MSG:
+                    if isinstance(rec, dict) and rec.get("msg") == started_msg:
                         started.update(rec)
                         ready.set()
         ready.set()  # the process ended
@@ -613,10 +678,10 @@ def run(args: argparse.Namespace) -> int:
     coord: Coordinator | None = None
     workers: list[subprocess.Popen[bytes]] = []
     try:
-        config, key_file = write_config(work)
+        config, key_file = write_config(work, args.degraded)
         fsync_log = work / "fsync.strace"
         print("starting the coordinator …", file=sys.stderr)
-        coord = start_coordinator(config, coord_pin, client_pin, strace, fsync_log)
+        coord = start_coordinator(config, coord_pin, client_pin, strace, fsync_log, args.degraded)
         url = f"http://127.0.0.1:{coord.ports['peer']}"
         committed_before = committed_metric(coord.ports["admin"])
 
@@ -629,6 +694,8 @@ def run(args: argparse.Namespace) -> int:
             shares[i] += 1
         for i, share in enumerate(shares):
             argv = [python, str(Path(__file__).resolve()), "--worker", "--url", url]
+            if args.degraded:
+                argv += ["--degraded", "--api-url", f"http://127.0.0.1:{coord.ports['api']}"]
             argv += ["--key-file", str(key_file), "--concurrency", str(share)]
             argv += ["--warm-at", repr(warm_at), "--start-at", repr(start_at)]
             argv += ["--end-at", repr(end_at), "--result-file", str(work / f"client-{i}.json")]
