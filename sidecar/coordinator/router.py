@@ -129,6 +129,9 @@ class RoutingCoordinator:
         self, name: str, timeout_ms: int | None, idempotency_key: str | None = None
     ) -> TxState:
         try:
+            if not self.remote.breaker.allow_peek():
+                # the breaker is open: no call would go out; skip straight to the local engine
+                raise CoordinatorUnavailable("circuit breaker open")
             state = await self.remote.begin(name, timeout_ms, idempotency_key)
         except CoordinatorUnavailable as exc:
             state = await self.local.begin(name, timeout_ms, idempotency_key)
