@@ -19,6 +19,7 @@ from sidecar.coordinator.engine import Engine
 from sidecar.coordinator.protocol import render_branch
 from sidecar.errors import ERROR_HEADER, SidecarError, error_body
 from sidecar.metrics import Metrics
+from sidecar.web_errors import as_response
 
 
 class AdminState(Protocol):
@@ -122,16 +123,20 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def admin_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path.startswith("/admin/"):
-        token = request.app[STATE].config.admin.token_file
-        if token is not None:
-            sent = request.headers.get("Authorization", "")
-            expected = "Bearer " + token.reveal()
-            if not hmac.compare_digest(sent.encode(), expected.encode()):
-                return error_response(
-                    401, "UNAUTHORIZED", "admin endpoints need 'Authorization: Bearer <token>'"
-                )
-    return await handler(request)
+    try:
+        if request.path.startswith("/admin/"):
+            token = request.app[STATE].config.admin.token_file
+            if token is not None:
+                # bytes as received (aiohttp keeps undecodable ones as surrogates)
+                sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+                expected = ("Bearer " + token.reveal()).encode()
+                if not hmac.compare_digest(sent, expected):
+                    return error_response(
+                        401, "UNAUTHORIZED", "admin endpoints need 'Authorization: Bearer <token>'"
+                    )
+        return await handler(request)
+    except Exception as exc:
+        return as_response(request, exc)
 
 
 def build_admin_app(state: AdminState) -> web.Application:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import stat
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
@@ -34,6 +34,8 @@ from sidecar.errors import ConfigError
 
 _DURATION_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+#: no timeout or period is meant to be longer (and inf is refused with it)
+_MAX_DURATION: Final = 366 * 86400.0
 
 
 def parse_duration(value: object) -> float:
@@ -42,7 +44,10 @@ def parse_duration(value: object) -> float:
     if isinstance(value, str):
         m = _DURATION_RE.match(value)
         if m:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            if seconds <= _MAX_DURATION:
+                return seconds
+            raise ValueError(f"duration {value!r} is longer than a year")
     raise ValueError(f"invalid duration {value!r} (use a number and a unit: 500ms, 8s, 2m, 24h)")
 
 
@@ -110,15 +115,30 @@ class Secret:
         return hash(self._value)
 
 
+_MAX_SECRET: Final = 64 * 1024
+
+
 def _read_secret(value: object) -> Secret:
     if isinstance(value, Secret):
         return value
     if not isinstance(value, str) or not value:
         raise ValueError("must be the path of a file holding the secret")
     try:
-        text = Path(value).read_text(encoding="utf-8").strip()
+        # a regular file, read with a cap: a FIFO would block, /dev/zero never end
+        st = os.stat(value)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"secret file {value!r} is not a regular file")
+        with open(value, "rb") as f:
+            raw = f.read(_MAX_SECRET + 1)
     except OSError as exc:
         raise ValueError(f"cannot read secret file {value!r}: {exc.strerror}") from None
+    if len(raw) > _MAX_SECRET:
+        raise ValueError(f"secret file {value!r} is larger than {_MAX_SECRET} bytes")
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        # say nothing of its bytes: they are the secret
+        raise ValueError(f"secret file {value!r} is not UTF-8 text") from None
     if not text:
         raise ValueError(f"secret file {value!r} is empty")
     return Secret(text, value)
@@ -588,12 +608,26 @@ class Endpoint(_Model):
         return v
 
 
+_NOT_FOR_PHASE_TWO: Final = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te",
+     "trailer", "upgrade", "proxy-connection", "expect"}
+)  # fmt: skip
+
+
 class PhaseTwoHeader(_Model):
     """A header sent with confirm/cancel/compensation calls, its value from a secret file
     (the try's own Authorization is never replayed: it may have expired by then)."""
 
     name: HeaderName
     value_file: SecretFile
+
+    @model_validator(mode="after")
+    def _safe(self) -> PhaseTwoHeader:
+        if self.name.lower() in _NOT_FOR_PHASE_TWO:
+            raise ValueError(f"{self.name!r} is set by the sidecar itself (framing, hop)")
+        if any(c in self.value_file.reveal() for c in "\r\n\x00"):
+            raise ValueError("the value must be one line (no CR, LF or NUL)")
+        return self
 
 
 _RESOURCE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
@@ -770,9 +804,28 @@ class Config(_Model):
 _ENV_RE: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _substitute(node: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
+#: more values than any real config has: a YAML alias bomb expands past it at once
+_MAX_NODES: Final = 100_000
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _substitute(
+    node: Any,
+    env: Mapping[str, str],
+    path: str,
+    problems: list[str],
+    budget: list[int] | None = None,
+) -> Any:
     """Replace ${VAR} and ${VAR:-default} in string scalars (not in the raw text, so that a
-    value can never inject YAML structure)."""
+    value can never inject YAML structure). Counts the values it visits against a budget."""
+    if budget is None:
+        budget = [_MAX_NODES]
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooLarge()
     if isinstance(node, str):
 
         def repl(m: re.Match[str]) -> str:
@@ -790,11 +843,11 @@ def _substitute(node: Any, env: Mapping[str, str], path: str, problems: list[str
         return _ENV_RE.sub(repl, node)
     if isinstance(node, dict):
         return {
-            k: _substitute(v, env, f"{path}.{k}" if path else str(k), problems)
+            k: _substitute(v, env, f"{path}.{k}" if path else str(k), problems, budget)
             for k, v in node.items()
         }
     if isinstance(node, list):
-        return [_substitute(v, env, f"{path}[{i}]", problems) for i, v in enumerate(node)]
+        return [_substitute(v, env, f"{path}[{i}]", problems, budget) for i, v in enumerate(node)]
     return node
 
 
@@ -834,11 +887,20 @@ def parse(data: Any, env: Mapping[str, str] | None = None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(["<root>: the config file must be a mapping of sections"])
     problems: list[str] = []
-    data = _substitute(data, os.environ if env is None else env, "", problems)
+    try:
+        data = _substitute(data, os.environ if env is None else env, "", problems)
+    except _TooLarge:
+        raise ConfigError(
+            [f"<root>: more than {_MAX_NODES} values (YAML aliases expanding?): refused"]
+        ) from None
+    except RecursionError:
+        raise ConfigError(["<root>: nested too deeply"]) from None
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         problems.extend(p for e in exc.errors() for p in _format_error(e))
+    except (RecursionError, TypeError, ValueError) as exc:
+        problems.append(f"<root>: not a usable config: {type(exc).__name__}")
     if problems:
         raise ConfigError(problems)
     return config
@@ -866,10 +928,18 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+#: a ConfigMap holds at most 1 MiB; a config file has no reason to be larger
+_MAX_FILE: Final = 1024 * 1024
+
+
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
     """Read, substitute and validate one config file."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_FILE + 1)  # never more: a sparse or endless file is refused
+        if len(raw) > _MAX_FILE:
+            raise ConfigError([f"<file>: {str(path)!r} is larger than {_MAX_FILE} bytes"])
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise ConfigError([f"<file>: cannot read {str(path)!r}: {exc.strerror}"]) from None
     except UnicodeDecodeError as exc:
@@ -878,6 +948,9 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except _DuplicateKey as exc:
         raise ConfigError([str(exc)]) from None
+    except (RecursionError, TypeError, ValueError) as exc:
+        # nesting too deep, unhashable (list/map) keys, absurd numbers: not a config
+        raise ConfigError([f"<file>: not a usable config: {type(exc).__name__}"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

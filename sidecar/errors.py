@@ -183,3 +183,8 @@ class LockConflict(SidecarError):
     def body(self) -> bytes:
         err = {"code": self.code, "message": self.message, "holder": self.holder, "key": self.key}
         return orjson.dumps({"error": err})
+
+
+class VersionNotSupported(SidecarError):
+    code = "HTTP_VERSION_NOT_SUPPORTED"
+    status = 505

@@ -80,7 +80,10 @@ class ConfigWatcher:
                 return self._count("unchanged", None)
             try:
                 config = await loop.run_in_executor(None, load, self.path)
-            except ConfigError as exc:
+            except Exception as exc:  # a bug in loading must not kill the watcher either
+                if not isinstance(exc, ConfigError):
+                    log.exception("config reload failed unexpectedly")
+                    exc = ConfigError([f"<file>: {type(exc).__name__}"])
                 log.error(
                     "config reload refused; the previous config stays in force",
                     extra={"reason": reason, "problems": exc.problems, "sha256": digest[:12]},

@@ -138,7 +138,8 @@ class Exchange:
         self.attempts_left = cluster.retry_attempts
         self.deadline = self.started + cluster.total_timeout
         self.conn.listener.watch(self)
-        if head.expect_continue and not self.body_done:
+        if head.expect_continue and not self.body_done and head.http_minor == 1:
+            # (RFC 9110 §10.1.1: never a 1xx to an HTTP/1.0 client)
             self.conn.write(_CONTINUE)
         if route.branch is not None and rt.participant is not None:
             if self.xid is None:

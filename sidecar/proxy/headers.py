@@ -8,6 +8,7 @@ upstream. Header values are forwarded byte for byte; nothing is normalised or "r
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -159,7 +160,9 @@ class RequestHead:
             self.host = value
             self.host_count += 1
         elif kind == CONTENT_LENGTH:
-            self.content_length = value
+            # llhttp has checked it is one decimal number; render it canonically, so that no
+            # upstream reads `010` as octal or trips on stray whitespace
+            self.content_length = b"%d" % int(value)
         elif kind == TRANSFER_ENCODING:
             # Only a single `chunked` is accepted (as Envoy does): other codings would have to
             # be carried through untouched, and llhttp validates them only after the head is
@@ -199,6 +202,16 @@ class RequestHead:
     @property
     def has_body(self) -> bool:
         return self.chunked or (self.content_length is not None and self.content_length != b"0")
+
+
+# RFC 3986 host (reg-name, IPv4, or a bracketed IP literal) and an optional port
+_HOST_RE: Final = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?"
+)
+
+
+def valid_host(value: bytes) -> bool:
+    return _HOST_RE.fullmatch(value) is not None
 
 
 def split_target(url: bytes) -> tuple[bytes, bytes]:
@@ -255,6 +268,7 @@ _REASONS: Final = {
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
 }
 _STATUS_LINES: Final = {
     code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()

@@ -45,13 +45,20 @@ class InboundRouter(Router):
         url = head.url
         if url[:1] != b"/":
             if url == b"*" and head.method == b"OPTIONS":
-                target = url
+                url = b""  # no path: no rule can match it
+                target = b"*"
             else:
+                # absolute-form: reduce it to origin-form once, and route and match on that
+                # (so a rule or the app's base path cannot be sidestepped)
                 try:
                     parsed = httptools.parse_url(url)
                 except httptools.HttpParserInvalidURLError:
                     raise BadRequest("invalid request target") from None
-                target = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
+                authority = (parsed.host or b"") + (b":%d" % parsed.port if parsed.port else b"")
+                if head.host is not None and head.host.lower() != authority.lower():
+                    raise BadRequest("Host header differs from the request target's authority")
+                url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
+                target = self.app.base_path + url if self.app.base_path else url
         else:
             target = self.app.base_path + url if self.app.base_path else url
         extra: list[tuple[bytes, bytes]] = []

@@ -28,6 +28,7 @@ from sidecar.errors import (
     NotImplementedByProxy,
     RequestTimeout,
     SidecarError,
+    VersionNotSupported,
 )
 from sidecar.proxy import headers as h
 from sidecar.proxy.exchange import (
@@ -218,6 +219,11 @@ class ClientConnection(asyncio.Protocol):
         self.body_timer: asyncio.TimerHandle | None = None
         self.body_progress = 0
         self.body_seen = 0
+        #: body bytes delivered, and bytes of chunk framing, extensions and trailers, in the
+        #: current request
+        self.body_bytes = 0
+        self.body_overhead = 0
+        self.trailer_count = 0
         #: times reading resumed after we paused it; a client timer that spans one gives
         #: the client a fresh period instead of blaming it for our pause
         self.resumes = 0
@@ -243,8 +249,10 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        if self.head is not None or self.parsing is None:
+        in_body = self.head is None and self.parsing is not None
+        if not in_body:
             self.head_bytes += len(data)
+        body_before = self.body_bytes
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -266,6 +274,21 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._refuse(BadRequest(f"malformed HTTP request: {exc}"), "malformed")
             return
+        if in_body and self.parsing is not None:
+            # what a body read carried besides body bytes: chunk-size lines, extensions,
+            # trailers. llhttp skips extensions and httptools buffers a trailer whole, so
+            # bound them here: the head limit, plus an eighth of the body for chunk framing
+            self.body_overhead += len(data) - (self.body_bytes - body_before)
+            budget = self.runtime.limits.header_bytes + self.body_bytes // 8
+            if self.body_overhead > budget:
+                self._refuse(
+                    HeadersTooLarge(
+                        "chunk extensions or trailers exceed "
+                        f"{self.runtime.limits.header_bytes} bytes"
+                    ),
+                    "head_limit",
+                )
+                return
         if self.head is not None:
             # the read ended inside a request head
             limit = self.runtime.limits.header_bytes
@@ -332,9 +355,15 @@ class ClientConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         head = self.head
-        if head is None:
-            return  # chunked trailers: dropped (never forwarded)
         limits = self.runtime.limits
+        if head is None:
+            # chunked trailers: never forwarded, but held to the head's limits
+            self.trailer_count += 1
+            if self.trailer_count > limits.header_count:
+                raise HeadersTooLarge(f"more than {limits.header_count} trailer fields")
+            if len(name) + len(value) > limits.header_field:
+                raise HeadersTooLarge(f"a trailer field exceeds {limits.header_field} bytes")
+            return
         self.header_count += 1
         if self.header_count > limits.header_count:
             raise HeadersTooLarge(f"request has more than {limits.header_count} header fields")
@@ -362,8 +391,20 @@ class ClientConnection(asyncio.Protocol):
             raise problem
         head.method = parser.get_method()
         head.keep_alive = parser.should_keep_alive()
-        if parser.get_http_version() != "1.1":
+        version = parser.get_http_version()
+        if version != "1.1":
+            if version != "1.0":  # llhttp takes 0.9 and 2.0 request lines: we do not
+                raise VersionNotSupported(f"HTTP/{version} is not supported (1.1 and 1.0 are)")
             head.http_minor = 0
+            if head.chunked:  # RFC 9112 §6.1: faulty framing on 1.0
+                raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+        if head.host_count > 1:
+            raise BadRequest("request carries more than one Host header")
+        if head.host is None or head.host == b"":
+            if version == "1.1":  # RFC 9112 §3.2
+                raise BadRequest("HTTP/1.1 request without a Host header")
+        elif not h.valid_host(head.host):
+            raise BadRequest("invalid Host header")
         exchange = Exchange(self, head, self.runtime)
         if head.has_body:
             self.parsing = exchange
@@ -376,6 +417,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.body_progress += 1
+        self.body_bytes += len(body)
         exchange = self.parsing
         if exchange is not None:
             exchange.feed_body(body)
@@ -383,6 +425,9 @@ class ClientConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         exchange, self.parsing = self.parsing, None
         self.head_bytes = 0
+        self.body_bytes = 0
+        self.body_overhead = 0
+        self.trailer_count = 0
         if self.body_timer is not None:
             self.body_timer.cancel()
             self.body_timer = None

@@ -12,6 +12,7 @@ coordinator when no cluster is configured.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -31,6 +32,7 @@ ON_FINISHED: Final[web.AppKey[Callable[[str], None]]] = web.AppKey("on_finished"
 _FINAL: Final = frozenset({"Committed", "Rollbacked", "TimeoutRollbacked"})
 MAX_BODY: Final = 64 * 1024
 STATUS_HEADER: Final = "x-gts-transaction-status"
+_KEY_RE: Final = re.compile(r"[!-~]{1,255}")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -77,9 +79,10 @@ async def begin(request: web.Request) -> web.Response:
             raise InvalidRequest(f"timeout: {exc}") from None
         if timeout_ms <= 0:
             raise InvalidRequest("timeout must be positive")
-    state = await request.app[COORDINATOR].begin(
-        name, timeout_ms, request.headers.get("Idempotency-Key")
-    )
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not _KEY_RE.fullmatch(key):
+        raise InvalidRequest("Idempotency-Key must be 1-255 visible ASCII characters")
+    state = await request.app[COORDINATOR].begin(name, timeout_ms, key)
     return _json({"xid": state.xid, "status": state.status})
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -27,6 +28,7 @@ from sidecar.coordinator.states import BranchType
 from sidecar.errors import InvalidRequest, PayloadTooLarge, SidecarError
 from sidecar.txn.fence import Action, Decision, FenceState, Phase, decide
 from sidecar.txn.fence_store import FenceRow, FenceStore, now_ms
+from sidecar.xid import parse as parse_xid
 
 log = logging.getLogger("sidecar.branches")
 
@@ -136,7 +138,13 @@ def application_data(
     return data
 
 
-def _decode_app_data(raw: Any) -> tuple[str, dict[str, str], bytes]:
+_TOKEN_RE: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_QUERY_RE: Final = re.compile(r"[!-~]*")  # visible ASCII: no space, no control character
+
+
+def _decode_app_data(raw: Any, rule: BranchRule) -> tuple[str, dict[str, str], bytes]:
+    """The phase-one request to replay, checked: only the resource's forward_headers (never
+    framing, hop-by-hop or Host), one-line values, a visible-ASCII query."""
     if not isinstance(raw, dict):
         raise InvalidRequest("applicationData must be the object the sidecar registered")
     try:
@@ -146,7 +154,19 @@ def _decode_app_data(raw: Any) -> tuple[str, dict[str, str], bytes]:
     headers = raw.get("headers") or {}
     if not isinstance(headers, dict):
         raise InvalidRequest("applicationData.headers must be an object")
-    return str(raw.get("query", "")), {str(k): str(v) for k, v in headers.items()}, body
+    kept: dict[str, str] = {}
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise InvalidRequest("applicationData.headers must map names to strings")
+        if name.lower().encode("latin-1", "replace") not in rule.forward_headers:
+            continue  # only what the resource forwards; never framing or Host
+        if not _TOKEN_RE.fullmatch(name) or any(c in value for c in "\r\n\x00"):
+            raise InvalidRequest(f"applicationData.headers: invalid header {name[:64]!r}")
+        kept[name] = value
+    query = raw.get("query", "")
+    if not isinstance(query, str) or not _QUERY_RE.fullmatch(query):
+        raise InvalidRequest("applicationData.query must be visible ASCII")
+    return query, kept, body
 
 
 class Participant:
@@ -224,6 +244,11 @@ class Participant:
             or not isinstance(branch_id, int)
         ):
             raise InvalidRequest("xid (string) and branchId (integer) are required")
+        xid = parse_xid(xid).raw  # XidInvalid (400) for anything else
+        if not 0 < branch_id < 2**63:
+            raise InvalidRequest("branchId out of range")
+        # what will be replayed to the app is checked before anything is recorded
+        _decode_app_data(data.get("applicationData"), rule)
         done = "PhaseTwo_Committed" if commit else "PhaseTwo_Rollbacked"
         retry = "PhaseTwo_CommitFailed_Retryable" if commit else "PhaseTwo_RollbackFailed_Retryable"
         phase = Phase.CONFIRM if commit else Phase.CANCEL
@@ -266,7 +291,7 @@ class Participant:
         target = rule.confirm if commit else rule.cancel
         assert target is not None
         method, path = target
-        query, headers, body = _decode_app_data(data.get("applicationData"))
+        query, headers, body = _decode_app_data(data.get("applicationData"), rule)
         phase = "commit" if commit else "rollback"
         headers.update(dict(rule.phase_two_headers))
         headers.update(

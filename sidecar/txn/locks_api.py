@@ -92,7 +92,12 @@ def add_lock_routes(
         data = await _json_object(request)
         xid = xid_of(data.get("xid"))
         keys = check_keys(data.get("keys"))
-        await locks.acquire(xid, keys, ttl=_ttl(data.get("timeout")))
+        ttl = _ttl(data.get("timeout"))
+        cap = getattr(locks, "default_ttl", None)
+        if ttl is not None and cap is not None and ttl > cap:
+            # no lock outlives the longest transaction allowed (local_coordinator.max_timeout)
+            raise InvalidRequest(f"timeout must not exceed {cap:g}s")
+        await locks.acquire(xid, keys, ttl=ttl)
         return _json({"xid": xid, "keys": keys})
 
     async def release(request: web.Request) -> web.Response:

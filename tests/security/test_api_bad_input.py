@@ -598,15 +598,6 @@ async def test_admin_without_the_exact_token_is_401(plane, authorization, method
     assert ADMIN_TOKEN not in reply.raw.decode()
 
 
-BUG_ADMIN_TOKEN_BYTES = (
-    "BUG: sidecar/admin.py:130 admin_auth does sent.encode() on the Authorization value, which "
-    "aiohttp decoded with surrogateescape: a non-UTF-8 byte raises UnicodeEncodeError and the "
-    "admin listener answers aiohttp's plain-text 500; fix: compare "
-    "sent.encode('utf-8', 'surrogateescape') (or latin-1 bytes) and answer 401"
-)
-
-
-@pytest.mark.xfail(reason=BUG_ADMIN_TOKEN_BYTES, strict=True)
 async def test_admin_token_with_non_utf8_bytes_is_401(plane: Plane) -> None:
     async with await Client.connect(plane.sc.ports["admin"]) as client:
         await client.send(
@@ -617,14 +608,6 @@ async def test_admin_token_with_non_utf8_bytes_is_401(plane: Plane) -> None:
     assert error_of(resp)["code"] == "UNAUTHORIZED"
 
 
-BUG_ADMIN_ERROR_SHAPE = (
-    "BUG: sidecar/admin.py:137-138 build_admin_app has no error middleware (only admin_auth), so "
-    "aiohttp's own 404/405 on the admin listener are text/plain without x-gts-sidecar-error, "
-    "unlike api/peer (web_errors.as_response); fix: add the same errors middleware"
-)
-
-
-@pytest.mark.xfail(reason=BUG_ADMIN_ERROR_SHAPE, strict=True)
 @pytest.mark.parametrize(
     ("method", "path", "status"),
     [("GET", "/admin/nope", 404), ("GET", "/admin/branches/1/retry", 405)],
@@ -636,15 +619,7 @@ async def test_admin_routing_errors_have_the_design_shape(plane, method, path, s
 
 # --- known bugs: accepted or 5xx where a 4xx is due -----------------------------------------------
 
-BUG_INFINITE_DURATION = (
-    "BUG: sidecar/config.py:43-45 parse_duration turns a long digit string ('9'*400 + 's') "
-    "into float inf, and sidecar/txn/api.py:75 int(inf * 1000) raises OverflowError: the TM "
-    "API answers 500 INTERNAL; fix: refuse non-finite (and absurd) durations in "
-    "parse_duration with ValueError"
-)
 
-
-@pytest.mark.xfail(reason=BUG_INFINITE_DURATION, strict=True)
 async def test_tm_begin_with_an_infinite_timeout_is_400(plane: Plane) -> None:
     before = plane.state()
     body = _dumps({"name": "order", "timeout": "9" * 400 + "s"})
@@ -653,16 +628,6 @@ async def test_tm_begin_with_an_infinite_timeout_is_400(plane: Plane) -> None:
     assert plane.state() == before
 
 
-BUG_LOCK_TTL = (
-    "BUG: sidecar/txn/locks_api.py:67-78 _ttl takes any positive duration (inf included) and "
-    "sidecar/txn/locks.py:134 prefers it to default_ttl, the safety net control.py sets to "
-    "local_coordinator.max_timeout ('no lock outlives the longest transaction allowed'): a "
-    "lock for a made-up XID can be held for centuries; fix: refuse (400) or cap a TTL above "
-    "max_timeout"
-)
-
-
-@pytest.mark.xfail(reason=BUG_LOCK_TTL, strict=True)
 @pytest.mark.parametrize("timeout", ["1000000h", "9" * 400 + "s"])
 async def test_a_lock_ttl_past_the_safety_net_is_refused_or_capped(plane: Plane, timeout) -> None:
     locks = plane.sc.control.locks
@@ -676,16 +641,6 @@ async def test_a_lock_ttl_past_the_safety_net_is_refused_or_capped(plane: Plane,
         assert await locks.holder("orders:1") is None
 
 
-BUG_PHASE_TWO_IDS = (
-    "BUG: sidecar/txn/branches.py:220-226 phase_two checks only that xid is a str and "
-    "branchId an int: a malformed XID ('junk') or a negative/huge branchId is recorded in the "
-    "fence as an empty rollback, and on the SQLite fence a branchId >= 2**63 raises "
-    "OverflowError in fence_store.py:95-120 (500 INTERNAL); fix: xid via sidecar.xid.parse "
-    "(400 XID_INVALID) and branchId in 1..2**63-1 (400 INVALID_REQUEST)"
-)
-
-
-@pytest.mark.xfail(reason=BUG_PHASE_TWO_IDS, strict=True)
 @pytest.mark.parametrize(
     ("xid", "branch_id"),
     [("junk", 5), ("10.0.0.1:8091:", 5), (UNKNOWN_XID, -1), (UNKNOWN_XID, 2**64 - 1)],
@@ -706,21 +661,6 @@ async def test_phase_two_with_malformed_ids_is_400_and_records_nothing(
         assert await fence.get(xid, branch_id) is None
 
 
-BUG_PHASE_TWO_REPLAY = (
-    "BUG: sidecar/txn/branches.py:139-150 _decode_app_data and 263-290 _call_app replay the "
-    "callback's applicationData headers and query to the app unfiltered: the phase-one "
-    "allowlist (forward_headers) is not re-applied, so any header the coordinator echoes "
-    "back is sent, Host/Content-Length/Transfer-Encoding included (the app receives TE and CL "
-    "together: a request smuggled into the app), names that are not tokens go out as "
-    "malformed header lines, a query with a space breaks the request line (URL(encoded=True)), "
-    "and a CR/LF in a value makes aiohttp raise ValueError, which escapes the except at 290 "
-    "(500 INTERNAL); fix: keep only names in rule.forward_headers, never hop-by-hop/framing/"
-    "Host, check names are tokens and values free of CTLs, validate the query (400 "
-    "INVALID_REQUEST otherwise)"
-)
-
-
-@pytest.mark.xfail(reason=BUG_PHASE_TWO_REPLAY, strict=True)
 @pytest.mark.parametrize(
     "app_data",
     [
@@ -769,15 +709,6 @@ async def test_phase_two_replays_only_clean_allowed_headers(plane: Plane, app_da
         app.errors.clear()  # reported above; the fixture's teardown check stays quiet
 
 
-BUG_IDEMPOTENCY_KEY = (
-    "BUG: sidecar/txn/api.py:81 passes Idempotency-Key to the coordinator unchecked; a "
-    "non-UTF-8 byte (aiohttp decodes with surrogateescape) makes the SQLite journal's "
-    "find_global_by_key fail to encode it and the TM API answers 503 JOURNAL_UNAVAILABLE for "
-    "a client error; fix: refuse a key that is not 1-255 visible ASCII characters (400)"
-)
-
-
-@pytest.mark.xfail(reason=BUG_IDEMPOTENCY_KEY, strict=True)
 async def test_a_non_ascii_idempotency_key_is_400(sidecar_factory, tmp_path, session, upstream):
     plane = await make_plane(
         sidecar_factory,

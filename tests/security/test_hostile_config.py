@@ -163,31 +163,19 @@ def deep(n: int, open_: str, close: str) -> str:
     return open_ * n + close * n
 
 
-BUG_LOAD_ESCAPES = (
-    "BUG: sidecar/config.py:869-886 load() turns only yaml.YAMLError and _DuplicateKey into "
-    "ConfigError: nesting past ~1000 levels and self-referencing aliases raise RecursionError "
-    "(PyYAML's composer/constructor and _substitute recurse), an unhashable key raises "
-    "TypeError from _StrictLoader.construct_mapping (config.py:859 'key in seen'), a 5000-digit "
-    "int raises ValueError; check-config then exits 1 with a traceback and the reload watcher "
-    "(reload.py:63-69, which catches ConfigError only) dies: no later reload is applied; fix: "
-    "map any exception of parsing to ConfigError (and check hashability before 'in seen')"
-)
-_ESCAPES = pytest.mark.xfail(reason=BUG_LOAD_ESCAPES, strict=True)
-
 HOSTILE_STRUCTURES = [
     pytest.param("drain_timeout: " + deep(100, "[", "]"), id="nested-100-list"),
-    pytest.param("drain_timeout: " + deep(5000, "[", "]"), id="nested-5000-list", marks=_ESCAPES),
-    pytest.param("drain_timeout: " + deep(3000, "{a: ", "}"), id="nested-3000-map", marks=_ESCAPES),
+    pytest.param("drain_timeout: " + deep(5000, "[", "]"), id="nested-5000-list"),
+    pytest.param("drain_timeout: " + deep(3000, "{a: ", "}"), id="nested-3000-map"),
     pytest.param(
         "".join("  " * i + f"k{i}:\n" for i in range(2000)) + "  " * 2000 + "v\n",
         id="nested-2000-block",
-        marks=_ESCAPES,
     ),
-    pytest.param("node: &n\n  self: *n\n", id="self-referencing-map", marks=_ESCAPES),
-    pytest.param("xid:\n  headers: &h [XID, *h]\n", id="self-referencing-list", marks=_ESCAPES),
-    pytest.param("? [a, b]\n: 1\n", id="list-as-key", marks=_ESCAPES),
-    pytest.param("? {a: 1}\n: 1\n", id="map-as-key", marks=_ESCAPES),
-    pytest.param("xid:\n  max_length: " + "9" * 5000 + "\n", id="int-5000-digits", marks=_ESCAPES),
+    pytest.param("node: &n\n  self: *n\n", id="self-referencing-map"),
+    pytest.param("xid:\n  headers: &h [XID, *h]\n", id="self-referencing-list"),
+    pytest.param("? [a, b]\n: 1\n", id="list-as-key"),
+    pytest.param("? {a: 1}\n: 1\n", id="map-as-key"),
+    pytest.param("xid:\n  max_length: " + "9" * 5000 + "\n", id="int-5000-digits"),
     pytest.param("x" * 100_000 + ": 1\n", id="100k-key"),
     pytest.param("base: &b {level: info}\nlogging:\n  <<: *b\n", id="merge-key"),
     pytest.param("- a\n- b\n", id="top-level-list"),
@@ -209,7 +197,6 @@ def test_hostile_structure_is_a_config_error(tmp_path: Path, text: str) -> None:
     assert time.monotonic() - started < 2.0
 
 
-@pytest.mark.xfail(reason=BUG_LOAD_ESCAPES, strict=True)
 @pytest.mark.parametrize(
     "text",
     [
@@ -223,7 +210,6 @@ def test_check_config_exits_2_on_hostile_structure(tmp_path: Path, text: str) ->
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.xfail(reason=BUG_LOAD_ESCAPES, strict=True)
 async def test_a_hostile_reload_is_refused_and_the_watcher_keeps_watching(tmp_path: Path):
     path = write(tmp_path / "sidecar.yaml", yaml.safe_dump(BASE))
     sc = Sidecar(
@@ -246,11 +232,11 @@ async def test_a_hostile_reload_is_refused_and_the_watcher_keeps_watching(tmp_pa
 
     try:
         write(path, "drain_timeout: " + deep(5000, "[", "]"))
-        await asyncio.wait_for(counted("invalid", 1), 1.0)
+        await asyncio.wait_for(counted("invalid", 1), 10.0)
         assert sc.config.drain_timeout == 20.0
         # the watcher is still there for the next, good version
         write(path, yaml.safe_dump({**BASE, "drain_timeout": "5s"}))
-        await asyncio.wait_for(counted("applied", 1), 2.0)
+        await asyncio.wait_for(counted("applied", 1), 10.0)
         assert sc.config.drain_timeout == 5.0
     finally:
         task = sc._watcher._task if sc._watcher is not None else None
@@ -262,13 +248,12 @@ async def test_a_hostile_reload_is_refused_and_the_watcher_keeps_watching(tmp_pa
 # --- size, encoding, duplicates -------------------------------------------------------------------
 
 
-def test_a_2mib_config_is_handled_in_bounded_time(tmp_path: Path) -> None:
-    """No size cap today (see the report): what a big file costs is linear and small."""
+def test_a_config_over_1mib_is_refused(tmp_path: Path) -> None:
+    """A ConfigMap holds at most 1 MiB: a bigger config file is refused, unread."""
     text = yaml.safe_dump(BASE) + ("# " + "c" * 1022 + "\n") * 2048
     path = write(tmp_path / "c.yaml", text)
-    started = time.monotonic()
-    configmod.load(path, env={})
-    assert time.monotonic() - started < 5.0
+    (problem,) = problems_of(path)
+    assert "is larger than 1048576 bytes" in problem
 
 
 def test_a_64mib_sparse_config_is_refused_quickly(tmp_path: Path) -> None:
@@ -277,7 +262,7 @@ def test_a_64mib_sparse_config_is_refused_quickly(tmp_path: Path) -> None:
         f.truncate(64 << 20)  # a hole: 64 MiB of NULs that take no disk
     started = time.monotonic()
     (problem,) = problems_of(path)
-    assert "unacceptable character #x0000" in problem
+    assert "is larger than 1048576 bytes" in problem
     assert time.monotonic() - started < 5.0
 
 
@@ -356,15 +341,6 @@ def test_an_unset_variable_is_named(tmp_path: Path) -> None:
     assert problems_of(path) == ["node.advertise_address: environment variable POD_IP is not set"]
 
 
-BUG_INFINITE_DURATION = (
-    "BUG: sidecar/config.py:43-45 parse_duration multiplies float(digits) without a bound, so "
-    "'9'*400 + 's' is float inf and is accepted (drain_timeout, every timeout; the TM API "
-    "turns the same into a 500, see test_api_bad_input); fix: refuse non-finite (and "
-    "absurdly large) durations with ValueError"
-)
-
-
-@pytest.mark.xfail(reason=BUG_INFINITE_DURATION, strict=True)
 def test_an_infinite_duration_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path / "c.yaml", "drain_timeout: " + "9" * 400 + "s\n")
     (problem,) = problems_of(path)
@@ -382,8 +358,8 @@ def test_a_secret_path_that_is_a_directory_is_refused(tmp_path: Path) -> None:
     (tmp_path / "dir").mkdir()
     path = write(tmp_path / "c.yaml", f"admin:\n  token_file: {tmp_path / 'dir'}\n")
     (problem,) = problems_of(path)
-    assert problem.startswith("admin.token_file: cannot read secret file")
-    assert "Is a directory" in problem
+    assert problem.startswith("admin.token_file: secret file")
+    assert "is not a regular file" in problem
     result = check_config(path)
     assert result.returncode == 2 and "admin.token_file" in result.stderr
 
@@ -401,17 +377,6 @@ def test_an_empty_or_missing_secret_is_refused(tmp_path: Path, content, words) -
     assert problem.startswith("admin.token_file:") and words in problem
 
 
-BUG_SECRET_READ = (
-    "BUG: sidecar/config.py:113-123 _read_secret does Path(value).read_text() on whatever the "
-    "path names: no check that it is a regular file and no size cap, so a 16 MiB (or 1 GiB) "
-    "sparse file becomes a 16 MiB 'secret', /dev/zero or /dev/urandom is read until memory "
-    "runs out, and a FIFO blocks check-config, start and reload forever; fix: os.open with "
-    "O_NONBLOCK, fstat → refuse non-regular files, read at most e.g. 64 KiB + 1 and refuse "
-    "past 64 KiB"
-)
-
-
-@pytest.mark.xfail(reason=BUG_SECRET_READ, strict=True)
 def test_a_huge_sparse_secret_file_is_refused(tmp_path: Path) -> None:
     token = tmp_path / "token"
     with token.open("wb") as f:
@@ -422,7 +387,6 @@ def test_a_huge_sparse_secret_file_is_refused(tmp_path: Path) -> None:
     assert problem.startswith("admin.token_file:")
 
 
-@pytest.mark.xfail(reason=BUG_SECRET_READ, strict=True)
 def test_a_fifo_as_secret_file_does_not_block_check_config(tmp_path: Path) -> None:
     fifo = tmp_path / "token"
     os.mkfifo(fifo)
@@ -432,17 +396,6 @@ def test_a_fifo_as_secret_file_does_not_block_check_config(tmp_path: Path) -> No
     assert "admin.token_file" in result.stderr
 
 
-BUG_PHASE_TWO_HEADERS = (
-    "BUG: sidecar/config.py:591-596 PhaseTwoHeader checks only that the name is a token: "
-    "Transfer-Encoding, Content-Length, Host or Connection are accepted and sent on every "
-    "confirm/cancel (txn/branches.py:271), so the app gets TE and CL together (a smuggled "
-    "request) or a wrong Host; a value file with a CR/LF inside (.strip() keeps inner ones) "
-    "makes every phase-two call raise ValueError (500, retried forever); fix: refuse "
-    "hop-by-hop/framing/Host/XID names and values with control characters at load"
-)
-
-
-@pytest.mark.xfail(reason=BUG_PHASE_TWO_HEADERS, strict=True)
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -597,16 +550,6 @@ async def test_a_refused_reload_never_logs_a_secret(tmp_path: Path, caplog) -> N
         await sc.close()
 
 
-BUG_SECRET_BYTE = (
-    "BUG (minor leak): sidecar/config.py:113-123 _read_secret lets UnicodeDecodeError (a "
-    "ValueError) through to pydantic, whose message names the first undecodable byte of the "
-    "secret and its offset ('can't decode byte 0x9c in position 7'), printed by check-config "
-    "and logged by a refused reload; fix: catch UnicodeDecodeError and say only 'is not UTF-8 "
-    "text' (or read bytes and keep binary secrets as bytes)"
-)
-
-
-@pytest.mark.xfail(reason=BUG_SECRET_BYTE, strict=True)
 def test_a_binary_secret_is_refused_without_showing_its_bytes(tmp_path: Path) -> None:
     token = secret(tmp_path, "token", b"s3cr3t-\x9c\xde-tail")
     path = write(tmp_path / "c.yaml", f"admin:\n  token_file: {token}\n")
