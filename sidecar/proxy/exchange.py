@@ -317,9 +317,7 @@ class Exchange:
 
     # --- upstream events (ResponseSink) ------------------------------------------------------
 
-    def on_response_head(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
-    ) -> None:
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
         self.header_deadline = 0.0
         self.resp_status = status
         self.resp_started = True
@@ -327,12 +325,17 @@ class Exchange:
             self.branch.report(200 <= status < 300)
         listed: set[bytes] | None = None
         content_length: bytes | None = None
-        out = [b"HTTP/1.1 %d " % status, reason, _CRLF]
+        chunked = False
+        # the reason phrase is ours (as Envoy does): it carries no meaning, and one callback
+        # per response fewer
+        out = [h.status_line(status)]
         for name, value in headers:
             lname = name.lower()
             if lname in h.HOP_BY_HOP or lname in h.FRAMING:
                 if lname == b"content-length":
                     content_length = value
+                elif lname == b"transfer-encoding":
+                    chunked = b"chunked" in value.lower()
                 elif lname == b"connection":
                     tokens = {t.strip().lower() for t in value.split(b",")}
                     listed = tokens - {b"close", b"keep-alive"}
@@ -342,11 +345,11 @@ class Exchange:
             # headers named in the upstream's Connection are for that hop only
             kept = [
                 part
-                for i in range(3, len(out), 4)
+                for i in range(1, len(out), 4)
                 if out[i].lower() not in listed
                 for part in out[i : i + 4]
             ]
-            out = out[:3] + kept
+            out = out[:1] + kept
         if status in _NO_BODY_STATUS or self.head.method == b"HEAD":
             if content_length is not None and status != 204:
                 out += (b"content-length: ", content_length, _CRLF)
@@ -370,9 +373,10 @@ class Exchange:
             self.deadline = float("inf")
             self.pause_upstream_reading()
             txn.decide(status)
-            return
+            return content_length is not None or chunked
         out.append(_CRLF)
         self.out = [b"".join(out)]
+        return content_length is not None or chunked
 
     def on_response_body(self, data: bytes) -> None:
         out = self.out

@@ -35,9 +35,10 @@ def is_idempotent(method: bytes) -> bool:
 class ResponseSink(Protocol):
     """What an upstream connection reports to the exchange that owns it."""
 
-    def on_response_head(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
-    ) -> None: ...
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Takes the response head; True when its body is framed (length or chunked)."""
+        ...
+
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_complete(self) -> None: ...
     def flush(self) -> None: ...
@@ -58,7 +59,6 @@ class UpstreamConnection(asyncio.Protocol):
         "reusable",
         "got_bytes",
         "_headers",
-        "_reason",
         "_closed",
         "expect_no_body",
         "response_done",
@@ -76,7 +76,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.reusable = True
         self.got_bytes = False
         self._headers: list[tuple[bytes, bytes]] = []
-        self._reason = b""
         self._closed = False
         #: the request was HEAD: llhttp cannot be told to skip the body, so the response
         #: ends at its head and the connection is not reused
@@ -149,10 +148,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._headers = []
-        self._reason = b""
-
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
@@ -170,22 +165,17 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if not self.parser.should_keep_alive():
             self.reusable = False
-        framed = False
-        for name, value in self._headers:
-            lname = name.lower()
-            if lname == b"content-length" or (
-                lname == b"transfer-encoding" and b"chunked" in value.lower()
-            ):
-                framed = True
-                break
+        sink = self.sink
+        if sink is None:
+            self.reusable = False
+            return
+        # the sink reads the headers anyway: it says whether the body is framed (length or
+        # chunked) or runs to the connection's close
+        framed = sink.on_response_head(status, self._headers)
         body_allowed = not (status == 204 or status == 304 or self.expect_no_body)
         self._eof_body = body_allowed and not framed
         if self._eof_body:
             self.reusable = False
-        sink = self.sink
-        if sink is None:
-            return
-        sink.on_response_head(status, self._reason, self._headers)
         if self.expect_no_body and not self.response_done:
             self.reusable = False
             self.response_done = True
