@@ -10,16 +10,15 @@ import hmac
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.config import Config
 from sidecar.coordinator.engine import Engine
 from sidecar.coordinator.protocol import render_branch
-from sidecar.errors import ERROR_HEADER, SidecarError, error_body
+from sidecar.errors import SidecarError
 from sidecar.metrics import Metrics
-from sidecar.web_errors import as_response
+from sidecar.web_errors import as_response, error_response, json_response
 
 
 class AdminState(Protocol):
@@ -37,19 +36,6 @@ class AdminState(Protocol):
 
 
 STATE = web.AppKey("state", AdminState)
-
-
-def json_response(data: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
-
-
-def error_response(status: int, code: str, message: str) -> web.Response:
-    return web.Response(
-        body=error_body(code, message),
-        status=status,
-        content_type="application/json",
-        headers={ERROR_HEADER: code},
-    )
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -507,6 +507,13 @@ class LocalCoordinatorConfig(_Model):
     #: POSTed a JSON event when a branch is marked stuck
     alert_webhook: HttpUrl | None = None
 
+    def beside_journal(self, suffix: str) -> str | None:
+        """The path of a small file kept next to the journal (fence, locks, outbox), or None
+        when the journal is memory:// (then those live in memory too)."""
+        if self.journal == "memory://":
+            return None
+        return self.journal[len("sqlite:///") :] + suffix
+
     @model_validator(mode="after")
     def _bounds(self) -> LocalCoordinatorConfig:
         if self.default_timeout > self.max_timeout:

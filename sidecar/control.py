@@ -37,6 +37,7 @@ from sidecar.txn.fence_store import FenceStore, open_fence_store
 from sidecar.txn.journal_locks import JournalLocks
 from sidecar.txn.locks import LockManager, MemoryLocks, RedisLocks, ReleaseOnFinish
 from sidecar.txn.locks_api import add_lock_routes
+from sidecar.xid import format_owner
 
 log = logging.getLogger("sidecar.control")
 
@@ -91,6 +92,15 @@ class MetricsEvents:
         self.metrics.phase_two_calls.labels("ok" if ok else "failed").inc()
 
 
+async def serve_app(app: web.Application, bind: str) -> tuple[web.AppRunner, int]:
+    """Run one control-plane app on `bind`; returns its runner and the port bound."""
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    host, port = parse_bind(bind)
+    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    return runner, int(runner.addresses[0][1])
+
+
 def owner_address(config: Config) -> tuple[str, int]:
     """host:port that this process's XIDs name: the advertised address and the peer port."""
     host = config.node.advertise_address
@@ -125,14 +135,13 @@ class ControlPlane:
         # the locks' safety net: no lock outlives the longest transaction allowed
         safety = self.config.local_coordinator.max_timeout
         password = lk.password_file.reveal() if lk.password_file else None
-        journal_url = self.config.local_coordinator.journal
+        locks_path = self.config.local_coordinator.beside_journal(".locks")
         self.locks: LockManager
-        if lk.backend == "memory" or (lk.backend == "journal" and journal_url == "memory://"):
+        if lk.backend == "memory" or (lk.backend == "journal" and locks_path is None):
             self.locks = MemoryLocks(default_ttl=safety)
         elif lk.backend == "journal":
-            self.locks = JournalLocks(
-                journal_url[len("sqlite:///") :] + ".locks", default_ttl=safety
-            )
+            assert locks_path is not None
+            self.locks = JournalLocks(locks_path, default_ttl=safety)
         else:
             self.locks = RedisLocks.from_url(lk.backend, password=password, default_ttl=safety)
         self.releaser = ReleaseOnFinish(self.locks)
@@ -201,7 +210,6 @@ class ControlPlane:
             self.remote = RemoteCoordinator(cfg.coordinator, self.ring, self.metrics, tokens=tokens)
             if self.engine is not None:
                 # degraded mode: the local engine stands in while the cluster is unreachable
-                journal_url = cfg.local_coordinator.journal
                 self.router = RoutingCoordinator(
                     LocalCoordinator(self.engine),
                     self.remote,
@@ -209,9 +217,7 @@ class ControlPlane:
                     cfg.degraded,
                     self.ring,
                     self.metrics,
-                    outbox_path=None
-                    if journal_url == "memory://"
-                    else journal_url[len("sqlite:///") :] + ".outbox",
+                    outbox_path=cfg.local_coordinator.beside_journal(".outbox"),
                 )
                 try:
                     await self.router.open()
@@ -224,7 +230,7 @@ class ControlPlane:
             self.coordinator = LocalCoordinator(self.engine)
         rules = BranchRules(cfg)
         if not rules.empty:
-            self.fence = open_fence_store(cfg.local_coordinator.journal)
+            self.fence = open_fence_store(cfg.local_coordinator.beside_journal(".fence"))
             try:
                 await self.fence.open()
             except JournalUnavailable as exc:
@@ -236,6 +242,20 @@ class ControlPlane:
                 timeout=cfg.app.timeouts.total,
                 connect_timeout=cfg.app.timeouts.connect,
             )
+
+    def peer_bound(self, peer_port: int) -> str:
+        """The peer listener is bound: XIDs (and callback URLs) name the port actually bound
+        (it differs from the config's when that is 0). Returns host:port."""
+        host, _ = owner_address(self.config)
+        owner = format_owner(host, peer_port)
+        if self.engine is not None:
+            self.engine.owner = owner
+        return owner
+
+    def readiness_problems(self) -> list[str]:
+        if self.engine is not None and not self.engine.journal_ok:
+            return ["journal unavailable: new transactions are refused"]
+        return []
 
     def peer_app(self) -> web.Application:
         app = build_peer_app(self.gate, self.engine)

@@ -20,7 +20,7 @@ from aiohttp import web
 from sidecar import __version__, logs
 from sidecar.admin import build_admin_app
 from sidecar.config import Config, parse_bind
-from sidecar.control import ControlPlane, owner_address
+from sidecar.control import ControlPlane, serve_app
 from sidecar.coordinator.engine import Engine
 from sidecar.errors import ConfigError
 from sidecar.metrics import Metrics
@@ -32,7 +32,6 @@ from sidecar.proxy.upstream import Cluster
 from sidecar.reload import ConfigWatcher
 from sidecar.txn.branches import CALLBACK_PREFIX, BranchRules
 from sidecar.txn.rules import RuleSet
-from sidecar.xid import format_owner
 
 log = logging.getLogger("sidecar.server")
 
@@ -112,10 +111,7 @@ class Sidecar:
         app_problem = await self._probe_app()
         if app_problem:
             problems.append(app_problem)
-        engine = self.control.engine
-        if engine is not None and not engine.journal_ok:
-            problems.append("journal unavailable: new transactions are refused")
-        return problems
+        return problems + self.control.readiness_problems()
 
     async def _probe_app(self) -> str | None:
         """Can the app be connected to? Cached for a second: kubelet and humans both poll."""
@@ -257,17 +253,11 @@ class Sidecar:
                 ("peer", self.control.peer_app()),
                 ("admin", build_admin_app(self)),
             ):
-                runner = web.AppRunner(app, handle_signals=False, access_log=None)
-                await runner.setup()
-                host, port = parse_bind(getattr(config.listeners, name).bind)
-                await web.TCPSite(runner, host, port, reuse_address=True).start()
+                runner, self.ports[name] = await serve_app(
+                    app, getattr(config.listeners, name).bind
+                )
                 self._runners.append(runner)
-                self.ports[name] = int(runner.addresses[0][1])
-            # XIDs and callback URLs name the peer port actually bound (differs when it is 0)
-            host, _ = owner_address(config)
-            owner = format_owner(host, self.ports["peer"])
-            if self.control.engine is not None:
-                self.control.engine.owner = owner
+            owner = self.control.peer_bound(self.ports["peer"])
             self._callback_base = f"http://{owner}{CALLBACK_PREFIX}"
             compiled.inbound.callback_base = self._callback_base
             self.ports["inbound"] = self.inbound.port

@@ -17,13 +17,12 @@ from aiohttp import web
 
 from sidecar import __version__
 from sidecar.admin import build_admin_app
-from sidecar.config import Config, parse_bind
-from sidecar.control import ControlPlane, owner_address
+from sidecar.config import Config
+from sidecar.control import ControlPlane, serve_app
 from sidecar.coordinator.engine import Engine
 from sidecar.errors import ConfigError
 from sidecar.metrics import Metrics
 from sidecar.server import c_parser_problem
-from sidecar.xid import format_owner
 
 log = logging.getLogger("sidecar.coordinator")
 
@@ -53,11 +52,7 @@ class StandaloneCoordinator:
         return ""
 
     async def readiness(self) -> list[str]:
-        problems = ["draining"] if self.draining else []
-        engine = self.control.engine
-        if engine is not None and not engine.journal_ok:
-            problems.append("journal unavailable: new transactions are refused")
-        return problems
+        return (["draining"] if self.draining else []) + self.control.readiness_problems()
 
     async def start(self) -> None:
         cfg = self._config
@@ -66,18 +61,13 @@ class StandaloneCoordinator:
         await self.control.start(serve_local=True)
         try:
             for name, app in (("peer", self.control.peer_app()), ("admin", build_admin_app(self))):
-                runner = web.AppRunner(app, handle_signals=False, access_log=None)
-                await runner.setup()
-                host, port = parse_bind(getattr(cfg.listeners, name).bind)
-                await web.TCPSite(runner, host, port, reuse_address=True).start()
+                runner, self.ports[name] = await serve_app(app, getattr(cfg.listeners, name).bind)
                 self._runners.append(runner)
-                self.ports[name] = int(runner.addresses[0][1])
         except OSError as exc:
             await self.close()
             raise ConfigError([f"listeners: cannot bind: {exc.strerror or exc}"]) from None
         assert self.control.engine is not None
-        host, _ = owner_address(cfg)
-        self.control.engine.owner = format_owner(host, self.ports["peer"])
+        self.control.peer_bound(self.ports["peer"])
         log.info(
             "gts-sidecar coordinator started",
             extra={

@@ -1,11 +1,13 @@
-"""aiohttp's own refusals (no route, wrong method, body too large) and unexpected failures,
-answered in the DESIGN error shape with `x-gts-sidecar-error`, like every other error."""
+"""The control plane's JSON responses: answers, errors in the DESIGN shape with
+`x-gts-sidecar-error` — aiohttp's own refusals (no route, wrong method, body too large) and
+unexpected failures included, like every other error."""
 
 from __future__ import annotations
 
 import logging
-from typing import Final
+from typing import Any, Final
 
+import orjson
 from aiohttp import web
 
 from sidecar.errors import ERROR_HEADER, SidecarError, error_body
@@ -19,28 +21,33 @@ _CODES: Final = {
 }
 
 
+def json_response(data: Any, status: int = 200) -> web.Response:
+    """`data` as JSON (bytes are taken as already-rendered JSON)."""
+    body = data if isinstance(data, bytes) else orjson.dumps(data)
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=error_body(code, message),
+        status=status,
+        content_type="application/json",
+        headers={ERROR_HEADER: code, **(headers or {})},
+    )
+
+
 def from_http_exception(exc: web.HTTPException) -> web.Response:
     code = _CODES.get(exc.status, "INVALID_REQUEST" if exc.status < 500 else "INTERNAL")
     message = exc.reason if exc.status != 404 else "no such route"
-    headers = {ERROR_HEADER: code}
-    if exc.status == 405 and "Allow" in exc.headers:
-        headers["Allow"] = exc.headers["Allow"]
-    return web.Response(
-        body=error_body(code, message),
-        status=exc.status,
-        content_type="application/json",
-        headers=headers,
-    )
+    allow = exc.headers.get("Allow") if exc.status == 405 else None
+    return error_response(exc.status, code, message, {"Allow": allow} if allow else None)
 
 
 def internal_error(request: web.Request, exc: Exception) -> web.Response:
     log.error("unexpected error", exc_info=exc, extra={"path": request.path})
-    return web.Response(
-        body=error_body("INTERNAL", f"internal error: {type(exc).__name__}"),
-        status=500,
-        content_type="application/json",
-        headers={ERROR_HEADER: "INTERNAL"},
-    )
+    return error_response(500, "INTERNAL", f"internal error: {type(exc).__name__}")
 
 
 def sidecar_error(err: SidecarError) -> web.Response:

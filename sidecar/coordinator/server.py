@@ -11,9 +11,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Final
 
-import orjson
 from aiohttp import web
 
 from sidecar.coordinator import protocol
@@ -21,9 +20,9 @@ from sidecar.coordinator.auth import verify_bearer
 from sidecar.coordinator.engine import Engine
 from sidecar.coordinator.nonces import NonceStore
 from sidecar.coordinator.signing import KeyRing, verify
-from sidecar.errors import ERROR_HEADER, PayloadTooLarge, SidecarError, SignatureInvalid
+from sidecar.errors import PayloadTooLarge, SignatureInvalid
 from sidecar.metrics import Metrics
-from sidecar.web_errors import as_response
+from sidecar.web_errors import as_response, json_response
 
 log = logging.getLogger("sidecar.coordinator")
 
@@ -96,20 +95,6 @@ GATE: Final = web.AppKey("gate", SignatureGate)
 #: the request body, read once by the gate (signed bytes) and parsed by the handler
 BODY: Final = web.RequestKey("body", bytes)
 ENGINE: Final = web.AppKey("engine", Engine)
-
-
-def error_response(err: SidecarError) -> web.Response:
-    return web.Response(
-        body=err.body(),
-        status=err.status,
-        content_type="application/json",
-        headers={ERROR_HEADER: err.code},
-    )
-
-
-def json_response(data: Any, status: int = 200) -> web.Response:
-    body = data if isinstance(data, bytes) else orjson.dumps(data)
-    return web.Response(body=body, status=status, content_type="application/json")
 
 
 @web.middleware

@@ -50,6 +50,14 @@ _ROLLING_BACK: Final = frozenset(
 )
 
 
+FINAL_STATUS_NAMES: Final = frozenset(s.value for s in _FINISHED)
+
+
+def is_final(status: str) -> bool:
+    """A status as a string (as answered over HTTP; "Unknown" included) is a final one."""
+    return status in FINAL_STATUS_NAMES
+
+
 class BranchStatus(StrEnum):
     REGISTERED = "Registered"
     PHASE_ONE_DONE = "PhaseOne_Done"

@@ -16,6 +16,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Final
 
+from sidecar.coordinator.states import is_final
 from sidecar.errors import CoordinatorUnavailable, SidecarError, TransactionNotActive
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ log = logging.getLogger("sidecar.txn")
 STATUS_HEADER: Final = b"x-gts-transaction-status"
 #: outcomes under which the app's success may stand: committed, or committing for sure
 _COMMITTED: Final = frozenset({"Committed", "Committing", "CommitRetrying"})
-_FINAL: Final = frozenset({"Committed", "Rollbacked", "TimeoutRollbacked"})
 
 #: background rollbacks of abandoned requests, referenced until done
 _background: set[asyncio.Task[None]] = set()
@@ -176,7 +176,7 @@ class TxnFilter:
         self.status = status
         self.metrics.declarative.labels(self.rule.name, status).inc()
         on_finished = self.exchange.rt.on_finished
-        if on_finished is not None and status in _FINAL:
+        if on_finished is not None and is_final(status):
             on_finished(self.xid)  # with a remote coordinator no engine event will say so
         return status
 

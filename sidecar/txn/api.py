@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Final
 
 import orjson
 from aiohttp import web
@@ -22,23 +22,19 @@ from aiohttp import web
 from sidecar.config import parse_duration
 from sidecar.coordinator.client import Coordinator
 from sidecar.coordinator.outbox import DecisionPending
+from sidecar.coordinator.states import is_final
 from sidecar.errors import InvalidRequest, PayloadTooLarge
-from sidecar.web_errors import as_response, sidecar_error
+from sidecar.web_errors import as_response, json_response, sidecar_error
 from sidecar.xid import parse as parse_xid
 
 COORDINATOR: Final = web.AppKey("coordinator", Coordinator)
 #: told the XID of every transaction this API saw finish (releases its global locks)
 ON_FINISHED: Final[web.AppKey[Callable[[str], None]]] = web.AppKey("on_finished")
-_FINAL: Final = frozenset({"Committed", "Rollbacked", "TimeoutRollbacked"})
 MAX_BODY: Final = 64 * 1024
 STATUS_HEADER: Final = "x-gts-transaction-status"
 _KEY_RE: Final = re.compile(r"[!-~]{1,255}")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
 @web.middleware
@@ -83,7 +79,7 @@ async def begin(request: web.Request) -> web.Response:
     if key is not None and not _KEY_RE.fullmatch(key):
         raise InvalidRequest("Idempotency-Key must be 1-255 visible ASCII characters")
     state = await request.app[COORDINATOR].begin(name, timeout_ms, key)
-    return _json({"xid": state.xid, "status": state.status})
+    return json_response({"xid": state.xid, "status": state.status})
 
 
 def _pending(err: DecisionPending) -> web.Response:
@@ -98,7 +94,7 @@ async def commit(request: web.Request) -> web.Response:
     except DecisionPending as err:
         return _pending(err)
     _maybe_finished(request, state.xid, state.status)
-    return _json({"xid": state.xid, "status": state.status})
+    return json_response({"xid": state.xid, "status": state.status})
 
 
 async def rollback(request: web.Request) -> web.Response:
@@ -107,22 +103,22 @@ async def rollback(request: web.Request) -> web.Response:
     except DecisionPending as err:
         return _pending(err)
     _maybe_finished(request, state.xid, state.status)
-    return _json({"xid": state.xid, "status": state.status})
+    return json_response({"xid": state.xid, "status": state.status})
 
 
 def _maybe_finished(request: web.Request, xid: str, status: str) -> None:
     # with a remote coordinator no engine event says so: the final answer does (releasing
     # twice is harmless)
-    if status in _FINAL:
+    if is_final(status):
         request.app[ON_FINISHED](xid)
 
 
 async def status(request: web.Request) -> web.Response:
-    return _json(await request.app[COORDINATOR].status(_xid(request)))
+    return json_response(await request.app[COORDINATOR].status(_xid(request)))
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return _json({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 def _ignore(xid: str) -> None:

@@ -135,11 +135,9 @@ class SqliteFenceStore:
         return int(cur.rowcount)
 
 
-def open_fence_store(journal_url: str) -> FenceStore:
-    """Beside the journal: `sqlite:///var/journal.db` → `var/journal.db.fence`."""
-    if journal_url == "memory://":
-        return MemoryFenceStore()
-    return SqliteFenceStore(journal_url[len("sqlite:///") :] + ".fence")
+def open_fence_store(path: str | None) -> FenceStore:
+    """SQLite at `path` (beside the journal), or in memory when there is none."""
+    return MemoryFenceStore() if path is None else SqliteFenceStore(path)
 
 
 def now_ms() -> int:

@@ -20,25 +20,13 @@ import orjson
 from aiohttp import web
 
 from sidecar.config import parse_duration
-from sidecar.errors import ERROR_HEADER, InvalidRequest, PayloadTooLarge, SidecarError
+from sidecar.errors import InvalidRequest, PayloadTooLarge, SidecarError
 from sidecar.txn.locks import LockManager, check_key, check_keys
+from sidecar.web_errors import json_response, sidecar_error
 from sidecar.xid import DEFAULT_MAX_LENGTH
 from sidecar.xid import parse as parse_xid
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
-
-
-def _error(err: SidecarError) -> web.Response:
-    return web.Response(
-        body=err.body(),
-        status=err.status,
-        content_type="application/json",
-        headers={ERROR_HEADER: err.code},
-    )
 
 
 def _answering_errors(handler: Handler) -> Handler:
@@ -46,9 +34,9 @@ def _answering_errors(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except SidecarError as err:
-            return _error(err)
+            return sidecar_error(err)
         except web.HTTPRequestEntityTooLarge as exc:
-            return _error(PayloadTooLarge(exc.text or "request body too large"))
+            return sidecar_error(PayloadTooLarge(exc.text or "request body too large"))
 
     return wrapped
 
@@ -98,15 +86,15 @@ def add_lock_routes(
             # no lock outlives the longest transaction allowed (local_coordinator.max_timeout)
             raise InvalidRequest(f"timeout must not exceed {cap:g}s")
         await locks.acquire(xid, keys, ttl=ttl)
-        return _json({"xid": xid, "keys": keys})
+        return json_response({"xid": xid, "keys": keys})
 
     async def release(request: web.Request) -> web.Response:
         xid = xid_of(request.match_info["xid"])
-        return _json({"xid": xid, "released": await locks.release_all(xid)})
+        return json_response({"xid": xid, "released": await locks.release_all(xid)})
 
     async def holder(request: web.Request) -> web.Response:
         key = check_key(request.match_info["key"])
-        return _json({"key": key, "holder": await locks.holder(key)})
+        return json_response({"key": key, "holder": await locks.holder(key)})
 
     app.router.add_post("/v1/locks", _answering_errors(acquire))
     app.router.add_delete("/v1/locks/{xid}", _answering_errors(release))
