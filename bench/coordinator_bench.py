@@ -200,39 +200,64 @@ async def _worker(args: argparse.Namespace) -> dict[str, Any]:
     not_committed: Counter[str] = Counter()
 
     # --degraded: the app's calls (TM API, unsigned, localhost) and a peer's registration
-    # (signed); the branch's confirm callback is answered by this process
-    import aiohttp
-    from aiohttp import web
+    # (signed, as RemoteCoordinator signs it) over lean keep-alive connections
+    # (bench/lean_http.py: the load generator must not cost as much as what it measures);
+    # the branch's confirm callback is answered by this process
+    import orjson
 
+    from bench.lean_http import ClientConnection, FixedAnswerServer, build_request, serve_fixed
+    from sidecar.coordinator import protocol
     from sidecar.coordinator.client import TxState
-    from sidecar.coordinator.states import BranchType
+    from sidecar.coordinator.signing import sign_headers
 
-    session: aiohttp.ClientSession | None = None
     callback_url = ""
-    runner: web.AppRunner | None = None
+    cb_server: Any = None
     if args.degraded:
+        answer = FixedAnswerServer.response(200, b'{"status":"PhaseTwo_Committed"}')
+        cb_server, cb_port, _ = await serve_fixed(answer)
+        callback_url = f"http://127.0.0.1:{cb_port}/cb"
+        api_host, api_port = args.api_url.split("://", 1)[1].rsplit(":", 1)
+        peer_host, peer_port = args.url.split("://", 1)[1].rsplit(":", 1)
+        begin_raw = build_request(
+            "POST", "/v1/transactions", f"{api_host}:{api_port}", b'{"name":"bench"}',
+            {"Content-Type": "application/json"},
+        )  # fmt: skip
+        register_path = f"{protocol.API}/branch/register"
+        ring = client.ring
+    connections: list[ClientConnection] = []
 
-        async def confirm(request: web.Request) -> web.Response:
-            await request.read()
-            return web.json_response({"status": "PhaseTwo_Committed"})
+    async def degraded_connections() -> tuple[ClientConnection, ClientConnection]:
+        api = await ClientConnection.open(api_host, int(api_port))
+        peer = await ClientConnection.open(peer_host, int(peer_port))
+        connections.extend((api, peer))
+        return api, peer
 
-        cb_app = web.Application()
-        cb_app.router.add_post("/cb/commit", confirm)
-        runner = web.AppRunner(cb_app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        callback_url = f"http://127.0.0.1:{runner.addresses[0][1]}/cb"
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-
-    async def degraded_pair() -> TxState:
-        assert session is not None
-        async with session.post(f"{args.api_url}/v1/transactions", json={"name": "bench"}) as r:
-            xid = (await r.json())["xid"]
-        await client.register(xid, BranchType.TCC, "bench", callback_url, b"{}")
-        async with session.post(f"{args.api_url}/v1/transactions/{xid}/commit") as r:
-            body = await r.json()
-        return TxState(xid, body["status"])
+    async def degraded_pair(api: ClientConnection, peer: ClientConnection) -> TxState:
+        status, raw = await api.request(begin_raw)
+        if status != 200:
+            raise SidecarError(f"begin: HTTP {status} {raw[:200]!r}")
+        xid = orjson.loads(raw)["xid"]
+        body = (
+            b'{"xid":' + orjson.dumps(xid) + b',"branchType":"TCC","resourceId":"bench"'
+            + b',"callbackUrl":' + orjson.dumps(callback_url) + b',"applicationData":{}}'
+        )  # fmt: skip
+        key = os.urandom(16).hex()
+        headers = sign_headers(
+            ring, "POST", register_path, "", body, now_ms=time.time_ns() // 1_000_000,
+            idempotency_key=key, xid=xid,
+        )  # fmt: skip
+        headers.update({"Content-Type": "application/json", "Idempotency-Key": key, "XID": xid})
+        status, raw = await peer.request(
+            build_request("POST", register_path, f"{peer_host}:{peer_port}", body, headers)
+        )
+        if status != 200:
+            raise SidecarError(f"register: HTTP {status} {raw[:200]!r}")
+        status, raw = await api.request(
+            build_request("POST", f"/v1/transactions/{xid}/commit", f"{api_host}:{api_port}")
+        )
+        if status != 200:
+            raise SidecarError(f"commit: HTTP {status} {raw[:200]!r}")
+        return TxState(xid, orjson.loads(raw)["status"])
 
     async def sleep_until(wall: float) -> None:
         delay = wall - time.time()
@@ -242,13 +267,15 @@ async def _worker(args: argparse.Namespace) -> dict[str, Any]:
     async def loop() -> None:
         nonlocal completed
         clock = time.perf_counter
+        if args.degraded:
+            api, peer = await degraded_connections()
         while True:
             if time.time() >= args.end_at:
                 return
             t0 = clock()
             try:
                 if args.degraded:
-                    done = await degraded_pair()
+                    done = await degraded_pair(api, peer)
                 else:
                     state = await client.begin("bench", 60_000)
                     done = await client.commit(state.xid)
@@ -281,10 +308,10 @@ async def _worker(args: argparse.Namespace) -> dict[str, Any]:
         await sampler
     finally:
         await client.close()
-        if session is not None:
-            await session.close()
-        if runner is not None:
-            await runner.cleanup()
+        for conn in connections:
+            conn.close()
+        if cb_server is not None:
+            cb_server.close()
     return {
         "latencies_us": latencies,
         "completed": completed,

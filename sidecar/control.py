@@ -190,6 +190,7 @@ class ControlPlane:
                 self.ring,
                 timeout=cfg.coordinator.timeouts.request,
                 connect_timeout=cfg.coordinator.timeouts.connect,
+                metrics=self.metrics,
             )
             self.engine = Engine(
                 self.journal,

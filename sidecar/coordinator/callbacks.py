@@ -4,20 +4,39 @@
 headers `XID` and an `Idempotency-Key` stable for (xid, branch, phase). The branch answers
 `{status: PhaseTwo_Committed | PhaseTwo_Rollbacked}` with a 2xx when done; anything else
 (`…_Retryable`, another status, an error, a timeout) means "retry later".
+
+The calls go over the data plane's keep-alive pools (`sidecar.proxy.fetch`), one pool per
+callback origin: a degraded sidecar makes one per branch per transaction, and an aiohttp
+client request costs several times as much CPU.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
-from yarl import URL
 
+from sidecar.config import ClusterConfig, PoolConfig, RetryConfig, UpstreamTimeouts
 from sidecar.coordinator import protocol
 from sidecar.coordinator.records import BranchRecord
 from sidecar.coordinator.signing import KeyRing, sign_headers
+from sidecar.errors import SidecarError
+from sidecar.proxy.fetch import fetch
+from sidecar.proxy.upstream import Cluster
+
+if TYPE_CHECKING:
+    from sidecar.metrics import Metrics
+
+#: callback origins (scheme://host:port) with a pool each; past it the oldest pool closes
+_MAX_ORIGINS: Final = 256
+#: callback URLs remembered with their pool and path (parsed once each)
+_MAX_TARGETS: Final = 4096
+#: a callback's answer is a small JSON object
+_MAX_ANSWER: Final = 64 * 1024
 
 
 def _now_ms() -> int:
@@ -35,16 +54,56 @@ class HttpBranchCaller:
         *,
         timeout: float,
         connect_timeout: float,
+        metrics: Metrics,
         clock_ms: Callable[[], int] = _now_ms,
     ) -> None:
         self.ring = ring
-        self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
+        self.timeout = timeout
+        self.connect_timeout = min(connect_timeout, timeout)
+        self.metrics = metrics
         self._clock_ms = clock_ms
-        self._session: aiohttp.ClientSession | None = None
+        self._clusters: OrderedDict[str, Cluster] = OrderedDict()
+        self._targets: dict[str, tuple[Cluster, str, str]] = {}
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for cluster in self._clusters.values():
+            cluster.close()
+        self._clusters.clear()
+        self._targets.clear()
+
+    def _target(self, url: str) -> tuple[Cluster, str, str]:
+        """(pool, path, query) of a callback URL, parsed once."""
+        found = self._targets.get(url)
+        if found is not None and not found[0].closed:
+            return found
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        cluster = self._clusters.get(origin)
+        if cluster is None:
+            cluster = self._clusters[origin] = self._new_cluster(origin)
+            if len(self._clusters) > _MAX_ORIGINS:
+                _, oldest = self._clusters.popitem(last=False)
+                oldest.close()
+        if len(self._targets) >= _MAX_TARGETS:
+            self._targets.clear()
+        found = self._targets[url] = (cluster, parts.path or "/", parts.query)
+        return found
+
+    def _new_cluster(self, origin: str) -> Cluster:
+        # built, not parsed: these values are ours (the config checked the timeouts)
+        cfg = ClusterConfig.model_construct(
+            url=origin,
+            timeouts=UpstreamTimeouts.model_construct(
+                connect=self.connect_timeout,
+                response_header=self.timeout,
+                total=self.timeout,  # fetch() times the whole call
+            ),
+            pool=PoolConfig.model_construct(
+                max_connections=256, max_idle=64, idle_timeout=30.0, max_pending=4096
+            ),
+            retries=RetryConfig.model_construct(attempts=0, budget_ratio=0.0),
+        )
+        return Cluster(f"callback {origin}", cfg, self.metrics)
 
     async def phase_two(self, branch: BranchRecord, commit: bool) -> str | None:
         suffix = protocol.COMMIT_SUFFIX if commit else protocol.ROLLBACK_SUFFIX
@@ -52,34 +111,33 @@ class HttpBranchCaller:
         url = branch.callback_url + suffix
         body = protocol.callback_body(branch)
         key = idempotency_key(branch.xid, branch.branch_id, phase)
-        raw_path = url.split("://", 1)[1].partition("/")[2]
-        raw_path, _, raw_query = ("/" + raw_path).partition("?")
-        headers = sign_headers(
+        try:
+            cluster, raw_path, raw_query = self._target(url)
+        except ValueError as exc:  # registration validated it: a journal from elsewhere
+            return f"{phase} callback to {url}: not a usable URL ({exc})"
+        signed = sign_headers(
             self.ring, "POST", raw_path, raw_query, body,
             now_ms=self._clock_ms(), idempotency_key=key, xid=branch.xid,
         )  # fmt: skip
-        headers.update(
-            {"Content-Type": "application/json", "XID": branch.xid, "Idempotency-Key": key}
-        )
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
+        headers = [
+            *signed.items(),
+            ("content-type", "application/json"),
+            ("xid", branch.xid),
+            ("idempotency-key", key),
+        ]
+        target = f"{raw_path}?{raw_query}" if raw_query else raw_path
         try:
-            async with self._session.post(
-                URL(url, encoded=True),
-                data=body,
-                headers=headers,
-                timeout=self.timeout,
-                allow_redirects=False,
-            ) as resp:
-                raw = await resp.read()
-                status = resp.status
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            return f"{phase} callback to {url} failed: {type(exc).__name__} {exc}".strip()
+            response = await fetch(
+                cluster, "POST", target, headers, body,
+                timeout=self.timeout, idempotent=True, max_body=_MAX_ANSWER,
+            )  # fmt: skip
+        except SidecarError as exc:
+            return f"{phase} callback to {url} failed: {exc.message}"
         want = "PhaseTwo_Committed" if commit else "PhaseTwo_Rollbacked"
         try:
-            answer = orjson.loads(raw).get("status") if raw else None
+            answer = orjson.loads(response.body).get("status") if response.body else None
         except (orjson.JSONDecodeError, AttributeError):
             answer = None
-        if 200 <= status < 300 and answer == want:
+        if 200 <= response.status < 300 and answer == want:
             return None
-        return f"{phase} callback to {url}: HTTP {status}, status {answer!r}"
+        return f"{phase} callback to {url}: HTTP {response.status}, status {answer!r}"

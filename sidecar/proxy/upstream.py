@@ -449,6 +449,10 @@ class Cluster:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         """Stop pooling: idle connections close now, busy ones when released."""
         self._closed = True
