@@ -98,6 +98,10 @@ class _Live:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+def _index(branches: Sequence[BranchRecord], branch_id: int) -> int:
+    return next(i for i, b in enumerate(branches) if b.branch_id == branch_id)
+
+
 class Engine:
     def __init__(
         self,
@@ -478,10 +482,10 @@ class Engine:
     async def _drive_once(self, live: _Live) -> bool:
         """One pass of phase two; True when the transaction is finished (or all stuck)."""
         while True:
-            commit = live.record.status.committing
-            pending = [b for b in live.branches if not b.status.phase_two_done and not b.stuck]
-            if commit:
-                await asyncio.gather(*(self._call(live, b, True) for b in pending))
+            if live.record.status.committing:
+                left = await self._commit_pass(live)
+                if left is None:
+                    return True
             else:
                 # one at a time, newest first, and never past a failure or a stuck branch: a
                 # Saga's earlier steps are compensated only after every later one has been
@@ -489,18 +493,18 @@ class Engine:
                 for branch in sorted(unfinished, key=lambda b: b.seq, reverse=True):
                     if branch.stuck or not await self._call(live, branch, False):
                         break
-            async with live.lock:
-                left = [b for b in live.branches if not b.status.phase_two_done]
-                if not left:
-                    await self._set_status(
-                        live, transition(live.record.status, Event.PHASE_TWO_DONE)
-                    )
-                    self._retire(live)
-                    return True
-                new = transition(live.record.status, Event.PHASE_TWO_FAILED)
-                if new is not live.record.status:
-                    await self._set_status(live, new)
-                retryable = [b for b in left if not b.stuck]
+                async with live.lock:
+                    left = [b for b in live.branches if not b.status.phase_two_done]
+                    if not left:
+                        await self._set_status(
+                            live, transition(live.record.status, Event.PHASE_TWO_DONE)
+                        )
+                        self._retire(live)
+                        return True
+                    new = transition(live.record.status, Event.PHASE_TWO_FAILED)
+                    if new is not live.record.status:
+                        await self._set_status(live, new)
+            retryable = [b for b in left if not b.stuck]
             if not retryable:
                 log.warning(
                     "phase two halted: every remaining branch is stuck",
@@ -511,47 +515,104 @@ class Engine:
                 backoff(self.policy, min(b.attempts for b in retryable), self._rand)
             )
 
-    async def _call(self, live: _Live, branch: BranchRecord, commit: bool) -> bool:
-        """One phase-two call and its journalled outcome; True when the branch is done."""
+    async def _commit_pass(self, live: _Live) -> list[BranchRecord] | None:
+        """Confirm every pending branch concurrently; returns the branches still unfinished,
+        or None when the transaction is finished."""
+        pending = [b for b in live.branches if not b.status.phase_two_done and not b.stuck]
+        if not pending:  # e.g. an operator settled the last stuck branch by hand
+            async with live.lock:
+                left = [b for b in live.branches if not b.status.phase_two_done]
+                if left:
+                    return left
+                await self._set_status(live, transition(live.record.status, Event.PHASE_TWO_DONE))
+                self._retire(live)
+                return None
+        outstanding = [len(pending)]
+        if len(pending) == 1:  # the common case: no task for gather to wrap it in
+            await self._confirm(live, pending[0], outstanding)
+        else:
+            await asyncio.gather(*(self._confirm(live, b, outstanding) for b in pending))
+        if live.record.status.finished:
+            return None
+        return [b for b in live.branches if not b.status.phase_two_done]
+
+    async def _confirm(self, live: _Live, branch: BranchRecord, outstanding: list[int]) -> None:
+        """One confirm and its journalled outcome. Each outcome is written as it comes; the
+        pass's last one shares its write with the transaction's new status (one fsync per
+        transaction fewer: a crash before it repeats confirms, and they carry their
+        Idempotency-Key)."""
+        error = await self._attempt(branch, True)
+        async with live.lock:
+            outstanding[0] -= 1
+            index = _index(live.branches, branch.branch_id)
+            updated = self._outcome(live.branches[index], True, error)
+            record = live.record
+            finished = False
+            if outstanding[0] == 0:
+                others = (b for i, b in enumerate(live.branches) if i != index)
+                left = not updated.status.phase_two_done or any(
+                    not b.status.phase_two_done for b in others
+                )
+                status = transition(
+                    record.status, Event.PHASE_TWO_FAILED if left else Event.PHASE_TWO_DONE
+                )
+                if status is not record.status:
+                    record = replace(record, status=status, updated_ms=self._clock_ms())
+                finished = not left
+            await self._write([record] if record is not live.record else (), [updated])
+            live.branches[index] = updated
+            live.record = record
+            if finished:
+                self._retire(live)
+        self._report_stuck(updated, error)
+
+    async def _attempt(self, branch: BranchRecord, commit: bool) -> str | None:
+        """One phase-two call: None when done, else why not."""
         try:
             error = await self.caller.phase_two(branch, commit)
         except Exception as exc:  # the caller translates; anything left is a failure too
             error = f"{type(exc).__name__}: {exc}"
         self._events.phase_two_call(error is None)
+        return error
+
+    def _outcome(self, current: BranchRecord, commit: bool, error: str | None) -> BranchRecord:
+        """The branch after one phase-two attempt."""
+        if error is None:
+            done = BranchStatus.PHASE_TWO_COMMITTED if commit else BranchStatus.PHASE_TWO_ROLLBACKED
+            return replace(
+                current, status=done, attempts=current.attempts + 1,
+                updated_ms=self._clock_ms(), last_error=None,
+            )  # fmt: skip
+        failed = (
+            BranchStatus.PHASE_TWO_COMMIT_RETRYABLE
+            if commit
+            else BranchStatus.PHASE_TWO_ROLLBACK_RETRYABLE
+        )
+        attempts = current.attempts + 1
+        return replace(
+            current, status=failed, attempts=attempts, updated_ms=self._clock_ms(),
+            last_error=error[:500], stuck=attempts >= self.policy.max_attempts,
+        )  # fmt: skip
+
+    async def _call(self, live: _Live, branch: BranchRecord, commit: bool) -> bool:
+        """One phase-two call and its journalled outcome; True when the branch is done."""
+        error = await self._attempt(branch, commit)
         async with live.lock:
-            index = next(i for i, b in enumerate(live.branches) if b.branch_id == branch.branch_id)
-            current = live.branches[index]
-            if error is None:
-                done = (
-                    BranchStatus.PHASE_TWO_COMMITTED
-                    if commit
-                    else BranchStatus.PHASE_TWO_ROLLBACKED
-                )
-                updated = replace(
-                    current, status=done, attempts=current.attempts + 1,
-                    updated_ms=self._clock_ms(), last_error=None,
-                )  # fmt: skip
-            else:
-                failed = (
-                    BranchStatus.PHASE_TWO_COMMIT_RETRYABLE
-                    if commit
-                    else BranchStatus.PHASE_TWO_ROLLBACK_RETRYABLE
-                )
-                attempts = current.attempts + 1
-                updated = replace(
-                    current, status=failed, attempts=attempts, updated_ms=self._clock_ms(),
-                    last_error=error[:500], stuck=attempts >= self.policy.max_attempts,
-                )  # fmt: skip
+            index = _index(live.branches, branch.branch_id)
+            updated = self._outcome(live.branches[index], commit, error)
             await self._write(branches=[updated])
             live.branches[index] = updated
-        if updated.stuck:
+        self._report_stuck(updated, error)
+        return error is None
+
+    def _report_stuck(self, branch: BranchRecord, error: str | None) -> None:
+        if branch.stuck and error is not None:
             log.error(
                 "branch stuck: phase two gave up after %d attempts",
-                updated.attempts,
-                extra={"xid": updated.xid, "branch_id": updated.branch_id, "error": error},
+                branch.attempts,
+                extra={"xid": branch.xid, "branch_id": branch.branch_id, "error": error},
             )
-            self._events.branch_stuck(updated)
-        return error is None
+            self._events.branch_stuck(branch)
 
     async def _set_status(self, live: _Live, status: GlobalStatus) -> None:
         record = replace(live.record, status=status, updated_ms=self._clock_ms())

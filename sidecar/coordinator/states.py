@@ -30,7 +30,7 @@ class GlobalStatus(StrEnum):
     @property
     def committing(self) -> bool:
         """Phase two runs commit (as opposed to rollback)."""
-        return self in (GlobalStatus.COMMITTING, GlobalStatus.COMMIT_RETRYING)
+        return self in _COMMITTING
 
     @property
     def rolling_back(self) -> bool:
@@ -40,6 +40,7 @@ class GlobalStatus(StrEnum):
 _FINISHED: Final = frozenset(
     {GlobalStatus.COMMITTED, GlobalStatus.ROLLBACKED, GlobalStatus.TIMEOUT_ROLLBACKED}
 )
+_COMMITTING: Final = frozenset({GlobalStatus.COMMITTING, GlobalStatus.COMMIT_RETRYING})
 _ROLLING_BACK: Final = frozenset(
     {
         GlobalStatus.ROLLBACKING,
@@ -69,7 +70,12 @@ class BranchStatus(StrEnum):
 
     @property
     def phase_two_done(self) -> bool:
-        return self in (BranchStatus.PHASE_TWO_COMMITTED, BranchStatus.PHASE_TWO_ROLLBACKED)
+        return self in _PHASE_TWO_DONE
+
+
+_PHASE_TWO_DONE: Final = frozenset(
+    {BranchStatus.PHASE_TWO_COMMITTED, BranchStatus.PHASE_TWO_ROLLBACKED}
+)
 
 
 class BranchType(StrEnum):

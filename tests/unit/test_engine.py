@@ -336,6 +336,19 @@ async def test_commit_confirms_every_branch_once_concurrently(make):
     assert journalled == (record, stored)
 
 
+async def test_the_last_confirm_shares_its_write_with_the_outcome(make):
+    # decision, then one write per confirm, the last one carrying Committed too: with one
+    # branch that is two writes after the begin and the registration, not three
+    rig = await make()
+    xid, _ = await with_branches(rig, "a")
+    writes = rig.journal.writes
+    assert (await rig.engine.commit(xid, wait=2.0)).status is S.COMMITTED
+    assert rig.journal.writes == writes + 2
+    assert rig.journal.history[xid] == [S.BEGIN, S.COMMITTING, S.COMMITTED]
+    _, (stored,) = await rig.journal.find(xid)
+    assert stored.status is B.PHASE_TWO_COMMITTED
+
+
 async def test_commit_with_wait_returns_the_outcome(make):
     rig = await make()
     xid, _ = await with_branches(rig, "a", "b")
