@@ -157,6 +157,12 @@ class JournalUnavailable(SidecarError):
     status = 503
 
 
+class DuplicateKey(JournalUnavailable):
+    """A journal write reused an idempotency key that another record holds; nothing of that
+    write was stored. Callers that can explain it (a retried registration) do; to anyone
+    else it is a write that failed. The journal itself is fine."""
+
+
 class PayloadTooLarge(SidecarError):
     code = "PAYLOAD_TOO_LARGE"
     status = 413

@@ -37,6 +37,7 @@ from sidecar.coordinator.states import (
 )
 from sidecar.errors import (
     BranchNotFound,
+    DuplicateKey,
     IdempotencyConflict,
     InvalidRequest,
     JournalUnavailable,
@@ -148,6 +149,8 @@ class Engine:
         """Every write goes through here, so readiness can say when the journal fails."""
         try:
             await self.journal.write(globals_, branches)
+        except DuplicateKey:
+            raise  # the write's own fault (a reused idempotency key), not the journal's
         except JournalUnavailable:
             self.journal_ok = False
             raise
@@ -368,14 +371,9 @@ class Engine:
             if idempotency_key is not None:
                 earlier = next(
                     (b for b in live.branches if b.idempotency_key == idempotency_key), None
-                ) or await self.journal.find_branch_by_key(idempotency_key)
+                )
                 if earlier is not None:
-                    if earlier.request_hash != request_hash or earlier.xid != xid:
-                        raise IdempotencyConflict(
-                            f"Idempotency-Key {idempotency_key!r} was used for a different "
-                            "registration"
-                        )
-                    return earlier
+                    return self._repeated(earlier, xid, request_hash)
             status = live.record.status
             if status is not GlobalStatus.BEGIN:
                 raise TransactionNotActive(
@@ -394,9 +392,27 @@ class Engine:
                 idempotency_key=idempotency_key,
                 request_hash=request_hash,
             )
-            await self._write(branches=[branch])
+            try:
+                await self._write(branches=[branch])
+            except DuplicateKey:
+                # the key is a branch's of another transaction (this one's are in memory):
+                # found by the journal's unique index rather than a read before every write
+                assert idempotency_key is not None
+                found = await self.journal.find_branch_by_key(idempotency_key)
+                if found is None:
+                    raise
+                return self._repeated(found, xid, request_hash)
             live.branches.append(branch)
             return branch
+
+    @staticmethod
+    def _repeated(earlier: BranchRecord, xid: str, request_hash: str | None) -> BranchRecord:
+        """A registration under a key already used: the same one again gets its branch."""
+        if earlier.request_hash != request_hash or earlier.xid != xid:
+            raise IdempotencyConflict(
+                f"Idempotency-Key {earlier.idempotency_key!r} was used for a different registration"
+            )
+        return earlier
 
     async def report(self, xid: str, branch_id: int, status: BranchStatus) -> BranchRecord:
         if status not in (BranchStatus.PHASE_ONE_DONE, BranchStatus.PHASE_ONE_FAILED):

@@ -44,7 +44,7 @@ from typing import Any, Final, Literal, TypeVar
 
 from sidecar.coordinator.records import BranchRecord, GlobalRecord, Journal
 from sidecar.coordinator.states import BranchStatus, BranchType, GlobalStatus
-from sidecar.errors import JournalUnavailable
+from sidecar.errors import DuplicateKey, JournalUnavailable
 
 __all__ = ["MemoryJournal", "SqliteJournal", "open_journal", "SCHEMA_VERSION"]
 
@@ -199,6 +199,10 @@ def _translate(what: str, exc: BaseException) -> BaseException:
     JournalUnavailable; anything else is a bug and travels as it is."""
     if isinstance(exc, JournalUnavailable):
         return exc
+    if isinstance(exc, sqlite3.IntegrityError) and "idempotency_key" in str(exc):
+        dup = DuplicateKey(f"{what}: {exc}")
+        dup.__cause__ = exc
+        return dup
     if isinstance(exc, sqlite3.Error | OSError | ValueError):
         err = JournalUnavailable(f"{what}: {exc}")
         err.__cause__ = exc
@@ -697,7 +701,7 @@ class MemoryJournal:
     def _put_global(self, g: GlobalRecord, undo: list[Any]) -> None:
         key = g.idempotency_key
         if key is not None and self._global_keys.get(key, g.xid) != g.xid:
-            raise JournalUnavailable(
+            raise DuplicateKey(
                 "journal write failed: UNIQUE constraint failed: globals.idempotency_key"
             )
         old = self._globals.get(g.xid)
@@ -712,7 +716,7 @@ class MemoryJournal:
             raise JournalUnavailable("journal write failed: FOREIGN KEY constraint failed")
         key = b.idempotency_key
         if key is not None and self._branch_keys.get(key, b.branch_id) != b.branch_id:
-            raise JournalUnavailable(
+            raise DuplicateKey(
                 "journal write failed: UNIQUE constraint failed: branches.idempotency_key"
             )
         old = self._branches.get(b.branch_id)

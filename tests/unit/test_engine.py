@@ -683,6 +683,7 @@ async def test_idempotent_register(make):
     with pytest.raises(IdempotencyConflict):
         await rig.engine.register(xid2, *args, idempotency_key="r1", request_hash="h1")
     assert len((await rig.engine.get(xid2))[1]) == 0
+    assert rig.engine.journal_ok  # a reused key is the caller's fault, not the journal's
 
 
 # --- restart ----------------------------------------------------------------------------------
