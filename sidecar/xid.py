@@ -11,6 +11,7 @@ a truncated XID (`10.0.1.5:8091:`) carried on would join the wrong transaction o
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -53,6 +54,14 @@ class Xid:
 def parse(value: str | bytes, max_length: int = DEFAULT_MAX_LENGTH) -> Xid:
     """Parse one XID or raise XidInvalid with a message that says what is wrong and a short
     `reason` (a bounded set, used as a metric label)."""
+    # one transaction's XID is parsed at every hop and call (proxy, TM API, registration,
+    # phase two, lock release): valid ones are remembered (Xid is immutable; errors are not
+    # cached, and the cache is bounded, so distinct junk costs only its own parse)
+    return _parse_cached(value, max_length)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_cached(value: str | bytes, max_length: int) -> Xid:
     # a character outside latin-1 cannot come from an HTTP header; "?" is in no field's
     # grammar, so the value is refused with the reason of the field it spoils
     raw = value.encode("latin-1", "replace") if isinstance(value, str) else value

@@ -126,6 +126,9 @@ class JournalLocks:
         if conflict is not None:
             raise LockConflict(*conflict)
 
+    def may_hold(self, xid: str) -> bool:
+        return xid in self._holders
+
     async def release_all(self, xid: str) -> int:
         xid = parse_xid(xid, max_length=4096).raw
         if xid not in self._holders:

@@ -107,6 +107,11 @@ class LockManager(Protocol):
         """The XID holding `key`, or None."""
         ...
 
+    def may_hold(self, xid: str) -> bool:
+        """False only when `xid` surely holds no lock here (so its release can be skipped:
+        most transactions never take one)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -156,6 +161,9 @@ class MemoryLocks:
         key = check_key(key)
         self._expire(self._clock())
         return self._holders.get(key)
+
+    def may_hold(self, xid: str) -> bool:
+        return xid in self._held
 
     async def close(self) -> None:
         pass
@@ -288,6 +296,9 @@ class RedisLocks:
             position, holder = result
             raise LockConflict(wanted[int(position) - 1], _text(holder))
 
+    def may_hold(self, xid: str) -> bool:
+        return True  # shared: another sidecar may have taken locks for it
+
     async def release_all(self, xid: str) -> int:
         xid = _check_xid(xid)
         with store_errors(f"lock store {self.where}"):
@@ -324,6 +335,8 @@ class ReleaseOnFinish:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def finished(self, xid: str) -> None:
+        if not self.locks.may_hold(xid):
+            return
         task = asyncio.get_running_loop().create_task(
             self._release(xid), name=f"release-locks {xid}"
         )

@@ -208,6 +208,17 @@ async def test_release_on_finish() -> None:
     assert await locks.holder("orders:3") == B
 
 
+async def test_release_on_finish_skips_transactions_that_took_no_lock() -> None:
+    flaky = FlakyLocks(failures=0)
+    await flaky.acquire(A, ["orders:1"])
+    releaser = ReleaseOnFinish(flaky)
+    releaser.finished(B)  # most transactions: nothing to release, no task, no store call
+    assert releaser.pending == 0
+    releaser.finished(A)
+    await releaser.drain(5)
+    assert flaky.calls == [A]
+
+
 async def test_release_on_finish_retries_then_gives_up(caplog: pytest.LogCaptureFixture) -> None:
     flaky = FlakyLocks(failures=2)
     await flaky.acquire(A, ["orders:1"])
@@ -236,8 +247,11 @@ async def test_release_on_finish_drain_is_bounded() -> None:
             await gate.wait()
             return 0
 
-    releaser = ReleaseOnFinish(Stuck())
+    stuck = Stuck()
+    await stuck.acquire(A, ["orders:1"])
+    releaser = ReleaseOnFinish(stuck)
     releaser.finished(A)
+    assert releaser.pending == 1
     loop = asyncio.get_running_loop()
     start = loop.time()
     await releaser.drain(0.05)
