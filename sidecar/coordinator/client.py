@@ -85,7 +85,12 @@ class LocalCoordinator:
     async def begin(
         self, name: str, timeout_ms: int | None, idempotency_key: str | None = None
     ) -> TxState:
-        request_hash = protocol.body_hash(orjson.dumps([name, timeout_ms]))
+        # the hash tells a retry from a different request under one key: no key, no hash
+        request_hash = (
+            None
+            if idempotency_key is None
+            else protocol.body_hash(orjson.dumps([name, timeout_ms]))
+        )
         rec = await self.engine.begin(
             name, timeout_ms, idempotency_key=idempotency_key, request_hash=request_hash
         )
@@ -113,11 +118,13 @@ class LocalCoordinator:
         application_data: bytes,
         idempotency_key: str | None = None,
     ) -> int:
-        request = orjson.dumps([branch_type.value, resource_id, callback_url])
+        request_hash = None
+        if idempotency_key is not None:
+            request = orjson.dumps([branch_type.value, resource_id, callback_url])
+            request_hash = protocol.body_hash(request + application_data)
         branch = await self.engine.register(
             xid, branch_type, resource_id, callback_url, application_data,
-            idempotency_key=idempotency_key,
-            request_hash=protocol.body_hash(request + application_data),
+            idempotency_key=idempotency_key, request_hash=request_hash,
         )  # fmt: skip
         return branch.branch_id
 

@@ -96,7 +96,9 @@ class _Live:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     timer: asyncio.TimerHandle | None = None
     driver: asyncio.Task[None] | None = None
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: bool = False
+    #: made only when someone waits for the outcome (most decisions return it directly)
+    waiter: asyncio.Future[None] | None = None
 
 
 def _index(branches: Sequence[BranchRecord], branch_id: int) -> int:
@@ -334,11 +336,11 @@ class Engine:
                     "decision refused: already decided otherwise",
                     extra={"xid": xid, "status": status.value, "event": event.value},
                 )
-        if wait > 0 and not live.done.is_set():
-            try:
-                await asyncio.wait_for(live.done.wait(), wait)
-            except TimeoutError:
-                pass
+        if wait > 0 and not live.finished:
+            if live.waiter is None:
+                live.waiter = asyncio.get_running_loop().create_future()
+            # asyncio.wait: no task wrapped around the waiter, and it is never cancelled
+            await asyncio.wait((live.waiter,), timeout=wait)
         return live.record
 
     async def get(self, xid: str) -> tuple[GlobalRecord, list[BranchRecord]]:
@@ -643,7 +645,9 @@ class Engine:
         self._finished[xid] = (live.record, list(live.branches))
         while len(self._finished) > _FINISHED_CACHE:
             self._finished.popitem(last=False)
-        live.done.set()
+        live.finished = True
+        if live.waiter is not None and not live.waiter.done():
+            live.waiter.set_result(None)
         self._events.finished(live.record)
 
     # --- operators ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ The prose and OpenAPI description of these shapes is docs/protocol.md and docs/o
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -31,6 +32,10 @@ def body_hash(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
+#: C0 controls and DEL: never part of a name, URL or key
+CONTROL_CHARS: Final = re.compile("[\x00-\x1f\x7f]")
+
+
 def _object(body: bytes) -> dict[str, Any]:
     if not body:
         raise InvalidRequest("the body must be a JSON object")
@@ -51,7 +56,7 @@ def _string(data: dict[str, Any], key: str, *, max_len: int = 256, required: boo
         raise InvalidRequest(f"{key} must be a non-empty string")
     if len(value) > max_len:
         raise InvalidRequest(f"{key} must be at most {max_len} characters")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+    if CONTROL_CHARS.search(value):
         raise InvalidRequest(f"{key} must not contain control characters")
     return value
 

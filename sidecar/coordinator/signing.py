@@ -57,7 +57,7 @@ _TIMESTAMP_RE: Final = re.compile(r"[0-9]{1,15}")
 # >= 128 bits of randomness as lowercase hex; the upper bound keeps replay-store keys small
 _NONCE_RE: Final = re.compile(r"[0-9a-f]{32,128}")
 _SIGNATURE_RE: Final = re.compile(r"v1=[0-9a-f]{64}")
-_FORBIDDEN: Final = ("\r", "\n", "\x00")
+_FORBIDDEN_RE: Final = re.compile("[\r\n\x00]")
 _EMPTY_SHA256: Final = hashlib.sha256(b"").hexdigest()
 
 
@@ -92,8 +92,8 @@ def canonical_string(
     ts = str(timestamp) if isinstance(timestamp, int) else timestamp
     if not _TIMESTAMP_RE.fullmatch(ts):
         raise ValueError("timestamp must be decimal milliseconds since the epoch")
-    fields = (method, raw_path, raw_query, nonce, idempotency_key or "", xid or "")
-    if any(c in f for f in fields for c in _FORBIDDEN):
+    # one search over the fields side by side (joining cannot make a CR, LF or NUL)
+    if _FORBIDDEN_RE.search(f"{method}{raw_path}{raw_query}{nonce}{idempotency_key}{xid}"):
         raise ValueError("a signed field contains CR, LF or NUL")
     if not method:
         raise ValueError("empty method")
@@ -110,7 +110,7 @@ def canonical_string(
         xid or "",
         hashlib.sha256(body).hexdigest() if body else _EMPTY_SHA256,
     )
-    return b"\n".join(_wire_bytes(line) for line in lines)
+    return _wire_bytes("\n".join(lines))
 
 
 def _wire_bytes(text: str) -> bytes:
@@ -274,7 +274,7 @@ def _collect(headers: Headers) -> dict[str, str]:
             raise SignatureInvalid(
                 f"header {_WATCHED[lname]} appears more than once", reason="malformed"
             )
-        if any(c in value for c in _FORBIDDEN):
+        if _FORBIDDEN_RE.search(value):
             raise SignatureInvalid(
                 f"header {_WATCHED[lname]} contains CR, LF or NUL", reason="malformed"
             )

@@ -22,6 +22,7 @@ from aiohttp import web
 from sidecar.config import parse_duration
 from sidecar.coordinator.client import Coordinator
 from sidecar.coordinator.outbox import DecisionPending
+from sidecar.coordinator.protocol import CONTROL_CHARS
 from sidecar.coordinator.states import is_final
 from sidecar.errors import InvalidRequest, PayloadTooLarge
 from sidecar.web_errors import as_response, json_response, sidecar_error
@@ -62,7 +63,7 @@ async def begin(request: web.Request) -> web.Response:
     name = data.get("name")
     if not isinstance(name, str) or not name or len(name) > 128:
         raise InvalidRequest("name must be a non-empty string of at most 128 characters")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+    if CONTROL_CHARS.search(name):
         raise InvalidRequest("name must not contain control characters")
     timeout = data.get("timeout")
     timeout_ms: int | None = None
