@@ -50,6 +50,10 @@ _CRLF: Final = b"\r\n"
 #: how often the listener checks upstream deadlines while exchanges are in flight; timeouts
 #: fire within this much of their configured value
 DEADLINE_TICK: Final = 0.01
+#: lingering close after refusing a request (nginx's lingering_close): how long, and how
+#: many bytes, the client's remaining input is read and discarded before the socket closes
+LINGER_SECONDS: Final = 2.0
+LINGER_BYTES: Final = 1 << 20
 
 
 @dataclass(slots=True)
@@ -228,6 +232,11 @@ class ClientConnection(asyncio.Protocol):
         #: the client a fresh period instead of blaming it for our pause
         self.resumes = 0
         self.timer_resumes = 0
+        #: a request was refused: the connection ends with a lingering close
+        self.refused = False
+        self.lingering = False
+        self.linger_left = 0
+        self.linger_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -248,6 +257,10 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
+            if self.lingering:
+                self.linger_left -= len(data)
+                if self.linger_left <= 0:
+                    self.abort()
             return
         in_body = self.head is None and self.parsing is not None
         if not in_body:
@@ -309,7 +322,7 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         # a half-closed client gets its pending response, then the connection closes
-        if self.active is None and self.parsing is None:
+        if self.lingering or (self.active is None and self.parsing is None):
             return False
         self.closing = True
         return True
@@ -317,6 +330,9 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self._cancel_timers()
+        if self.linger_timer is not None:
+            self.linger_timer.cancel()
+            self.linger_timer = None
         self.listener._removed(self)
         active, self.active = self.active, None
         if active is not None:
@@ -454,7 +470,7 @@ class ClientConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         transport = self.transport
-        if transport is not None and not transport.is_closing():
+        if transport is not None and not transport.is_closing() and not self.lingering:
             transport.write(data)
 
     # --- flow control ------------------------------------------------------------------------
@@ -541,6 +557,7 @@ class ClientConnection(asyncio.Protocol):
         the byte stream cannot be trusted, so nothing else is read from it."""
         self.listener.client_error(reason)
         self.closing = True
+        self.refused = True
         self._cancel_timers()
         if self.transport is None or self.transport.is_closing():
             return
@@ -586,10 +603,32 @@ class ClientConnection(asyncio.Protocol):
             self.closing = True
 
     def _close(self) -> None:
+        if self.lingering:
+            return
         self.closing = True
         self._cancel_timers()
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not self.refused:
+            transport.close()
+        elif self.active is None:  # (else its answer goes first; exchange_finished closes)
+            self._linger(transport)
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        """Close after a refusal the way nginx does: send the answer and a FIN, then read and
+        discard what the client still sends, for a while, before closing. Closing at once
+        with its input unread makes the kernel answer with a reset, which can destroy our
+        error response before the client has read it."""
+        try:
+            transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            transport.close()
+            return
+        self.lingering = True
+        self.linger_left = LINGER_BYTES
+        transport.resume_reading()
+        self.linger_timer = self.loop.call_later(LINGER_SECONDS, transport.close)
 
     def abort(self) -> None:
         self.closing = True

@@ -124,6 +124,24 @@ async def test_one_endless_header_field_is_refused_without_waiting_for_its_end(
     assert app.requests == []
 
 
+async def test_a_refused_client_still_sending_gets_the_answer_not_a_reset(
+    sidecar_factory, upstream
+):
+    # refused after 4 KiB while ~1 MiB more is on its way: closing with that input unread
+    # would make the kernel send a reset, which destroys the 431 before the client reads it
+    # (lingering close: the sidecar sends a FIN after the answer and drains for a while)
+    sc, app, port = await start(sidecar_factory, upstream)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"b" * (1 << 20) + b"\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(-1), 10)  # up to the sidecar's FIN
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert b"HEADERS_TOO_LARGE" in answer
+    assert app.requests == []
+
+
 # --- client timeouts -----------------------------------------------------------------------------
 
 
