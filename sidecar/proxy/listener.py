@@ -26,6 +26,7 @@ from sidecar.errors import (
     BadRequest,
     HeadersTooLarge,
     NotImplementedByProxy,
+    PayloadTooLarge,
     RequestTimeout,
     SidecarError,
     VersionNotSupported,
@@ -195,6 +196,10 @@ class ProxyListener:
             conn.abort()
 
 
+def _piece(data: bytes, at: int, end: int) -> bytes | memoryview:
+    return data if at == 0 and end == len(data) else memoryview(data)[at:end]
+
+
 class ClientConnection(asyncio.Protocol):
     """One downstream connection: parsing, limits, and exchanges in order."""
 
@@ -232,6 +237,13 @@ class ClientConnection(asyncio.Protocol):
         #: the client a fresh period instead of blaming it for our pause
         self.resumes = 0
         self.timer_resumes = 0
+        #: the last bytes of a read that ended inside a head (its blank line may straddle)
+        self.head_tail = b""
+        #: while a piece of a body is parsed: a chunked message that ended in it (its body
+        #: bytes and earlier overhead), whose body_complete waits for the overhead check
+        self.feeding_body = False
+        self.completed: tuple[int, int] | None = None
+        self.deferred: list[Exchange] = []
         #: a request was refused: the connection ends with a lingering close
         self.refused = False
         self.lingering = False
@@ -262,46 +274,12 @@ class ClientConnection(asyncio.Protocol):
                 if self.linger_left <= 0:
                     self.abort()
             return
-        in_body = self.head is None and self.parsing is not None
-        if not in_body:
-            self.head_bytes += len(data)
-        body_before = self.body_bytes
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._refuse(
-                NotImplementedByProxy(
-                    "protocol upgrades (WebSocket) and CONNECT are not supported by this listener"
-                ),
-                "upgrade",
-            )
+        if self.head is None and self.parsing is not None:
+            self._feed_body(data, 0)
+        else:
+            self._feed_from_head(data, 0)
+        if self.closing:
             return
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, SidecarError):
-                self._refuse(cause, "head_limit" if cause.status == 431 else "bad_request")
-            else:
-                log.error("proxy callback failed", exc_info=cause)
-                self._refuse(SidecarError("internal error"), "internal")
-            return
-        except httptools.HttpParserError as exc:
-            self._refuse(BadRequest(f"malformed HTTP request: {exc}"), "malformed")
-            return
-        if in_body and self.parsing is not None:
-            # what a body read carried besides body bytes: chunk-size lines, extensions,
-            # trailers. llhttp skips extensions and httptools buffers a trailer whole, so
-            # bound them here: the head limit, plus an eighth of the body for chunk framing
-            self.body_overhead += len(data) - (self.body_bytes - body_before)
-            budget = self.runtime.limits.header_bytes + self.body_bytes // 8
-            if self.body_overhead > budget:
-                self._refuse(
-                    HeadersTooLarge(
-                        "chunk extensions or trailers exceed "
-                        f"{self.runtime.limits.header_bytes} bytes"
-                    ),
-                    "head_limit",
-                )
-                return
         if self.head is not None:
             # the read ended inside a request head
             limit = self.runtime.limits.header_bytes
@@ -319,6 +297,124 @@ class ClientConnection(asyncio.Protocol):
             self.body_timer = self.loop.call_later(
                 self.runtime.timeouts.body_idle, self._check_body_idle
             )
+
+    def _feed_from_head(self, data: bytes, at: int) -> None:
+        """Parse `data[at:]`, which starts at (or inside) a request head. Each head is fed
+        alone, up to its blank line, so that a body following it in the same read is fed as
+        one (and its chunk framing, extensions and trailers are bounded from its first
+        byte)."""
+        size = len(data)
+        while at < size:
+            end = self._head_end(data, at)
+            cut = size if end == -1 else end
+            if not self._feed(_piece(data, at, cut), head=True):
+                return
+            at = cut
+            if self.head is not None:
+                if at == size:  # the read ended inside this head
+                    self.head_tail = data[-3:]
+                    return
+            elif self.parsing is not None and at < size:
+                self._feed_body(data, at)
+                return
+
+    def _head_end(self, data: bytes, at: int) -> int:
+        """The offset just past the blank line ending the head that starts (or goes on) at
+        `at`, or -1. A head's first CRLFCRLF is its end (CR and LF appear in no field); a
+        wrong guess would only misplace a split, which llhttp does not notice."""
+        tail = self.head_tail if at == 0 and self.head is not None else b""
+        if tail:
+            found = (tail + data[:3]).find(b"\r\n\r\n")
+            if found != -1:
+                return found + 4 - len(tail)
+        found = data.find(b"\r\n\r\n", at)
+        return -1 if found == -1 else found + 4
+
+    def _feed_body(self, data: bytes, at: int) -> None:
+        """Parse `data[at:]`, which starts inside a request body, in pieces that end where
+        the message may end: after its Content-Length, or at a CRLFCRLF of a chunked body
+        (the last chunk and the trailers end with one). So a message that ends in this read
+        ends at a piece's end, its framing overhead is exact, and what follows is parsed as
+        the next head."""
+        size = len(data)
+        while at < size:
+            exchange = self.parsing
+            if exchange is None:
+                self._feed_from_head(data, at)
+                return
+            head = exchange.head
+            if head.chunked:
+                found = data.find(b"\r\n\r\n", at)
+                cut = size if found == -1 else found + 4
+            else:
+                remaining = int(head.content_length or b"0") - self.body_bytes
+                cut = min(size, at + max(remaining, 1))
+            before = self.body_bytes
+            self.completed = None
+            self.feeding_body = True
+            try:
+                fed = self._feed(_piece(data, at, cut), head=False)
+            finally:
+                self.feeding_body = False
+                deferred, self.deferred = self.deferred, []
+            if not fed:
+                return
+            if self.completed is not None:
+                # a chunked message ended with this piece: its overhead is exact now, and its
+                # body completes only once that is checked
+                body_bytes, earlier = self.completed
+                overhead = earlier + cut - at - (body_bytes - before)
+                if self._check_overhead(overhead, body_bytes, deferred[0]):
+                    return
+                deferred[0].body_complete()
+            elif self.parsing is not None:
+                self.body_overhead += cut - at - (self.body_bytes - before)
+                if self._check_overhead(self.body_overhead, self.body_bytes, None):
+                    return
+            at = cut
+
+    def _check_overhead(self, overhead: int, body_bytes: int, ended: Exchange | None) -> bool:
+        """Chunk-size lines, extensions and trailers are bounded by the head limit plus an
+        eighth of the body (llhttp skips extensions and httptools buffers a trailer whole, so
+        they are counted here). True when the request was refused."""
+        limit = self.runtime.limits.header_bytes
+        if overhead <= limit + body_bytes // 8:
+            return False
+        if ended is not None:
+            self.parsing = ended  # its body never completed: the upstream attempt is abandoned
+        if self.trailer_count:
+            err: SidecarError = HeadersTooLarge(f"request trailers exceed {limit} bytes")
+        else:
+            err = PayloadTooLarge(f"chunk extensions exceed {limit} bytes")
+        self._refuse(err, "head_limit")
+        return True
+
+    def _feed(self, data: bytes | memoryview, *, head: bool) -> bool:
+        """Feed llhttp; False when the request was refused."""
+        if head:
+            self.head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse(
+                NotImplementedByProxy(
+                    "protocol upgrades (WebSocket) and CONNECT are not supported by this listener"
+                ),
+                "upgrade",
+            )
+            return False
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, SidecarError):
+                self._refuse(cause, "head_limit" if cause.status == 431 else "bad_request")
+            else:
+                log.error("proxy callback failed", exc_info=cause)
+                self._refuse(SidecarError("internal error"), "internal")
+            return False
+        except httptools.HttpParserError as exc:
+            self._refuse(BadRequest(f"malformed HTTP request: {exc}"), "malformed")
+            return False
+        return True
 
     def eof_received(self) -> bool | None:
         # a half-closed client gets its pending response, then the connection closes
@@ -357,6 +453,7 @@ class ClientConnection(asyncio.Protocol):
         # each request takes the config in force when it begins, and keeps it to the end
         self.runtime = self.listener.runtime
         self.head = h.RequestHead(headers=[])
+        self.head_tail = b""
         self.header_count = 0
         self.head_size = 0
 
@@ -440,6 +537,11 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         exchange, self.parsing = self.parsing, None
+        if self.feeding_body and exchange is not None and exchange.head.chunked:
+            # its rest came in this read: complete it once the read's overhead is checked
+            self.completed = (self.body_bytes, self.body_overhead)
+            self.deferred.append(exchange)
+            exchange = None
         self.head_bytes = 0
         self.body_bytes = 0
         self.body_overhead = 0

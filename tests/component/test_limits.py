@@ -375,6 +375,32 @@ async def test_framing_error_right_after_the_head_closes_the_connection(
     assert closed, "the sidecar said connection: close but kept the connection open"
 
 
+async def test_chunk_extensions_are_bounded_even_when_the_request_comes_in_one_read(
+    sidecar_factory, upstream
+):
+    sc, app, port = await start(sidecar_factory, upstream)  # header_bytes: 4096
+    async with await Client.connect(port) as client:
+        await client.send(CHUNKED_HEAD + b"5;" + b"e" * 8000 + b"\r\nhello\r\n0\r\n\r\n")
+        resp = await client.response()
+    assert resp.status == 413
+    assert "chunk extensions" in error_of(resp)["message"]
+
+
+async def test_a_large_body_then_a_pipelined_chunked_request_is_not_framing_overhead(
+    sidecar_factory, upstream
+):
+    # the end of one request's 64 KiB body and the whole of the next (chunked) request in
+    # one read: only the second's chunk-size lines are framing, never the first's body
+    sc, app, port = await start(sidecar_factory, upstream)
+    body = b"x" * (64 << 10)
+    async with await Client.connect(port) as client:
+        await client.send(b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body))
+        await client.send(body + CHUNKED_HEAD + b"5\r\nhello\r\n0\r\n\r\n")
+        first, second = await client.response(), await client.response()
+    assert (first.status, second.status) == (200, 200)
+    assert [r.body_size for r in app.requests] == [len(body), 5]
+
+
 @pytest.mark.parametrize("coding", [b"gzip", b"identity", b"chunked;q=1, gzip"])
 async def test_transfer_encoding_not_ending_in_chunked_is_400_and_never_forwarded(
     sidecar_factory, upstream, coding
