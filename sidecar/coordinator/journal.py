@@ -314,8 +314,11 @@ class SqliteJournal:
         #: write() calls made durable
         self.writes = 0
         self._state: Literal["new", "opening", "open", "closing", "closed"] = "new"
-        self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[_Job]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: jobs of this loop iteration, handed to the writer thread together at its end
+        self._pending: list[_Job] = []
 
     def __repr__(self) -> str:
         return f"<SqliteJournal {self.path!r} {self._state}>"
@@ -328,8 +331,9 @@ class SqliteJournal:
             return
         if self._state in ("opening", "closing"):
             raise JournalUnavailable(f"journal at {self.path!r} is {self._state}")
-        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        jobs: queue.SimpleQueue[list[_Job]] = queue.SimpleQueue()
         thread = threading.Thread(
             target=self._main, args=(jobs, ready), name="journal-writer", daemon=True
         )
@@ -340,7 +344,7 @@ class SqliteJournal:
         try:
             await asyncio.shield(ready)
         except asyncio.CancelledError:
-            jobs.put(_Stop(None))  # the thread stops once it has (or has not) opened
+            jobs.put([_Stop(None)])  # the thread stops once it has (or has not) opened
             ready.add_done_callback(_retrieve)
             self._state = "closed"
             raise
@@ -356,7 +360,7 @@ class SqliteJournal:
             return
         self._state = "closing"
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put(_Stop(done))
+        self._submit(_Stop(done))
         try:
             await asyncio.shield(done)
         finally:
@@ -376,9 +380,11 @@ class SqliteJournal:
         self._check_open("write")
         if not globals_ and not branches:
             return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        job = _Write([_global_row(g) for g in globals_], [_branch_row(b) for b in branches], future)
-        self._queue.put(job)
+        assert self._loop is not None
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._submit(
+            _Write([_global_row(g) for g in globals_], [_branch_row(b) for b in branches], future)
+        )
         await future
 
     async def unfinished(self) -> list[tuple[GlobalRecord, list[BranchRecord]]]:
@@ -457,13 +463,31 @@ class SqliteJournal:
         self, fn: Callable[[sqlite3.Connection], T], what: str, *, writes: bool = False
     ) -> T:
         self._check_open("read" if not writes else "write")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put(_Call(fn, future, what, writes))
+        assert self._loop is not None
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._submit(_Call(fn, future, what, writes))
         return await future
+
+    def _submit(self, job: _Job) -> None:
+        """Queue a job for the writer thread at the end of this loop iteration, with every
+        other job of the iteration: one hand-over (and at most one wake-up of the thread)
+        per iteration instead of one per job, in order."""
+        if not self._pending:
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
+        self._pending.append(job)
+
+    def _flush(self) -> None:
+        jobs, self._pending = self._pending, []
+        if self._state == "closed":  # the writer thread is gone: nobody would answer them
+            gone = JournalUnavailable(f"the journal at {self.path!r} is closed")
+            _settle([(j.future, gone, None) for j in jobs if j.future is not None])
+            return
+        self._queue.put(jobs)
 
     # --- the writer thread -----------------------------------------------------------------
 
-    def _main(self, jobs: queue.SimpleQueue[_Job], ready: asyncio.Future[None]) -> None:
+    def _main(self, jobs: queue.SimpleQueue[list[_Job]], ready: asyncio.Future[None]) -> None:
         try:
             conn = self._connect()
         except BaseException as exc:
@@ -475,10 +499,10 @@ class SqliteJournal:
         taken: list[_Job] = []
         try:
             while stop is None:
-                taken = [jobs.get()]
+                taken = list(jobs.get())
                 while len(taken) < _MAX_BATCH:
                     try:
-                        taken.append(jobs.get_nowait())
+                        taken += jobs.get_nowait()
                     except queue.Empty:
                         break
                 stop = self._process(conn, taken)
@@ -612,15 +636,16 @@ class SqliteJournal:
         return (job.future, None, result)
 
     @staticmethod
-    def _fail_queued(jobs: queue.SimpleQueue[_Job], why: str) -> None:
+    def _fail_queued(jobs: queue.SimpleQueue[list[_Job]], why: str) -> None:
         outcomes: list[_Outcome] = []
         while True:
             try:
-                job = jobs.get_nowait()
+                batch = jobs.get_nowait()
             except queue.Empty:
                 break
-            if job.future is not None:
-                outcomes.append((job.future, JournalUnavailable(why), None))
+            for job in batch:
+                if job.future is not None:
+                    outcomes.append((job.future, JournalUnavailable(why), None))
         _post(outcomes)
 
 
