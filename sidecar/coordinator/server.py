@@ -23,6 +23,7 @@ from sidecar.coordinator.signing import KeyRing, verify
 from sidecar.errors import PayloadTooLarge, SignatureInvalid
 from sidecar.metrics import Metrics
 from sidecar.web_errors import as_response, json_response
+from sidecar.web_routing import application
 
 log = logging.getLogger("sidecar.coordinator")
 
@@ -186,7 +187,7 @@ def add_gts_routes(app: web.Application, engine: Engine) -> None:
 
 def build_peer_app(gate: SignatureGate, engine: Engine | None) -> web.Application:
     """The peer listener: health, and (when this process coordinates) GTS REST v1."""
-    app = web.Application(middlewares=[signed_only], client_max_size=MAX_BODY)
+    app = application(middlewares=[signed_only], client_max_size=MAX_BODY)
     app[GATE] = gate
     app.router.add_get("/healthz", healthz)
     if engine is not None:

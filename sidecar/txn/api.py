@@ -26,6 +26,7 @@ from sidecar.coordinator.protocol import CONTROL_CHARS
 from sidecar.coordinator.states import is_final
 from sidecar.errors import InvalidRequest, PayloadTooLarge
 from sidecar.web_errors import as_response, json_response, sidecar_error
+from sidecar.web_routing import application
 from sidecar.xid import parse as parse_xid
 
 COORDINATOR: Final = web.AppKey("coordinator", Coordinator)
@@ -129,7 +130,7 @@ def _ignore(xid: str) -> None:
 def build_api_app(
     coordinator: Coordinator, on_finished: Callable[[str], None] = _ignore
 ) -> web.Application:
-    app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
+    app = application(middlewares=[errors], client_max_size=MAX_BODY)
     app[COORDINATOR] = coordinator
     app[ON_FINISHED] = on_finished
     app.router.add_get("/healthz", healthz)
