@@ -5,9 +5,11 @@ resource's `max_application_data`, else 413), the branch is registered with the 
 coordinator with the request as its application data and a callback URL on this sidecar's
 peer listener, the try is recorded in the fence (a try whose branch was already cancelled is
 refused with 409 and never forwarded), and only then does the request go to the app, with
-`x-gts-branch-id`. The app's answer is reported as the branch's phase-one result
-(PhaseOne_Done on 2xx, PhaseOne_Failed otherwise) without holding the response. If the
-registration fails, the request is not forwarded and the caller gets 503.
+`x-gts-branch-id`. The app's answer is reported as the branch's phase-one result: a
+PhaseOne_Done (2xx) in the background; a PhaseOne_Failed before the response is passed on,
+so that the coordinator knows the branch failed before the caller can act on the failure
+(a caller that commits anyway must not find the failed try confirmed). If the registration
+fails, the request is not forwarded and the caller gets 503.
 """
 
 from __future__ import annotations
@@ -96,10 +98,20 @@ class BranchFilter:
         return [(BRANCH_HEADER.encode(), str(self.branch_id).encode())]
 
     def report(self, ok: bool) -> None:
-        """Phase one's outcome, to the coordinator, in the background (best effort: a lost
-        PhaseOne_Failed still ends in a rollback, because the caller saw the failure)."""
+        """Phase one's outcome, to the coordinator, in the background (the caller's answer
+        is not held: used for a try that succeeded, and where the exchange failed itself)."""
+        self._report(ok, release=False)
+
+    def report_failure_then_release(self) -> None:
+        """PhaseOne_Failed to the coordinator, then the app's (held) failure response to the
+        caller. If the report cannot be delivered the response goes on anyway (logged): the
+        branch stays unreported and a commit would confirm it, as without this wait."""
+        if not self._report(False, release=True):
+            self.exchange.release_held_response([])
+
+    def _report(self, ok: bool, *, release: bool) -> bool:
         if self.reported or self.branch_id is None:
-            return
+            return False
         self.reported = True
         status = BranchStatus.PHASE_ONE_DONE if ok else BranchStatus.PHASE_ONE_FAILED
         branch_id = self.branch_id
@@ -112,10 +124,14 @@ class BranchFilter:
                     "phase-one report not delivered",
                     extra={"xid": self.xid, "branch_id": branch_id, "error": exc.message},
                 )
+            finally:
+                if release:
+                    self.exchange.release_held_response([])
 
         task = asyncio.get_running_loop().create_task(send(), name=f"branch-report {branch_id}")
         _background.add(task)
         task.add_done_callback(_background.discard)
+        return True
 
     def cancel(self) -> None:
         if self.task is not None and not self.task.done():

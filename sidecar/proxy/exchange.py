@@ -321,8 +321,16 @@ class Exchange:
         self.header_deadline = 0.0
         self.resp_status = status
         self.resp_started = True
-        if self.branch is not None:
-            self.branch.report(200 <= status < 300)
+        branch = self.branch
+        hold_for_branch = False
+        if branch is not None:
+            if 200 <= status < 300 or self.txn is not None:
+                branch.report(200 <= status < 300)
+            else:
+                # a failed try: its caller may commit anyway, so the coordinator must know
+                # the branch failed before the caller does (else the commit can win the race
+                # and confirm a try that failed)
+                hold_for_branch = True
         listed: set[bytes] | None = None
         content_length: bytes | None = None
         chunked = False
@@ -365,6 +373,13 @@ class Exchange:
         if not self.keep_client or self.resp_close or conn.closing or conn.listener.draining:
             self.resp_close = True
             out.append(b"connection: close\r\n")
+        if hold_for_branch:
+            assert branch is not None
+            self.held_head = out
+            self.deadline = float("inf")  # the report has the coordinator call's timeout
+            self.pause_upstream_reading()
+            branch.report_failure_then_release()
+            return content_length is not None or chunked
         txn = self.txn
         if txn is not None and not txn.decided:
             # hold the head until the transaction is decided; the total deadline stands aside

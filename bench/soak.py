@@ -1,0 +1,1365 @@
+"""Soak: minutes of mixed traffic with the coordinator and the sidecars killed at random.
+
+Theory of operation. Four real processes on 127.0.0.1, each on fixed ports so that it comes
+back on the same address after a SIGKILL, each with its journal in one work directory:
+
+  coordinator   ``python -m sidecar coordinator``: the cluster
+  order         ``python -m sidecar run`` in front of the order app: POST /orders is a
+                declarative transaction; GET /catalog is plain proxying (the app calls the
+                inventory app through its outbound listener, with no XID)
+  inventory     ``python -m sidecar run`` in front of a TCC app: resources inventory-deduct
+                (/deduct) and account-freeze (/freeze), each with confirm and cancel
+  travel        ``python -m sidecar run`` in front of a Saga app: resources book-hotel and
+                book-car, each an action and a compensation
+
+The three apps run in this process (aiohttp), so everything they receive is recorded and
+survives the sidecars' deaths. The order app follows a plan sent in each order: which steps
+to call through its sidecar's outbound listener (carrying the XID), which one the
+participant refuses (a business 409), and whether the app then fails (500) or ignores the
+refusal (201, which the sidecar must turn into 409 TRANSACTION_ABORTED). A participant app
+applies confirm / cancel / compensation once per Idempotency-Key, as docs/branches.md
+documents, and records every delivery.
+
+Meanwhile, at random intervals (a seeded RNG; each round of faults kills every process once,
+in a random order), a process is SIGKILLed and restarted: the coordinator (down 0.2-3 s, so
+the order sidecar degrades to its local coordinator and hands back), or one sidecar (down
+0-0.5 s). At the end the faults and the traffic stop, every process is up, and the run waits
+(with a deadline) until no journal holds an unfinished transaction. Then the invariants:
+
+- every transaction is terminal: in every journal, and for every XID the order app saw,
+  through the order sidecar's TM API (the transaction's owner answers);
+- a Committed transaction: each branch's try reached the app and was not refused, each TCC
+  branch confirmed, nothing cancelled or compensated; a rolled-back one: each TCC try and
+  each Saga action that reached the app cancelled / compensated, nothing confirmed; every
+  branch at the coordinator in the phase-two status of its outcome, none stuck;
+- no phase two without its try (the fence's empty rollback), a well-formed Idempotency-Key
+  and x-gts-phase on every delivery, Saga compensations in reverse order;
+- the fence's crash windows are counted (information), and anything outside them is a
+  violation: a delivery repeated for one Idempotency-Key must have that participant's
+  sidecar killed and restarted between the repeats (killed between calling the app and
+  recording it); a cancel of a try the app never had must have it killed after the order
+  app called that step and restarted before the cancel (killed between recording the try
+  and forwarding it, so the fence cannot tell that it never arrived);
+- what the caller was told agrees with the outcome: a 201 is Committed; a 409
+  TRANSACTION_ABORTED, or the app's own error answer, is not;
+- no request lost: every request got an answer or a connection error within the deadline
+  (the sidecar's own timeouts plus a margin); a plain request's answer is its own;
+- no process exits unless killed, and each restarts.
+
+Usage (from the repo root)::
+
+    .venv/bin/python bench/soak.py [--duration 3m] [--seed N] [--fault-interval 4s]
+                                   [--concurrency 8] [--plans 55,15,15,15] [--no-faults]
+                                   [--report FILE] [--json FILE] [--keep]
+
+Violations are tagged by kind (``[committed-despite-refused-try] …``); --json writes the
+figures, the violations and their counts by kind (tests/integration/test_soak.py reads it).
+
+The markdown report goes to stdout and to bench/results/soak_latest.md (or --report).
+Exit status: 0 with no violation, 1 with violations, 2 when the soak could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import datetime
+import json
+import os
+import platform
+import random
+import re
+import shlex
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+import yaml
+from aiohttp import web
+
+BENCH_DIR: Final = Path(__file__).resolve().parent
+REPO_DIR: Final = BENCH_DIR.parent
+RESULTS_FILE: Final = BENCH_DIR / "results" / "soak_latest.md"
+
+HOST: Final = "127.0.0.1"
+KEY_ID: Final = "soak"
+LISTENERS: Final = ("inbound", "outbound", "api", "peer", "admin")
+FINAL: Final = frozenset({"Committed", "Rollbacked", "TimeoutRollbacked"})
+ROLLED_BACK: Final = frozenset({"Rollbacked", "TimeoutRollbacked"})
+COMMIT_SEEN: Final = frozenset({"Committed", "Committing", "CommitRetrying"})
+START_TIMEOUT: Final = 30.0
+#: status queries in flight while settling
+STATUS_QUERIES: Final = 8
+STOP_TIMEOUT: Final = 15.0
+
+# the sidecars' timeouts (config), and the deadline a caller may wait, derived from them
+TX_TIMEOUT: Final = "8s"
+COORDINATOR_REQUEST: Final = 1.0  # coordinator.timeouts.request
+ORDER_APP_TOTAL: Final = 6.0  # the order sidecar's app.timeouts.total
+UPSTREAM_TOTAL: Final = 2.5  # the order sidecar's upstreams' timeouts.total
+PHASE_TWO_WAIT: Final = 1.0  # a commit with branches waits this long for phase two
+#: begin + the app + the decision + the phase-two wait, plus a margin for a loaded machine
+ANSWER_DEADLINE: Final = COORDINATOR_REQUEST + ORDER_APP_TOTAL + COORDINATOR_REQUEST
+ANSWER_DEADLINE_MARGIN: Final = PHASE_TWO_WAIT + 4.0
+
+#: order steps: the upstream path the order app calls, the resource, TCC or SAGA
+STEPS: Final = {
+    "deduct": ("/inventory/deduct", "inventory-deduct", "TCC"),
+    "freeze": ("/inventory/freeze", "account-freeze", "TCC"),
+    "hotel": ("/travel/hotel/book", "book-hotel", "SAGA"),
+    "car": ("/travel/car/book", "book-car", "SAGA"),
+}
+#: a traffic loop's pause after a connection error
+CONNECT_BACKOFF: Final = 0.1
+STEP_OF: Final = {resource: step for step, (_, resource, _) in STEPS.items()}
+FAULT_KINDS: Final = ("coordinator", "order", "inventory", "travel")
+
+
+class BenchError(Exception):
+    """A failure worth one clear line (and maybe a log tail), not a traceback."""
+
+    def __init__(self, message: str, log_tail: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.log_tail = log_tail
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def parse_seconds(text: str) -> float:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (e.g. 30s, 500ms, 5m)")
+    unit = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
+    value = float(m.group(1)) * unit
+    if value <= 0:
+        raise argparse.ArgumentTypeError("the duration must be positive")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+DEFAULT_PLANS: Final = "55,15,15,15"
+
+
+def parse_weights(text: str) -> tuple[float, float, float, float]:
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4 or min(values) < 0 or sum(values) <= 0:
+        raise argparse.ArgumentTypeError(f"four non-negative weights, e.g. {DEFAULT_PLANS}")
+    return values[0], values[1], values[2], values[3]
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="mixed traffic through gts-sidecars with the coordinator and the sidecars "
+        "SIGKILLed at random; exit 0 only when every invariant holds"
+    )
+    p.add_argument("--duration", type=parse_seconds, default=180.0, help="traffic time (3m)")
+    p.add_argument("--seed", type=int, help="the RNG seed (default: random, printed)")
+    p.add_argument(
+        "--fault-interval",
+        type=parse_seconds,
+        default=4.0,
+        help="mean time between faults, each 0.5-1.5 times it (4s)",
+    )
+    p.add_argument("--concurrency", type=positive_int, default=8, help="requests in flight (8)")
+    p.add_argument(
+        "--plain-share",
+        type=float,
+        default=0.3,
+        help="share of the requests that are plain proxying (0.3)",
+    )
+    p.add_argument(
+        "--settle-timeout",
+        type=parse_seconds,
+        default=90.0,
+        help="after the traffic, how long every transaction may take to finish (90s)",
+    )
+    p.add_argument(
+        "--plans",
+        type=parse_weights,
+        default=DEFAULT_PLANS,
+        metavar="none,after,try,ignore",
+        help="relative weights of the order plans: all steps succeed; the app fails after "
+        "them; a participant refuses and the app fails; a participant refuses and the app "
+        "answers 201 anyway (%(default)s)",
+    )
+    p.add_argument("--no-faults", action="store_true", help="traffic only (a control run)")
+    p.add_argument("--report", help=f"the markdown report's file ({RESULTS_FILE})")
+    p.add_argument("--json", help="also write the figures and violations as JSON here")
+    p.add_argument("--dir", help="parent directory of the temporary work directory")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    args = p.parse_args(argv)
+    if not 0.0 <= args.plain_share <= 1.0:
+        p.error("--plain-share must be between 0 and 1")
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(1, 2**31)
+    return args
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL if the soak itself dies (Linux prctl PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
+def venv_python() -> str:
+    candidate = REPO_DIR / ".venv" / "bin" / "python"
+    return str(candidate) if candidate.exists() else sys.executable
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (bound, then released)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Proc:
+    """One gts-sidecar process on fixed ports; SIGKILLed and restarted on the same ones."""
+
+    def __init__(self, name: str, role: str, config: Path, log: Path) -> None:
+        self.name = name
+        self.role = role  # "run" | "coordinator"
+        self.config = config
+        self.log = log
+        self.proc: asyncio.subprocess.Process | None = None
+        self.starts = 0
+        #: (SIGKILLed, respawned, seen up again), monotonic
+        self.kills: list[tuple[float, float, float]] = []
+        self.spawned = 0.0
+        self.crashes: list[str] = []
+        self._expected_exit = False
+        self._watch: asyncio.Task[None] | None = None
+
+    @property
+    def marker(self) -> str:
+        return f"gts-sidecar {'coordinator ' if self.role == 'coordinator' else ''}started"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def start(self) -> None:
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        self.spawned = time.monotonic()
+        with open(self.log, "ab") as err:
+            self.proc = await asyncio.create_subprocess_exec(
+                venv_python(), "-m", "sidecar", self.role, "--config", str(self.config),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                cwd=REPO_DIR, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                preexec_fn=_die_with_parent,
+            )  # fmt: skip
+        self.starts += 1
+        self._expected_exit = False
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            with open(self.log, "rb") as f:
+                f.seek(offset)
+                if self.marker.encode() in f.read():
+                    break
+            if self.proc.returncode is not None:
+                raise BenchError(
+                    f"{self.name} exited {self.proc.returncode} while starting",
+                    log_tail(self.log),
+                )
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"{self.name} did not start in {START_TIMEOUT:g}s", log_tail(self.log)
+                )
+            await asyncio.sleep(0.05)
+        self._watch = asyncio.ensure_future(self._watch_exit(self.proc))
+
+    async def _watch_exit(self, proc: asyncio.subprocess.Process) -> None:
+        rc = await proc.wait()
+        if not self._expected_exit:
+            self.crashes.append(
+                f"[crash] {self.name} exited {rc} without being killed; log tail:\n"
+                + log_tail(self.log)
+            )
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        self._expected_exit = True
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+
+    async def stop(self) -> int | None:
+        """SIGTERM (a graceful drain), SIGKILL past STOP_TIMEOUT; the exit status."""
+        if self.proc is None:
+            return None
+        self._expected_exit = True
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), STOP_TIMEOUT)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(signal.SIGKILL)
+                await self.proc.wait()
+        if self._watch is not None:
+            await self._watch
+        return self.proc.returncode
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+@dataclass
+class Layout:
+    work: Path
+    key_file: Path
+    coordinator: dict[str, int]
+    sidecars: dict[str, dict[str, int]]  # name → listener → port
+    apps: dict[str, int]  # name → app port
+
+    def journal(self, name: str) -> Path:
+        return self.work / f"{name}.db"
+
+    @property
+    def coordinator_url(self) -> str:
+        return f"http://{HOST}:{self.coordinator['peer']}"
+
+    def url(self, sidecar: str, listener: str) -> str:
+        return f"http://{HOST}:{self.sidecars[sidecar][listener]}"
+
+
+def _phase_two() -> dict[str, Any]:
+    return {"initial": "100ms", "max": "1s", "max_attempts": 1000}
+
+
+def coordinator_config(layout: Layout) -> dict[str, Any]:
+    binds = {n: {"bind": f"{HOST}:0"} for n in LISTENERS}
+    binds["peer"] = {"bind": f"{HOST}:{layout.coordinator['peer']}"}
+    binds["admin"] = {"bind": f"{HOST}:{layout.coordinator['admin']}"}
+    return {
+        "node": {"advertise_address": HOST},
+        "listeners": binds,
+        "logging": {"level": "info", "format": "json"},
+        "drain_timeout": "2s",
+        "coordinator": {"signing": {"key_id": KEY_ID, "secret_file": str(layout.key_file)}},
+        "local_coordinator": {
+            "journal": f"sqlite:///{layout.journal('coordinator')}",
+            "default_timeout": TX_TIMEOUT,
+            "phase_two": _phase_two(),
+        },
+    }
+
+
+def sidecar_config(layout: Layout, name: str) -> dict[str, Any]:
+    ports = layout.sidecars[name]
+    cfg: dict[str, Any] = {
+        "node": {"advertise_address": HOST},
+        "listeners": {n: {"bind": f"{HOST}:{ports[n]}"} for n in LISTENERS},
+        "app": {
+            "url": f"http://{HOST}:{layout.apps[name]}",
+            "timeouts": {
+                "connect": "500ms",
+                "response_header": f"{ORDER_APP_TOTAL - 1:g}s",
+                "total": f"{ORDER_APP_TOTAL:g}s",
+            },
+        },
+        "coordinator": {
+            "endpoints": [layout.coordinator_url],
+            "signing": {"key_id": KEY_ID, "secret_file": str(layout.key_file)},
+            "timeouts": {"connect": "300ms", "request": f"{COORDINATOR_REQUEST:g}s"},
+            "breaker": {"failures": 2, "reset": "1s"},
+        },
+        "local_coordinator": {
+            "journal": f"sqlite:///{layout.journal(name)}",
+            "default_timeout": TX_TIMEOUT,
+            "phase_two": _phase_two(),
+        },
+        "logging": {"level": "info", "format": "json"},
+        "drain_timeout": "2s",
+    }
+    if name == "order":
+        upstream_timeouts = {
+            "connect": "500ms",
+            "response_header": f"{UPSTREAM_TOTAL - 0.5:g}s",
+            "total": f"{UPSTREAM_TOTAL:g}s",
+        }
+        cfg["upstreams"] = {
+            up: {"url": layout.url(up, "inbound"), "timeouts": upstream_timeouts}
+            for up in ("inventory", "travel")
+        }
+        cfg["transactions"] = [
+            {"match": {"method": "POST", "path": "/orders"}, "name": "order", "timeout": TX_TIMEOUT}
+        ]
+    elif name == "inventory":
+        cfg["tcc"] = [
+            {
+                "resource": resource,
+                "try": {"method": "POST", "path": f"/{step}"},
+                "confirm": {"method": "POST", "path": f"/{step}/confirm"},
+                "cancel": {"method": "POST", "path": f"/{step}/cancel"},
+                "forward_headers": ["Content-Type"],
+            }
+            for step, (_, resource, kind) in STEPS.items()
+            if kind == "TCC"
+        ]
+    else:
+        cfg["saga"] = [
+            {
+                "resource": resource,
+                "action": {"method": "POST", "path": f"/{step}/book"},
+                "compensation": {"method": "POST", "path": f"/{step}/cancel"},
+                "forward_headers": ["Content-Type"],
+            }
+            for step, (_, resource, kind) in STEPS.items()
+            if kind == "SAGA"
+        ]
+    return cfg
+
+
+# --- the apps ------------------------------------------------------------------------------
+
+
+@dataclass
+class Delivery:
+    """One phase-two call that reached a participant app."""
+
+    resource: str
+    phase: str  # confirm | cancel (a Saga compensation is a cancel)
+    xid: str
+    branch: str
+    key: str
+    header_phase: str
+    at: float
+
+
+class Participant:
+    """A TCC or Saga app: tries / actions recorded, phase two applied once per key."""
+
+    def __init__(self, name: str, kind: str) -> None:
+        self.name = name
+        self.kind = kind
+        self.steps = {step: res for step, (_, res, k) in STEPS.items() if k == kind}
+        #: (xid, branch) → (resource, arrived at, refused)
+        self.tries: dict[tuple[str, str], tuple[str, float, bool]] = {}
+        self.deliveries: list[Delivery] = []
+        self.applied: dict[str, Delivery] = {}
+        self.anomalies: list[str] = []
+        self.plain = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        for step in self.steps:
+            first = f"/{step}" if self.kind == "TCC" else f"/{step}/book"
+            app.router.add_post(first, self._try)
+            if self.kind == "TCC":
+                app.router.add_post(f"/{step}/confirm", self._phase_two)
+            app.router.add_post(f"/{step}/cancel", self._phase_two)
+        app.router.add_get("/stock", self._stock)
+        return app
+
+    def _resource(self, path: str) -> str:
+        return self.steps[path.strip("/").split("/")[0]]
+
+    async def _stock(self, request: web.Request) -> web.Response:
+        self.plain += 1
+        return web.json_response({"n": request.query.get("n", "")})
+
+    async def _try(self, request: web.Request) -> web.Response:
+        await request.read()
+        xid = request.headers.get("XID", "")
+        branch = request.headers.get("x-gts-branch-id", "")
+        if not xid or not branch:
+            self.anomalies.append(
+                f"[app-anomaly] {self.name}: a try without XID/branch: {request.path}"
+            )
+            return web.json_response({"error": "no xid"}, status=400)
+        refused = request.query.get("refuse") == "1"
+        key = (xid, branch)
+        if key in self.tries:
+            self.anomalies.append(
+                f"[duplicate-try] {self.name}: try of {xid} branch {branch} delivered twice"
+            )
+        self.tries[key] = (self._resource(request.path), time.monotonic(), refused)
+        if refused:
+            return web.json_response({"refused": True}, status=409)
+        return web.json_response({"ok": True})
+
+    async def _phase_two(self, request: web.Request) -> web.Response:
+        await request.read()
+        phase = "confirm" if request.path.endswith("/confirm") else "cancel"
+        d = Delivery(
+            resource=self._resource(request.path),
+            phase=phase,
+            xid=request.headers.get("XID", ""),
+            branch=request.headers.get("x-gts-branch-id", ""),
+            key=request.headers.get("Idempotency-Key", ""),
+            header_phase=request.headers.get("x-gts-phase", ""),
+            at=time.monotonic(),
+        )
+        self.deliveries.append(d)
+        self.applied.setdefault(d.key, d)  # applied once per Idempotency-Key
+        return web.json_response({"ok": True})
+
+
+@dataclass
+class OrderRecord:
+    xid: str
+    plan: dict[str, Any]
+    steps: list[tuple[str, str]] = field(default_factory=list)  # (step, outcome)
+    called: dict[str, float] = field(default_factory=dict)  # step → when its call began
+    answer: int | None = None
+
+
+class OrderApp:
+    """The initiator app: POST /orders follows the plan in the body; GET /catalog is plain."""
+
+    def __init__(self, outbound: str) -> None:
+        self.outbound = outbound
+        self.orders: dict[str, OrderRecord] = {}
+        self.anomalies: list[str] = []
+        self.session: aiohttp.ClientSession | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/orders", self._order)
+        app.router.add_get("/catalog", self._catalog)
+        return app
+
+    async def open(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),
+            timeout=aiohttp.ClientTimeout(total=UPSTREAM_TOTAL + 1.5),
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def _order(self, request: web.Request) -> web.Response:
+        plan = await request.json()
+        xid = request.headers.get("XID", "")
+        if not xid:
+            self.anomalies.append(
+                f"[app-anomaly] order #{plan.get('n')} reached the app without an XID"
+            )
+            return web.json_response({"error": "no xid"}, status=400)
+        if xid in self.orders:
+            self.anomalies.append(f"[app-anomaly] order XID {xid} reached the app twice")
+        rec = self.orders[xid] = OrderRecord(xid, plan)
+        assert self.session is not None
+        for step in plan["steps"]:
+            path = STEPS[step][0] + ("?refuse=1" if plan["refuse"] == step else "")
+            body = json.dumps({"order": plan["n"], "step": step}).encode()
+            headers = {"XID": xid, "Content-Type": "application/json"}
+            rec.called[step] = time.monotonic()
+            try:
+                async with self.session.post(self.outbound + path, data=body, headers=headers) as r:
+                    await r.read()
+                    status, code = r.status, r.headers.get("x-gts-sidecar-error")
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                rec.steps.append((step, f"connection error {type(exc).__name__}"))
+                break
+            if 200 <= status < 300:
+                rec.steps.append((step, "ok"))
+                continue
+            rec.steps.append((step, f"{status} {code or 'app'}"))
+            # a business refusal (the participant app's own 409) the plan says to ignore: the
+            # sidecar must then roll back and tell the caller TRANSACTION_ABORTED
+            if status == 409 and code is None and plan["fail"] == "ignore":
+                continue
+            break
+        else:
+            if plan["fail"] != "after":
+                rec.answer = 201
+                return web.json_response({"order": plan["n"]}, status=201)
+        rec.answer = 500
+        return web.json_response({"order": plan["n"], "failed": rec.steps}, status=500)
+
+    async def _catalog(self, request: web.Request) -> web.Response:
+        n = request.query.get("n", "")
+        assert self.session is not None
+        try:
+            async with self.session.get(f"{self.outbound}/inventory/stock?n={n}") as r:
+                body = await r.read()
+                if r.status == 200:
+                    return web.Response(body=body, content_type="application/json")
+                return web.json_response({"upstream": r.status}, status=502)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return web.json_response({"upstream": type(exc).__name__}, status=502)
+
+
+async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, HOST, 0)
+    await site.start()
+    return runner, int(runner.addresses[0][1])
+
+
+# --- the traffic ---------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    kind: str  # plain | order
+    n: int
+    plan: dict[str, Any] | None
+    outcome: str
+    seconds: float
+    xid: str | None = None
+    tx_status: str | None = None
+
+
+class Traffic:
+    def __init__(
+        self,
+        rng: random.Random,
+        inbound: str,
+        plain_share: float,
+        plans: tuple[float, float, float, float],
+    ) -> None:
+        self.rng = rng
+        self.plans = plans
+        self.inbound = inbound
+        self.plain_share = plain_share
+        self.requests: list[Request] = []
+        self.violations: list[str] = []
+        self._n = 0
+        self.client_timeout = ANSWER_DEADLINE + ANSWER_DEADLINE_MARGIN + 5.0
+
+    def plan(self, n: int) -> dict[str, Any]:
+        steps = [s for s in STEPS if self.rng.random() < 0.6] or [self.rng.choice(list(STEPS))]
+        fail = self.rng.choices(("none", "after", "try", "ignore"), self.plans)[0]
+        refuse = self.rng.choice(steps) if fail in ("try", "ignore") else None
+        return {"n": n, "steps": steps, "fail": fail, "refuse": refuse}
+
+    async def loop(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self._n += 1
+            n = self._n
+            if self.rng.random() < self.plain_share:
+                await self._send(session, "plain", n, None)
+            else:
+                await self._send(session, "order", n, self.plan(n))
+
+    async def _send(
+        self, session: aiohttp.ClientSession, kind: str, n: int, plan: dict[str, Any] | None
+    ) -> None:
+        t0 = time.monotonic()
+        xid = tx_status = None
+        try:
+            if plan is None:
+                req = session.get(f"{self.inbound}/catalog?n={n}")
+            else:
+                req = session.post(f"{self.inbound}/orders", json=plan)
+            async with req as r:
+                body = await r.read()
+                code = r.headers.get("x-gts-sidecar-error")
+                xid = r.headers.get("XID")
+                tx_status = r.headers.get("x-gts-transaction-status")
+                outcome = self._classify(kind, n, r.status, code, body, tx_status)
+        except TimeoutError:
+            outcome = "no answer (client timeout)"
+        except (aiohttp.ClientError, OSError) as exc:
+            outcome = f"connection error ({type(exc).__name__})"
+        seconds = time.monotonic() - t0
+        self.requests.append(Request(kind, n, plan, outcome, seconds, xid, tx_status))
+        if seconds > ANSWER_DEADLINE + ANSWER_DEADLINE_MARGIN:
+            self.violations.append(
+                f"[lost-request] request lost: {kind} #{n} took {seconds:.1f}s (deadline "
+                f"{ANSWER_DEADLINE + ANSWER_DEADLINE_MARGIN:g}s), outcome {outcome}"
+            )
+        if outcome.startswith("connection error"):
+            # a client backs off while the sidecar is down (instead of spinning on refusals)
+            await asyncio.sleep(CONNECT_BACKOFF)
+
+    def _classify(
+        self, kind: str, n: int, status: int, code: str | None, body: bytes, tx: str | None
+    ) -> str:
+        if code is not None:
+            return f"{status} {code}"
+        if kind == "plain":
+            if status == 200:
+                try:
+                    echoed = json.loads(body).get("n")
+                except ValueError:
+                    echoed = None
+                if echoed != str(n):
+                    self.violations.append(
+                        f"[wrong-answer] plain #{n} got another request's answer: {body!r}"
+                    )
+                return "200"
+            return f"{status} (app)"
+        if status == 201:
+            if tx not in COMMIT_SEEN:
+                self.violations.append(
+                    f"[caller-disagrees] order #{n}: 201 with x-gts-transaction-status {tx}"
+                )
+            return "201 committed"
+        return f"{status} (app)"
+
+
+# --- faults --------------------------------------------------------------------------------
+
+
+@dataclass
+class Fault:
+    kind: str
+    at: float  # seconds since the traffic started
+    down: float  # seconds between the kill and the restart's start
+
+
+class Faults:
+    def __init__(self, rng: random.Random, procs: dict[str, Proc], interval: float) -> None:
+        self.rng = rng
+        self.procs = procs
+        self.interval = interval
+        self.done: list[Fault] = []
+        self.violations: list[str] = []
+        self._cycle: list[str] = []
+
+    def next_kind(self) -> str:
+        """Each round kills every process once, in a random order."""
+        if not self._cycle:
+            self._cycle = list(FAULT_KINDS)
+            self.rng.shuffle(self._cycle)
+        return self._cycle.pop()
+
+    async def run(self, stop: asyncio.Event, t0: float, say: Any) -> None:
+        while True:
+            wait = self.interval * self.rng.uniform(0.5, 1.5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait)
+            if stop.is_set():
+                return
+            kind = self.next_kind()
+            proc = self.procs[kind]
+            down = self.rng.uniform(0.2, 3.0) if kind == "coordinator" else self.rng.uniform(0, 0.5)
+            killed = time.monotonic()
+            await proc.kill()
+            await asyncio.sleep(down)  # the outage itself, not a synchronisation
+            try:
+                await proc.start()
+            except BenchError as err:
+                self.violations.append(
+                    f"[no-restart] {kind} did not come back after SIGKILL: {err.message}"
+                )
+                raise
+            proc.kills.append((killed, proc.spawned, time.monotonic()))
+            self.done.append(Fault(kind, killed - t0, down))
+            say(f"fault {len(self.done)}: SIGKILL {kind}, down {down:.2f}s, restarted")
+
+
+# --- settling and the invariants -----------------------------------------------------------
+
+
+def journal_rows(path: Path) -> list[tuple[str, str]]:
+    """(xid, status) of every transaction in a journal (read-only, beside its writer)."""
+    if not path.exists():
+        return []
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return [(str(x), str(s)) for x, s in conn.execute("SELECT xid, status FROM globals")]
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []
+        raise
+    finally:
+        conn.close()
+
+
+@dataclass
+class Outcome:
+    statuses: dict[str, str]  # xid → final status (all journals)
+    owners: Counter[str]
+    api: dict[str, dict[str, Any]]  # xid → the TM API's answer, for the XIDs the app saw
+    unfinished: list[tuple[str, str]]
+    settle_seconds: float
+
+
+async def settle(
+    layout: Layout, known: set[str], timeout: float, session: aiohttp.ClientSession
+) -> Outcome:
+    """Poll the journals and the TM API until every transaction is terminal (or time is up)."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    names = ("coordinator", "order", "inventory", "travel")
+    api = f"{layout.url('order', 'api')}/v1/transactions"
+    answers: dict[str, dict[str, Any]] = {}
+    while True:
+        rows: dict[str, str] = {}
+        owners: Counter[str] = Counter()
+        for name in names:
+            for xid, status in await asyncio.to_thread(journal_rows, layout.journal(name)):
+                rows[xid] = status
+                owners[name] += 1
+        unfinished = [(x, s) for x, s in rows.items() if s not in FINAL]
+        pending = [x for x in known if answers.get(x, {}).get("status") not in FINAL]
+
+        async def ask(xids: list[str]) -> None:
+            for xid in xids:
+                try:
+                    async with session.get(f"{api}/{xid}") as r:
+                        body = await r.json(content_type=None)
+                        ok = r.status == 200
+                        answers[xid] = body if ok else {"error": body, "http": r.status}
+                except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                    answers[xid] = {"error": f"{type(exc).__name__} {exc}"}
+
+        await asyncio.gather(*(ask(pending[i::STATUS_QUERIES]) for i in range(STATUS_QUERIES)))
+        pending = [x for x in known if answers[x].get("status") not in FINAL]
+        if not unfinished and not pending:
+            return Outcome(rows, owners, answers, [], time.monotonic() - t0)
+        if time.monotonic() > deadline:
+            left = unfinished + [(x, str(answers[x])) for x in pending if x not in rows]
+            return Outcome(rows, owners, answers, left, time.monotonic() - t0)
+        await asyncio.sleep(0.25)
+
+
+async def stuck_branches(layout: Layout, session: aiohttp.ClientSession) -> list[str]:
+    """Every coordinating process's stuck branches (GET /admin/branches?state=stuck)."""
+    found = []
+    admins = {"coordinator": layout.coordinator["admin"]}
+    admins.update({name: ports["admin"] for name, ports in layout.sidecars.items()})
+    for name, port in admins.items():
+        url = f"http://{HOST}:{port}/admin/branches?state=stuck"
+        try:
+            async with session.get(url) as r:
+                body = await r.json(content_type=None)
+                branches = body.get("branches") if r.status == 200 else None
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            branches, body = None, f"{type(exc).__name__} {exc}"
+        if branches is None:
+            found.append(f"[stuck] {name}: GET /admin/branches?state=stuck answered {body}")
+        found.extend(f"[stuck] {name}: branch stuck: {b}" for b in branches or [])
+    return found
+
+
+def restarted_between(proc: Proc, first: float, last: float) -> bool:
+    """Whether a restart of `proc` separates two deliveries at an app: the first arrived
+    before the new process was up (the old one sent it, though the app may read it after
+    the kill), the second after the new one was spawned."""
+    return any(first <= up and spawned <= last for _, spawned, up in proc.kills)
+
+
+def killed_and_restarted_between(proc: Proc, first: float, last: float) -> bool:
+    """Whether `proc` was SIGKILLed after `first`, and respawned by `last`."""
+    return any(first <= killed and spawned <= last for killed, spawned, _ in proc.kills)
+
+
+def check(
+    outcome: Outcome,
+    order: OrderApp,
+    participants: dict[str, Participant],
+    procs: dict[str, Proc],
+    traffic: Traffic,
+) -> tuple[list[str], dict[str, Any]]:
+    """The invariants over what the apps recorded and the coordinators answered."""
+    v: list[str] = []
+    info: dict[str, Any] = {}
+    for xid, what in outcome.unfinished:
+        v.append(f"[not-terminal] not terminal after the settle deadline: {xid} ({what})")
+    final = outcome.statuses
+
+    # every transaction the order app saw, as its owner answers through the TM API
+    for xid in order.orders:
+        answer = outcome.api.get(xid, {})
+        status = answer.get("status")
+        if status not in FINAL:
+            v.append(f"[not-terminal] {xid}: the TM API answers {answer} (not terminal)")
+            continue
+        if final.get(xid) not in (None, status):
+            v.append(f"[api-disagrees] {xid}: the TM API says {status}, the journal {final[xid]}")
+        for b in answer.get("branches", []):
+            want = "PhaseTwo_Committed" if status == "Committed" else "PhaseTwo_Rollbacked"
+            if b.get("status") != want or b.get("stuck"):
+                v.append(
+                    f"[branch-status] {xid} {status}: branch {b.get('branchId')} "
+                    f"{b.get('resourceId')} is "
+                    f"{b.get('status')} (stuck: {b.get('stuck')})"
+                )
+
+    def status_of(xid: str) -> str | None:
+        api = outcome.api.get(xid, {}).get("status")
+        return str(api) if api is not None else final.get(xid)
+
+    # each branch's phase two at the apps
+    tried_total = 0
+    for p in participants.values():
+        without_try: set[tuple[str, str]] = set()
+        by_key: dict[str, list[Delivery]] = defaultdict(list)
+        for d in p.deliveries:
+            by_key[d.key].append(d)
+            word = "commit" if d.phase == "confirm" else "rollback"
+            if d.key != f"{d.xid}:{d.branch}:{word}" or d.header_phase != d.phase:
+                v.append(
+                    f"[phase-two-headers] {p.name}: {d.phase} of {d.xid} branch {d.branch} carried "
+                    f"Idempotency-Key {d.key!r} and x-gts-phase {d.header_phase!r}"
+                )
+            if (d.xid, d.branch) not in p.tries:
+                # the crash window of the fence: the try recorded, then the sidecar killed
+                # before the app had it; on rollback the fence cannot tell, so it cancels
+                rec = order.orders.get(d.xid)
+                called = rec.called.get(STEP_OF[d.resource]) if rec is not None else None
+                if (
+                    d.phase == "cancel"
+                    and called is not None
+                    and killed_and_restarted_between(procs[p.name], called, d.at)
+                ):
+                    without_try.add((d.xid, d.branch))
+                    continue
+                v.append(
+                    f"[phase-two-without-try] {p.name}: {d.phase} of {d.xid} branch "
+                    f"{d.branch} ({d.resource}) reached the app but its try never did"
+                )
+            elif p.tries[(d.xid, d.branch)][1] > d.at:
+                v.append(
+                    f"[phase-two-before-try] {p.name}: {d.phase} of {d.xid} branch "
+                    f"{d.branch} reached the app before its try"
+                )
+        for (xid, branch), (resource, _, refused) in p.tries.items():
+            tried_total += 1
+            status = status_of(xid)
+            commit = by_key.get(f"{xid}:{branch}:commit", [])
+            rollback = by_key.get(f"{xid}:{branch}:rollback", [])
+            what = f"{p.name} {resource} {xid} branch {branch}"
+            if status is None:
+                v.append(
+                    f"[unknown-transaction] {what}: tried, but no coordinator knows the transaction"
+                )
+            elif status == "Committed":
+                if refused:
+                    v.append(
+                        f"[committed-despite-refused-try] {what}: Committed although the app "
+                        "refused the try"
+                    )
+                if p.kind == "TCC" and not commit:
+                    v.append(f"[committed-not-confirmed] {what}: Committed but never confirmed")
+                if rollback:
+                    v.append(
+                        f"[committed-but-cancelled] {what}: Committed but cancelled "
+                        f"{len(rollback)}x"
+                    )
+            elif status in ROLLED_BACK:
+                if commit:
+                    v.append(
+                        f"[rolled-back-but-confirmed] {what}: {status} but confirmed {len(commit)}x"
+                    )
+                if not rollback:
+                    v.append(
+                        f"[rolled-back-not-cancelled] {what}: {status} but never cancelled / "
+                        "compensated"
+                    )
+        duplicates = 0
+        for key, ds in by_key.items():
+            if len(ds) > 1:
+                duplicates += len(ds) - 1
+                if not restarted_between(procs[p.name], ds[0].at, ds[-1].at):
+                    v.append(
+                        f"[unexplained-duplicate] {p.name}: {key} delivered {len(ds)}x with no "
+                        "crash of its sidecar in between"
+                    )
+        info[f"{p.name}_deliveries"] = dict(Counter(d.phase for d in p.deliveries))
+        info[f"{p.name}_applied"] = dict(Counter(d.phase for d in p.applied.values()))
+        info[f"{p.name}_duplicates"] = duplicates
+        info[f"{p.name}_cancels_without_try"] = len(without_try)
+        info[f"{p.name}_tries"] = len(p.tries)
+        v.extend(p.anomalies)
+    info["tries"] = tried_total
+
+    # Saga compensations in reverse order (car was booked after hotel)
+    travel = participants["travel"]
+    first_comp: dict[tuple[str, str], float] = {}
+    for d in travel.deliveries:
+        first_comp.setdefault((d.xid, d.resource), d.at)
+    reversed_checked = 0
+    car_tried = {x for (x, _), (r, _, _) in travel.tries.items() if r == "book-car"}
+    for xid in {x for x, _ in first_comp}:
+        hotel, car = first_comp.get((xid, "book-hotel")), first_comp.get((xid, "book-car"))
+        if hotel is not None and xid in car_tried:
+            reversed_checked += 1
+            if car is None or car > hotel:
+                v.append(
+                    f"[saga-order] {xid}: book-hotel compensated before book-car (registered "
+                    "after it)"
+                )
+    info["saga_order_checked"] = reversed_checked
+
+    # what the callers were told agrees with the outcomes
+    for rec in order.orders.values():
+        if rec.answer is not None and rec.answer >= 300 and status_of(rec.xid) == "Committed":
+            v.append(
+                f"[caller-disagrees] {rec.xid}: the app answered {rec.answer}, yet it Committed"
+            )
+    for req in traffic.requests:
+        if req.kind != "order" or req.xid is None:
+            continue
+        status = status_of(req.xid)
+        if req.outcome == "201 committed" and status != "Committed":
+            v.append(
+                f"[caller-disagrees] order #{req.n} {req.xid}: the caller got 201, the "
+                f"outcome is {status}"
+            )
+        if req.outcome.endswith("TRANSACTION_ABORTED") and status not in ROLLED_BACK:
+            v.append(
+                f"[caller-disagrees] order #{req.n} {req.xid}: the caller got 409 "
+                f"TRANSACTION_ABORTED, the outcome is {status}"
+            )
+        if req.xid not in order.orders and req.outcome.startswith(("201", "409 TRANSACTION")):
+            v.append(
+                f"[caller-disagrees] order #{req.n}: answered {req.outcome} for {req.xid}, "
+                "unknown to the app"
+            )
+    v.extend(order.anomalies)
+    v.extend(traffic.violations)
+    for proc in procs.values():
+        v.extend(proc.crashes)
+    return v, info
+
+
+def errors_logged(log: Path) -> tuple[int, list[str]]:
+    """Log lines at error level or above (information: a kill cuts connections)."""
+    count, first = 0, list[str]()
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return 0, []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            if line.startswith("Traceback"):
+                count += 1
+            continue
+        if isinstance(rec, dict) and rec.get("level") in ("error", "critical"):
+            count += 1
+            if len(first) < 3:
+                first.append(str(rec.get("msg", ""))[:160])
+    return count, first
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+def machine_facts() -> list[tuple[str, str]]:
+    def out(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()
+        except OSError:
+            return "?"
+
+    return [
+        ("date", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")),
+        ("nproc", f"{os.cpu_count()} ({len(os.sched_getaffinity(0))} usable)"),
+        ("kernel", f"{platform.system()} {platform.release()}"),
+        ("python", out([venv_python(), "-VV"])),
+        (
+            "repo commit",
+            out(["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"])
+            + " (plus any uncommitted changes)",
+        ),
+    ]
+
+
+async def soak(args: argparse.Namespace) -> dict[str, Any]:
+    def say(text: str) -> None:
+        if not args.quiet:
+            print(f"[{time.monotonic() - started:7.1f}s] {text}", file=sys.stderr, flush=True)
+
+    started = time.monotonic()
+    rng = random.Random(args.seed)
+    say(f"seed {args.seed}")
+    work = Path(tempfile.mkdtemp(prefix="gts-soak-", dir=args.dir)).resolve()
+    participants = {
+        "inventory": Participant("inventory", "TCC"),
+        "travel": Participant("travel", "SAGA"),
+    }
+    runners: list[web.AppRunner] = []
+    procs: dict[str, Proc] = {}
+    order: OrderApp | None = None
+    try:
+        key_file = work / "signing.key"
+        key_file.write_text(os.urandom(32).hex() + "\n")
+        sidecar_ports = {n: {ln: free_port() for ln in LISTENERS} for n in participants}
+        sidecar_ports["order"] = {ln: free_port() for ln in LISTENERS}
+        order = OrderApp(f"http://{HOST}:{sidecar_ports['order']['outbound']}")
+        await order.open()
+        apps: dict[str, int] = {}
+        for name, app in (("order", order.app()), *((n, p.app()) for n, p in participants.items())):
+            runner, apps[name] = await serve(app)
+            runners.append(runner)
+        layout = Layout(
+            work, key_file, {"peer": free_port(), "admin": free_port()}, sidecar_ports, apps
+        )
+        configs = {"coordinator": coordinator_config(layout)}
+        configs.update({n: sidecar_config(layout, n) for n in ("order", "inventory", "travel")})
+        for name, cfg in configs.items():
+            path = work / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(cfg))
+            role = "coordinator" if name == "coordinator" else "run"
+            procs[name] = Proc(name, role, path, work / f"{name}.log")
+        for proc in procs.values():
+            await proc.start()
+        say(
+            f"coordinator and 3 sidecars up (work dir {work}); traffic for {args.duration:g}s, "
+            f"{args.concurrency} in flight, a fault every ~{args.fault_interval:g}s"
+        )
+
+        traffic = Traffic(rng, layout.url("order", "inbound"), args.plain_share, args.plans)
+        faults = Faults(rng, procs, args.fault_interval)
+        stop_traffic, stop_faults = asyncio.Event(), asyncio.Event()
+        t0 = time.monotonic()
+        timeout = aiohttp.ClientTimeout(total=traffic.client_timeout)
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), timeout=timeout
+        ) as session:
+            loops = [
+                asyncio.ensure_future(traffic.loop(session, stop_traffic))
+                for _ in range(args.concurrency)
+            ]
+            if args.no_faults:
+                stop_faults.set()
+            injector = asyncio.ensure_future(faults.run(stop_faults, t0, say))
+            # the traffic runs its duration, or until a process fails to come back
+            clock = asyncio.ensure_future(asyncio.sleep(args.duration))
+            await asyncio.wait(
+                {clock} if args.no_faults else {clock, injector},
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            clock.cancel()
+            stop_faults.set()
+            fault_error = None
+            try:
+                await injector
+            except BenchError as err:
+                fault_error = err
+            # every process up again (a crash the watchdog saw is restarted for the settle)
+            for proc in procs.values():
+                if not proc.alive:
+                    await proc.start()
+            stop_traffic.set()
+            await asyncio.gather(*loops)
+            traffic_seconds = time.monotonic() - t0
+            say(
+                f"traffic stopped: {len(traffic.requests)} requests, {len(faults.done)} faults; "
+                "settling"
+            )
+            known = set(order.orders) | {r.xid for r in traffic.requests if r.xid}
+            for p in participants.values():
+                known |= {x for x, _ in p.tries}
+            async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=10)
+            ) as api_session:
+                outcome = await settle(layout, known, args.settle_timeout, api_session)
+                stuck = await stuck_branches(layout, api_session)
+        say(f"settled in {outcome.settle_seconds:.1f}s; checking")
+        violations, info = check(outcome, order, participants, procs, traffic)
+        violations = faults.violations + violations + stuck
+        if fault_error is not None and not faults.violations:
+            violations.append(f"[no-restart] {fault_error.message}")
+        codes = await asyncio.gather(*(proc.stop() for proc in procs.values()))
+        exits = dict(zip(procs, codes, strict=True))
+        logs = {name: errors_logged(proc.log) for name, proc in procs.items()}
+        return summarise(
+            args, traffic, faults, outcome, violations, info, exits, logs, traffic_seconds,
+            time.monotonic() - started, len(order.orders),
+        )  # fmt: skip
+    finally:
+        for proc in procs.values():
+            if proc.alive:
+                await proc.kill()
+        if order is not None:
+            await order.close()
+        for runner in reversed(runners):
+            await runner.cleanup()
+        if args.keep:
+            print(f"work directory kept: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def summarise(
+    args: argparse.Namespace,
+    traffic: Traffic,
+    faults: Faults,
+    outcome: Outcome,
+    violations: list[str],
+    info: dict[str, Any],
+    exits: dict[str, int | None],
+    logs: dict[str, tuple[int, list[str]]],
+    traffic_seconds: float,
+    wall_seconds: float,
+    orders_at_app: int,
+) -> dict[str, Any]:
+    by_kind: dict[str, Counter[str]] = defaultdict(Counter)
+    for r in traffic.requests:
+        by_kind[r.kind][r.outcome] += 1
+    return {
+        "seed": args.seed,
+        "duration_s": args.duration,
+        "traffic_s": round(traffic_seconds, 1),
+        "wall_s": round(wall_seconds, 1),
+        "settle_s": round(outcome.settle_seconds, 1),
+        "concurrency": args.concurrency,
+        "plans": ",".join(f"{w:g}" for w in args.plans),
+        "plain_share": args.plain_share,
+        "no_faults": args.no_faults,
+        "fault_interval_s": args.fault_interval,
+        "requests": len(traffic.requests),
+        "requests_by_kind": {k: dict(c.most_common()) for k, c in sorted(by_kind.items())},
+        "transactions": len(outcome.statuses),
+        "transactions_by_status": dict(Counter(outcome.statuses.values()).most_common()),
+        "transactions_by_owner": dict(outcome.owners),
+        "orders_at_app": orders_at_app,
+        "faults": len(faults.done),
+        "faults_by_kind": dict(Counter(f.kind for f in faults.done)),
+        "info": info,
+        "exit_status_on_sigterm": exits,
+        "errors_logged": {n: {"count": c, "first": f} for n, (c, f) in logs.items()},
+        "violations_by_kind": dict(Counter(violation_kind(x) for x in violations).most_common()),
+        "violations": violations,
+    }
+
+
+def violation_kind(text: str) -> str:
+    m = re.match(r"\[([a-z-]+)\]", text)
+    return m.group(1) if m else "other"
+
+
+def render(s: dict[str, Any], facts: list[tuple[str, str]]) -> str:
+    v = s["violations"]
+    verdict = "**0 violations**" if not v else f"**{len(v)} VIOLATION(S)**"
+    info = s["info"]
+    lines = [
+        "# Soak: mixed traffic with the coordinator and the sidecars SIGKILLed at random",
+        "",
+        f"{s['traffic_s']:g} s of traffic (seed {s['seed']}, {s['concurrency']} requests in "
+        f"flight, {s['plain_share']:.0%} of them plain, order plans none/after/try/ignore "
+        f"{s['plans']}, "
+        + ("no faults" if s["no_faults"] else f"a fault every ~{s['fault_interval_s']:g} s")
+        + f"): {s['requests']:,} requests, "
+        f"{s['transactions']:,} transactions, {s['faults']} faults injected, {verdict}. "
+        f"Everything settled {s['settle_s']:g} s after the traffic stopped.",
+        "",
+        "| requests | outcome | count |",
+        "|---|---|--:|",
+    ]
+    for kind, outcomes in s["requests_by_kind"].items():
+        lines += [f"| {kind} | {o} | {c:,} |" for o, c in outcomes.items()]
+    lines += ["", "| transactions (every journal) | count |", "|---|--:|"]
+    lines += [f"| {st} | {c:,} |" for st, c in s["transactions_by_status"].items()]
+    owners = ", ".join(f"{n} {c:,}" for n, c in s["transactions_by_owner"].items())
+    lines += [
+        f"| coordinated by | {owners} |",
+        f"| reached the order app (checked through the TM API) | {s['orders_at_app']:,} |",
+        "",
+        "| faults injected (SIGKILL, then restart on the same ports) | count |",
+        "|---|--:|",
+    ]
+    lines += [f"| {k} | {c} |" for k, c in sorted(s["faults_by_kind"].items())]
+    lines += ["", "| branches at the apps | inventory (TCC) | travel (Saga) |", "|---|--:|--:|"]
+    inv, tra = "inventory", "travel"
+    lines += [
+        f"| tries / actions that reached the app | {info[inv + '_tries']:,} | "
+        f"{info[tra + '_tries']:,} |",
+        f"| confirms applied (once per Idempotency-Key) | "
+        f"{info[inv + '_applied'].get('confirm', 0):,} | - |",
+        f"| cancels / compensations applied | {info[inv + '_applied'].get('cancel', 0):,} | "
+        f"{info[tra + '_applied'].get('cancel', 0):,} |",
+        f"| duplicate deliveries (information: the crash window) | {info[inv + '_duplicates']} "
+        f"| {info[tra + '_duplicates']} |",
+        f"| cancels / compensations of a try the app never had (information: the crash "
+        f"window) | {info[inv + '_cancels_without_try']} | {info[tra + '_cancels_without_try']} |",
+        f"| Saga compensation order checked (both steps tried) | - | "
+        f"{info['saga_order_checked']:,} |",
+        "",
+        "| process | errors logged (information) | exit status on SIGTERM at the end |",
+        "|---|--:|--:|",
+    ]
+    for name, logged in s["errors_logged"].items():
+        first = "; ".join(logged["first"])
+        lines.append(
+            f"| {name} | {logged['count']}{': ' + first if first else ''} "
+            f"| {s['exit_status_on_sigterm'].get(name)} |"
+        )
+    lines += ["", f"## Violations: {len(v)}", ""]
+    if v:
+        lines += ["| kind | count |", "|---|--:|"]
+        lines += [f"| {k} | {c} |" for k, c in s["violations_by_kind"].items()]
+        lines.append("")
+    lines += [f"- {x}" for x in v[:50]] or ["none"]
+    if len(v) > 50:
+        lines.append(f"- … and {len(v) - 50} more")
+    lines += ["", "| machine | |", "|---|---|"]
+    lines += [f"| {k} | {val} |" for k, val in facts]
+    cmd = shlex.join(
+        [".venv/bin/python", "bench/soak.py", "--duration", f"{s['duration_s']:g}s"]
+        + ["--seed", str(s["seed"]), "--fault-interval", f"{s['fault_interval_s']:g}s"]
+        + ["--concurrency", str(s["concurrency"])]
+        + ([] if s["plans"] == DEFAULT_PLANS else ["--plans", s["plans"]])
+        + ([] if s["plain_share"] == 0.3 else ["--plain-share", f"{s['plain_share']:g}"])
+        + (["--no-faults"] if s["no_faults"] else [])
+    )
+    lines += ["", f"Command: `{cmd}` (wall time {s['wall_s']:g} s)"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        summary = asyncio.run(soak(args))
+    except BenchError as err:
+        print(f"!! {err.message}", file=sys.stderr)
+        if err.log_tail:
+            print(err.log_tail, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 2
+    report = render(summary, machine_facts())
+    print(report)
+    target = Path(args.report) if args.report else RESULTS_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(report + "\n")
+    print(f"report written to {target}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0 if not summary["violations"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
