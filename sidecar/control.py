@@ -27,6 +27,7 @@ from sidecar.coordinator.records import BranchRecord, GlobalRecord, Journal
 from sidecar.coordinator.router import RoutingCoordinator
 from sidecar.coordinator.server import SignatureGate, build_peer_app
 from sidecar.coordinator.signing import KeyRing
+from sidecar.coordinator.states import GlobalStatus
 from sidecar.errors import ConfigError, JournalUnavailable
 from sidecar.idempotency import IdempotencyStore
 from sidecar.metrics import Metrics
@@ -57,9 +58,16 @@ class MetricsEvents:
         self.webhook = webhook
         self.on_finished = on_finished
         self._tasks: set[asyncio.Task[None]] = set()
+        # the label children, bound once (a labels() lookup per event costs more than inc)
+        self._finished = {
+            s: metrics.transactions.labels(role, s.value) for s in GlobalStatus if s.finished
+        }
+        self._calls = {
+            ok: metrics.phase_two_calls.labels("ok" if ok else "failed") for ok in (True, False)
+        }
 
     def finished(self, record: GlobalRecord) -> None:
-        self.metrics.transactions.labels(self.role, record.status.value).inc()
+        self._finished[record.status].inc()
         if self.on_finished is not None:
             self.on_finished(record.xid)  # e.g. release the transaction's global locks
 
@@ -89,7 +97,7 @@ class MetricsEvents:
             log.warning("stuck-branch alert not delivered", extra={"error": str(exc)})
 
     def phase_two_call(self, ok: bool) -> None:
-        self.metrics.phase_two_calls.labels("ok" if ok else "failed").inc()
+        self._calls[ok].inc()
 
 
 async def serve_app(app: web.Application, bind: str) -> tuple[web.AppRunner, int]:

@@ -575,7 +575,7 @@ class Engine:
                     record.status, Event.PHASE_TWO_FAILED if left else Event.PHASE_TWO_DONE
                 )
                 if status is not record.status:
-                    record = replace(record, status=status, updated_ms=self._clock_ms())
+                    record = record.with_status(status, self._clock_ms())
                 finished = not left
             await self._write([record] if record is not live.record else (), [updated])
             live.branches[index] = updated
@@ -595,22 +595,18 @@ class Engine:
 
     def _outcome(self, current: BranchRecord, commit: bool, error: str | None) -> BranchRecord:
         """The branch after one phase-two attempt."""
+        attempts = current.attempts + 1
         if error is None:
             done = BranchStatus.PHASE_TWO_COMMITTED if commit else BranchStatus.PHASE_TWO_ROLLBACKED
-            return replace(
-                current, status=done, attempts=current.attempts + 1,
-                updated_ms=self._clock_ms(), last_error=None,
-            )  # fmt: skip
+            return current.after_attempt(done, attempts, self._clock_ms(), None, current.stuck)
         failed = (
             BranchStatus.PHASE_TWO_COMMIT_RETRYABLE
             if commit
             else BranchStatus.PHASE_TWO_ROLLBACK_RETRYABLE
         )
-        attempts = current.attempts + 1
-        return replace(
-            current, status=failed, attempts=attempts, updated_ms=self._clock_ms(),
-            last_error=error[:500], stuck=attempts >= self.policy.max_attempts,
-        )  # fmt: skip
+        return current.after_attempt(
+            failed, attempts, self._clock_ms(), error[:500], attempts >= self.policy.max_attempts
+        )
 
     async def _call(self, live: _Live, branch: BranchRecord, commit: bool) -> bool:
         """One phase-two call and its journalled outcome; True when the branch is done."""
@@ -633,7 +629,7 @@ class Engine:
             self._events.branch_stuck(branch)
 
     async def _set_status(self, live: _Live, status: GlobalStatus) -> None:
-        record = replace(live.record, status=status, updated_ms=self._clock_ms())
+        record = live.record.with_status(status, self._clock_ms())
         await self._write([record])
         live.record = record
 

@@ -30,6 +30,13 @@ class GlobalRecord:
     def deadline_ms(self) -> int:
         return self.begin_ms + self.timeout_ms
 
+    def with_status(self, status: GlobalStatus, updated_ms: int) -> GlobalRecord:
+        # spelled out: dataclasses.replace costs twice as much, on every state change
+        return GlobalRecord(
+            self.xid, self.name, status, self.timeout_ms, self.begin_ms, updated_ms,
+            self.idempotency_key, self.request_hash,
+        )  # fmt: skip
+
 
 @dataclass(frozen=True, slots=True)
 class BranchRecord:
@@ -50,6 +57,17 @@ class BranchRecord:
     last_error: str | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None
+
+    def after_attempt(
+        self, status: BranchStatus, attempts: int, updated_ms: int, last_error: str | None,
+        stuck: bool,
+    ) -> BranchRecord:  # fmt: skip
+        """The branch after a phase-two attempt (spelled out: see with_status)."""
+        return BranchRecord(
+            self.branch_id, self.xid, self.seq, self.branch_type, self.resource_id,
+            self.callback_url, self.application_data, status, attempts, stuck, updated_ms,
+            last_error, self.idempotency_key, self.request_hash,
+        )  # fmt: skip
 
 
 class Journal(Protocol):

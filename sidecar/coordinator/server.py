@@ -19,7 +19,7 @@ from sidecar.coordinator import protocol
 from sidecar.coordinator.auth import verify_bearer
 from sidecar.coordinator.engine import Engine
 from sidecar.coordinator.nonces import NonceStore
-from sidecar.coordinator.signing import KeyRing, verify
+from sidecar.coordinator.signing import WATCHED_RAW, KeyRing, verify
 from sidecar.errors import PayloadTooLarge, SignatureInvalid
 from sidecar.metrics import Metrics
 from sidecar.web_errors import as_response, json_response
@@ -71,7 +71,12 @@ class SignatureGate:
                 request.method,
                 raw_path,
                 raw_query,
-                [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers],
+                # only the headers the signature looks at (decoded; repeats kept)
+                [
+                    (k.decode("latin-1"), v.decode("latin-1"))
+                    for k, v in request.raw_headers
+                    if k.lower() in WATCHED_RAW
+                ],
                 body,
                 now_ms=self._clock_ms(),
                 window_ms=self.window_ms,

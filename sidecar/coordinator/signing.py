@@ -67,6 +67,8 @@ _EMPTY_SHA256: Final = hashlib.sha256(b"").hexdigest()
 def canonical_query(raw_query: str) -> str:
     """The `name=value` pairs exactly as sent, split on `&`, empty pairs dropped, sorted by
     their bytes, joined by `&`. Nothing is decoded: `a=%41` and `a=A` sign differently."""
+    if not raw_query:
+        return ""
     pairs = [p for p in raw_query.split("&") if p]
     pairs.sort(key=_wire_bytes)
     return "&".join(pairs)
@@ -259,6 +261,8 @@ class Verified:
 Headers = Mapping[str, str] | Iterable[tuple[str, str]]
 
 _WATCHED: Final = {h.lower(): h for h in SIGNED_HEADERS + COVERED_HEADERS}
+#: the same names as raw lower-case bytes, to pick a request's headers before decoding them
+WATCHED_RAW: Final = frozenset(name.encode("latin-1") for name in _WATCHED)
 
 
 def _collect(headers: Headers) -> dict[str, str]:
