@@ -5,6 +5,12 @@
 set -uo pipefail
 need=()
 command -v strace >/dev/null 2>&1 || need+=(strace)
+# tests/faults: slow headers/body clients, clock skew, write/fsync failure injection
+command -v slowhttptest >/dev/null 2>&1 || need+=(slowhttptest)
+command -v faketime >/dev/null 2>&1 || need+=(faketime)
+compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || need+=(libfaketime)
+command -v fiu-run >/dev/null 2>&1 || need+=(fiu-utils)
+[ -e /usr/lib/fiu/fiu_posix_preload.so ] || need+=(libfiu0)
 [ -n "${GTS_NEED_REDIS:-1}" ] && ! command -v redis-server >/dev/null 2>&1 && need+=(redis-server)
 [ ${#need[@]} -eq 0 ] && exit 0
 
