@@ -125,6 +125,15 @@ class Unauthorized(SidecarError):
     status = 401
 
 
+class CoordinatorAuthFailed(Unauthorized):
+    """The coordinator (or its token endpoint) refused *this sidecar's* credentials: its
+    signing key, clock or access key. The app sent none of them, so it gets a 502 naming the
+    sidecar's config, not a 401 that would send it looking at its own."""
+
+    code = "COORDINATOR_AUTH_FAILED"
+    status = 502
+
+
 class TransactionNotFound(SidecarError, LookupError):
     code = "TRANSACTION_NOT_FOUND"
     status = 404

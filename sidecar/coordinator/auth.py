@@ -4,7 +4,8 @@ side (`TokenSource`), verified on the server side (`verify_bearer`).
 The client cannot verify a token's signature (it does not hold the issuer's key), so it
 decodes it unverified and only to schedule refreshes (`exp`, `iat`, `nbf`), refusing tokens
 whose algorithm is not allow-listed. The server is the one that verifies. aiohttp and PyJWT
-errors are translated here, at the edge, into `Unauthorized` / `CoordinatorUnavailable`.
+errors are translated here, at the edge, into `Unauthorized` (a caller's bearer token),
+`CoordinatorAuthFailed` (this sidecar's own credentials) or `CoordinatorUnavailable`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 import aiohttp
 import jwt
 
-from sidecar.errors import CoordinatorUnavailable, Unauthorized
+from sidecar.errors import CoordinatorAuthFailed, CoordinatorUnavailable, Unauthorized
 
 if TYPE_CHECKING:
     from sidecar.config import AuthConfig
@@ -299,7 +300,7 @@ class TokenSource:
                 f"token endpoint {self.token_url} answered with a body that is not JSON"
             ) from None
         if status in (401, 403):
-            raise Unauthorized(
+            raise CoordinatorAuthFailed(
                 f"token endpoint {self.token_url} refused the access key (HTTP {status}); "
                 "check coordinator.auth.access_key_file"
             )
@@ -322,9 +323,9 @@ class TokenSource:
             # not verified: the client holds no key to verify with; the server does that
             claims = jwt.decode(value, options={"verify_signature": False})
         except jwt.PyJWTError:
-            raise Unauthorized(f"{where} issued a token that is not a JWT") from None
+            raise CoordinatorAuthFailed(f"{where} issued a token that is not a JWT") from None
         if _alg_refused(alg, self.algorithms):
-            raise Unauthorized(
+            raise CoordinatorAuthFailed(
                 f"{where} issued a token signed with an algorithm not allowed here "
                 f"(allowed: {', '.join(self.algorithms)})"
             )
@@ -332,7 +333,7 @@ class TokenSource:
             aud = claims.get("aud")
             auds = aud if isinstance(aud, list) else [aud]
             if self.audience not in auds:
-                raise Unauthorized(f"{where} issued a token for another audience")
+                raise CoordinatorAuthFailed(f"{where} issued a token for another audience")
         exp, iat, nbf = (_num(claims.get(c)) for c in ("exp", "iat", "nbf"))
         if exp is not None and iat is not None and exp > iat:
             start, lifetime = iat, exp - iat
@@ -342,10 +343,10 @@ class TokenSource:
             start = nbf if nbf is not None and nbf < exp else fetched_at
             lifetime = exp - start
         else:
-            raise Unauthorized(f"{where} issued a token with neither exp nor expires_in")
+            raise CoordinatorAuthFailed(f"{where} issued a token with neither exp nor expires_in")
         expires_at = exp if exp is not None else fetched_at + lifetime
         if expires_at <= fetched_at:
-            raise Unauthorized(
+            raise CoordinatorAuthFailed(
                 f"{where} issued a token that is already expired (check the clocks: NTP)"
             )
         return _Token(value, start + self._ratio * lifetime, expires_at)

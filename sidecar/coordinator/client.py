@@ -33,13 +33,13 @@ from sidecar.coordinator.signing import KeyRing, sign_headers
 from sidecar.coordinator.states import BranchStatus, BranchType
 from sidecar.errors import (
     BranchNotFound,
+    CoordinatorAuthFailed,
     CoordinatorUnavailable,
     IdempotencyConflict,
     InvalidRequest,
     SidecarError,
     TransactionNotActive,
     TransactionNotFound,
-    Unauthorized,
     XidInvalid,
 )
 from sidecar.metrics import Metrics
@@ -391,8 +391,8 @@ class RemoteCoordinator:
         if cls is not None:
             return cls(f"coordinator: {message}")
         if code in ("SIGNATURE_INVALID", "UNAUTHORIZED"):
-            return Unauthorized(
-                f"the coordinator refused our credentials ({message}); check "
+            return CoordinatorAuthFailed(
+                f"the coordinator refused this sidecar's credentials ({message}); check "
                 "coordinator.signing and coordinator.auth"
             )
         return CoordinatorUnavailable(f"coordinator answered HTTP {status}: {message}")

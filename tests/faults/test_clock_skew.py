@@ -2,7 +2,8 @@
 against a coordinator with the real clock and a 10 s signing window (docs/signing.md).
 Inside the window every call and the phase-two callbacks back verify; outside it the
 coordinator refuses the calls as `stale` (401 SIGNATURE_INVALID) and the sidecar tells its
-app so, naming the offset, without "failing over" (the cluster is reachable: coordinating
+app so (502 COORDINATOR_AUTH_FAILED: the sidecar's clock, not the app's credentials), naming
+the offset, without "failing over" (the cluster is reachable: coordinating
 locally would split one service's transactions across two coordinators for a clock fault)."""
 
 from __future__ import annotations
@@ -108,8 +109,10 @@ async def test_clock_skew_inside_and_outside_the_window(
                 await wait_until(lambda: sum(ledger.calls.values()) == 1, timeout=15)
                 assert list(ledger.calls) == [(xid, next(iter(ledger.tried))[1], "confirm")]
                 return
-            assert status == 401, body
+            # the sidecar's own clock, not the app's credentials: 502, not 401
+            assert status == 502, body
             code = body["error"]["code"]
+            assert code == "COORDINATOR_AUTH_FAILED"
             assert headers["x-gts-sidecar-error"] == code
             message = body["error"]["message"]
             assert "coordinator.signing" in message  # says where to look
