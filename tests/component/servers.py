@@ -623,11 +623,26 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
         await asyncio.sleep(0.005)
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
+def free_port() -> int:
+    """A loopback port free now, for a server a test starts on it later (bound, released)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+#: sockets holding closed_port()'s ports for the rest of the run
+_RESERVED: list[socket.socket] = []
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on. It stays bound (never listening) for the rest of
+    the run: released, it could become some connection's ephemeral source port, and a
+    connect to it could then connect a socket to itself (a TCP self-connect) instead of
+    being refused."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _RESERVED.append(s)
+    return int(s.getsockname()[1])
 
 
 def error_of(resp: Response) -> dict[str, Any]:

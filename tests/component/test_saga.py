@@ -8,7 +8,7 @@ import asyncio
 import aiohttp
 from aiohttp import web
 
-from tests.component.servers import closed_port
+from tests.component.servers import free_port
 
 
 async def _until(predicate, timeout: float = 10.0) -> None:
@@ -44,7 +44,7 @@ async def test_saga_compensates_in_reverse_order_and_never_on_commit(
     app.router.add_post("/{name}", step)
     app.router.add_post("/{name}/undo", step)
     server = await aiohttp_server(app)
-    inbound_port = closed_port()  # known before start: the app calls its own sidecar
+    inbound_port = free_port()  # known before start: the app calls its own sidecar
     sc = await sidecar_factory(
         {
             "listeners": {"inbound": {"bind": f"127.0.0.1:{inbound_port}"}},

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from tests.component.servers import closed_port
+from tests.component.servers import free_port
 from tests.integration.proc import start_sidecar, write_config
 
 ROUNDS = 6
@@ -51,7 +51,7 @@ async def test_sigkill_at_random_points_loses_nothing(tmp_path: Path, aiohttp_se
     app = web.Application()
     app.router.add_post("/{tail:.*}", ledger.handle)
     server = await aiohttp_server(app)
-    ports = {name: closed_port() for name in ("inbound", "outbound", "api", "peer", "admin")}
+    ports = {name: free_port() for name in ("inbound", "outbound", "api", "peer", "admin")}
     cfg = write_config(
         tmp_path / "sidecar.yaml",
         {

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.component.servers import closed_port
+from tests.component.servers import closed_port, free_port
 from tests.integration.test_coordinator_e2e import CoordinatorProcess
 from tests.integration.test_tcc_e2e import Inventory, wait_for
 
@@ -41,7 +41,7 @@ async def begin(sc, name: str = "t") -> str:
 async def test_begins_fail_over_to_the_local_coordinator_and_hand_back(
     tmp_path: Path, key_file: Path, sidecar_factory
 ) -> None:
-    port = closed_port()
+    port = free_port()
     coordinator = CoordinatorProcess(tmp_path, key_file, peer_port=port)
     await coordinator.start()
     sc = await sidecar_factory(
@@ -144,7 +144,7 @@ async def test_tcc_in_degraded_mode_registers_with_the_owning_peer(
 async def test_a_decision_the_cluster_cannot_take_is_journalled_and_resent(
     tmp_path: Path, key_file: Path, sidecar_factory
 ) -> None:
-    port = closed_port()
+    port = free_port()
     coordinator = CoordinatorProcess(tmp_path, key_file, peer_port=port)
     await coordinator.start()
     sc = await sidecar_factory(
