@@ -274,8 +274,13 @@ class ClientConnection(asyncio.Protocol):
                 if self.linger_left <= 0:
                     self.abort()
             return
-        if self.head is None and self.parsing is not None:
+        if self.head is not None:
+            self._feed_from_head(data, 0)
+        elif self.parsing is not None:
             self._feed_body(data, 0)
+        elif data.find(b"\r\n\r\n") == len(data) - 4:
+            # the usual read: one whole head and nothing after it, so nothing to split
+            self._feed(data, head=True)
         else:
             self._feed_from_head(data, 0)
         if self.closing:
