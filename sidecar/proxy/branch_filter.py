@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidecar.branches")
 
 _background: set[asyncio.Task[None]] = set()
+#: seconds a failed try's answer waits for its PhaseOne_Failed to reach an unreachable
+#: coordinator (retried with backoff) before it is passed on anyway
+FAILED_REPORT_PATIENCE = 5.0
 
 
 class BranchFilter:
@@ -104,8 +107,9 @@ class BranchFilter:
 
     def report_failure_then_release(self) -> None:
         """PhaseOne_Failed to the coordinator, then the app's (held) failure response to the
-        caller. If the report cannot be delivered the response goes on anyway (logged): the
-        branch stays unreported and a commit would confirm it, as without this wait."""
+        caller. An unreachable coordinator is retried for FAILED_REPORT_PATIENCE seconds; if
+        the report still cannot be delivered the response goes on anyway (logged), and a
+        commit the caller sends regardless would confirm the unreported branch."""
         if not self._report(False, release=True):
             self.exchange.release_held_response([])
 
@@ -117,8 +121,25 @@ class BranchFilter:
         branch_id = self.branch_id
 
         async def send() -> None:
+            loop = asyncio.get_running_loop()
+            # a failure held back from its caller is worth waiting for: through a
+            # coordinator restart, the caller's commit would otherwise confirm a failed try
+            give_up = loop.time() + (FAILED_REPORT_PATIENCE if release else 0.0)
+            pause = 0.1
             try:
-                await self.coordinator.report(self.xid, branch_id, status)
+                while True:
+                    try:
+                        await self.coordinator.report(self.xid, branch_id, status)
+                        return
+                    except CoordinatorUnavailable as exc:
+                        if loop.time() + pause > give_up:
+                            raise
+                        log.info(
+                            "phase-one report not delivered yet; retrying",
+                            extra={"xid": self.xid, "branch_id": branch_id, "error": exc.message},
+                        )
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 1.0)
             except SidecarError as exc:
                 log.warning(
                     "phase-one report not delivered",
