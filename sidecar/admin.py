@@ -44,6 +44,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    if not state.config.metrics.enabled:  # read per scrape: a reload turns it on or off
+        return error_response(404, "NOT_FOUND", "metrics are off (metrics.enabled: false)")
     body = generate_latest(state.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

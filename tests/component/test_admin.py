@@ -55,6 +55,17 @@ async def test_readyz_is_false_while_the_app_is_unreachable(sidecar_factory):
     assert f"app at 127.0.0.1:{port} is unreachable" in body["reasons"][0]
 
 
+async def test_metrics_can_be_turned_off(sidecar_factory):
+    sc = await sidecar_factory({"metrics": {"enabled": False}})
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{sc.ports['admin']}/metrics") as r:
+            assert r.status == 404
+            assert r.headers["x-gts-sidecar-error"] == "NOT_FOUND"
+            assert "metrics.enabled" in (await r.json())["error"]["message"]
+        async with s.get(f"http://127.0.0.1:{sc.ports['admin']}/healthz") as r:
+            assert r.status == 200  # the rest of the admin listener is unaffected
+
+
 async def test_readyz_is_true_when_the_app_answers(sidecar_factory, aiohttp_server):
     server = await _app(aiohttp_server)
     sc = await sidecar_factory({"app": {"url": f"http://127.0.0.1:{server.port}"}})
