@@ -267,14 +267,18 @@ class ControlPlane:
         return []
 
     def peer_app(self) -> web.Application:
-        app = build_peer_app(self.gate, self.engine)
+        app = build_peer_app(self.gate, self.engine, xid_max_length=self.config.xid.max_length)
         if self.participant is not None:
             add_callback_routes(app, self.participant)
         return app
 
     def api_app(self) -> web.Application:
         assert self.coordinator is not None
-        app = build_api_app(self.coordinator, on_finished=self.releaser.finished)
+        app = build_api_app(
+            self.coordinator,
+            on_finished=self.releaser.finished,
+            xid_max_length=self.config.xid.max_length,
+        )
         add_lock_routes(app, self.locks, xid_max_length=self.config.xid.max_length)
         return app
 

@@ -70,10 +70,10 @@ def _int(data: dict[str, Any], key: str, *, required: bool = True) -> int | None
     return value
 
 
-def xid_field(value: object, where: str = "xid") -> str:
+def xid_field(value: object, where: str = "xid", max_length: int = DEFAULT_MAX_LENGTH) -> str:
     if not isinstance(value, str):
         raise InvalidRequest(f"{where} must be a string")
-    return parse_xid(value, DEFAULT_MAX_LENGTH).raw
+    return parse_xid(value, max_length).raw
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,9 +99,9 @@ class RegisterRequest:
     application_data: bytes
 
 
-def parse_register(body: bytes) -> RegisterRequest:
+def parse_register(body: bytes, xid_max_length: int = DEFAULT_MAX_LENGTH) -> RegisterRequest:
     data = _object(body)
-    xid = xid_field(data.get("xid"))
+    xid = xid_field(data.get("xid"), max_length=xid_max_length)
     try:
         branch_type = BranchType(str(data.get("branchType")))
     except ValueError:
@@ -124,9 +124,9 @@ class ReportRequest:
     status: BranchStatus
 
 
-def parse_report(body: bytes) -> ReportRequest:
+def parse_report(body: bytes, xid_max_length: int = DEFAULT_MAX_LENGTH) -> ReportRequest:
     data = _object(body)
-    xid = xid_field(data.get("xid"))
+    xid = xid_field(data.get("xid"), max_length=xid_max_length)
     branch_id = _int(data, "branchId")
     assert branch_id is not None
     status = data.get("status")

@@ -24,6 +24,7 @@ from sidecar.errors import PayloadTooLarge, SignatureInvalid
 from sidecar.metrics import Metrics
 from sidecar.web_errors import as_response, json_response
 from sidecar.web_routing import application
+from sidecar.xid import DEFAULT_MAX_LENGTH
 
 log = logging.getLogger("sidecar.coordinator")
 
@@ -101,6 +102,8 @@ GATE: Final = web.AppKey("gate", SignatureGate)
 #: the request body, read once by the gate (signed bytes) and parsed by the handler
 BODY: Final = web.RequestKey("body", bytes)
 ENGINE: Final = web.AppKey("engine", Engine)
+#: xid.max_length: XIDs in paths and bodies are held to the same limit as on the data plane
+XID_MAX_LENGTH: Final = web.AppKey("xid_max_length", int)
 
 
 @web.middleware
@@ -122,7 +125,7 @@ async def signed_only(request: web.Request, handler: Handler) -> web.StreamRespo
 
 
 def _xid(request: web.Request) -> str:
-    return protocol.xid_field(request.match_info["xid"])
+    return protocol.xid_field(request.match_info["xid"], max_length=request.app[XID_MAX_LENGTH])
 
 
 async def start(request: web.Request) -> web.Response:
@@ -154,7 +157,7 @@ async def status(request: web.Request) -> web.Response:
 
 async def register(request: web.Request) -> web.Response:
     body = request[BODY]
-    req = protocol.parse_register(body)
+    req = protocol.parse_register(body, request.app[XID_MAX_LENGTH])
     branch = await request.app[ENGINE].register(
         req.xid,
         req.branch_type,
@@ -168,7 +171,7 @@ async def register(request: web.Request) -> web.Response:
 
 
 async def report(request: web.Request) -> web.Response:
-    req = protocol.parse_report(request[BODY])
+    req = protocol.parse_report(request[BODY], request.app[XID_MAX_LENGTH])
     branch = await request.app[ENGINE].report(req.xid, req.branch_id, req.status)
     return json_response(
         {"xid": branch.xid, "branchId": branch.branch_id, "status": branch.status.value}
@@ -179,8 +182,11 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
-def add_gts_routes(app: web.Application, engine: Engine) -> None:
+def add_gts_routes(
+    app: web.Application, engine: Engine, *, xid_max_length: int = DEFAULT_MAX_LENGTH
+) -> None:
     app[ENGINE] = engine
+    app[XID_MAX_LENGTH] = xid_max_length
     api = protocol.API
     app.router.add_post(f"{api}/transaction/start", start)
     app.router.add_post(f"{api}/transaction/{{xid}}/commit", commit)
@@ -190,11 +196,13 @@ def add_gts_routes(app: web.Application, engine: Engine) -> None:
     app.router.add_post(f"{api}/branch/report", report)
 
 
-def build_peer_app(gate: SignatureGate, engine: Engine | None) -> web.Application:
+def build_peer_app(
+    gate: SignatureGate, engine: Engine | None, *, xid_max_length: int = DEFAULT_MAX_LENGTH
+) -> web.Application:
     """The peer listener: health, and (when this process coordinates) GTS REST v1."""
     app = application(middlewares=[signed_only], client_max_size=MAX_BODY)
     app[GATE] = gate
     app.router.add_get("/healthz", healthz)
     if engine is not None:
-        add_gts_routes(app, engine)
+        add_gts_routes(app, engine, xid_max_length=xid_max_length)
     return app

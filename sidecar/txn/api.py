@@ -27,11 +27,14 @@ from sidecar.coordinator.states import is_final
 from sidecar.errors import InvalidRequest, PayloadTooLarge
 from sidecar.web_errors import as_response, json_response, sidecar_error
 from sidecar.web_routing import application
+from sidecar.xid import DEFAULT_MAX_LENGTH
 from sidecar.xid import parse as parse_xid
 
 COORDINATOR: Final = web.AppKey("coordinator", Coordinator)
 #: told the XID of every transaction this API saw finish (releases its global locks)
 ON_FINISHED: Final[web.AppKey[Callable[[str], None]]] = web.AppKey("on_finished")
+#: xid.max_length: XIDs in paths are held to the same limit as on the data plane
+XID_MAX_LENGTH: Final = web.AppKey("xid_max_length", int)
 MAX_BODY: Final = 64 * 1024
 STATUS_HEADER: Final = "x-gts-transaction-status"
 _KEY_RE: Final = re.compile(r"[!-~]{1,255}")
@@ -50,7 +53,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def _xid(request: web.Request) -> str:
-    return parse_xid(request.match_info["xid"]).raw
+    return parse_xid(request.match_info["xid"], request.app[XID_MAX_LENGTH]).raw
 
 
 async def begin(request: web.Request) -> web.Response:
@@ -128,11 +131,15 @@ def _ignore(xid: str) -> None:
 
 
 def build_api_app(
-    coordinator: Coordinator, on_finished: Callable[[str], None] = _ignore
+    coordinator: Coordinator,
+    on_finished: Callable[[str], None] = _ignore,
+    *,
+    xid_max_length: int = DEFAULT_MAX_LENGTH,
 ) -> web.Application:
     app = application(middlewares=[errors], client_max_size=MAX_BODY)
     app[COORDINATOR] = coordinator
     app[ON_FINISHED] = on_finished
+    app[XID_MAX_LENGTH] = xid_max_length
     app.router.add_get("/healthz", healthz)
     app.router.add_post("/v1/transactions", begin)
     app.router.add_post("/v1/transactions/{xid}/commit", commit)

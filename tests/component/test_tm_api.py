@@ -236,6 +236,19 @@ async def test_unknown_and_malformed_xids(api, method, suffix):
         assert reply.error["code"] == "XID_INVALID"
 
 
+@pytest.mark.parametrize(("max_length", "status"), [(None, 400), (200, 404)])
+async def test_the_tm_api_holds_xids_to_xid_max_length(
+    sidecar_factory, session, max_length: int | None, status: int
+):
+    # a 136-byte XID (a long coordinator host name): over the default 128, under 200
+    long_xid = f"{'a' * 60}.{'b' * 60}.example:8091:1"
+    sc = await sidecar_factory({"xid": {"max_length": max_length}} if max_length else {})
+    reply = await Api(session, sc.ports["api"]).call("GET", f"/v1/transactions/{long_xid}")
+    assert reply.status == status, reply.raw
+    code = "XID_INVALID" if status == 400 else "TRANSACTION_NOT_FOUND"
+    assert reply.error["code"] == code
+
+
 # --- declarative transactions on the inbound listener -------------------------------------------
 
 
