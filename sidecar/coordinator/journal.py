@@ -1,4 +1,5 @@
-"""The durable transaction journal (SQLite) and its in-memory twin, behind `records.Journal`.
+"""The durable transaction journal (SQLite), behind `records.Journal` (its in-memory twin:
+memory_journal.py; the row mapping both use: journal_rows.py).
 
 Theory of operation. `SqliteJournal` owns one sqlite3 connection, opened, used and closed by
 one dedicated writer thread; the event loop never touches it. Every call (writes, reads,
@@ -42,8 +43,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
 
+from sidecar.coordinator.journal_rows import BranchRow as _BranchRow
+from sidecar.coordinator.journal_rows import GlobalRow as _GlobalRow
+from sidecar.coordinator.journal_rows import branch_record as _branch
+from sidecar.coordinator.journal_rows import branch_row as _branch_row
+from sidecar.coordinator.journal_rows import global_record as _global
+from sidecar.coordinator.journal_rows import global_row as _global_row
+from sidecar.coordinator.memory_journal import MemoryJournal
 from sidecar.coordinator.records import BranchRecord, GlobalRecord, Journal
-from sidecar.coordinator.states import BranchStatus, BranchType, GlobalStatus
+from sidecar.coordinator.states import GlobalStatus
 from sidecar.errors import DuplicateKey, JournalUnavailable
 
 __all__ = ["MemoryJournal", "SqliteJournal", "open_journal", "SCHEMA_VERSION"]
@@ -116,82 +124,9 @@ def _upsert(table: str, cols: str, key: str) -> str:
 _UPSERT_GLOBAL: Final = _upsert("globals", _G_COLS, "xid")
 _UPSERT_BRANCH: Final = _upsert("branches", _B_COLS, "branch_id")
 
-_GlobalRow = tuple[str, str, str, int, int, int, str | None, str | None]
-_BranchRow = tuple[
-    int, str, int, str, str, str, bytes, str, int, int, int, str | None, str | None, str | None
-]
-
 
 def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def _global_row(g: GlobalRecord) -> _GlobalRow:
-    return (
-        g.xid,
-        g.name,
-        GlobalStatus(g.status).value,
-        g.timeout_ms,
-        g.begin_ms,
-        g.updated_ms,
-        g.idempotency_key,
-        g.request_hash,
-    )
-
-
-def _branch_row(b: BranchRecord) -> _BranchRow:
-    return (
-        b.branch_id,
-        b.xid,
-        b.seq,
-        BranchType(b.branch_type).value,
-        b.resource_id,
-        b.callback_url,
-        bytes(b.application_data),
-        BranchStatus(b.status).value,
-        b.attempts,
-        int(b.stuck),
-        b.updated_ms,
-        b.last_error,
-        b.idempotency_key,
-        b.request_hash,
-    )
-
-
-def _global(row: Sequence[Any]) -> GlobalRecord:
-    xid, name, status, timeout_ms, begin_ms, updated_ms, key, request_hash = row
-    return GlobalRecord(
-        xid=xid,
-        name=name,
-        status=GlobalStatus(status),
-        timeout_ms=timeout_ms,
-        begin_ms=begin_ms,
-        updated_ms=updated_ms,
-        idempotency_key=key,
-        request_hash=request_hash,
-    )
-
-
-def _branch(row: Sequence[Any]) -> BranchRecord:
-    (bid, xid, seq, btype, resource, url, data, status, attempts, stuck, updated, err, key, rh) = (
-        row
-    )
-    return BranchRecord(
-        branch_id=bid,
-        xid=xid,
-        seq=seq,
-        branch_type=BranchType(btype),
-        resource_id=resource,
-        callback_url=url,
-        application_data=bytes(data),
-        status=BranchStatus(status),
-        attempts=attempts,
-        stuck=bool(stuck),
-        updated_ms=updated,
-        last_error=err,
-        idempotency_key=key,
-        request_hash=rh,
-    )
 
 
 def _translate(what: str, exc: BaseException) -> BaseException:
@@ -647,160 +582,6 @@ class SqliteJournal:
                 if job.future is not None:
                     outcomes.append((job.future, JournalUnavailable(why), None))
         _post(outcomes)
-
-
-# --- in memory ------------------------------------------------------------------------------
-
-_MISSING: Final = object()
-
-
-class MemoryJournal:
-    """The journal's semantics without durability: for unit tests and `memory://`.
-
-    Same rules as SqliteJournal: upserts, a branch needs its transaction, idempotency keys
-    are unique, a failed write changes nothing, closed means JournalUnavailable. Data
-    survives close() and open() of the same object (like a file), not the process."""
-
-    def __init__(self) -> None:
-        self.commits = 0
-        self.writes = 0
-        self._open = False
-        self._closed = False
-        self._globals: dict[str, GlobalRecord] = {}
-        self._branches: dict[int, BranchRecord] = {}
-        #: xid → its branch ids (a dict as an ordered set)
-        self._by_xid: dict[str, dict[int, None]] = {}
-        self._global_keys: dict[str, str] = {}
-        self._branch_keys: dict[str, int] = {}
-
-    def __repr__(self) -> str:
-        return f"<MemoryJournal {len(self._globals)} transactions>"
-
-    async def open(self) -> None:
-        self._open, self._closed = True, False
-
-    async def close(self) -> None:
-        if self._open:
-            self._open, self._closed = False, True
-
-    def _check_open(self, what: str) -> None:
-        if not self._open:
-            state = "closed" if self._closed else "not open"
-            raise JournalUnavailable(f"journal {what} failed: the memory journal is {state}")
-
-    async def write(
-        self,
-        globals_: Sequence[GlobalRecord] = (),
-        branches: Sequence[BranchRecord] = (),
-    ) -> None:
-        self._check_open("write")
-        # validate like the database would (enum values, bytes), before changing anything
-        globals_ = [_global(_global_row(g)) for g in globals_]
-        branches = [_branch(_branch_row(b)) for b in branches]
-        undo: list[tuple[dict[Any, Any], Any, Any]] = []
-        try:
-            for g in globals_:
-                self._put_global(g, undo)
-            for b in branches:
-                self._put_branch(b, undo)
-        except JournalUnavailable:
-            for table, key, old in reversed(undo):
-                if old is _MISSING:
-                    del table[key]
-                else:
-                    table[key] = old
-            raise
-        self.commits += 1
-        self.writes += 1
-
-    @staticmethod
-    def _set(table: dict[Any, Any], key: Any, value: Any, undo: list[Any]) -> None:
-        undo.append((table, key, table.get(key, _MISSING)))
-        table[key] = value
-
-    @staticmethod
-    def _del(table: dict[Any, Any], key: Any, undo: list[Any]) -> None:
-        undo.append((table, key, table[key]))
-        del table[key]
-
-    def _put_global(self, g: GlobalRecord, undo: list[Any]) -> None:
-        key = g.idempotency_key
-        if key is not None and self._global_keys.get(key, g.xid) != g.xid:
-            raise DuplicateKey(
-                "journal write failed: UNIQUE constraint failed: globals.idempotency_key"
-            )
-        old = self._globals.get(g.xid)
-        if old is not None and old.idempotency_key is not None:
-            self._del(self._global_keys, old.idempotency_key, undo)
-        if key is not None:
-            self._set(self._global_keys, key, g.xid, undo)
-        self._set(self._globals, g.xid, g, undo)
-
-    def _put_branch(self, b: BranchRecord, undo: list[Any]) -> None:
-        if b.xid not in self._globals:
-            raise JournalUnavailable("journal write failed: FOREIGN KEY constraint failed")
-        key = b.idempotency_key
-        if key is not None and self._branch_keys.get(key, b.branch_id) != b.branch_id:
-            raise DuplicateKey(
-                "journal write failed: UNIQUE constraint failed: branches.idempotency_key"
-            )
-        old = self._branches.get(b.branch_id)
-        if old is not None:
-            if old.idempotency_key is not None:
-                self._del(self._branch_keys, old.idempotency_key, undo)
-            self._del(self._by_xid[old.xid], b.branch_id, undo)
-        if key is not None:
-            self._set(self._branch_keys, key, b.branch_id, undo)
-        if b.xid not in self._by_xid:
-            self._set(self._by_xid, b.xid, {}, undo)
-        self._set(self._by_xid[b.xid], b.branch_id, None, undo)
-        self._set(self._branches, b.branch_id, b, undo)
-
-    def _branches_of(self, xid: str) -> list[BranchRecord]:
-        found = [self._branches[bid] for bid in self._by_xid.get(xid, ())]
-        return sorted(found, key=lambda b: (b.seq, b.branch_id))
-
-    async def unfinished(self) -> list[tuple[GlobalRecord, list[BranchRecord]]]:
-        self._check_open("read")
-        live = sorted(
-            (g for g in self._globals.values() if not g.status.finished),
-            key=lambda g: (g.begin_ms, g.xid),
-        )
-        return [(g, self._branches_of(g.xid)) for g in live]
-
-    async def find(self, xid: str) -> tuple[GlobalRecord, list[BranchRecord]] | None:
-        self._check_open("read")
-        g = self._globals.get(xid)
-        return None if g is None else (g, self._branches_of(xid))
-
-    async def find_global_by_key(self, idempotency_key: str) -> GlobalRecord | None:
-        self._check_open("read")
-        xid = self._global_keys.get(idempotency_key)
-        return None if xid is None else self._globals[xid]
-
-    async def find_branch_by_key(self, idempotency_key: str) -> BranchRecord | None:
-        self._check_open("read")
-        branch_id = self._branch_keys.get(idempotency_key)
-        return None if branch_id is None else self._branches[branch_id]
-
-    async def compact(self, finished_before_ms: int) -> int:
-        self._check_open("write")
-        gone = [
-            g
-            for g in self._globals.values()
-            if g.status.finished and g.updated_ms < finished_before_ms
-        ]
-        for g in gone:
-            for branch_id in self._by_xid.pop(g.xid, {}):
-                branch = self._branches.pop(branch_id)
-                if branch.idempotency_key is not None:
-                    del self._branch_keys[branch.idempotency_key]
-            if g.idempotency_key is not None:
-                del self._global_keys[g.idempotency_key]
-            del self._globals[g.xid]
-        if gone:
-            self.commits += 1
-        return len(gone)
 
 
 def open_journal(url: str) -> Journal:

@@ -1,0 +1,84 @@
+"""Journal records as SQLite rows and back (pure): the one place the column order lives,
+shared by the SQLite journal and its in-memory twin (which round-trips every record through
+a row, so it normalises exactly as SQLite does)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sidecar.coordinator.records import BranchRecord, GlobalRecord
+from sidecar.coordinator.states import BranchStatus, BranchType, GlobalStatus
+
+GlobalRow = tuple[str, str, str, int, int, int, str | None, str | None]
+BranchRow = tuple[
+    int, str, int, str, str, str, bytes, str, int, int, int, str | None, str | None, str | None
+]
+
+
+def global_row(g: GlobalRecord) -> GlobalRow:
+    return (
+        g.xid,
+        g.name,
+        GlobalStatus(g.status).value,
+        g.timeout_ms,
+        g.begin_ms,
+        g.updated_ms,
+        g.idempotency_key,
+        g.request_hash,
+    )
+
+
+def branch_row(b: BranchRecord) -> BranchRow:
+    return (
+        b.branch_id,
+        b.xid,
+        b.seq,
+        BranchType(b.branch_type).value,
+        b.resource_id,
+        b.callback_url,
+        bytes(b.application_data),
+        BranchStatus(b.status).value,
+        b.attempts,
+        int(b.stuck),
+        b.updated_ms,
+        b.last_error,
+        b.idempotency_key,
+        b.request_hash,
+    )
+
+
+def global_record(row: Sequence[Any]) -> GlobalRecord:
+    xid, name, status, timeout_ms, begin_ms, updated_ms, key, request_hash = row
+    return GlobalRecord(
+        xid=xid,
+        name=name,
+        status=GlobalStatus(status),
+        timeout_ms=timeout_ms,
+        begin_ms=begin_ms,
+        updated_ms=updated_ms,
+        idempotency_key=key,
+        request_hash=request_hash,
+    )
+
+
+def branch_record(row: Sequence[Any]) -> BranchRecord:
+    (bid, xid, seq, btype, resource, url, data, status, attempts, stuck, updated, err, key, rh) = (
+        row
+    )
+    return BranchRecord(
+        branch_id=bid,
+        xid=xid,
+        seq=seq,
+        branch_type=BranchType(btype),
+        resource_id=resource,
+        callback_url=url,
+        application_data=bytes(data),
+        status=BranchStatus(status),
+        attempts=attempts,
+        stuck=bool(stuck),
+        updated_ms=updated,
+        last_error=err,
+        idempotency_key=key,
+        request_hash=rh,
+    )
