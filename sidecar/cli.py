@@ -7,6 +7,7 @@ Exit codes: 0 ok; 2 invalid config or usage (every problem listed with its key p
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -96,6 +97,22 @@ async def _serve_coordinator(config: Config) -> None:
     await coordinator.serve_forever()
 
 
+#: the cyclic collector's young-generation threshold (CPython's default is 700)
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector fit a server that allocates in bursts. With the
+    default threshold the objects of the requests in flight keep tripping young collections
+    (measured: 834 collections, 80 µs of CPU per degraded-mode transaction, 15% of the
+    process; at 10,000: 12 collections, 6 µs). Reference counting still frees nearly
+    everything at once; the collector only has cycles to find, and finds them a little later.
+    Everything imported and configured so far is frozen out of full collections."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
+
+
 def _serve_config(path: str, serve: Callable[[Config], Coroutine[Any, Any, None]]) -> int:
     """Load, set up logging, run `serve(config)` on uvloop; exit 2 on a config problem."""
     try:
@@ -106,6 +123,7 @@ def _serve_config(path: str, serve: Callable[[Config], Coroutine[Any, Any, None]
     logs.setup(config.logging.level, config.logging.format)
     import uvloop
 
+    tune_gc()
     try:
         uvloop.run(serve(config))
     except ConfigError as exc:
