@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import datetime
 import json
 import os
@@ -64,6 +63,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchkit import (
+    BenchError,
+    command_output,
+    cpu_model,
+    die_with_parent,
+    parse_seconds,
+    positive_int,
+    venv_python,
+)
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 RESULTS_FILE = BENCH_DIR / "results" / "coordinator_latest.md"
@@ -79,36 +88,7 @@ TARGET_TPS = 2000
 STARTED_MSG = "gts-sidecar coordinator started"
 
 
-class BenchError(Exception):
-    """A failure worth one clear line (and maybe a log tail), not a traceback."""
-
-    def __init__(self, message: str, log_tail: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.log_tail = log_tail
-
-
 # --- command line --------------------------------------------------------------------------
-
-
-def parse_seconds(text: str) -> float:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (e.g. 10, 10s, 500ms, 1m)")
-    value = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
-    if value <= 0:
-        raise argparse.ArgumentTypeError("the duration must be positive")
-    return value
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -333,17 +313,6 @@ async def _worker(args: argparse.Namespace) -> dict[str, Any]:
 # --- processes -----------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL if the benchmark itself is killed (Linux prctl)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def venv_python() -> str:
-    candidate = REPO_DIR / ".venv" / "bin" / "python"
-    return str(candidate) if candidate.exists() else sys.executable
-
-
 def pinning(no_pin: bool) -> tuple[list[str], list[str], str]:
     """taskset prefixes for the coordinator and the clients, and what was done."""
     taskset = shutil.which("taskset")
@@ -443,7 +412,7 @@ def start_coordinator(
         cwd=REPO_DIR,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         start_new_session=True,
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
     )
     assert popen.stderr is not None
     started: dict[str, Any] = {}
@@ -626,22 +595,6 @@ def percentile(sorted_values: list[int], q: float) -> float:
     return float(sorted_values[index])
 
 
-def command_output(argv: list[str]) -> str:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return (done.stdout or done.stderr).strip().splitlines()[0] if done.returncode == 0 else "?"
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def mount_of(path: Path) -> tuple[str, str, str]:
     """(mount point, device, filesystem type) holding `path`, from /proc/mounts."""
     best = ("", "?", "?")
@@ -742,7 +695,7 @@ def run(args: argparse.Namespace) -> int:
                         stdout=subprocess.DEVNULL,
                         stderr=err,
                         cwd=REPO_DIR,
-                        preexec_fn=_die_with_parent,
+                        preexec_fn=die_with_parent,
                     )
                 )
         print(
@@ -952,9 +905,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except BenchError as err:
-        print(f"!! {err.message}", file=sys.stderr)
-        if err.log_tail:
-            print(err.log_tail, file=sys.stderr)
+        err.report()
         return 2
     except KeyboardInterrupt:
         return 2

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import datetime
 import http.client
 import os
@@ -46,6 +45,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchkit import BenchError, command_output, cpu_model, die_with_parent
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 RESULTS_FILE = BENCH_DIR / "results" / "latest.md"
@@ -61,20 +62,6 @@ SERVER_CPU = 0  # upstream and every proxy under test
 CLIENT_CPU = 1  # wrk
 START_TIMEOUT = 30.0  # seconds a server gets to open its port / become ready
 BUSY_SHARE = 0.10  # CPU time used by others, before we start, above which we warn
-
-
-class BenchError(Exception):
-    """A failure worth one clear line (plus, maybe, a server's log tail), not a traceback."""
-
-    def __init__(self, message: str, log_tail: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.log_tail = log_tail
-
-    def report(self, prefix: str) -> None:
-        print(f"{prefix}{self.message}", file=sys.stderr)
-        if self.log_tail:
-            print(self.log_tail, file=sys.stderr)
 
 
 # --- command line --------------------------------------------------------------------------
@@ -297,12 +284,6 @@ class Server:
             os.killpg(self.popen.pid, signal.SIGKILL)
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL if the benchmark itself is killed (Linux prctl)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 class Servers:
     """Starts server processes and guarantees they are all stopped on exit."""
 
@@ -322,7 +303,7 @@ class Servers:
                 cwd=REPO_DIR,
                 env=env,
                 start_new_session=True,  # Ctrl-C reaches us; we stop them in order
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         server = Server(name, popen, err_path)
         self.started.append(server)
@@ -583,23 +564,6 @@ def measure(targets: list[Target], opts: Options, wrk: str, pin: list[str]) -> N
 
 
 # --- report --------------------------------------------------------------------------------
-
-
-def command_output(argv: list[str]) -> str:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-    except OSError as exc:
-        return f"({exc})"
-    lines = (done.stdout + done.stderr).strip().splitlines()
-    return lines[0].strip() if lines else "?"
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "?"
 
 
 def cpu_busy_share(seconds: float = 1.0) -> float | None:

@@ -64,7 +64,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import datetime
 import json
 import os
@@ -89,6 +88,7 @@ from typing import Any, Final
 import aiohttp
 import yaml
 from aiohttp import web
+from benchkit import BenchError, die_with_parent, parse_seconds, positive_int, venv_python
 
 BENCH_DIR: Final = Path(__file__).resolve().parent
 REPO_DIR: Final = BENCH_DIR.parent
@@ -128,37 +128,7 @@ STEP_OF: Final = {resource: step for step, (_, resource, _) in STEPS.items()}
 FAULT_KINDS: Final = ("coordinator", "order", "inventory", "travel")
 
 
-class BenchError(Exception):
-    """A failure worth one clear line (and maybe a log tail), not a traceback."""
-
-    def __init__(self, message: str, log_tail: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.log_tail = log_tail
-
-
 # --- command line --------------------------------------------------------------------------
-
-
-def parse_seconds(text: str) -> float:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (e.g. 30s, 500ms, 5m)")
-    unit = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
-    value = float(m.group(1)) * unit
-    if value <= 0:
-        raise argparse.ArgumentTypeError("the duration must be positive")
-    return value
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 DEFAULT_PLANS: Final = "55,15,15,15"
@@ -226,17 +196,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 # --- processes -----------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL if the soak itself dies (Linux prctl PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-
-
-def venv_python() -> str:
-    candidate = REPO_DIR / ".venv" / "bin" / "python"
-    return str(candidate) if candidate.exists() else sys.executable
-
-
 def free_port() -> int:
     """A loopback port nothing listens on now (bound, then released)."""
     with socket.socket() as s:
@@ -285,7 +244,7 @@ class Proc:
                 venv_python(), "-m", "sidecar", self.role, "--config", str(self.config),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                 cwd=REPO_DIR, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )  # fmt: skip
         self.starts += 1
         self._expected_exit = False
@@ -1344,9 +1303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = asyncio.run(soak(args))
     except BenchError as err:
-        print(f"!! {err.message}", file=sys.stderr)
-        if err.log_tail:
-            print(err.log_tail, file=sys.stderr)
+        err.report()
         return 2
     except KeyboardInterrupt:
         return 2

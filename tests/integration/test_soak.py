@@ -80,6 +80,8 @@ def test_a_transaction_with_a_refused_try_never_commits(tmp_path: Path) -> None:
 
 
 def load_soak() -> Any:
+    if str(SOAK.parent) not in sys.path:  # as when run as a script: bench/ holds benchkit
+        sys.path.insert(0, str(SOAK.parent))
     spec = importlib.util.spec_from_file_location("soak", SOAK)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
