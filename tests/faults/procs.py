@@ -1,23 +1,18 @@
-"""Real sidecar and coordinator processes for the fault suite (tests/integration/proc.py's
-start-up-log approach, plus a command prefix such as `faketime` or `fiu-run`)."""
+"""Real sidecar and coordinator processes for the fault suite (started by
+tests/integration/proc.py's `spawn`, with a command prefix or environment where a fault
+injector needs one)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import os
 import signal
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.integration.proc import SidecarProcess
+from tests.integration.proc import LISTENERS, SidecarProcess, spawn
 
-LISTENERS = {n: {"bind": "127.0.0.1:0"} for n in ("inbound", "outbound", "api", "peer", "admin")}
 SECRET = "faults-suite-signing-secret-0123456789"
 
 
@@ -41,61 +36,6 @@ def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     data.update(cfg)
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-async def spawn(
-    config_path: Path,
-    *,
-    command: str = "run",
-    prefix: Sequence[str] = (),
-    started: str = "gts-sidecar started",
-    timeout: float = 30.0,
-    env: dict[str, str] | None = None,
-) -> tuple[SidecarProcess, dict[str, Any]]:
-    """Start `python -m sidecar COMMAND --config FILE` (behind `prefix`); return the process
-    (its stderr JSON lines pumped into .log) and the start-up record."""
-    proc = await asyncio.create_subprocess_exec(
-        *prefix, sys.executable, "-m", "sidecar", command, "--config", str(config_path),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-    )  # fmt: skip
-    lines: list[dict[str, Any]] = []
-
-    async def until_started() -> dict[str, Any]:
-        assert proc.stderr is not None
-        while True:
-            raw = await proc.stderr.readline()
-            if not raw:
-                rc = await proc.wait()
-                raise AssertionError(f"{command} exited with {rc} before starting: {lines}")
-            try:
-                rec = json.loads(raw)
-            except ValueError:
-                lines.append({"raw": raw.decode(errors="replace")})
-                continue
-            lines.append(rec)
-            if rec.get("msg") == started:
-                return dict(rec)
-
-    try:
-        rec = await asyncio.wait_for(until_started(), timeout)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise
-    sp = SidecarProcess(proc, {k: int(v) for k, v in rec["ports"].items()}, lines)
-
-    async def pump() -> None:
-        assert proc.stderr is not None
-        while raw := await proc.stderr.readline():
-            try:
-                sp.log.append(json.loads(raw))
-            except ValueError:
-                sp.log.append({"raw": raw.decode(errors="replace")})
-
-    sp._pump = asyncio.get_running_loop().create_task(pump())  # type: ignore[attr-defined]
-    return sp, rec
 
 
 async def start_sidecar(

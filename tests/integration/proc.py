@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,40 +49,49 @@ def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     return path
 
 
-async def start_sidecar(config_path: Path, *extra: str, timeout: float = 30.0) -> SidecarProcess:
+async def spawn(
+    config_path: Path,
+    *extra: str,
+    command: str = "run",
+    prefix: Sequence[str] = (),
+    started: str = "gts-sidecar started",
+    timeout: float = 30.0,
+    env: dict[str, str] | None = None,
+) -> tuple[SidecarProcess, dict[str, Any]]:
+    """Start `python -m sidecar COMMAND --config FILE EXTRA…` (behind `prefix`, e.g. a fault
+    injector); return the process (its stderr JSON lines pumped into .log) and the start-up
+    record. A process that does not start in time is killed."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sidecar",
-        "run",
-        "--config",
-        str(config_path),
-        *extra,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.stderr is not None
+        *prefix, sys.executable, "-m", "sidecar", command, "--config", str(config_path), *extra,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )  # fmt: skip
     lines: list[dict[str, Any]] = []
 
-    async def until_started() -> dict[str, int]:
+    async def until_started() -> dict[str, Any]:
         assert proc.stderr is not None
         while True:
             raw = await proc.stderr.readline()
             if not raw:
                 rc = await proc.wait()
-                raise AssertionError(f"sidecar exited with {rc} before starting: {lines}")
+                raise AssertionError(f"{command} exited with {rc} before starting: {lines}")
             try:
                 rec = json.loads(raw)
             except ValueError:
                 lines.append({"raw": raw.decode(errors="replace")})
                 continue
             lines.append(rec)
-            if rec.get("msg") == "gts-sidecar started":
-                return {k: int(v) for k, v in rec["ports"].items()}
+            if rec.get("msg") == started:
+                return dict(rec)
 
-    ports = await asyncio.wait_for(until_started(), timeout)
-    sp = SidecarProcess(proc, ports, lines)
+    try:
+        rec = await asyncio.wait_for(until_started(), timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    sp = SidecarProcess(proc, {k: int(v) for k, v in rec["ports"].items()}, lines)
 
     async def pump() -> None:
         assert proc.stderr is not None
@@ -91,4 +102,9 @@ async def start_sidecar(config_path: Path, *extra: str, timeout: float = 30.0) -
                 sp.log.append({"raw": raw.decode(errors="replace")})
 
     sp._pump = asyncio.get_running_loop().create_task(pump())  # type: ignore[attr-defined]
+    return sp, rec
+
+
+async def start_sidecar(config_path: Path, *extra: str, timeout: float = 30.0) -> SidecarProcess:
+    sp, _ = await spawn(config_path, *extra, timeout=timeout)
     return sp
