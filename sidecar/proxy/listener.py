@@ -242,8 +242,7 @@ class ClientConnection(asyncio.Protocol):
         #: while a piece of a body is parsed: a chunked message that ended in it (its body
         #: bytes and earlier overhead), whose body_complete waits for the overhead check
         self.feeding_body = False
-        self.completed: tuple[int, int] | None = None
-        self.deferred: list[Exchange] = []
+        self.ended: tuple[Exchange, int, int] | None = None
         #: a request was refused: the connection ends with a lingering close
         self.refused = False
         self.lingering = False
@@ -355,23 +354,22 @@ class ClientConnection(asyncio.Protocol):
                 remaining = int(head.content_length or b"0") - self.body_bytes
                 cut = min(size, at + max(remaining, 1))
             before = self.body_bytes
-            self.completed = None
             self.feeding_body = True
             try:
                 fed = self._feed(_piece(data, at, cut), head=False)
             finally:
                 self.feeding_body = False
-                deferred, self.deferred = self.deferred, []
+                ended, self.ended = self.ended, None
             if not fed:
                 return
-            if self.completed is not None:
+            if ended is not None:
                 # a chunked message ended with this piece: its overhead is exact now, and its
                 # body completes only once that is checked
-                body_bytes, earlier = self.completed
+                exchange, body_bytes, earlier = ended
                 overhead = earlier + cut - at - (body_bytes - before)
-                if self._check_overhead(overhead, body_bytes, deferred[0]):
+                if self._check_overhead(overhead, body_bytes, exchange):
                     return
-                deferred[0].body_complete()
+                exchange.body_complete()
             elif self.parsing is not None:
                 self.body_overhead += cut - at - (self.body_bytes - before)
                 if self._check_overhead(self.body_overhead, self.body_bytes, None):
@@ -543,9 +541,8 @@ class ClientConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         exchange, self.parsing = self.parsing, None
         if self.feeding_body and exchange is not None and exchange.head.chunked:
-            # its rest came in this read: complete it once the read's overhead is checked
-            self.completed = (self.body_bytes, self.body_overhead)
-            self.deferred.append(exchange)
+            # it ended in the piece being fed: complete it once the overhead is checked
+            self.ended = (exchange, self.body_bytes, self.body_overhead)
             exchange = None
         self.head_bytes = 0
         self.body_bytes = 0
