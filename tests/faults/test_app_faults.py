@@ -17,7 +17,7 @@ from aiohttp import web
 
 from tests.faults.faultproxy import FaultProxy, Mode
 from tests.faults.procs import start_sidecar, write_config
-from tests.faults.util import metric, scrape
+from tests.faults.util import metric, scrape, wait_until
 from tests.integration.proc import SidecarProcess
 
 RESPONSE_HEADER, TOTAL = 1.0, 2.0
@@ -117,14 +117,7 @@ async def test_app_resetting(env: Env) -> None:
         assert r.headers["x-gts-sidecar-error"] == "UPSTREAM_UNAVAILABLE"
         assert "closed the connection" in (await r.json())["error"]["message"]
 
-    async def arrived() -> bool:
-        return env.seen["POST /pay"] == 1
-
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while not await arrived():
-        assert loop.time() < deadline, env.seen
-        await asyncio.sleep(0.02)
+    await wait_until(lambda: env.seen["POST /pay"] == 1, timeout=5, what=lambda: env.seen)
     env.proxy.set_mode(Mode.PASS)
     await env.ok()
     assert env.seen["POST /pay"] == 1  # exactly once: never re-sent
