@@ -36,15 +36,15 @@ def body_hash(body: bytes) -> str:
 CONTROL_CHARS: Final = re.compile("[\x00-\x1f\x7f]")
 
 
-def _object(body: bytes) -> dict[str, Any]:
-    if not body:
-        raise InvalidRequest("the body must be a JSON object")
+def json_object(body: bytes, shape: str = "") -> dict[str, Any]:
+    """A request body that must be a JSON object, or InvalidRequest saying so (with `shape`,
+    an example of the expected object, appended to the message)."""
     try:
-        data = orjson.loads(body)
+        data = orjson.loads(body) if body else None
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise InvalidRequest("the body must be a JSON object")
+        raise InvalidRequest("the body must be a JSON object" + (f": {shape}" if shape else ""))
     return data
 
 
@@ -83,7 +83,7 @@ class StartRequest:
 
 
 def parse_start(body: bytes) -> StartRequest:
-    data = _object(body)
+    data = json_object(body)
     timeout = _int(data, "timeoutMs", required=False)
     if timeout is not None and timeout <= 0:
         raise InvalidRequest("timeoutMs must be positive")
@@ -100,7 +100,7 @@ class RegisterRequest:
 
 
 def parse_register(body: bytes, xid_max_length: int = DEFAULT_MAX_LENGTH) -> RegisterRequest:
-    data = _object(body)
+    data = json_object(body)
     xid = xid_field(data.get("xid"), max_length=xid_max_length)
     try:
         branch_type = BranchType(str(data.get("branchType")))
@@ -125,7 +125,7 @@ class ReportRequest:
 
 
 def parse_report(body: bytes, xid_max_length: int = DEFAULT_MAX_LENGTH) -> ReportRequest:
-    data = _object(body)
+    data = json_object(body)
     xid = xid_field(data.get("xid"), max_length=xid_max_length)
     branch_id = _int(data, "branchId")
     assert branch_id is not None

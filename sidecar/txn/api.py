@@ -16,13 +16,12 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-import orjson
 from aiohttp import web
 
 from sidecar.config import parse_duration
 from sidecar.coordinator.client import Coordinator
 from sidecar.coordinator.outbox import DecisionPending
-from sidecar.coordinator.protocol import CONTROL_CHARS
+from sidecar.coordinator.protocol import CONTROL_CHARS, json_object
 from sidecar.coordinator.states import is_final
 from sidecar.errors import InvalidRequest, PayloadTooLarge
 from sidecar.web_errors import as_response, json_response, sidecar_error
@@ -57,13 +56,7 @@ def _xid(request: web.Request) -> str:
 
 
 async def begin(request: web.Request) -> web.Response:
-    raw = await request.read()
-    try:
-        data = orjson.loads(raw) if raw else None
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest('the body must be a JSON object: {"name": ..., "timeout": "30s"}')
+    data = json_object(await request.read(), '{"name": ..., "timeout": "30s"}')
     name = data.get("name")
     if not isinstance(name, str) or not name or len(name) > 128:
         raise InvalidRequest("name must be a non-empty string of at most 128 characters")

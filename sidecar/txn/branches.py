@@ -24,6 +24,7 @@ from yarl import URL
 
 from sidecar.config import Config, SagaResource, TccResource
 from sidecar.coordinator.callbacks import idempotency_key
+from sidecar.coordinator.protocol import json_object
 from sidecar.coordinator.states import BranchType
 from sidecar.errors import InvalidRequest, PayloadTooLarge, SidecarError
 from sidecar.txn.fence import Action, Decision, FenceState, Phase, decide
@@ -231,12 +232,7 @@ class Participant:
         rule = self.rules.by_resource.get(resource)
         if rule is None:
             raise ResourceNotFound(f"no tcc/saga resource {resource!r} is declared here")
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise InvalidRequest("the body must be a JSON object")
+        data = json_object(body)
         xid, branch_id = data.get("xid"), data.get("branchId")
         if (
             not isinstance(xid, str)

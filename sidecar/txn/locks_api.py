@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from sidecar.config import parse_duration
+from sidecar.coordinator.protocol import json_object
 from sidecar.errors import InvalidRequest, PayloadTooLarge, SidecarError
 from sidecar.txn.locks import LockManager, check_key, check_keys
 from sidecar.web_errors import json_response, sidecar_error
@@ -42,14 +42,7 @@ def _answering_errors(handler: Handler) -> Handler:
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    try:
-        data = orjson.loads(raw) if raw else None
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest('the body must be a JSON object: {"xid": ..., "keys": [...]}')
-    return data
+    return json_object(await request.read(), '{"xid": ..., "keys": [...]}')
 
 
 def _ttl(value: object) -> float | None:
