@@ -3,7 +3,7 @@
 # Python runtime and the installed wheels only (no compilers, no build tools, no sources).
 #
 #   docker build -t gts-sidecar:0.1.0 .
-#   docker run --rm -p 15006:15006 -p 15090:15090 gts-sidecar:0.1.0          # example config
+#   docker run --rm -p 17006:17006 -p 17090:17090 gts-sidecar:0.1.0          # example config
 #   docker run --rm -v "$PWD/my.yaml:/tmp/c.yaml:ro" gts-sidecar:0.1.0 check-config /tmp/c.yaml
 #
 # Kubernetes: deploy/k8s (the config comes from a ConfigMap at /etc/gts-sidecar, the journal
@@ -44,10 +44,10 @@ WORKDIR /var/lib/gts-sidecar
 VOLUME ["/var/lib/gts-sidecar"]
 # numeric, so Kubernetes' runAsNonRoot can check it
 USER 10001:10001
-# inbound, peer, admin (listeners.*.bind defaults); outbound 15001 and api 15000 are
+# inbound, peer, admin (listeners.*.bind defaults); outbound 17001 and api 17000 are
 # loopback-only, for the app in the same pod
-EXPOSE 15006 15020 15090
+EXPOSE 17006 17020 17090
 HEALTHCHECK --interval=10s --timeout=2s --start-period=5s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:15090/healthz', timeout=1)"]
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:17090/healthz', timeout=1)"]
 ENTRYPOINT ["gts-sidecar"]
 CMD ["run", "--config", "/etc/gts-sidecar/sidecar.yaml"]

@@ -166,7 +166,7 @@ _BIND_HOST_RE: Final = re.compile(r"^[A-Za-z0-9._-]+\Z")
 
 
 def parse_bind(value: str) -> tuple[str, int]:
-    """'0.0.0.0:15006' / '[::1]:15006' / 'localhost:15006' → (host, port)."""
+    """'0.0.0.0:17006' / '[::1]:17006' / 'localhost:17006' → (host, port)."""
     host, sep, port_s = value.rpartition(":")
     if not sep or not host or not (port_s.isascii() and port_s.isdigit()):
         raise ValueError(f"invalid bind address {value!r} (expected host:port)")
@@ -257,11 +257,11 @@ class ProxyListenerConfig(ListenerConfig):
 
 
 _DEFAULT_BINDS: Final = {
-    "inbound": "0.0.0.0:15006",
-    "outbound": "127.0.0.1:15001",
-    "api": "127.0.0.1:15000",
-    "peer": "0.0.0.0:15020",
-    "admin": "0.0.0.0:15090",
+    "inbound": "0.0.0.0:17006",
+    "outbound": "127.0.0.1:17001",
+    "api": "127.0.0.1:17000",
+    "peer": "0.0.0.0:17020",
+    "admin": "0.0.0.0:17090",
 }
 
 
@@ -278,11 +278,11 @@ class ListenersConfig(_Model):
                     data[name] = {**section, "bind": bind}
         return data
 
-    inbound: ProxyListenerConfig = ProxyListenerConfig(bind="0.0.0.0:15006")
-    outbound: ProxyListenerConfig = ProxyListenerConfig(bind="127.0.0.1:15001")
-    api: ListenerConfig = ListenerConfig(bind="127.0.0.1:15000")
-    peer: ListenerConfig = ListenerConfig(bind="0.0.0.0:15020")
-    admin: ListenerConfig = ListenerConfig(bind="0.0.0.0:15090")
+    inbound: ProxyListenerConfig = ProxyListenerConfig(bind="0.0.0.0:17006")
+    outbound: ProxyListenerConfig = ProxyListenerConfig(bind="127.0.0.1:17001")
+    api: ListenerConfig = ListenerConfig(bind="127.0.0.1:17000")
+    peer: ListenerConfig = ListenerConfig(bind="0.0.0.0:17020")
+    admin: ListenerConfig = ListenerConfig(bind="0.0.0.0:17090")
     #: aiohttp's pure-Python parser mis-frames inputs its C parser refuses; start only with
     #: the C parsers unless this is explicitly turned off.
     require_c_parser: bool = True

@@ -11,8 +11,8 @@ import pytest
 from sidecar.errors import InvalidRequest, LockConflict
 from sidecar.txn.journal_locks import JournalLocks
 
-A = "10.0.0.1:15020:1"
-B = "10.0.0.1:15020:2"
+A = "10.0.0.1:17020:1"
+B = "10.0.0.1:17020:2"
 
 
 class Clock:
@@ -44,7 +44,7 @@ async def test_all_or_nothing_and_the_holder_is_named(locks: JournalLocks) -> No
 
 
 async def test_concurrent_acquirers_never_split_a_key_set(locks: JournalLocks) -> None:
-    xids = [f"10.0.0.1:15020:{i}" for i in range(1, 21)]
+    xids = [f"10.0.0.1:17020:{i}" for i in range(1, 21)]
     results = await asyncio.gather(
         *(locks.acquire(x, ["seat:1", "seat:2", f"seat:{i + 3}"]) for i, x in enumerate(xids)),
         return_exceptions=True,

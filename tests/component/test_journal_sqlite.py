@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def gtx(n: int, name: str = "order") -> GlobalRecord:
     return GlobalRecord(
-        xid=f"10.0.0.1:15020:{n}",
+        xid=f"10.0.0.1:17020:{n}",
         name=name,
         status=GlobalStatus.BEGIN,
         timeout_ms=60_000,
@@ -46,7 +46,7 @@ def branch(n: int, branch_id: int | None = None) -> BranchRecord:
         seq=0,
         branch_type=BranchType.TCC,
         resource_id="stock",
-        callback_url="http://10.0.0.2:15020/gts/branch",
+        callback_url="http://10.0.0.2:17020/gts/branch",
         application_data=b'{"sku": %d, "raw": "\xff"}' % n,
         status=BranchStatus.REGISTERED,
     )

@@ -15,7 +15,7 @@ from sidecar import config as configmod
 from sidecar.txn.branches import BranchRules, BranchSuspended, Participant
 from sidecar.txn.fence_store import SqliteFenceStore
 
-XID = "10.0.0.5:15020:42"
+XID = "10.0.0.5:17020:42"
 
 
 def _body(branch_id: int) -> bytes:

@@ -133,7 +133,7 @@ def test_exposed_ports_are_the_pod_facing_listeners() -> None:
             for name in ("inbound", "outbound", "api", "peer", "admin")
         }
         facing = {port for host, port in binds.values() if host not in ("127.0.0.1", "::1")}
-        assert exposed == facing == {15006, 15020, 15090}
+        assert exposed == facing == {17006, 17020, 17090}
 
 
 def test_the_journal_directory_is_a_writable_volume() -> None:

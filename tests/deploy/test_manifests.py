@@ -225,8 +225,8 @@ def test_the_config_defaults_are_the_documented_ports() -> None:
     example = load(ROOT / "config" / "sidecar.yaml", env={})
     for cfg in (DEFAULTS, example):
         ports = {n: parse_bind(getattr(cfg.listeners, n).bind) for n in ("inbound", "peer")}
-        assert ports == {"inbound": ("0.0.0.0", 15006), "peer": ("0.0.0.0", 15020)}
-        assert parse_bind(cfg.listeners.admin.bind) == ("0.0.0.0", 15090)
+        assert ports == {"inbound": ("0.0.0.0", 17006), "peer": ("0.0.0.0", 17020)}
+        assert parse_bind(cfg.listeners.admin.bind) == ("0.0.0.0", 17090)
         assert parse_bind(cfg.listeners.outbound.bind)[0] == "127.0.0.1"
         assert parse_bind(cfg.listeners.api.bind)[0] == "127.0.0.1"
         assert cfg.drain_timeout == 20.0
@@ -269,7 +269,7 @@ def test_ports_probes_and_paths_match_the_config(name: str, tmp: Path) -> None:
     s = sidecar(name, tmp / name)
     ports = {p["name"]: p["containerPort"] for p in s.container["ports"]}
     assert ports == {"inbound": s.port("inbound"), "peer": s.port("peer"), "admin": s.port("admin")}
-    assert ports == {"inbound": 15006, "peer": 15020, "admin": 15090}
+    assert ports == {"inbound": 17006, "peer": 17020, "admin": 17090}
     for loopback in ("outbound", "api"):  # the app's, inside the pod: never a container port
         assert parse_bind(getattr(s.config.listeners, loopback).bind)[0] == "127.0.0.1"
     assert s.command == "run"

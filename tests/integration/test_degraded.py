@@ -136,7 +136,7 @@ async def test_tcc_in_degraded_mode_registers_with_the_owning_peer(
             assert r.headers["x-gts-sidecar-error"] == "COORDINATOR_UNAVAILABLE"
             assert int(r.headers["Retry-After"]) >= 1
         # an XID naming an address outside degraded.peer_networks is never called
-        async with s.post(deduct, headers={"XID": "8.8.8.8:15020:5"}, data=b"{}") as r:
+        async with s.post(deduct, headers={"XID": "8.8.8.8:17020:5"}, data=b"{}") as r:
             assert r.status == 503
     assert inventory.count()["/deduct"] == 1
 

@@ -49,11 +49,11 @@ def token_file(tmp_path: Path) -> Path:
 def test_defaults(data: Any) -> None:
     c = config.parse(data, env={})
     listeners = c.listeners
-    assert parse_bind(listeners.inbound.bind) == ("0.0.0.0", 15006)
-    assert parse_bind(listeners.outbound.bind) == ("127.0.0.1", 15001)
-    assert parse_bind(listeners.api.bind) == ("127.0.0.1", 15000)
-    assert parse_bind(listeners.peer.bind) == ("0.0.0.0", 15020)
-    assert parse_bind(listeners.admin.bind) == ("0.0.0.0", 15090)
+    assert parse_bind(listeners.inbound.bind) == ("0.0.0.0", 17006)
+    assert parse_bind(listeners.outbound.bind) == ("127.0.0.1", 17001)
+    assert parse_bind(listeners.api.bind) == ("127.0.0.1", 17000)
+    assert parse_bind(listeners.peer.bind) == ("0.0.0.0", 17020)
+    assert parse_bind(listeners.admin.bind) == ("0.0.0.0", 17090)
     assert listeners.require_c_parser is True
     assert c.app.url == "http://127.0.0.1:8080"
     assert c.xid.headers == ["XID", "X-GTS-XID", "TX_XID"]
@@ -105,13 +105,13 @@ def test_a_section_given_in_part_keeps_the_other_defaults() -> None:
     )
     assert (c.app.timeouts.connect, c.app.timeouts.total) == (1.0, 30.0)
     assert c.app.url == "http://127.0.0.1:8080"
-    assert c.listeners.inbound.bind == "0.0.0.0:15006"
+    assert c.listeners.inbound.bind == "0.0.0.0:17006"
 
 
 def test_a_listener_given_in_part_keeps_its_default_bind() -> None:
     c = config.parse({"listeners": {"api": {}, "inbound": {"limits": {"header_count": 5}}}}, env={})
-    assert c.listeners.api.bind == "127.0.0.1:15000"
-    assert c.listeners.inbound.bind == "0.0.0.0:15006"
+    assert c.listeners.api.bind == "127.0.0.1:17000"
+    assert c.listeners.inbound.bind == "0.0.0.0:17006"
     assert c.listeners.inbound.limits.header_count == 5
 
 
@@ -190,7 +190,7 @@ def test_format_duration(seconds: float, text: str) -> None:
 )
 def test_sizes(value: object, size: int) -> None:
     c = config.parse(
-        {"listeners": {"inbound": {"bind": "0.0.0.0:15006", "limits": {"header_bytes": value}}}},
+        {"listeners": {"inbound": {"bind": "0.0.0.0:17006", "limits": {"header_bytes": value}}}},
         env={},
     )
     assert c.listeners.inbound.limits.header_bytes == size
@@ -201,14 +201,14 @@ def test_sizes(value: object, size: int) -> None:
 )
 def test_a_bad_size_is_refused_with_its_key_path(value: object) -> None:
     msg = _problem(
-        {"listeners": {"outbound": {"bind": "127.0.0.1:15001", "limits": {"request_line": value}}}}
+        {"listeners": {"outbound": {"bind": "127.0.0.1:17001", "limits": {"request_line": value}}}}
     )
     assert msg.startswith(f"listeners.outbound.limits.request_line: invalid size {value!r}")
 
 
 def test_header_count_must_be_positive() -> None:
     msg = _problem(
-        {"listeners": {"inbound": {"bind": "0.0.0.0:15006", "limits": {"header_count": 0}}}}
+        {"listeners": {"inbound": {"bind": "0.0.0.0:17006", "limits": {"header_count": 0}}}}
     )
     assert msg.startswith("listeners.inbound.limits.header_count:")
 
@@ -402,10 +402,10 @@ def test_an_explicit_null_secret_is_no_secret() -> None:
         (_upstream(timeout={"total": "1s"}), "upstreams.orders.timeout"),
         (_upstream(pool={"max_conections": 5}), "upstreams.orders.pool.max_conections"),
         (
-            {"listeners": {"inbound": {"bind": "0.0.0.0:15006", "limits": {"x": 1}}}},
+            {"listeners": {"inbound": {"bind": "0.0.0.0:17006", "limits": {"x": 1}}}},
             "listeners.inbound.limits.x",
         ),
-        ({"listeners": {"api": {"bind": "127.0.0.1:15000", "limits": {}}}}, "listeners.api.limits"),
+        ({"listeners": {"api": {"bind": "127.0.0.1:17000", "limits": {}}}}, "listeners.api.limits"),
         ({"app": {"xid_headers": ["XID"]}}, "app.xid_headers"),
     ],
 )
@@ -489,12 +489,12 @@ def test_retry_bounds(retries: dict[str, Any], key: str) -> None:
 @pytest.mark.parametrize(
     ("bind", "parsed"),
     [
-        ("0.0.0.0:15006", ("0.0.0.0", 15006)),
+        ("0.0.0.0:17006", ("0.0.0.0", 17006)),
         ("127.0.0.1:0", ("127.0.0.1", 0)),
         ("localhost:65535", ("localhost", 65535)),
         ("sidecar.local:80", ("sidecar.local", 80)),
-        ("[::1]:15006", ("::1", 15006)),
-        ("[::]:15006", ("::", 15006)),
+        ("[::1]:17006", ("::1", 17006)),
+        ("[::]:17006", ("::", 17006)),
     ],
 )
 def test_valid_binds(bind: str, parsed: tuple[str, int]) -> None:
@@ -506,8 +506,8 @@ def test_valid_binds(bind: str, parsed: tuple[str, int]) -> None:
 @pytest.mark.parametrize(
     "bind",
     [
-        "15006",
-        ":15006",
+        "17006",
+        ":17006",
         "0.0.0.0:",
         "0.0.0.0",
         "0.0.0.0:65536",
@@ -515,13 +515,13 @@ def test_valid_binds(bind: str, parsed: tuple[str, int]) -> None:
         "0.0.0.0:abc",
         "0.0.0.0:\u00b2",  # SUPERSCRIPT TWO: str.isdigit says yes, int() says no
         "0.0.0.0:\uff11",  # FULLWIDTH DIGIT ONE
-        "::1:15006",  # IPv6 must be bracketed
-        "a:b:15006",
-        "[::1:15006",
-        "[zz]:15006",
-        "[1.2.3.4]:15006",
-        "local host:15006",
-        "localhost\n:15006",
+        "::1:17006",  # IPv6 must be bracketed
+        "a:b:17006",
+        "[::1:17006",
+        "[zz]:17006",
+        "[1.2.3.4]:17006",
+        "local host:17006",
+        "localhost\n:17006",
         "",
     ],
 )
@@ -534,7 +534,7 @@ def test_invalid_binds(bind: str) -> None:
 
 
 def test_a_bind_must_be_a_string() -> None:
-    assert _problem({"listeners": {"peer": {"bind": 15020}}}).startswith("listeners.peer.bind: ")
+    assert _problem({"listeners": {"peer": {"bind": 17020}}}).startswith("listeners.peer.bind: ")
 
 
 @pytest.mark.parametrize(
@@ -755,7 +755,7 @@ drain_timeout: 2m
     assert c.node.advertise_address == "10.0.0.7"
     assert c.listeners.inbound.bind == "0.0.0.0:16006"
     assert c.listeners.inbound.limits.header_bytes == 32 * 1024
-    assert c.listeners.outbound.bind == "127.0.0.1:15001"
+    assert c.listeners.outbound.bind == "127.0.0.1:17001"
     assert c.app.timeouts.connect == 0.25
     assert c.xid.headers == ["XID", "TX_XID"]
     assert c.upstreams["orders"].pool.max_idle == 5

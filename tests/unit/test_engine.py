@@ -229,7 +229,7 @@ async def with_branches(
     branches = []
     for rid in resources:
         b = await rig.engine.register(
-            record.xid, branch_type, rid, f"http://10.0.0.2:15020/gts/{rid}", b'{"n":1}'
+            record.xid, branch_type, rid, f"http://10.0.0.2:17020/gts/{rid}", b'{"n":1}'
         )
         await rig.engine.report(record.xid, b.branch_id, B.PHASE_ONE_DONE)
         branches.append(b)

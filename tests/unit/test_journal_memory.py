@@ -24,7 +24,7 @@ UNFINISHED = [s for s in GlobalStatus if not s.finished]
 
 def gtx(n: int, status: GlobalStatus = GlobalStatus.BEGIN, **kw: object) -> GlobalRecord:
     fields: dict[str, object] = {
-        "xid": f"10.0.0.1:15020:{n}",
+        "xid": f"10.0.0.1:17020:{n}",
         "name": f"order-{n}",
         "status": status,
         "timeout_ms": 60_000,
@@ -42,7 +42,7 @@ def branch(g: GlobalRecord, branch_id: int, seq: int, **kw: object) -> BranchRec
         "seq": seq,
         "branch_type": BranchType.TCC,
         "resource_id": f"res-{branch_id}",
-        "callback_url": "http://10.0.0.2:15020/gts/branch",
+        "callback_url": "http://10.0.0.2:17020/gts/branch",
         "application_data": b'{"n":%d}' % branch_id,
         "status": BranchStatus.REGISTERED,
         "updated_ms": g.updated_ms,
@@ -84,7 +84,7 @@ async def test_records_round_trip_exactly(journal: Journal) -> None:
     assert type(got_g.status) is GlobalStatus and type(got_b1.branch_type) is BranchType
     assert type(got_b1.status) is BranchStatus and got_b1.stuck is True
     assert type(got_b1.application_data) is bytes and got_b2.application_data == b""
-    assert await journal.find("10.0.0.1:15020:999") is None
+    assert await journal.find("10.0.0.1:17020:999") is None
 
 
 async def test_upsert_replaces_and_keeps_the_branches(journal: Journal) -> None:

@@ -77,7 +77,7 @@ def valid_xids(draw: st.DrawFn) -> str:
         ("10.0.1.5:8091:2014849755", "10.0.1.5", 8091, 2014849755),
         ("0.0.0.0:1:0", "0.0.0.0", 1, 0),
         ("255.255.255.255:65535:99999999999999999999", "255.255.255.255", 65535, 10**20 - 1),
-        ("localhost:15020:1", "localhost", 15020, 1),
+        ("localhost:17020:1", "localhost", 17020, 1),
         (
             "gts-server.prod.svc.cluster.local:8091:42",
             "gts-server.prod.svc.cluster.local",
@@ -114,7 +114,7 @@ def test_parse_keeps_the_raw_value_and_normalises_only_the_ipv6_host() -> None:
     [
         ("10.0.1.5:8091:1", "10.0.1.5:8091"),
         ("gts.local:80:1", "gts.local:80"),
-        ("[::1]:15020:123", "[::1]:15020"),
+        ("[::1]:17020:123", "[::1]:17020"),
     ],
 )
 def test_owner_is_host_and_port(raw: str, owner: str) -> None:
