@@ -11,6 +11,8 @@ command -v faketime >/dev/null 2>&1 || need+=(faketime)
 compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || need+=(libfaketime)
 command -v fiu-run >/dev/null 2>&1 || need+=(fiu-utils)
 [ -e /usr/lib/fiu/fiu_posix_preload.so ] || need+=(libfiu0)
+# the replicated coordinator's tests start their own PostgreSQL cluster (initdb, pg_ctl)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
 [ -n "${GTS_NEED_REDIS:-1}" ] && ! command -v redis-server >/dev/null 2>&1 && need+=(redis-server)
 [ ${#need[@]} -eq 0 ] && exit 0
 
