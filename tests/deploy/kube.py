@@ -25,6 +25,7 @@ KUSTOMIZATIONS = {
     "legacy-sidecar": OVERLAYS / "legacy-sidecar",
     "persistent-journal": OVERLAYS / "persistent-journal",
     "coordinator": OVERLAYS / "coordinator",
+    "istio": OVERLAYS / "istio",
 }
 
 Obj = dict[str, Any]

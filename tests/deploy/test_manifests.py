@@ -40,7 +40,9 @@ SIDECAR = "gts-sidecar"
 APP = "example-app"
 CONFIG_MAP = "gts-sidecar-config"
 SECRET = "gts-sidecar-keys"
-NATIVE = ["base", "persistent-journal", "coordinator"]
+NATIVE = ["base", "persistent-journal", "coordinator", "istio"]
+#: ports the istio overlay also admits: Istio's own metrics (its agent's and Envoy's)
+ISTIO_METRICS_PORTS = {15020, 15090}
 ALL = list(KUSTOMIZATIONS)
 
 # --- rendering and schema ------------------------------------------------------------------
@@ -453,7 +455,8 @@ def test_service_network_policy_and_pod_monitor_reach_the_right_ports(name: str,
     policy = policies[0]
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     rules = {port["port"]: rule for rule in policy["spec"]["ingress"] for port in rule["ports"]}
-    assert set(rules) == {s.port("inbound"), s.port("peer"), s.port("admin")}
+    extra = ISTIO_METRICS_PORTS if name == "istio" else set()
+    assert set(rules) == {s.port("inbound"), s.port("peer"), s.port("admin")} | extra
     app_port = int(s.config.app.url.rsplit(":", 1)[1])
     assert app_port not in rules, "the app is reached only through the sidecar"
     peer_from = rules[s.port("peer")]["from"]
