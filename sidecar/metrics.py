@@ -186,6 +186,13 @@ class Metrics:
             ["listener", "reason"],
             registry=r,
         )
+        self.client_aborts = Counter(
+            "gts_sidecar_client_aborts",
+            "Exchanges abandoned because the client went away (FIN or RST) before its answer "
+            "was complete: the upstream request was aborted",
+            ["listener"],
+            registry=r,
+        )
         self.active_connections = Gauge(
             "gts_sidecar_downstream_connections",
             "Open client connections per listener",

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from sidecar.proxy.listener import ClientConnection, ListenerRuntime
     from sidecar.proxy.route import Route
     from sidecar.proxy.upstream import Cluster, UpstreamConnection
+    from sidecar.txn.branches import BranchRule
     from sidecar.xid import Xid
 
 log = logging.getLogger("sidecar.proxy")
@@ -138,9 +139,6 @@ class Exchange:
         self.attempts_left = cluster.retry_attempts
         self.deadline = self.started + cluster.total_timeout
         self.conn.listener.watch(self)
-        if head.expect_continue and not self.body_done and head.http_minor == 1:
-            # (RFC 9110 §10.1.1: never a 1xx to an HTTP/1.0 client)
-            self.conn.write(_CONTINUE)
         if route.branch is not None and rt.participant is not None:
             if self.xid is None:
                 self.fail_now(
@@ -152,6 +150,14 @@ class Exchange:
                 )
                 return
             assert rt.coordinator is not None
+            if (
+                head.content_length is not None
+                and int(head.content_length) > route.branch.max_application_data
+            ):
+                self.fail_now(_over_application_data(route.branch), [])
+                return
+            # the branch registers once the body is here: the client may send it now
+            self._continue()
             self.branch = BranchFilter(
                 self, route.branch, self.xid.raw, rt.coordinator, rt.participant,
                 rt.callback_base,
@@ -175,11 +181,22 @@ class Exchange:
         self.xid_extra = self.rt.router.xid_headers(xid.encode("ascii"))
         self._forward()
 
+    def _continue(self) -> None:
+        """`100 Continue`, once every filter has accepted the request: a refused request
+        never makes its client upload the body (and never to an HTTP/1.0 client, RFC 9110
+        §10.1.1)."""
+        head = self.head
+        if head.expect_continue and not self.body_done and head.http_minor == 1:
+            head.expect_continue = False
+            self.conn.write(_CONTINUE)
+
     def _forward(self) -> None:
         route = self.route
         cluster = self.cluster
         head = self.head
         assert route is not None and cluster is not None
+        if head.expect_continue:
+            self._continue()
         self.request_head = h.render_request_head(
             head.method,
             route.target,
@@ -284,12 +301,7 @@ class Exchange:
             # a branch's phase one is read whole (it becomes the journalled application
             # data), within its cap
             if self.body_buffered > branch.rule.max_application_data:
-                self.abort_request(
-                    PayloadTooLarge(
-                        f"the {branch.rule.resource!r} request body is over its "
-                        f"max_application_data of {branch.rule.max_application_data} bytes"
-                    )
-                )
+                self.abort_request(_over_application_data(branch.rule))
             return
         if self.body_buffered > MAX_PREBUFFER:
             self.conn.pause(PAUSE_PREBUFFER)
@@ -596,6 +608,10 @@ class Exchange:
             self.task = None
         self._fail(err)
 
+    def answer_started(self) -> bool:
+        """Whether the response head has gone to the client (not held by a filter)."""
+        return self.resp_started and self.held_head is None
+
     def client_gone(self) -> None:
         if self.finished:
             return
@@ -645,6 +661,13 @@ class Exchange:
                 "ms": round(elapsed * 1000, 3),
             },
         )
+
+
+def _over_application_data(rule: BranchRule) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"the {rule.resource!r} request body is over its max_application_data of "
+        f"{rule.max_application_data} bytes"
+    )
 
 
 def body_timeout(limit: float) -> RequestTimeout:

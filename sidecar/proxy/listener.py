@@ -119,6 +119,7 @@ class ProxyListener:
         self.draining = False
         self.server: asyncio.Server | None = None
         self._conn_gauge = runtime.metrics.active_connections.labels(runtime.name)
+        self.aborts = runtime.metrics.client_aborts.labels(runtime.name)
         self._client_errors: dict[str, Any] = {}
         self._closed_event = asyncio.Event()
         self._closed_event.set()
@@ -420,11 +421,20 @@ class ClientConnection(asyncio.Protocol):
         return True
 
     def eof_received(self) -> bool | None:
-        # a half-closed client gets its pending response, then the connection closes
-        if self.lingering or (self.active is None and self.parsing is None):
+        active = self.active
+        if self.lingering or active is None:
             return False
+        if active.answer_started():
+            # the answer is under way: send the rest of it, then close
+            self.closing = True
+            return True
+        # The client went away before its answer began (Go's net/http, curl and most clients
+        # close with a FIN when they give up): abandon the exchange, as nginx does with
+        # proxy_ignore_client_abort off. A client that half-closes and still waits for its
+        # answer is too rare to let every abandoned request run on.
         self.closing = True
-        return True
+        self._client_gone()
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -433,12 +443,19 @@ class ClientConnection(asyncio.Protocol):
             self.linger_timer.cancel()
             self.linger_timer = None
         self.listener._removed(self)
-        active, self.active = self.active, None
-        if active is not None:
-            active.client_gone()
+        self._client_gone()
+
+    def _client_gone(self) -> None:
+        """The client left: the exchange in progress is abandoned (its upstream request
+        aborted at once), pipelined requests behind it are dropped."""
+        self.parsing = None
         for ex in self.queue:
             ex.finished = True
         self.queue.clear()
+        active, self.active = self.active, None
+        if active is not None and not active.finished:
+            self.listener.aborts.inc()
+            active.client_gone()
 
     def pause_writing(self) -> None:
         self.write_paused = True

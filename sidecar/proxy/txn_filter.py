@@ -76,8 +76,6 @@ class TxnFilter:
         )
         try:
             state = await self.coordinator.begin(self.rule.name, self.rule.timeout_ms, key)
-        except asyncio.CancelledError:
-            return
         except SidecarError as err:
             self.decided = True  # nothing to decide: no transaction exists
             ex.fail_now(err, [])
@@ -135,9 +133,9 @@ class TxnFilter:
     def fail(self, err: SidecarError) -> None:
         """The request failed before the app answered: roll back, then report the error."""
         if self.xid is None:
-            # begin still in flight (a timeout fired): it rolls back when it returns
-            if self.task is not None:
-                self.task.cancel()
+            # begin still in flight (a timeout fired): it is left to finish, and rolls its
+            # transaction back when it finds the exchange over (cancelling it could leave a
+            # transaction the coordinator began to its timeout)
             self.decided = True
             self.exchange.fail_now(err, [])
             return
@@ -150,9 +148,9 @@ class TxnFilter:
         self.exchange.fail_now(err, self.headers())
 
     def abandon(self) -> None:
-        """The client went away: never leave the transaction to its timeout."""
-        if self.task is not None and not self.task.done() and self.xid is None:
-            self.task.cancel()
+        """The client went away before its answer: the transaction is rolled back, never
+        committed, and never left to its timeout. A begin still in flight rolls back when it
+        returns; a decision already sent to the coordinator stands (the app had answered)."""
         if self.xid is not None and not self.decided:
             self._rollback_in_background()
 
