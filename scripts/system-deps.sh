@@ -13,6 +13,8 @@ command -v fiu-run >/dev/null 2>&1 || need+=(fiu-utils)
 [ -e /usr/lib/fiu/fiu_posix_preload.so ] || need+=(libfiu0)
 # the replicated coordinator's tests start their own PostgreSQL cluster (initdb, pg_ctl)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
+# tests/realclients: Go's net/http as a real client (built from source by the tests)
+command -v go >/dev/null 2>&1 || need+=(golang-go)
 [ -n "${GTS_NEED_REDIS:-1}" ] && ! command -v redis-server >/dev/null 2>&1 && need+=(redis-server)
 [ ${#need[@]} -eq 0 ] && exit 0
 
