@@ -336,6 +336,8 @@ def coordinator_config(layout: Layout) -> dict[str, Any]:
         "logging": {"level": "info", "format": "json"},
         "drain_timeout": "2s",
         "coordinator": {"signing": {"key_id": KEY_ID, "secret_file": str(layout.key_file)}},
+        # /admin/* is off without a token; the soak reads stuck branches with this one
+        "admin": {"token_file": str(layout.key_file)},
         "local_coordinator": {
             "journal": f"sqlite:///{layout.journal('coordinator')}",
             "default_timeout": TX_TIMEOUT,
@@ -363,6 +365,7 @@ def sidecar_config(layout: Layout, name: str) -> dict[str, Any]:
             "timeouts": {"connect": "300ms", "request": f"{COORDINATOR_REQUEST:g}s"},
             "breaker": {"failures": 2, "reset": "1s"},
         },
+        "admin": {"token_file": str(layout.key_file)},
         "local_coordinator": {
             "journal": f"sqlite:///{layout.journal(name)}",
             "default_timeout": TX_TIMEOUT,
@@ -815,10 +818,11 @@ async def stuck_branches(layout: Layout, session: aiohttp.ClientSession) -> list
     found = []
     admins = {"coordinator": layout.coordinator["admin"]}
     admins.update({name: ports["admin"] for name, ports in layout.sidecars.items()})
+    auth = {"Authorization": "Bearer " + layout.key_file.read_text().strip()}
     for name, port in admins.items():
         url = f"http://{HOST}:{port}/admin/branches?state=stuck"
         try:
-            async with session.get(url) as r:
+            async with session.get(url, headers=auth) as r:
                 body = await r.json(content_type=None)
                 branches = body.get("branches") if r.status == 200 else None
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:

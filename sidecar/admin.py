@@ -1,7 +1,9 @@
 """The admin listener (aiohttp): /metrics, /healthz, /readyz and /admin/*.
 
-Metrics and health are open (kubelet and Prometheus call them); /admin/* needs the bearer
-token from `admin.token_file` when one is configured.
+Metrics and health are open (kubelet and Prometheus call them). /admin/* is closed unless
+`admin.token_file` is configured (403 ADMIN_DISABLED: settling a branch by hand must never be
+one unauthenticated POST away), and then needs that bearer token (401 otherwise). The token
+is read from the config in force per request, so a rotated token file applies on its reload.
 """
 
 from __future__ import annotations
@@ -114,14 +116,19 @@ async def admin_auth(request: web.Request, handler: Handler) -> web.StreamRespon
     try:
         if request.path.startswith("/admin/"):
             token = request.app[STATE].config.admin.token_file
-            if token is not None:
-                # bytes as received (aiohttp keeps undecodable ones as surrogates)
-                sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-                expected = ("Bearer " + token.reveal()).encode()
-                if not hmac.compare_digest(sent, expected):
-                    return error_response(
-                        401, "UNAUTHORIZED", "admin endpoints need 'Authorization: Bearer <token>'"
-                    )
+            if token is None:
+                return error_response(
+                    403,
+                    "ADMIN_DISABLED",
+                    "admin endpoints are off: configure admin.token_file to turn them on",
+                )
+            # bytes as received (aiohttp keeps undecodable ones as surrogates)
+            sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            expected = ("Bearer " + token.reveal()).encode()
+            if not hmac.compare_digest(sent, expected):
+                return error_response(
+                    401, "UNAUTHORIZED", "admin endpoints need 'Authorization: Bearer <token>'"
+                )
         return await handler(request)
     except Exception as exc:
         return as_response(request, exc)

@@ -115,8 +115,12 @@ async def test_sighup_reloads_and_api_and_peer_listeners_serve_health(
 ) -> None:
     app = web.Application()
     server = await aiohttp_server(app)
+    token = tmp_path / "admin-token"
+    token.write_text("t0ken\n")
+    admin = {"token_file": str(token)}
     path = write_config(
-        tmp_path / "sidecar.yaml", {"app": {"url": f"http://127.0.0.1:{server.port}"}}
+        tmp_path / "sidecar.yaml",
+        {"app": {"url": f"http://127.0.0.1:{server.port}"}, "admin": admin},
     )
     # the watcher is slowed to an hour so that only SIGHUP can cause this reload
     sc = await start_sidecar(path, "--reload-interval", "1h")
@@ -127,14 +131,19 @@ async def test_sighup_reloads_and_api_and_peer_listeners_serve_health(
                     assert r.status == 200, name
             write_config(
                 path,
-                {"app": {"url": f"http://127.0.0.1:{server.port}"}, "drain_timeout": "7s"},
+                {
+                    "app": {"url": f"http://127.0.0.1:{server.port}"},
+                    "admin": admin,
+                    "drain_timeout": "7s",
+                },
             )
             sc.signal(signal.SIGHUP)
 
             async def reloaded() -> None:
                 while True:
                     async with session.get(
-                        f"http://127.0.0.1:{sc.ports['admin']}/admin/config"
+                        f"http://127.0.0.1:{sc.ports['admin']}/admin/config",
+                        headers={"Authorization": "Bearer t0ken"},
                     ) as r:
                         if (await r.json())["config"]["drain_timeout"] == "7s":
                             return
