@@ -637,6 +637,9 @@ class PhaseTwoHeader(_Model):
         return self
 
 
+#: request headers never kept from phase one for phase two (forward_headers)
+_CREDENTIAL_HEADERS: Final = frozenset({"authorization", "cookie", "proxy-authorization"})
+
 _RESOURCE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
 
@@ -653,6 +656,20 @@ class _BranchResource(_Model):
     def _resource(cls, v: str) -> str:
         if not _RESOURCE_RE.match(v):
             raise ValueError(f"invalid resource {v!r} (1-128 letters, digits, '.', '_' or '-')")
+        return v
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _no_credentials(cls, v: list[str]) -> list[str]:
+        # a credential kept from phase one is replayed on every confirm/cancel retry, long
+        # after it may have expired: each retry then fails and the branch never settles
+        refused = [h for h in v if h.lower() in _CREDENTIAL_HEADERS]
+        if refused:
+            raise ValueError(
+                f"{refused} carry credentials, which phase two must not replay (they may have "
+                "expired by then); authenticate phase two with phase_two_headers (a fixed "
+                "header whose value comes from a secret file)"
+            )
         return v
 
 
