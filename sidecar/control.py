@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -38,6 +39,7 @@ from sidecar.txn.fence_store import FenceStore, open_fence_store
 from sidecar.txn.journal_locks import JournalLocks
 from sidecar.txn.locks import LockManager, MemoryLocks, RedisLocks, ReleaseOnFinish
 from sidecar.txn.locks_api import add_lock_routes
+from sidecar.txn.repeats import Repeats
 from sidecar.xid import format_owner
 
 log = logging.getLogger("sidecar.control")
@@ -131,6 +133,8 @@ class ControlPlane:
     fence: FenceStore | None = None
     participant: Participant | None = None
     router: RoutingCoordinator | None = None
+    #: replicas on a PostgreSQL journal: this one's lease (pg_lease.Replica)
+    replica: Any = None
     _stopped: bool = False
 
     def __post_init__(self) -> None:
@@ -140,6 +144,8 @@ class ControlPlane:
             ttl=idem.ttl,
             password=idem.password_file.reveal() if idem.password_file else None,
         )
+        #: declared-route requests with an Idempotency-Key, recorded in that store
+        self.repeats = Repeats(self.idempotency)
         # the locks' safety net: no lock outlives the longest transaction allowed
         safety = self.config.local_coordinator.max_timeout
         password = lk.password_file.reveal() if lk.password_file else None
@@ -186,10 +192,19 @@ class ControlPlane:
             host, port = owner_address(cfg)
             if peer_port:
                 port = peer_port
-            try:
-                self.journal = open_journal(lc.journal)
-            except ValueError as exc:
-                raise ConfigError([f"local_coordinator.journal: {exc}"]) from None
+            if lc.replicated:
+                # imported only here: a sidecar without PostgreSQL never loads asyncpg
+                from sidecar.coordinator.pg_lease import open_replica
+
+                self.journal, self.replica = await open_replica(
+                    cfg, format_owner(host, port), standalone=self.role == "standalone"
+                )
+                self.gate.nonces = self.replica.nonces  # a replay to another replica too
+            else:
+                try:
+                    self.journal = open_journal(lc.journal)
+                except ValueError as exc:
+                    raise ConfigError([f"local_coordinator.journal: {exc}"]) from None
             try:
                 await self.journal.open()
             except JournalUnavailable as exc:
@@ -213,7 +228,11 @@ class ControlPlane:
                     self.metrics, self.role, lc.alert_webhook, self.releaser.finished
                 ),
             )
+            if self.replica is not None:
+                await self.replica.begin(self.engine)
             await self.engine.start()
+            if self.replica is not None:
+                self.replica.start()
         if cfg.coordinator.endpoints:
             tokens = TokenSource.from_config(cfg.coordinator.auth, aiohttp.ClientSession)
             self.remote = RemoteCoordinator(cfg.coordinator, self.ring, self.metrics, tokens=tokens)
@@ -288,6 +307,8 @@ class ControlPlane:
         self._stopped = True
         if self.engine is not None:
             await self.engine.stop(timeout)
+        if self.replica is not None:
+            await self.replica.stop()
         await self.releaser.drain(min(timeout, 5.0))
         await self.locks.close()
         await self.idempotency.close()

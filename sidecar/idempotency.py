@@ -200,6 +200,19 @@ class IdempotencyStore:
                 return False
         return True
 
+    async def put(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        """Record `value` under `key`, replacing what was there (a claim's later states)."""
+        _check_key(key)
+        seconds = self.ttl if ttl is None else ttl
+        _ttl_ms(seconds)
+        with store_errors(f"idempotency store {self.where}"):
+            await self._cache.set(key, value, ttl=seconds)
+
+    async def delete(self, key: str) -> None:
+        _check_key(key)
+        with store_errors(f"idempotency store {self.where}"):
+            await self._cache.delete(key)
+
     def nonce_store(self, *, namespace: str = "gts:nonce") -> NonceStore:
         """The replay cache of signed requests that goes with this store: shared through the
         same Redis connections when this store is in Redis, else a fresh in-process one."""

@@ -169,6 +169,7 @@ class Sidecar:
             callback_base=self._callback_base,
             xid_aliases=tuple(config.xid.headers),
             on_finished=self.control.releaser.finished,
+            repeats=self.control.repeats,
         )
         outbound = ListenerRuntime(
             name="outbound",

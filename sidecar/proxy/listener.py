@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from sidecar.metrics import Metrics, RequestStats
     from sidecar.proxy.route import Router
     from sidecar.txn.branches import Participant
+    from sidecar.txn.repeats import Repeats
     from sidecar.xid import Xid
 
 log = logging.getLogger("sidecar.proxy")
@@ -79,6 +80,8 @@ class ListenerRuntime:
     xid_aliases: tuple[str, ...] = ()
     #: told the XID of each declarative transaction seen finish (releases its global locks)
     on_finished: Callable[[str], None] | None = None
+    #: records of declared-route requests with an Idempotency-Key (a repeat never runs twice)
+    repeats: Repeats | None = None
     #: recently validated XIDs (a transaction's XID recurs on every call it makes)
     xid_cache: dict[bytes, Xid] = field(default_factory=dict)
     _stats: dict[str, RequestStats] = field(default_factory=dict)
@@ -508,7 +511,7 @@ class ClientConnection(asyncio.Protocol):
         self.head_size += size + 4
         if self.head_size > limits.header_bytes:
             raise HeadersTooLarge(f"request head exceeds {limits.header_bytes} bytes")
-        head.add(name, value, self.runtime.classifier.get(name.lower(), h.PASS))
+        head.add(name, value, self.runtime.classifier[name.lower()])  # h.Classifier
 
     def on_headers_complete(self) -> None:
         head = self.head

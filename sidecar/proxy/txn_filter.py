@@ -13,11 +13,21 @@ match no rule never reach this module.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Final
 
 from sidecar.coordinator.states import is_final
 from sidecar.errors import CoordinatorUnavailable, SidecarError, TransactionNotActive
+from sidecar.txn.repeats import (
+    DECIDED,
+    RETRY_AFTER_SECONDS,
+    Attempt,
+    DuplicateRequest,
+    Repeats,
+    RequestInProgress,
+    fingerprint,
+)
 
 if TYPE_CHECKING:
     from sidecar.coordinator.client import Coordinator
@@ -54,6 +64,8 @@ class TxnFilter:
         self.task: asyncio.Task[None] | None = None
         #: why the decision did not reach the coordinator (journalled for re-sending, if so)
         self.undelivered: SidecarError | None = None
+        #: this request's claim on its Idempotency-Key: (store, key, the attempt so far)
+        self.claim: tuple[Repeats, str, Attempt] | None = None
 
     # --- begin -------------------------------------------------------------------------------
 
@@ -64,20 +76,21 @@ class TxnFilter:
 
     async def _begin(self) -> None:
         ex = self.exchange
-        # a client retrying its request with the same Idempotency-Key gets the same
-        # transaction, not a second one
-        key = next(
-            (
-                f"{self.rule.name}:{v.decode('latin-1')}"
-                for n, v in ex.head.headers or ()
-                if n.lower() == b"idempotency-key"
-            ),
-            None,
-        )
+        # (recorded on the head: the inbound router strips the header itself)
+        raw_key = ex.head.idempotency_key
+        key = None
+        if raw_key is not None:
+            key = f"{self.rule.name}:{raw_key.decode('latin-1')}"
+            repeats = ex.rt.repeats
+            if repeats is not None and not await self._claim(repeats, key):
+                return
         try:
+            # a retry the claim did not catch (no store, or a restart of a memory store)
+            # still gets the same transaction from the coordinator, not a second one
             state = await self.coordinator.begin(self.rule.name, self.rule.timeout_ms, key)
         except SidecarError as err:
             self.decided = True  # nothing to decide: no transaction exists
+            await self._release_claim()
             ex.fail_now(err, [])
             return
         self.task = None
@@ -95,11 +108,107 @@ class TxnFilter:
                 self.headers(),
             )
             return
+        if self.claim is not None:
+            try:
+                repeats, store_key, attempt = self.claim
+                self.claim = (
+                    repeats,
+                    store_key,
+                    await repeats.begun(store_key, attempt, state.xid),
+                )
+            except SidecarError as err:
+                # a repeat could not be told this attempt began: it must not run at all
+                self._rollback_in_background()
+                ex.fail_now(err, self.headers())
+                return
         if ex.finished:
             # the client left (or a timeout fired) while we were beginning
             self._rollback_in_background()
             return
         ex.proceed(self.xid)
+
+    async def _claim(self, repeats: Repeats, key: str) -> bool:
+        """Claim `key` for this request: True if it is the first, else it has been answered
+        from the first attempt's record (it never reaches the app)."""
+        ex = self.exchange
+        store_key = repeats.key(self.rule.name, key)
+        fp = fingerprint(ex.head.method, ex.head.url)
+        try:
+            first, attempt = await repeats.claim(store_key, fp, self.rule.timeout_ms)
+        except SidecarError as err:
+            self.decided = True
+            ex.fail_now(err, [])
+            return False
+        if first:
+            self.claim = (repeats, store_key, attempt)
+            return True
+        self.decided = True
+        answer, self.xid, self.status = await self._repeat_answer(attempt)
+        extra = self.headers()
+        if isinstance(answer, RequestInProgress | CoordinatorUnavailable):
+            extra.append((b"retry-after", b"%d" % RETRY_AFTER_SECONDS))
+        ex.fail_now(answer, extra)
+        return False
+
+    async def _repeat_answer(self, earlier: Attempt) -> tuple[SidecarError, str | None, str | None]:
+        """What a repeat of `earlier` is told: (error, XID, transaction status)."""
+        xid, status = earlier.xid, earlier.status
+        if xid is None:
+            return (
+                RequestInProgress("the first request with this Idempotency-Key is still running"),
+                None,
+                None,
+            )
+        if earlier.state != DECIDED:
+            try:
+                status = str((await self.coordinator.status(xid))["status"])
+            except SidecarError:
+                if status == "Unknown":
+                    return (
+                        CoordinatorUnavailable(
+                            f"the first request with this Idempotency-Key ended with its "
+                            f"transaction {xid} undecided at the coordinator, which cannot be "
+                            "reached now; ask again later"
+                        ),
+                        xid,
+                        status,
+                    )
+        if status in (None, "Begin", "Unknown"):
+            return (
+                RequestInProgress(
+                    f"the first request with this Idempotency-Key is still running "
+                    f"(transaction {xid})"
+                ),
+                xid,
+                status,
+            )
+        return (
+            DuplicateRequest(
+                f"a request with this Idempotency-Key already ran: its transaction {xid} is "
+                f"{status}; it is not run again (use a new key for a new request)"
+            ),
+            xid,
+            status,
+        )
+
+    async def _release_claim(self) -> None:
+        claim, self.claim = self.claim, None
+        if claim is not None:
+            with contextlib.suppress(SidecarError):
+                await claim[0].release(claim[1])
+
+    async def _record_outcome(self, status: str) -> None:
+        claim = self.claim
+        if claim is None:
+            return
+        try:
+            await claim[0].decided(claim[1], claim[2], status)
+        except SidecarError as exc:
+            log.warning(
+                "the outcome of a request with an Idempotency-Key was not recorded; its repeats "
+                "will ask the coordinator",
+                extra={"xid": self.xid, "error": exc.message},
+            )
 
     # --- the decision ----------------------------------------------------------------------
 
@@ -172,6 +281,7 @@ class TxnFilter:
             self.undelivered = exc
             status = "Unknown"
         self.status = status
+        await self._record_outcome(status)
         self.metrics.declarative.labels(self.rule.name, status).inc()
         on_finished = self.exchange.rt.on_finished
         if on_finished is not None and is_final(status):
@@ -193,7 +303,8 @@ class TxnFilter:
 
         async def rollback() -> None:
             try:
-                await self.coordinator.rollback(xid)
+                state = await self.coordinator.rollback(xid)
+                await self._record_outcome(state.status)
             except SidecarError as exc:
                 log.warning(
                     "rollback of an abandoned transaction failed; its timeout will roll it back",
