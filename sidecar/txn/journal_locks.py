@@ -4,6 +4,12 @@ backend that survives a restart. Same rules as txn/locks.py (read them there).
 Each operation is one `BEGIN IMMEDIATE` transaction in a worker thread, one at a time, with
 `synchronous=FULL`: an acquire that returned is on disk, and all-or-nothing by construction.
 TTL deadlines are wall-clock milliseconds, so they keep counting across a restart.
+
+Retention: a finished transaction's locks go when it releases them; what a crash or a lost
+release leaves behind expires with its TTL (every lock has one: the control plane's default
+is the longest transaction allowed). `compact` removes expired locks in small batches, each
+its own transaction, so a concurrent acquire waits at most one batch, and gives the space
+back (incremental vacuum).
 """
 
 from __future__ import annotations
@@ -16,7 +22,13 @@ from typing import TypeVar
 
 from sidecar.errors import InvalidRequest, JournalUnavailable, LockConflict
 from sidecar.txn.locks import check_key, check_keys
-from sidecar.txn.sqlite_file import open_sqlite
+from sidecar.txn.sqlite_file import (
+    Compaction,
+    compact_in_batches,
+    file_bytes,
+    open_sqlite,
+    write_transaction,
+)
 from sidecar.xid import parse as parse_xid
 
 T = TypeVar("T")
@@ -25,7 +37,11 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS locks (key TEXT PRIMARY KEY, xid TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS locks_xid ON locks (xid)",
     "CREATE TABLE IF NOT EXISTS lock_ttl (xid TEXT PRIMARY KEY, deadline_ms INTEGER NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS lock_ttl_deadline ON lock_ttl (deadline_ms)",
 )
+#: lock rows whose transaction's TTL has passed (their lock_ttl row goes after them: a crash
+#: in between must never leave a lock without its TTL, held for ever)
+_EXPIRED = "xid IN (SELECT xid FROM lock_ttl WHERE deadline_ms <= ?)"
 
 
 def _wall_ms() -> int:
@@ -48,6 +64,8 @@ class JournalLocks:
         #: XIDs that hold (or may hold) locks: most transactions never take one, and their
         #: release must not cost a write and an fsync
         self._holders: set[str] = set()
+        #: what the latest compaction did
+        self.last_compaction = Compaction()
 
     async def open(self) -> None:
         try:
@@ -85,6 +103,30 @@ class JournalLocks:
                 return await asyncio.to_thread(transaction)
             except sqlite3.Error as exc:
                 raise JournalUnavailable(f"lock store {what} failed: {exc}") from None
+
+    async def compact(self, before_ms: int) -> int:
+        """Remove expired locks (TTL passed by `before_ms`'s clock: the caller's retention
+        does not apply, a lock is dead once its TTL is) in batches; returns the lock rows
+        removed. Locks without a TTL are held until released, as acquire promised."""
+        conn = self._conn
+        if conn is None:
+            raise JournalUnavailable("lock store is not open")
+        now = self._clock_ms()
+
+        async def run(fn: Callable[[sqlite3.Connection], int]) -> int:
+            async with self._lock:  # one batch at a time: acquires get in between
+                try:
+                    return await asyncio.to_thread(write_transaction, conn, fn)
+                except sqlite3.Error as exc:
+                    raise JournalUnavailable(f"lock store compaction failed: {exc}") from None
+
+        locks = await compact_in_batches(run, "locks", _EXPIRED, (now,))
+        ttls = await compact_in_batches(run, "lock_ttl", "deadline_ms <= ?", (now,))
+        self.last_compaction = locks + ttls
+        return locks.rows
+
+    def size_bytes(self) -> int:
+        return file_bytes(self.path)
 
     def _expire(self, conn: sqlite3.Connection, now_ms: int) -> None:
         expired = [
