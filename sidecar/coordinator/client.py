@@ -233,10 +233,18 @@ class RemoteCoordinator:
             "register", "POST", f"{protocol.API}/branch/register", body, xid=xid,
             idempotency_key=idempotency_key or uuid.uuid4().hex,
         )  # fmt: skip
-        return int(data["branchId"])
+        try:
+            return protocol.id_value(data.get("branchId"), "branchId")
+        except InvalidRequest as exc:
+            # a 200 that names no branch: the branch is not registered as far as we can know
+            raise CoordinatorUnavailable(
+                f"coordinator answered register without a usable branchId ({exc.message})"
+            ) from None
 
     async def report(self, xid: str, branch_id: int, status: BranchStatus) -> None:
-        body = orjson.dumps({"xid": xid, "branchId": branch_id, "status": status.value})
+        body = orjson.dumps(
+            {"xid": xid, "branchId": protocol.id_text(branch_id), "status": status.value}
+        )
         await self._call("report", "POST", f"{protocol.API}/branch/report", body, xid=xid)
 
     # --- transport ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 Rules: pure. Bodies are parsed with orjson into plain data, then checked field by field; any
 problem is an InvalidRequest naming the field. Nothing here touches the engine or a socket.
+64-bit ids (branchId) go out as JSON strings and are read as a string or an integer.
 The prose and OpenAPI description of these shapes is docs/protocol.md and docs/openapi.yaml.
 """
 
@@ -70,6 +71,36 @@ def _int(data: dict[str, Any], key: str, *, required: bool = True) -> int | None
     return value
 
 
+#: ids (txids, branch ids) are 63-bit: they fit a signed 64-bit integer, never 0
+MAX_ID: Final = 2**63 - 1
+_ID_DIGITS: Final = re.compile("[0-9]{1,19}")
+
+
+def id_value(value: object, where: str) -> int:
+    """A 64-bit id as a caller sent it: a string of decimal digits (what every answer carries,
+    so a decoder that reads JSON numbers as doubles never rounds it) or a JSON integer;
+    InvalidRequest naming the field otherwise."""
+    if isinstance(value, str):
+        if not _ID_DIGITS.fullmatch(value):  # ASCII digits only: int() would take "٣" or " 3"
+            raise InvalidRequest(
+                f"{where} must be a string of decimal digits (or an integer), got {value[:40]!r}"
+            )
+        number = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        raise InvalidRequest(f"{where} must be a string of decimal digits (or an integer)")
+    if not 0 < number <= MAX_ID:
+        raise InvalidRequest(f"{where} must be between 1 and {MAX_ID}")
+    return number
+
+
+def id_text(number: int) -> str:
+    """How every answer writes a 64-bit id: as a JSON string (JavaScript's and Go's
+    map[string]any decoders would round a number above 2^53)."""
+    return str(number)
+
+
 def xid_field(value: object, where: str = "xid", max_length: int = DEFAULT_MAX_LENGTH) -> str:
     if not isinstance(value, str):
         raise InvalidRequest(f"{where} must be a string")
@@ -127,8 +158,7 @@ class ReportRequest:
 def parse_report(body: bytes, xid_max_length: int = DEFAULT_MAX_LENGTH) -> ReportRequest:
     data = json_object(body)
     xid = xid_field(data.get("xid"), max_length=xid_max_length)
-    branch_id = _int(data, "branchId")
-    assert branch_id is not None
+    branch_id = id_value(data.get("branchId"), "branchId")
     status = data.get("status")
     if status not in (BranchStatus.PHASE_ONE_DONE.value, BranchStatus.PHASE_ONE_FAILED.value):
         raise InvalidRequest("status must be PhaseOne_Done or PhaseOne_Failed")
@@ -150,7 +180,7 @@ def render_global(record: GlobalRecord, branches: list[BranchRecord] | None = No
 
 def render_branch(b: BranchRecord) -> dict[str, Any]:
     return {
-        "branchId": b.branch_id,
+        "branchId": id_text(b.branch_id),
         "branchType": b.branch_type.value,
         "resourceId": b.resource_id,
         "status": b.status.value,
@@ -160,14 +190,27 @@ def render_branch(b: BranchRecord) -> dict[str, Any]:
     }
 
 
+def ids_as_text(status: dict[str, Any]) -> dict[str, Any]:
+    """A status answer relayed from a coordinator, with every branchId a string (a
+    coordinator that predates string ids answers numbers; the caller must not get them)."""
+    branches = status.get("branches")
+    if isinstance(branches, list):
+        for branch in branches:
+            if isinstance(branch, dict):
+                value = branch.get("branchId")
+                if isinstance(value, int) and not isinstance(value, bool):
+                    branch["branchId"] = id_text(value)
+    return status
+
+
 def callback_body(b: BranchRecord) -> bytes:
     """What a branch's phase-two callback receives."""
     return (
         b'{"xid":'
         + orjson.dumps(b.xid)
-        + b',"branchId":'
+        + b',"branchId":"'
         + str(b.branch_id).encode()
-        + b',"resourceId":'
+        + b'","resourceId":'
         + orjson.dumps(b.resource_id)
         + b',"applicationData":'
         + b.application_data

@@ -167,14 +167,18 @@ async def register(request: web.Request) -> web.Response:
         idempotency_key=request.headers.get("Idempotency-Key"),
         request_hash=protocol.body_hash(body),
     )
-    return json_response({"xid": branch.xid, "branchId": branch.branch_id})
+    return json_response({"xid": branch.xid, "branchId": protocol.id_text(branch.branch_id)})
 
 
 async def report(request: web.Request) -> web.Response:
     req = protocol.parse_report(request[BODY], request.app[XID_MAX_LENGTH])
     branch = await request.app[ENGINE].report(req.xid, req.branch_id, req.status)
     return json_response(
-        {"xid": branch.xid, "branchId": branch.branch_id, "status": branch.status.value}
+        {
+            "xid": branch.xid,
+            "branchId": protocol.id_text(branch.branch_id),
+            "status": branch.status.value,
+        }
     )
 
 

@@ -21,7 +21,7 @@ from aiohttp import web
 from sidecar.config import parse_duration
 from sidecar.coordinator.client import Coordinator
 from sidecar.coordinator.outbox import DecisionPending
-from sidecar.coordinator.protocol import CONTROL_CHARS, json_object
+from sidecar.coordinator.protocol import CONTROL_CHARS, ids_as_text, json_object
 from sidecar.coordinator.states import is_final
 from sidecar.errors import InvalidRequest, PayloadTooLarge
 from sidecar.web_errors import as_response, json_response, sidecar_error
@@ -112,7 +112,7 @@ def _maybe_finished(request: web.Request, xid: str, status: str) -> None:
 
 
 async def status(request: web.Request) -> web.Response:
-    return json_response(await request.app[COORDINATOR].status(_xid(request)))
+    return json_response(ids_as_text(await request.app[COORDINATOR].status(_xid(request))))
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -24,7 +24,7 @@ from yarl import URL
 
 from sidecar.config import Config, SagaResource, TccResource
 from sidecar.coordinator.callbacks import idempotency_key
-from sidecar.coordinator.protocol import json_object
+from sidecar.coordinator.protocol import id_value, json_object
 from sidecar.coordinator.states import BranchType
 from sidecar.errors import InvalidRequest, PayloadTooLarge, SidecarError
 from sidecar.txn.fence import Action, Decision, FenceState, Phase, decide
@@ -233,16 +233,12 @@ class Participant:
         if rule is None:
             raise ResourceNotFound(f"no tcc/saga resource {resource!r} is declared here")
         data = json_object(body)
-        xid, branch_id = data.get("xid"), data.get("branchId")
-        if (
-            not isinstance(xid, str)
-            or isinstance(branch_id, bool)
-            or not isinstance(branch_id, int)
-        ):
-            raise InvalidRequest("xid (string) and branchId (integer) are required")
+        xid = data.get("xid")
+        if not isinstance(xid, str):
+            raise InvalidRequest("xid (string) and branchId (string of digits) are required")
+        # a string (what coordinators send) or an integer, 1..2^63-1
+        branch_id = id_value(data.get("branchId"), "branchId")
         xid = parse_xid(xid).raw  # XidInvalid (400) for anything else
-        if not 0 < branch_id < 2**63:
-            raise InvalidRequest("branchId out of range")
         # what will be replayed to the app is checked before anything is recorded
         _decode_app_data(data.get("applicationData"), rule)
         done = "PhaseTwo_Committed" if commit else "PhaseTwo_Rollbacked"

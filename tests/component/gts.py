@@ -171,7 +171,7 @@ class SignedClient:
 
     async def register(
         self, xid: str, callback_url: str, resource_id: str = "stock", branch_type: str = "TCC"
-    ) -> int:
+    ) -> str:
         reply = await self.call(
             "POST",
             "/api/v1/branch/register",
@@ -184,10 +184,10 @@ class SignedClient:
             },
         )
         assert reply.status == 200, reply.raw
-        branch_id: int = reply.json()["branchId"]
+        branch_id: str = reply.json()["branchId"]
         return branch_id
 
-    async def report(self, xid: str, branch_id: int, status: str = "PhaseOne_Done") -> Reply:
+    async def report(self, xid: str, branch_id: str | int, status: str = "PhaseOne_Done") -> Reply:
         return await self.call(
             "POST", "/api/v1/branch/report", {"xid": xid, "branchId": branch_id, "status": status}
         )

@@ -62,7 +62,7 @@ async def test_stuck_branch_is_listed_then_retried_or_skipped(
         async def both_stuck() -> bool:
             async with s.get(admin, params={"state": "stuck"}, headers=auth) as r:
                 body = await r.json()
-            return {b["branchId"] for b in body["branches"]} == {b1, b2}
+            return {b["branchId"] for b in body["branches"]} == {str(b1), str(b2)}
 
         await _until(both_stuck)
         assert sc.metrics.registry.get_sample_value("gts_sidecar_branches_stuck_total") == 2

@@ -153,7 +153,7 @@ async def test_status_shows_the_branches(api, branches):
             30_000,
         )
         assert [(x["branchId"], x["resourceId"], x["status"]) for x in got["branches"]] == [
-            (b.branch_id, "stock", "PhaseOne_Done")
+            (str(b.branch_id), "stock", "PhaseOne_Done")
         ]
     reply = await client.call("POST", f"/v1/transactions/{xid}/commit")
     assert reply.json()["status"] == "Committed"

@@ -210,10 +210,10 @@ async def test_sigkilled_coordinator_resumes_phase_two_on_restart(
 
         final = await asyncio.wait_for(committed(), 20)
         (branch,) = final["branches"]
-        assert branch["branchId"] == branch_id
+        assert branch["branchId"] == str(branch_id)  # 64-bit ids travel as strings
         assert branch["status"] == "PhaseTwo_Committed"
         assert calls[-1] == {
-            "xid": xid, "branchId": branch_id, "resourceId": "wallet",
+            "xid": xid, "branchId": str(branch_id), "resourceId": "wallet",
             "applicationData": {"amount": 5},
         }  # fmt: skip
     finally:

@@ -173,6 +173,11 @@ class Endpoint:
 
 _NOT_STR: list[Any] = [None, True, 0, 1.5, [], {}, ["x"], {"a": "b"}]
 _NOT_INT: list[Any] = [None, True, False, "1", 1.5, [], {}, [1]]
+#: a 64-bit id may be a string of digits or an integer, 1..2^63-1: anything else is refused
+_BAD_ID: list[Any] = [
+    *[v for v in _NOT_INT if v != "1"], "", "1e3", " 1", "+1", "-1", "0", "\u0661",
+    str(2**63), 0, 2**63,
+]  # fmt: skip
 _BAD_XID: list[Any] = [*_NOT_STR, "", "not-an-xid", "10.0.0.1:8091:", "a:b:c:d", "h:99999:1"]
 _BAD_NAME: list[Any] = [*_NOT_STR, "", "n" * 129, "a\nb", "a\x00b"]
 _BAD_DURATION: list[Any] = [True, 0, 30, 1.5, [], {}, "", "30", "0s", "-1s", "1e3s", "30 sec", "s"]
@@ -256,7 +261,7 @@ ENDPOINTS = [
         {"xid": LIVE, "branchId": BRANCH, "status": "PhaseOne_Done"},
         {
             "xid": _BAD_XID,
-            "branchId": _NOT_INT,
+            "branchId": _BAD_ID,
             "status": [*_NOT_STR, "", "PhaseTwo_Committed", "Registered", "phaseone_done"],
         },
         ("xid", "branchId", "status"),
@@ -269,7 +274,7 @@ ENDPOINTS = [
             {"xid": LIVE, "branchId": BRANCH, "resourceId": "inv", "applicationData": {}},
             {
                 "xid": _NOT_STR,
-                "branchId": _NOT_INT,
+                "branchId": _BAD_ID,
                 # decoded only once the fence says forward: the branch is tried
                 "applicationData": [None, "x", 1, [], {"body": "!!not base64"}, {"body": 5}],
             },
