@@ -486,13 +486,42 @@ class PhaseTwoRetry(_Model):
 
 
 def _journal_url(value: object) -> object:
+    if isinstance(value, str) and value.startswith(("postgresql://", "postgres://")):
+        return _postgresql_url(value)
     if isinstance(value, str) and not (
         value == "memory://" or (value.startswith("sqlite:///") and len(value) > 10)
     ):
         raise ValueError(
             f"invalid journal {value!r} (sqlite:///relative/path.db, "
-            "sqlite:////absolute/path.db, or memory:// for tests: not durable)"
+            "sqlite:////absolute/path.db, postgresql://USER@HOST:PORT/DB for replicas of "
+            "`gts-sidecar coordinator`, or memory:// for tests: not durable)"
         )
+    return value
+
+
+def _postgresql_url(value: str) -> str:
+    """postgresql://USER@HOST[:PORT]/DB: the password never inline (password_file or
+    libpq's PGPASSWORD / .pgpass), no query parameters (the sidecar sets the session's)."""
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"invalid PostgreSQL journal URL: {exc}") from None
+    if parts.password is not None:
+        # never echo the URL: it holds the password
+        raise ValueError(
+            "the PostgreSQL journal URL must not hold a password: put it in "
+            "local_coordinator.password_file (or libpq's PGPASSWORD)"
+        )
+    database = parts.path.lstrip("/")
+    if not parts.hostname or not parts.username or not database or "/" in database:
+        raise ValueError(
+            f"invalid journal {value!r}: expected postgresql://USER@HOST:PORT/DATABASE"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError(f"invalid journal {value!r}: no query parameters or fragment")
+    if port == 0:
+        raise ValueError(f"invalid journal {value!r}: port must be 1-65535")
     return value
 
 
@@ -506,11 +535,25 @@ class LocalCoordinatorConfig(_Model):
     retention: Duration = 86400.0
     #: POSTed a JSON event when a branch is marked stuck
     alert_webhook: HttpUrl | None = None
+    #: PostgreSQL journal only: its password (else libpq's PGPASSWORD or .pgpass)
+    password_file: SecretFile | None = None
+    #: PostgreSQL journal only: a replica that stops renewing its lease this long has its
+    #: transactions taken over by another replica
+    lease: Duration = 10.0
+    #: PostgreSQL journal only: bound on every statement (and on connecting)
+    statement_timeout: Duration = 5.0
+    #: PostgreSQL journal only: connections per replica
+    pool_size: int = Field(default=10, ge=2, le=200)
+
+    @property
+    def replicated(self) -> bool:
+        """The journal is a PostgreSQL database that replicas share."""
+        return self.journal.startswith(("postgresql://", "postgres://"))
 
     def beside_journal(self, suffix: str) -> str | None:
         """The path of a small file kept next to the journal (fence, locks, outbox), or None
-        when the journal is memory:// (then those live in memory too)."""
-        if self.journal == "memory://":
+        when the journal is memory:// or PostgreSQL (then those live in memory)."""
+        if self.journal == "memory://" or self.replicated:
             return None
         return self.journal[len("sqlite:///") :] + suffix
 
@@ -518,6 +561,10 @@ class LocalCoordinatorConfig(_Model):
     def _bounds(self) -> LocalCoordinatorConfig:
         if self.default_timeout > self.max_timeout:
             raise ValueError("default_timeout must not exceed max_timeout")
+        if not 1.0 <= self.lease <= 600.0:
+            raise ValueError("lease must be between 1s and 600s")
+        if not 0.1 <= self.statement_timeout < self.lease:
+            raise ValueError("statement_timeout must be at least 100ms and below lease")
         return self
 
 

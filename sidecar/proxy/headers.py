@@ -47,10 +47,51 @@ CONNECTION: Final = 6
 EXPECT: Final = 7
 XFF: Final = 8
 XFP: Final = 9
+#: `x-gts-*` (any spelling): the sidecar's own; the inbound router strips the client's
+GTS: Final = 10
+#: `Idempotency-Key` (any spelling): recorded on the head; inbound strips the client's
+IDEMPOTENCY_KEY: Final = 11
+
+_GTS_PREFIX: Final = b"x-gts-"
+_IDEMPOTENCY_KEY: Final = b"idempotency-key"
+#: header names remembered beyond the configured ones (a flood of distinct names costs one
+#: fold each, never memory)
+_LEARNED_MAX: Final = 1024
 
 
-def build_classifier(xid_aliases: list[str]) -> dict[bytes, int]:
-    """Lower-cased header name → classification code; absent means PASS."""
+def fold(lname: bytes) -> bytes:
+    """A lower-cased header name with `_` read as `-`: CGI, WSGI, PHP and many gateways
+    map both to the same variable (HTTP_TX_XID), so both spellings are one header."""
+    return lname.replace(b"_", b"-")
+
+
+class Classifier(dict[bytes, int]):
+    """Lower-cased header name → classification code. The configured names are looked up as
+    they are; a name seen for the first time is classified once by its folded spelling (so
+    `TX-XID` is the alias `TX_XID`, `X_GTS_Phase` is `x-gts-phase`) and remembered."""
+
+    def __init__(self, table: dict[bytes, int]) -> None:
+        super().__init__(table)
+        # a configured spelling wins over another that folds the same (content-length over
+        # content_length, which is dropped)
+        self._folded: dict[bytes, int] = {}
+        for name in sorted(table, key=lambda n: b"_" in n):
+            self._folded.setdefault(fold(name), table[name])
+        self._learned = 0
+
+    def __missing__(self, lname: bytes) -> int:
+        folded = fold(lname)
+        kind = self._folded.get(folded)
+        if kind is None:
+            kind = GTS if folded.startswith(_GTS_PREFIX) else PASS
+        if self._learned < _LEARNED_MAX:
+            self._learned += 1
+            self[lname] = kind
+        return kind
+
+
+def build_classifier(xid_aliases: list[str]) -> Classifier:
+    """The header classifier of the proxy listeners (index it: `classifier[lname]`)."""
     table: dict[bytes, int] = {name: DROP for name in HOP_BY_HOP | FRAMING}
     table[b"content-length"] = CONTENT_LENGTH
     table[b"transfer-encoding"] = TRANSFER_ENCODING
@@ -59,9 +100,23 @@ def build_classifier(xid_aliases: list[str]) -> dict[bytes, int]:
     table[b"expect"] = EXPECT
     table[b"x-forwarded-for"] = XFF
     table[b"x-forwarded-proto"] = XFP
+    table[_IDEMPOTENCY_KEY] = IDEMPOTENCY_KEY
+    table[b"x-gts-branch-id"] = GTS
+    table[b"x-gts-phase"] = GTS
     for alias in xid_aliases:
         table[alias.lower().encode("latin-1")] = XID
-    return table
+    return Classifier(table)
+
+
+def client_only(lname: bytes) -> bool:
+    """A header the inbound listener never passes from a client: `x-gts-*` or
+    `Idempotency-Key`, in any spelling."""
+    folded = fold(lname)
+    return folded.startswith(_GTS_PREFIX) or folded == _IDEMPOTENCY_KEY
+
+
+def is_idempotency_key(lname: bytes) -> bool:
+    return fold(lname) == _IDEMPOTENCY_KEY
 
 
 _XID_CACHE_SIZE: Final = 4096
@@ -76,13 +131,13 @@ def resolve_xid(
 
     A header sent twice is refused even when both copies agree: a repeated XID header is
     how a truncated or injected copy rides along with a good one, and intermediaries differ
-    in which copy they keep.
+    in which copy they keep. `TX_XID` and `TX-XID` are the same header here (see fold).
     """
     first_name, first_value = found[0]
     if len(found) > 1:
         seen: set[bytes] = set()
         for name, value in found:
-            lname = name.lower()
+            lname = fold(name.lower())
             if lname in seen:
                 raise XidInvalid(
                     f"XID header {name.decode('latin-1')} appears more than once",
@@ -134,6 +189,14 @@ class RequestHead:
     http_minor: int = 1
     #: a Transfer-Encoding other than one `chunked`: refused (see te_problem)
     unsupported_te: bytes | None = None
+    #: the client's Idempotency-Key (its first one), recorded before the inbound router
+    #: strips it; a declarative transaction route answers a repeat from it
+    idempotency_key: bytes | None = None
+    #: the request carried more than one Idempotency-Key field
+    idempotency_key_repeated: bool = False
+    #: the request carried an `x-gts-*` or Idempotency-Key field (in `headers`): the inbound
+    #: router strips them
+    client_only: bool = False
 
     def te_problem(self) -> SidecarError | None:
         """RFC 9112 §6.3: a request whose final coding is not chunked has no determinable
@@ -190,6 +253,16 @@ class RequestHead:
             )
         elif kind == XFP:
             self.forwarded_proto = value
+        elif kind == GTS or kind == IDEMPOTENCY_KEY:
+            # passed on by the outbound listener (the app's own), stripped by the inbound one
+            assert self.headers is not None
+            self.headers.append((name, value))
+            self.client_only = True
+            if kind == IDEMPOTENCY_KEY:
+                if self.idempotency_key is None:
+                    self.idempotency_key = value
+                else:
+                    self.idempotency_key_repeated = True
         # DROP: hop-by-hop and underscore framing headers vanish here
 
     def strip_connection_listed(self) -> None:
