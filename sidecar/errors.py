@@ -172,6 +172,22 @@ class DuplicateKey(JournalUnavailable):
     else it is a write that failed. The journal itself is fine."""
 
 
+class NotOwner(JournalUnavailable):
+    """A replicated journal refused a write: another replica took the transaction over (or
+    this replica's lease is gone). Nothing was stored; the journal itself is fine, and a
+    retry reaches the transaction's current driver through the database."""
+
+    code = "TRANSACTION_MOVED"
+
+    def __init__(
+        self, message: str, *, xids: tuple[str, ...] = (), lease_lost: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.xids = xids
+        self.lease_lost = lease_lost
+
+
+
 class PayloadTooLarge(SidecarError):
     code = "PAYLOAD_TOO_LARGE"
     status = 413

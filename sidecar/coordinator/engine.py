@@ -41,6 +41,7 @@ from sidecar.errors import (
     IdempotencyConflict,
     InvalidRequest,
     JournalUnavailable,
+    NotOwner,
     TransactionNotActive,
     TransactionNotFound,
 )
@@ -64,6 +65,20 @@ class EngineEvents(Protocol):
     def finished(self, record: GlobalRecord) -> None: ...
     def branch_stuck(self, branch: BranchRecord) -> None: ...
     def phase_two_call(self, ok: bool) -> None: ...
+
+
+class Ownership(Protocol):
+    """Replicas sharing one journal (pg_lease.Replica): which transactions this engine
+    drives. Without it (the default) the engine drives every transaction in its journal."""
+
+    async def adopt(self, xid: str) -> tuple[GlobalRecord, list[BranchRecord]] | None:
+        """Take over a transaction still in Begin that another replica drives; None when
+        it is not in Begin (or unknown)."""
+        ...
+
+    async def may_drive(self) -> None:
+        """Return once this replica holds its lease (before every phase-two call)."""
+        ...
 
 
 class _NoEvents:
@@ -142,6 +157,9 @@ class Engine:
         self._stopping = False
         #: False since the last journal write failed (until one succeeds): readiness says so
         self.journal_ok = True
+        #: replicas on a shared journal: set by pg_lease.Replica.attach
+        self.ownership: Ownership | None = None
+        self._adopting = asyncio.Lock()
 
     # --- the journal ---------------------------------------------------------------------------
 
@@ -153,6 +171,11 @@ class Engine:
             await self.journal.write(globals_, branches)
         except DuplicateKey:
             raise  # the write's own fault (a reused idempotency key), not the journal's
+        except NotOwner as exc:
+            # another replica drives these now: let go of them (the journal is fine)
+            for xid in exc.xids:
+                self.forget(xid)
+            raise
         except JournalUnavailable:
             self.journal_ok = False
             raise
@@ -163,21 +186,59 @@ class Engine:
     async def start(self) -> int:
         """Resume every unfinished transaction in the journal; returns how many."""
         self._loop = asyncio.get_running_loop()
-        resumed = 0
-        for record, branches in await self.journal.unfinished():
-            live = _Live(record, list(branches))
-            self._live[record.xid] = live
-            if record.idempotency_key:
-                self._keys[record.idempotency_key] = record.xid
-            if record.status is GlobalStatus.BEGIN:
-                self._arm_timeout(live)
-            else:
-                self._start_driver(live)
-            resumed += 1
+        resumed = self.resume(await self.journal.unfinished())
         if resumed:
             log.info("resumed unfinished transactions", extra={"count": resumed})
         self._spawn(self._compact_forever(), "journal-compaction")
         return resumed
+
+    def resume(self, found: Sequence[tuple[GlobalRecord, Sequence[BranchRecord]]]) -> int:
+        """Drive these unfinished transactions (from the journal at start, or taken over
+        from another replica): timeouts re-armed, phase two restarted."""
+        for record, branches in found:
+            self._resume(record, branches)
+        return len(found)
+
+    def _resume(self, record: GlobalRecord, branches: Sequence[BranchRecord]) -> _Live:
+        self.forget(record.xid)  # a stale copy from before another replica had it
+        live = _Live(record, list(branches))
+        self._live[record.xid] = live
+        if record.idempotency_key:
+            self._keys[record.idempotency_key] = record.xid
+        if record.status is GlobalStatus.BEGIN:
+            self._arm_timeout(live)
+        else:
+            self._start_driver(live)
+        return live
+
+    def forget(self, xid: str) -> None:
+        """Stop driving a transaction another replica took over (it stays in the journal)."""
+        live = self._live.pop(xid, None)
+        if live is None:
+            return
+        if live.timer is not None:
+            live.timer.cancel()
+            live.timer = None
+        if live.driver is not None:
+            live.driver.cancel()
+        if live.record.idempotency_key:
+            self._keys.pop(live.record.idempotency_key, None)
+
+    def forget_all(self) -> None:
+        """This replica lost its lease: drive nothing until transactions are given back."""
+        for xid in list(self._live):
+            self.forget(xid)
+
+    async def _adopt(self, xid: str) -> _Live | None:
+        """Replicas: take over a Begin transaction another replica drives (or drove)."""
+        if self.ownership is None:
+            return None
+        async with self._adopting:  # one at a time: rare (after a failover), and never twice
+            live = self._live.get(xid)
+            if live is not None:
+                return live
+            found = await self.ownership.adopt(xid)
+            return None if found is None else self._resume(*found)
 
     async def stop(self, timeout: float) -> None:
         """Stop: phase two in progress gets `timeout` seconds; what is left stays journalled
@@ -302,7 +363,7 @@ class Engine:
         return await self._decide(xid, Event.ROLLBACK, wait)
 
     async def _decide(self, xid: str, event: Event, wait: float) -> GlobalRecord:
-        live = self._live.get(xid)
+        live = self._live.get(xid) or await self._adopt(xid)
         if live is None:
             # finished (or unknown): a repeated decision is answered with the outcome
             return (await self.get(xid))[0]
@@ -437,7 +498,7 @@ class Engine:
             return updated
 
     async def _live_or_explain(self, xid: str) -> _Live:
-        live = self._live.get(xid)
+        live = self._live.get(xid) or await self._adopt(xid)
         if live is not None:
             return live
         record, _ = await self.get(xid)  # raises TransactionNotFound
@@ -454,6 +515,8 @@ class Engine:
 
     async def _on_timeout(self, live: _Live) -> None:
         live.timer = None
+        if self._live.get(live.record.xid) is not live:
+            return  # forgotten: another replica drives it now
         async with live.lock:
             if live.record.status is not GlobalStatus.BEGIN or self._stopping:
                 return
@@ -586,6 +649,8 @@ class Engine:
 
     async def _attempt(self, branch: BranchRecord, commit: bool) -> str | None:
         """One phase-two call: None when done, else why not."""
+        if self.ownership is not None:
+            await self.ownership.may_drive()  # never call the app on a lease that lapsed
         try:
             error = await self.caller.phase_two(branch, commit)
         except Exception as exc:  # the caller translates; anything left is a failure too

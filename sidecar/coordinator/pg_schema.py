@@ -1,0 +1,112 @@
+"""The PostgreSQL journal's schema as numbered migrations, applied at start (and by
+`gts-sidecar coordinator --migrate-only`).
+
+Rules: each migration is a list of statements that is applied once, in one database
+transaction, in version order; a version, once released, never changes (add a new one).
+Replicas that start together serialise on one advisory lock, so exactly one applies each
+migration and the others see it done. A database whose version is newer than this code knows
+is refused rather than written with an older idea of the tables.
+
+Tables: gts_globals and gts_branches hold the engine's records (the same columns as the
+SQLite journal) plus `owner_token`, the fencing token of the replica that drives the
+transaction; gts_replicas holds one row per live replica with its lease's expiry (the
+database's clock: every replica judges expiry by the same one); gts_nonces is the replay
+cache of signed requests shared by the replicas.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from sidecar.coordinator.states import GlobalStatus
+from sidecar.errors import JournalUnavailable
+
+#: any constant: the key of the advisory lock that serialises migrations between replicas
+MIGRATION_LOCK: Final = 0x67747331  # "gts1"
+
+FINISHED_SQL: Final = ", ".join(f"'{s.value}'" for s in GlobalStatus if s.finished)
+
+MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
+    (
+        1,
+        (
+            """CREATE TABLE gts_replicas (
+                token bigint PRIMARY KEY,
+                name text NOT NULL,
+                started_at timestamptz NOT NULL DEFAULT now(),
+                expires_at timestamptz NOT NULL
+            )""",
+            # fencing tokens: every replica incarnation gets a new, larger one
+            "CREATE SEQUENCE gts_fence_tokens",
+            """CREATE TABLE gts_globals (
+                xid text PRIMARY KEY,
+                name text NOT NULL,
+                status text NOT NULL,
+                timeout_ms bigint NOT NULL,
+                begin_ms bigint NOT NULL,
+                updated_ms bigint NOT NULL,
+                idempotency_key text UNIQUE,
+                request_hash text,
+                owner_token bigint NOT NULL
+            )""",
+            f"""CREATE INDEX gts_globals_owner ON gts_globals (owner_token)
+                WHERE status NOT IN ({FINISHED_SQL})""",
+            f"""CREATE INDEX gts_globals_finished ON gts_globals (updated_ms)
+                WHERE status IN ({FINISHED_SQL})""",
+            """CREATE TABLE gts_branches (
+                branch_id bigint PRIMARY KEY,
+                xid text NOT NULL REFERENCES gts_globals (xid) ON DELETE CASCADE,
+                seq integer NOT NULL,
+                branch_type text NOT NULL,
+                resource_id text NOT NULL,
+                callback_url text NOT NULL,
+                application_data bytea NOT NULL,
+                status text NOT NULL,
+                attempts integer NOT NULL,
+                stuck boolean NOT NULL,
+                updated_ms bigint NOT NULL,
+                last_error text,
+                idempotency_key text UNIQUE,
+                request_hash text
+            )""",
+            "CREATE INDEX gts_branches_xid ON gts_branches (xid, seq)",
+            """CREATE TABLE gts_nonces (
+                key_id text NOT NULL,
+                nonce text NOT NULL,
+                expires_at timestamptz NOT NULL,
+                PRIMARY KEY (key_id, nonce)
+            )""",
+            "CREATE INDEX gts_nonces_expiry ON gts_nonces (expires_at)",
+        ),
+    ),
+)
+
+SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
+
+
+async def migrate(conn: Any) -> list[int]:
+    """Bring the database to SCHEMA_VERSION on an asyncpg connection; returns the versions
+    applied (empty when it was current). Raises JournalUnavailable for a newer database."""
+    applied: list[int] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS gts_schema_version (
+                version integer PRIMARY KEY,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )"""
+        )
+        current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM gts_schema_version")
+        if current > SCHEMA_VERSION:
+            raise JournalUnavailable(
+                f"the database's journal schema is version {current}, newer than this "
+                f"coordinator supports ({SCHEMA_VERSION}): upgrade the coordinator"
+            )
+        for version, statements in MIGRATIONS:
+            if version <= current:
+                continue
+            for statement in statements:
+                await conn.execute(statement)
+            await conn.execute("INSERT INTO gts_schema_version (version) VALUES ($1)", version)
+            applied.append(version)
+    return applied
