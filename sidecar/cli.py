@@ -25,7 +25,18 @@ def _duration(value: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # options every subcommand takes, after its name (`gts-sidecar run --log-level debug ...`)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=None,
+        help="log level; wins over the config file's logging.level, reloads included",
+    )
     parser = argparse.ArgumentParser(
         prog="gts-sidecar",
         description="A distributed-transaction sidecar: XID propagation, pools and timeouts, "
@@ -34,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gts-sidecar {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the sidecar")
+    run = sub.add_parser("run", parents=[common], help="run the sidecar")
     run.add_argument("--config", required=True, metavar="FILE", help="the YAML config file")
     run.add_argument(
         "--reload-interval",
@@ -44,17 +55,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often the config file is checked for changes (default 1s)",
     )
 
-    check = sub.add_parser("check-config", help="validate a config file and exit (0 ok, 2 not)")
-    check.add_argument("file", metavar="FILE")
+    check = sub.add_parser(
+        "check-config", parents=[common], help="validate a config file and exit (0 ok, 2 not)"
+    )
+    # FILE as `run` takes it (--config) or positional; one of the two
+    check.add_argument("file", metavar="FILE", nargs="?", help="the YAML config file")
+    check.add_argument("--config", dest="config", metavar="FILE", help="the same, as an option")
+    check.add_argument(
+        "--injector",
+        action="store_true",
+        help="FILE is an injector config (gts-sidecar injector), not a sidecar config",
+    )
 
     coord = sub.add_parser(
         "coordinator",
+        parents=[common],
         help="run a standalone coordinator (GTS REST v1 on listeners.peer, metrics on admin)",
     )
     coord.add_argument("--config", required=True, metavar="FILE", help="the YAML config file")
+    coord.add_argument(
+        "--migrate-only",
+        action="store_true",
+        help="apply the PostgreSQL journal's schema migrations, then exit (0 done, 2 failed)",
+    )
+
+    injector = sub.add_parser(
+        "injector",
+        parents=[common],
+        help="run the Kubernetes mutating admission webhook that injects the sidecar into "
+        'pods annotated sidecar.gts.io/inject: "true"',
+    )
+    injector.add_argument(
+        "--config", required=True, metavar="FILE", help="the injector's YAML config file"
+    )
 
     demo = sub.add_parser(
         "demo",
+        parents=[common],
         help="run a whole transaction flow on loopback (coordinator, three services, "
         "degraded mode) and check its consistency (exit 0 only when every check passes)",
     )
@@ -63,15 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def problems_heading(path: str, count: int) -> str:
+    return f"{path}: invalid config ({count} problem{'' if count == 1 else 's'}):"
+
+
 def _print_problems(path: str, exc: ConfigError) -> None:
-    print(f"{path}: invalid config ({len(exc.problems)} problem(s)):", file=sys.stderr)
+    print(problems_heading(path, len(exc.problems)), file=sys.stderr)
     for problem in exc.problems:
         print(f"  {problem}", file=sys.stderr)
 
 
-def check_config(path: str) -> int:
+def check_config(path: str, *, injector: bool = False) -> int:
     try:
-        load(path)
+        if injector:
+            from sidecar.injector_config import load as load_injector
+
+            load_injector(path)
+        else:
+            load(path)
     except ConfigError as exc:
         _print_problems(path, exc)
         return 2
@@ -113,14 +159,18 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
 
 
-def _serve_config(path: str, serve: Callable[[Config], Coroutine[Any, Any, None]]) -> int:
+def _serve_config(
+    path: str,
+    serve: Callable[[Config], Coroutine[Any, Any, None]],
+    log_level: str | None = None,
+) -> int:
     """Load, set up logging, run `serve(config)` on uvloop; exit 2 on a config problem."""
     try:
         config = load(path)
     except ConfigError as exc:
         _print_problems(path, exc)
         return 2
-    logs.setup(config.logging.level, config.logging.format)
+    logs.setup(config.logging.level, config.logging.format, override=log_level)
     import uvloop
 
     tune_gc()
@@ -134,22 +184,62 @@ def _serve_config(path: str, serve: Callable[[Config], Coroutine[Any, Any, None]
     return 0
 
 
-def run_coordinator(path: str) -> int:
-    return _serve_config(path, _serve_coordinator)
+def run_coordinator(path: str, log_level: str | None = None) -> int:
+    return _serve_config(path, _serve_coordinator, log_level)
 
 
-def run(path: str, interval: float) -> int:
-    return _serve_config(path, lambda config: _serve(config, path, interval))
+def run(path: str, interval: float, log_level: str | None = None) -> int:
+    return _serve_config(path, lambda config: _serve(config, path, interval), log_level)
+
+
+def run_injector(path: str, log_level: str | None = None) -> int:
+    from sidecar.injector_config import load as load_injector
+
+    try:
+        config = load_injector(path)
+    except ConfigError as exc:
+        _print_problems(path, exc)
+        return 2
+    logs.setup(config.logging.level, config.logging.format, override=log_level)
+    import uvloop
+
+    from sidecar.injector_server import serve
+
+    try:
+        uvloop.run(serve(config))
+    except ConfigError as exc:  # e.g. the certificate files cannot be loaded
+        _print_problems(path, exc)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "check-config":
-        return check_config(args.file)
+        given = {f for f in (args.file, args.config) if f is not None}
+        if len(given) != 1:
+            parser.error(
+                "check-config: give the config file once, as FILE or --config FILE"
+                if given
+                else "check-config: the config file is required (FILE or --config FILE)"
+            )
+        path = given.pop()
+        if args.log_level:
+            logs.setup(args.log_level, "text")
+        return check_config(path, injector=args.injector)
     if args.command == "run":
-        return run(args.config, args.reload_interval)
+        return run(args.config, args.reload_interval, args.log_level)
     if args.command == "coordinator":
-        return run_coordinator(args.config)
+        if args.migrate_only:
+            from sidecar.standalone import migrate_only
+
+            return migrate_only(args.config)
+        return run_coordinator(args.config, args.log_level)
+    if args.command == "injector":
+        return run_injector(args.config, args.log_level)
     if args.command == "demo":
         from sidecar.demo import main as demo
 

@@ -13,7 +13,7 @@ import os
 import re
 import stat
 from collections.abc import Mapping
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -953,6 +953,14 @@ def _format_error(err: Mapping[str, Any]) -> list[str]:
 def parse(data: Any, env: Mapping[str, str] | None = None) -> Config:
     """Validate already-parsed YAML data into a Config, or raise ConfigError with every
     problem and its key path."""
+    return parse_as(Config, data, env)
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def parse_as(model: type[_M], data: Any, env: Mapping[str, str] | None = None) -> _M:
+    """`parse` for any schema built like Config (the injector's config uses it too)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -967,7 +975,7 @@ def parse(data: Any, env: Mapping[str, str] | None = None) -> Config:
     except RecursionError:
         raise ConfigError(["<root>: nested too deeply"]) from None
     try:
-        config = Config.model_validate(data)
+        config = model.model_validate(data)
     except ValidationError as exc:
         problems.extend(p for e in exc.errors() for p in _format_error(e))
     except (RecursionError, TypeError, ValueError) as exc:
@@ -1005,6 +1013,12 @@ _MAX_FILE: Final = 1024 * 1024
 
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
     """Read, substitute and validate one config file."""
+    return parse(read_yaml(path), env)
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    """One config file's YAML, read with a size cap and a loader that refuses duplicate keys;
+    ConfigError when it cannot be read or parsed."""
     try:
         with open(path, "rb") as f:
             raw = f.read(_MAX_FILE + 1)  # never more: a sparse or endless file is refused
@@ -1027,4 +1041,4 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"<file>: invalid YAML{where}: {problem}"]) from None
-    return parse(data, env)
+    return data

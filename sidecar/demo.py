@@ -995,7 +995,7 @@ def main(args: argparse.Namespace) -> int:
     (or the demo could not run), 130 on Ctrl-C, 143 on SIGTERM."""
     quiet, keep = bool(getattr(args, "quiet", False)), bool(getattr(args, "keep", False))
     # the sidecars' own log lines stay out of the timeline's way: stderr, warnings and up
-    logs.setup("error" if quiet else "warning", "text")
+    logs.setup(getattr(args, "log_level", None) or ("error" if quiet else "warning"), "text")
     import uvloop
 
     demo = Demo(quiet=quiet, keep=keep)

@@ -35,7 +35,14 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
-def setup(level: str, fmt: str) -> None:
+#: the level given on the command line (--log-level): it wins over the config file's, on
+#: reloads too, so a debugging session is not undone by the next ConfigMap update
+_override: str | None = None
+
+
+def setup(level: str, fmt: str, *, override: str | None = None) -> None:
+    global _override
+    _override = override
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -51,4 +58,4 @@ def setup(level: str, fmt: str) -> None:
 
 
 def set_level(level: str) -> None:
-    logging.getLogger().setLevel(level.upper())
+    logging.getLogger().setLevel((_override or level).upper())
