@@ -318,6 +318,9 @@ class ClusterConfig(_Model):
     timeouts: UpstreamTimeouts = UpstreamTimeouts()
     pool: PoolConfig = PoolConfig()
     retries: RetryConfig = RetryConfig()
+    #: bounds on this upstream's response heads (status line, field size and count, total),
+    #: as the listeners' `limits` bound request heads; past them the answer is 502
+    response_limits: HeaderLimits = HeaderLimits()
 
     @model_validator(mode="after")
     def _timeouts_nest(self) -> ClusterConfig:
@@ -342,6 +345,9 @@ class ClusterConfig(_Model):
 
 class AppConfig(ClusterConfig):
     url: HttpUrl = "http://127.0.0.1:8080"
+    #: routes on which the app receives the client's own Idempotency-Key (the inbound
+    #: listener strips it everywhere else, and always on declared TCC/Saga tries)
+    idempotency_key_routes: list[TransactionMatch] = Field(default_factory=list)
 
 
 class UpstreamConfig(ClusterConfig):

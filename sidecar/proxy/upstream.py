@@ -5,6 +5,13 @@ and opens connections with the connect timeout; an `UpstreamConnection` is an as
 Protocol that parses one response at a time with llhttp and hands each event to the
 `ResponseSink` (the exchange) that currently owns it. Foreign errors (OSError, SSL, parser)
 are translated here into the sidecar's own.
+
+A response head is checked before the exchange sees it, as a request head is by the
+listener: its status is 100-599 (a final one 200-599; 101 and other protocol switches are
+refused: this proxy carries HTTP only), its transfer coding is a single `chunked` or none
+(the exchange re-frames the body, so any other coding would reach the client unlabelled),
+and its size and field count are within the upstream's `response_limits`. A refused head is
+502 UPSTREAM_UNAVAILABLE, saying why, and the connection is closed.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from sidecar.config import ClusterConfig, format_duration
+from sidecar.config import ClusterConfig, HeaderLimits, format_duration
 from sidecar.errors import PoolExhausted, SidecarError, UpstreamTimeout, UpstreamUnavailable
 
 if TYPE_CHECKING:
@@ -65,6 +72,10 @@ class UpstreamConnection(asyncio.Protocol):
         "_eof_body",
         "_complete_pending",
         "counted",
+        "_in_head",
+        "_head_read",
+        "_head_size",
+        "_head_count",
     )
 
     def __init__(self, cluster: Cluster) -> None:
@@ -87,6 +98,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._complete_pending = False
         #: counted in the cluster's open connections (until connection_lost)
         self.counted = True
+        #: a response head is awaited or being parsed; bytes read meanwhile, and the size
+        #: and number of its fields so far (checked against cluster.response_limits)
+        self._in_head = False
+        self._head_read = 0
+        self._head_size = 0
+        self._head_count = 0
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -101,16 +118,29 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.got_bytes = True
+        in_head = self._in_head
+        if in_head:
+            self._head_read += len(data)
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._refuse(sink, cause if isinstance(cause, SidecarError) else f"{exc}")
+            return
         except httptools.HttpParserError as exc:
-            self.sink = None
-            self.close()
-            sink.on_upstream_lost(
-                UpstreamUnavailable(
-                    f"upstream {self.cluster.name!r} sent an invalid response: {exc}"
-                ),
-                True,
+            self._refuse(sink, f"{exc}")
+            return
+        except httptools.HttpParserUpgrade:
+            self._refuse(
+                sink, "a protocol switch (Upgrade/CONNECT), which this proxy does not carry"
+            )
+            return
+        if self._in_head and self._head_read > self.cluster.response_limits.header_bytes:
+            # one endless field: llhttp accumulates it before calling on_header
+            self._refuse(
+                sink,
+                f"a response head over {self.cluster.response_limits.header_bytes} bytes "
+                "(response_limits)",
             )
             return
         if self._complete_pending:
@@ -118,6 +148,16 @@ class UpstreamConnection(asyncio.Protocol):
             sink.on_response_complete()  # flushes what this read produced, then ends
         else:
             sink.flush()
+
+    def _refuse(self, sink: ResponseSink, why: SidecarError | str) -> None:
+        """The response cannot be passed on: close, and fail the exchange with a 502."""
+        self.sink = None
+        self.close()
+        if isinstance(why, str):
+            why = UpstreamUnavailable(
+                f"upstream {self.cluster.name!r} sent an invalid response: {why}"
+            )
+        sink.on_upstream_lost(why, True)
 
     def eof_received(self) -> bool | None:
         return False
@@ -148,9 +188,37 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._headers = []
+        self._head_size = 0
+        self._head_count = 0
+
+    def on_status(self, reason: bytes) -> None:
+        self._head_size += len(reason)
+        limits = self.cluster.response_limits
+        if self._head_size > limits.request_line:
+            raise self._invalid(f"a status line over {limits.request_line} bytes (response_limits)")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        limits = self.cluster.response_limits
+        self._head_count += 1
+        if self._head_count > limits.header_count:
+            raise self._invalid(f"more than {limits.header_count} header fields (response_limits)")
+        size = len(name) + len(value)
+        if size > limits.header_field:
+            shown = name[:64].decode("latin-1")
+            raise self._invalid(
+                f"header field {shown!r} over {limits.header_field} bytes (response_limits)"
+            )
+        self._head_size += size + 4
+        if self._head_size > limits.header_bytes:
+            raise self._invalid(
+                f"a response head over {limits.header_bytes} bytes (response_limits)"
+            )
         self._headers.append((name, value))
+
+    def _invalid(self, why: str) -> UpstreamUnavailable:
+        return UpstreamUnavailable(
+            f"upstream {self.cluster.name!r} sent an invalid response: {why}"
+        )
 
     def on_headers_complete(self) -> None:
         if self.response_done:
@@ -159,10 +227,20 @@ class UpstreamConnection(asyncio.Protocol):
             self.sink = None
             return
         status = self.parser.get_status_code()
-        if 100 <= status < 200:
+        if not 100 <= status <= 599:
+            # (llhttp takes any three digits: `099` would go out as `HTTP/1.1 99`)
+            raise self._invalid(f"status {status:03d} (a status is 100-599)")
+        if status == 101:
+            raise self._invalid("101 Switching Protocols (this proxy carries HTTP only)")
+        if status < 200:
             # interim responses (100 Continue, 103 Early Hints) are consumed here; the client
             # gets the final one (we answered its Expect ourselves)
             return
+        self._in_head = False
+        if not (status == 204 or status == 304 or self.expect_no_body):
+            problem = _transfer_coding_problem(self._headers)
+            if problem is not None:
+                raise self._invalid(problem)
         if not self.parser.should_keep_alive():
             self.reusable = False
         sink = self.sink
@@ -187,6 +265,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if 100 <= self.parser.get_status_code() < 200:
+            self._in_head = True  # the final response's head is next
             return
         if self.response_done:
             return
@@ -202,6 +281,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._eof_body = False
         self._complete_pending = False
         self.expect_no_body = head_request
+        self._in_head = True
+        self._head_read = 0
 
     def write(self, data: bytes) -> None:
         if not self._closed and self.transport is not None:
@@ -239,6 +320,9 @@ class Cluster:
         cfg: ClusterConfig,
         metrics: Metrics,
         loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        server_name: str | None = None,
     ) -> None:
         self.name = name
         self.cfg = cfg
@@ -247,9 +331,12 @@ class Cluster:
         assert parts.hostname is not None
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.ssl: ssl.SSLContext | None = (
-            ssl.create_default_context() if parts.scheme == "https" else None
-        )
+        #: https only: the context new connections use (sidecar/tls.py; replaced when its
+        #: files are rotated) and the name they send as SNI and verify (default: the host)
+        self.ssl: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            self.ssl = ssl_context or ssl.create_default_context()
+        self.server_name = server_name
         self.authority = parts.netloc.rpartition("@")[2].encode("latin-1")
         self.base_path = parts.path.rstrip("/").encode("latin-1")
         self.connect_timeout = cfg.timeouts.connect
@@ -259,6 +346,7 @@ class Cluster:
         self.max_idle = cfg.pool.max_idle
         self.idle_timeout = cfg.pool.idle_timeout
         self.max_pending = cfg.pool.max_pending
+        self.response_limits: HeaderLimits = cfg.response_limits
         self.retry_attempts = cfg.retries.attempts
         self.retry_ratio = cfg.retries.budget_ratio
         self._idle: deque[UpstreamConnection] = deque()
@@ -401,7 +489,13 @@ class Cluster:
             ),
         )
         task = self._loop.create_task(
-            self._loop.create_connection(lambda: conn, self.host, self.port, ssl=self.ssl)
+            self._loop.create_connection(
+                lambda: conn,
+                self.host,
+                self.port,
+                ssl=self.ssl,
+                server_hostname=self.server_name if self.ssl is not None else None,
+            )
         )
         task.add_done_callback(lambda t: _relay(t, fut))
         try:
@@ -417,6 +511,13 @@ class Cluster:
             self._open -= 1
             self._wake_one()
             # (our UpstreamTimeout is an asyncio.TimeoutError, an OSError since 3.11: keep it)
+            if isinstance(exc, ssl.SSLError):
+                # say why: an expired or untrusted certificate, a name that does not match
+                why = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+                raise UpstreamUnavailable(
+                    f"TLS handshake with upstream {self.name!r} at {self.host}:{self.port} "
+                    f"failed: {why}"
+                ) from None
             if isinstance(exc, OSError) and not isinstance(exc, SidecarError):
                 raise UpstreamUnavailable(
                     f"cannot connect to upstream {self.name!r} at {self.host}:{self.port}: "
@@ -460,6 +561,20 @@ class Cluster:
             self._sweeper.cancel()
         while self._idle:
             self._idle.pop().close()
+
+
+def _transfer_coding_problem(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """Why a response's Transfer-Encoding cannot be carried, or None (none, or one chunked).
+    The exchange re-frames every body; a coding such as gzip would be dropped with the
+    framing and the client would get the coded body labelled as plain."""
+    codings: list[bytes] = []
+    for name, value in headers:
+        if name.lower() == b"transfer-encoding":
+            codings += [c.strip().lower() for c in value.split(b",")]
+    if not codings or codings == [b"chunked"]:
+        return None
+    shown = b", ".join(codings)[:64].decode("latin-1")
+    return f"Transfer-Encoding {shown!r} (only a single 'chunked' is carried)"
 
 
 def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
