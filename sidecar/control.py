@@ -297,6 +297,8 @@ class ControlPlane:
             self.coordinator,
             on_finished=self.releaser.finished,
             xid_max_length=self.config.xid.max_length,
+            call_timeout=self.config.coordinator.timeouts.request,
+            max_timeout=self.config.local_coordinator.max_timeout,
         )
         add_lock_routes(app, self.locks, xid_max_length=self.config.xid.max_length)
         return app

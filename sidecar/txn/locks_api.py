@@ -14,7 +14,7 @@ middleware the host application has.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -41,8 +41,22 @@ def _answering_errors(handler: Handler) -> Handler:
     return wrapped
 
 
+_ACQUIRE_FIELDS: Final = frozenset({"xid", "keys", "timeout"})
+_ACQUIRE_SHAPE: Final = '{"xid": "...", "keys": ["..."], "timeout": "30s"}'
+
+
 async def _json_object(request: web.Request) -> dict[str, Any]:
-    return json_object(await request.read(), '{"xid": ..., "keys": [...]}')
+    data = json_object(await request.read(), _ACQUIRE_SHAPE)
+    # a field this API does not take is refused, never ignored (a "ttl" or "timeoutMs" meant
+    # something to its sender)
+    unknown = sorted(set(data) - _ACQUIRE_FIELDS)
+    if unknown:
+        names = ", ".join(repr(k[:64]) for k in unknown[:5])
+        raise InvalidRequest(
+            f"unknown field(s) {names}: an acquire takes only xid, keys and timeout: "
+            + _ACQUIRE_SHAPE
+        )
+    return data
 
 
 def _ttl(value: object) -> float | None:

@@ -114,6 +114,8 @@ async def test_release_of_nothing(api: Api) -> None:
         (b'{"xid": "10.0.0.1:8091:1", "keys": ["orders:*"]}', "whole table"),
         (b'{"xid": "10.0.0.1:8091:1", "keys": ["a:1"], "timeout": 30}', "duration"),
         (b'{"xid": "10.0.0.1:8091:1", "keys": ["a:1"], "timeout": "soon"}', "invalid duration"),
+        # an unknown field is refused, never ignored
+        (b'{"xid": "10.0.0.1:8091:1", "keys": ["a:1"], "ttl": "30s"}', "unknown field(s) 'ttl'"),
     ],
 )
 async def test_invalid_requests(api: Api, payload: bytes, fragment: str) -> None:
