@@ -15,6 +15,7 @@ from typing import Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from sidecar.admin_outbox import add_outbox_routes
 from sidecar.config import Config
 from sidecar.coordinator.engine import Engine
 from sidecar.coordinator.protocol import render_branch
@@ -144,4 +145,5 @@ def build_admin_app(state: AdminState) -> web.Application:
     app.router.add_get("/admin/branches", stuck_branches)
     app.router.add_post("/admin/branches/{branch_id}/retry", retry_branch)
     app.router.add_post("/admin/branches/{branch_id}/skip", skip_branch)
+    add_outbox_routes(app, STATE)  # /admin/outbox: undelivered and refused decisions
     return app

@@ -537,8 +537,12 @@ class LocalCoordinatorConfig(_Model):
     default_timeout: Duration = 60.0
     max_timeout: Duration = 86400.0
     phase_two: PhaseTwoRetry = PhaseTwoRetry()
-    #: finished transactions stay queryable this long, then are compacted away
+    #: finished transactions stay queryable this long, then are compacted away (with their
+    #: lock and outbox rows; docs/operations.md sizes the volume from it)
     retention: Duration = 86400.0
+    #: undelivered decisions for the cluster kept at most; past it a decision is answered
+    #: 503 OUTBOX_FULL instead of growing the outbox without limit
+    outbox_max_items: int = Field(default=10_000, ge=1, le=10_000_000)
     #: POSTed a JSON event when a branch is marked stuck
     alert_webhook: HttpUrl | None = None
     #: PostgreSQL journal only: its password (else libpq's PGPASSWORD or .pgpass)

@@ -22,9 +22,10 @@ from sidecar.coordinator.auth import TokenSource
 from sidecar.coordinator.callbacks import HttpBranchCaller
 from sidecar.coordinator.client import Coordinator, LocalCoordinator, RemoteCoordinator
 from sidecar.coordinator.engine import Engine
-from sidecar.coordinator.journal import open_journal
+from sidecar.coordinator.journal import SqliteJournal, open_journal
 from sidecar.coordinator.protocol import render_branch
 from sidecar.coordinator.records import BranchRecord, GlobalRecord, Journal
+from sidecar.coordinator.retention import Retention
 from sidecar.coordinator.router import RoutingCoordinator
 from sidecar.coordinator.server import SignatureGate, build_peer_app
 from sidecar.coordinator.signing import KeyRing
@@ -40,6 +41,7 @@ from sidecar.txn.journal_locks import JournalLocks
 from sidecar.txn.locks import LockManager, MemoryLocks, RedisLocks, ReleaseOnFinish
 from sidecar.txn.locks_api import add_lock_routes
 from sidecar.txn.repeats import Repeats
+from sidecar.txn.sqlite_file import file_bytes
 from sidecar.xid import format_owner
 
 log = logging.getLogger("sidecar.control")
@@ -135,6 +137,7 @@ class ControlPlane:
     router: RoutingCoordinator | None = None
     #: replicas on a PostgreSQL journal: this one's lease (pg_lease.Replica)
     replica: Any = None
+    retention: Retention | None = None
     _stopped: bool = False
 
     def __post_init__(self) -> None:
@@ -246,6 +249,7 @@ class ControlPlane:
                     self.ring,
                     self.metrics,
                     outbox_path=cfg.local_coordinator.beside_journal(".outbox"),
+                    outbox_max_items=cfg.local_coordinator.outbox_max_items,
                 )
                 try:
                     await self.router.open()
@@ -270,6 +274,29 @@ class ControlPlane:
                 timeout=cfg.app.timeouts.total,
                 connect_timeout=cfg.app.timeouts.connect,
             )
+        self._start_retention()
+
+    def _start_retention(self) -> None:
+        """Everything beside the journal is compacted after local_coordinator.retention,
+        and its size on disk is a gauge (the alert before the volume fills reads it)."""
+        self.retention = Retention(self.config.local_coordinator.retention, metrics=self.metrics)
+        files = self.metrics.journal_files
+        if self.journal is not None:
+            self.retention.add("journal", self.journal)
+            if isinstance(self.journal, SqliteJournal):
+                files.add("journal", self.journal.size_bytes)
+        if isinstance(self.locks, JournalLocks):
+            self.retention.add("locks", self.locks)
+            files.add("locks", self.locks.size_bytes)
+        if self.router is not None:
+            self.retention.add("outbox", self.router.outbox)
+            files.add("outbox", self.router.outbox.size_bytes)
+        if self.fence is not None:
+            self.retention.add("fence", self.fence)
+            fence_path = getattr(self.fence, "path", None)
+            if isinstance(fence_path, str):
+                files.add("fence", lambda: file_bytes(fence_path))
+        self.retention.start()
 
     def peer_bound(self, peer_port: int) -> str:
         """The peer listener is bound: XIDs (and callback URLs) name the port actually bound
@@ -307,6 +334,8 @@ class ControlPlane:
         if self._stopped:
             return
         self._stopped = True
+        if self.retention is not None:
+            await self.retention.stop()
         if self.engine is not None:
             await self.engine.stop(timeout)
         if self.replica is not None:

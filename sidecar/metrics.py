@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import weakref
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
@@ -143,6 +143,34 @@ class PoolStats(Collector):
         return iter(())
 
 
+class FileSizes(Collector):
+    """gts_sidecar_journal_bytes{file}: bytes on disk of the journal and the small files
+    beside it (locks, outbox, fence), read at scrape time (a stat per file)."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, Callable[[], int]] = {}
+
+    def add(self, name: str, size: Callable[[], int]) -> None:
+        """`name` is a fixed word (journal, locks, outbox, fence): a bounded label."""
+        self._files[name] = size
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "gts_sidecar_journal_bytes",
+            "Bytes on disk of the journal's files (database and WAL), by file",
+            labels=["file"],
+        )
+        for name, size in sorted(self._files.items()):
+            try:
+                family.add_metric([name], size())
+            except OSError:
+                continue  # a file being replaced: absent from this scrape
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -268,3 +296,23 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("gts_sidecar_ready", "1 when /readyz answers 200", registry=r)
+        self.outbox_depth = Gauge(
+            "gts_sidecar_outbox_depth",
+            "Decisions for the coordinator cluster kept undelivered in the outbox (pending "
+            "and stuck), capped by local_coordinator.outbox_max_items",
+            registry=r,
+        )
+        self.outbox_refused = Counter(
+            "gts_sidecar_outbox_refused",
+            "Decisions answered 503 OUTBOX_FULL because the outbox was at its cap",
+            registry=r,
+        )
+        #: file sizes, stat'ed at scrape time
+        self.journal_files = FileSizes()
+        r.register(self.journal_files)
+        self.compacted = Counter(
+            "gts_sidecar_compacted_rows",
+            "Rows removed by retention, by file (journal: transactions; locks, outbox, fence)",
+            ["file"],
+            registry=r,
+        )

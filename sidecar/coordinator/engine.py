@@ -189,7 +189,8 @@ class Engine:
         resumed = self.resume(await self.journal.unfinished())
         if resumed:
             log.info("resumed unfinished transactions", extra={"count": resumed})
-        self._spawn(self._compact_forever(), "journal-compaction")
+        # finished transactions leave the journal through retention.py (the control plane
+        # runs it for the journal and the files beside it)
         return resumed
 
     def resume(self, found: Sequence[tuple[GlobalRecord, Sequence[BranchRecord]]]) -> int:
@@ -761,17 +762,3 @@ class Engine:
         if live.record.status is not GlobalStatus.BEGIN:
             self._start_driver(live)
         return updated
-
-    # --- housekeeping -------------------------------------------------------------------------
-
-    async def _compact_forever(self) -> None:
-        interval = max(1.0, min(3600.0, self.retention_ms / 1000 / 4))
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                removed = await self.journal.compact(self._clock_ms() - self.retention_ms)
-            except Exception:
-                log.exception("journal compaction failed")
-                continue
-            if removed:
-                log.info("journal compacted", extra={"transactions": removed})

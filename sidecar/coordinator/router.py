@@ -21,7 +21,7 @@ from typing import Any
 
 from sidecar.config import CoordinatorConfig, DegradedConfig
 from sidecar.coordinator.client import LocalCoordinator, RemoteCoordinator, TxState
-from sidecar.coordinator.outbox import DecisionPending, Outbox
+from sidecar.coordinator.outbox import MAX_ITEMS, DecisionPending, Outbox
 from sidecar.coordinator.signing import KeyRing
 from sidecar.coordinator.states import BranchStatus, BranchType
 from sidecar.errors import CoordinatorUnavailable, XidInvalid
@@ -52,8 +52,9 @@ class RoutingCoordinator:
         ring: KeyRing,
         metrics: Metrics,
         outbox_path: str | None = None,
+        outbox_max_items: int = MAX_ITEMS,
     ) -> None:
-        self.outbox = Outbox(outbox_path, self._resend)
+        self.outbox = Outbox(outbox_path, self._resend, max_items=outbox_max_items, metrics=metrics)
         self.local = local
         self.remote = remote
         self.cfg = cfg
@@ -165,7 +166,7 @@ class RoutingCoordinator:
                 raise
             # a cluster-owned decision the cluster cannot take now: journal it, re-send it
             # when it returns, and say the outcome is unknown meanwhile
-            await self.outbox.record(xid, commit)
+            await self.outbox.record(xid, commit, exc.message)  # OutboxFull when at its cap
             raise DecisionPending(xid, commit, exc.message) from None
 
     async def status(self, xid: str) -> dict[str, Any]:

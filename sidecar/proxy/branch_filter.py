@@ -3,12 +3,15 @@
 The request must carry an XID (else 400 XID_REQUIRED). Its body is read whole (up to the
 resource's `max_application_data`, else 413), the branch is registered with the XID's
 coordinator with the request as its application data and a callback URL on this sidecar's
-peer listener, the try is recorded in the fence (a try whose branch was already cancelled is
-refused with 409 and never forwarded), and only then does the request go to the app, with
-`x-gts-branch-id`. The app's answer is reported as the branch's phase-one result: a
-PhaseOne_Done (2xx) in the background; a PhaseOne_Failed before the response is passed on,
-so that the coordinator knows the branch failed before the caller can act on the failure
-(a caller that commits anyway must not find the failed try confirmed). If the registration
+peer listener, the try is recorded in the fence as running, with its deadline (a try whose
+branch was already cancelled is refused with 409 and never forwarded), and only then does the
+request go to the app, with `x-gts-branch-id`. The try ends (for the participant, whose phase
+two waits for it) when the app's response head arrives or the exchange fails; a try that
+reached the app and got no answer keeps counting as running until its deadline. The app's
+answer is reported as the branch's phase-one result: a PhaseOne_Done (2xx) in the
+background; a PhaseOne_Failed before the response is passed on, so that the coordinator
+knows the branch failed before the caller can act on the failure (a caller that commits
+anyway must not find the failed try confirmed). If the registration
 fails, the request is not forwarded and the caller gets 503.
 """
 
@@ -54,6 +57,8 @@ class BranchFilter:
         self.branch_id: int | None = None
         self.reported = False
         self.task: asyncio.Task[None] | None = None
+        #: the try is recorded running in the participant and not yet ended
+        self.try_open = False
 
     def register(self, body: bytes) -> None:
         """The whole phase-one body is here: register, fence, then forward."""
@@ -74,7 +79,24 @@ class BranchFilter:
                 self.xid, self.rule.branch_type, self.rule.resource, self.callback_url, data
             )
             self.branch_id = branch_id
-            await self.participant.begin_try(self.xid, branch_id, self.rule.resource)
+            # the try is recorded as running (durably) before it can reach the app; the
+            # record is let finish even if the exchange ends meanwhile, and then ended
+            cluster = self.exchange.cluster
+            begin = asyncio.get_running_loop().create_task(
+                self.participant.begin_try(
+                    self.xid, branch_id, self.rule.resource,
+                    cluster.total_timeout if cluster is not None else None,
+                ),
+                name=f"branch-begin-try {branch_id}",
+            )  # fmt: skip
+            try:
+                await asyncio.shield(begin)
+            except asyncio.CancelledError:
+                _background.add(begin)
+                begin.add_done_callback(_background.discard)
+                begin.add_done_callback(self._end_unforwarded)
+                raise
+            self.try_open = True
         except asyncio.CancelledError:
             return
         except SidecarError as err:
@@ -91,9 +113,24 @@ class BranchFilter:
             return
         self.task = None
         if ex.finished:
-            self.report(False)
+            self.report(False)  # never forwarded: ends the try at once
             return
         ex.proceed_branch([(BRANCH_HEADER.encode(), str(branch_id).encode())])
+
+    def _end_unforwarded(self, begin: asyncio.Future[None]) -> None:
+        if not begin.cancelled() and begin.exception() is None and self.branch_id is not None:
+            self.participant.end_try(self.xid, self.branch_id, answered=True)
+
+    def end_try(self) -> None:
+        """The try's exchange is over (answered, failed, or abandoned by its client): tell
+        the participant, once. A try the app may still be working on (its request reached
+        the app, no answer came back) stays running until its deadline."""
+        if not self.try_open or self.branch_id is None:
+            return
+        self.try_open = False
+        ex = self.exchange
+        maybe_running = ex.upstream is not None and not ex.resp_started
+        self.participant.end_try(self.xid, self.branch_id, answered=not maybe_running)
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         if self.branch_id is None:
@@ -102,7 +139,9 @@ class BranchFilter:
 
     def report(self, ok: bool) -> None:
         """Phase one's outcome, to the coordinator, in the background (the caller's answer
-        is not held: used for a try that succeeded, and where the exchange failed itself)."""
+        is not held: used for a try that succeeded, and where the exchange failed itself).
+        The try has ended (the exchange calls this at the response head or when it fails)."""
+        self.end_try()
         self._report(ok, release=False)
 
     def report_failure_then_release(self) -> None:
@@ -110,6 +149,7 @@ class BranchFilter:
         caller. An unreachable coordinator is retried for FAILED_REPORT_PATIENCE seconds; if
         the report still cannot be delivered the response goes on anyway (logged), and a
         commit the caller sends regardless would confirm the unreported branch."""
+        self.end_try()
         if not self._report(False, release=True):
             self.exchange.release_held_response([])
 

@@ -7,6 +7,11 @@ compensation with the phase-one request's journalled body, query and allowed hea
 `XID`, `x-gts-branch-id`, `x-gts-phase` and an `Idempotency-Key` stable for (xid, branch,
 phase)), records the outcome durably, and only then answers. A failure of the app answers
 `…_Retryable`, so the coordinator retries with backoff.
+
+Phase two never overtakes phase one: a try is recorded TRYING (with its deadline) before it
+is forwarded and TRIED when it ends (`begin_try` / `end_try`, called by the data plane's
+branch filter); a confirm or cancel for a branch whose try is running waits for its end (up
+to `wait_patience`, then answers `…_Retryable` and the coordinator comes back).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from sidecar.coordinator.states import BranchType
 from sidecar.errors import InvalidRequest, PayloadTooLarge, SidecarError
 from sidecar.txn.fence import Action, Decision, FenceState, Phase, decide
 from sidecar.txn.fence_store import FenceRow, FenceStore, now_ms
+from sidecar.txn.tries import Running, TriesInFlight
 from sidecar.xid import parse as parse_xid
 
 log = logging.getLogger("sidecar.branches")
@@ -37,6 +43,10 @@ BRANCH_HEADER: Final = "x-gts-branch-id"
 PHASE_HEADER: Final = "x-gts-phase"
 #: phase-two callbacks land here on the peer listener: {callbackUrl}/commit | /rollback
 CALLBACK_PREFIX: Final = "/v1/resources"
+#: seconds one phase-two call waits for a try still running before it answers `…_Retryable`
+#: (the coordinator then retries with backoff): a few seconds, and below the coordinator's
+#: callback timeout (see `wait_patience`)
+WAIT_PATIENCE: Final = 2.0
 
 
 class BranchSuspended(SidecarError):
@@ -100,6 +110,10 @@ class BranchRules:
         self._by_route = {(r.method, r.path): r for r in rules}
         self.by_resource = {r.resource: r for r in rules}
         self.empty = not rules
+        #: how long one phase-two call may wait for a try in flight: a few seconds, and
+        #: half the coordinator call timeout (the coordinator's callback timeout, when it
+        #: runs with this config), so that the coordinator gets an answer, not a timeout
+        self.wait_patience = min(WAIT_PATIENCE, config.coordinator.timeouts.request / 2)
 
     def match(self, method: bytes, target: bytes) -> BranchRule | None:
         if self.empty:
@@ -181,15 +195,25 @@ class Participant:
         *,
         timeout: float,
         connect_timeout: float,
+        wait_patience: float | None = None,
     ) -> None:
         self.rules = rules
         self.fence = fence
         self.app_url = app_url.rstrip("/")
+        #: a try's deadline when its caller names none: the app's total timeout
+        self.try_timeout = timeout
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
+        #: how long one phase-two call waits for a try in flight before answering Retryable
+        self.wait_patience = rules.wait_patience if wait_patience is None else wait_patience
+        self.tries = TriesInFlight(self._record_try_end)
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
+        self.tries.close()
+        for task in list(self._background):
+            task.cancel()
         if self._session is not None:
             await self._session.close()
 
@@ -204,26 +228,90 @@ class Participant:
         if not lock.locked() and self._locks.get((xid, branch_id)) is lock:
             del self._locks[(xid, branch_id)]
 
+    def _try_running(self, key: tuple[str, int], row: FenceRow | None) -> bool:
+        """Is the branch's try still running at the app? This process knows for its own
+        tries; a try recorded by an earlier process (before a restart) runs until its
+        recorded deadline, as far as anyone can tell."""
+        entry = self.tries.get(key)
+        if entry is not None:
+            return entry.running(asyncio.get_running_loop().time())
+        return row is not None and row.state is FenceState.TRYING and now_ms() < row.try_deadline_ms
+
     # --- phase one ---------------------------------------------------------------------------
 
-    async def begin_try(self, xid: str, branch_id: int, resource: str) -> None:
-        """Record the try before it is forwarded; refuse one whose branch was cancelled."""
+    async def begin_try(
+        self, xid: str, branch_id: int, resource: str, timeout: float | None = None
+    ) -> None:
+        """Record the try as running (TRYING, with its deadline: `timeout` from now, the
+        app's total timeout by default) before it is forwarded; refuse one whose branch was
+        cancelled. Every begin_try that returns must be followed by `end_try`."""
+        timeout = self.try_timeout if timeout is None else timeout
+        key = (xid, branch_id)
         lock = self._lock(xid, branch_id)
         try:
             async with lock:
                 row = await self.fence.get(xid, branch_id)
-                decision = decide(Phase.TRY, row.state if row else None)
+                running = self._try_running(key, row)
+                decision = decide(Phase.TRY, row.state if row else None, running)
                 if decision.action is Action.REFUSE:
                     raise BranchSuspended(
                         f"branch {branch_id} of {xid} was already ended ({decision.reason}): "
                         "the request is not forwarded"
                     )
-                if row is None:
+                started = now_ms()
+                deadline = started + int(timeout * 1000)
+                if row is not None and running:
+                    deadline = max(deadline, row.try_deadline_ms)
+                # in memory first: from here a phase two finds the try running
+                self.tries.begin(key, timeout)
+                try:
                     await self.fence.put(
-                        FenceRow(xid, branch_id, resource, FenceState.TRIED, now_ms())
-                    )
+                        FenceRow(
+                            xid, branch_id, resource, FenceState.TRYING, started, started,
+                            deadline,
+                        )
+                    )  # fmt: skip
+                except BaseException:
+                    self.tries.end(key, answered=True)  # never forwarded
+                    raise
         finally:
             self._release_lock(xid, branch_id, lock)
+
+    def end_try(self, xid: str, branch_id: int, *, answered: bool) -> None:
+        """The try's exchange ended. `answered`: the app answered it (or never got it). A
+        try the app may still be working on (its connection broke, its client left) goes on
+        counting as running until its deadline."""
+        self.tries.end((xid, branch_id), answered=answered)
+
+    def _record_try_end(self, key: tuple[str, int], entry: Running) -> None:
+        async def record() -> None:
+            xid, branch_id = key
+            lock = self._lock(xid, branch_id)
+            try:
+                async with lock:
+                    row = await self.fence.get(xid, branch_id)
+                    decision = decide(Phase.TRY_END, row.state if row else None)
+                    if row is not None and decision.action is Action.RECORD_ONLY:
+                        assert decision.next_state is not None
+                        await self.fence.put(
+                            FenceRow(
+                                xid, branch_id, row.resource, decision.next_state, now_ms(),
+                                row.try_started_ms, row.try_deadline_ms,
+                            )
+                        )  # fmt: skip
+            except SidecarError as exc:
+                # the row stays TRYING: after its deadline it is taken as ended anyway
+                log.warning(
+                    "the end of a try was not recorded in the fence",
+                    extra={"xid": xid, "branch_id": branch_id, "error": exc.message},
+                )
+            finally:
+                self._release_lock(xid, branch_id, lock)
+                self.tries.forget(key, entry)
+
+        task = asyncio.get_running_loop().create_task(record(), name=f"try-end {key[1]}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # --- phase two ---------------------------------------------------------------------------
 
@@ -241,40 +329,94 @@ class Participant:
         xid = parse_xid(xid).raw  # XidInvalid (400) for anything else
         # what will be replayed to the app is checked before anything is recorded
         _decode_app_data(data.get("applicationData"), rule)
-        done = "PhaseTwo_Committed" if commit else "PhaseTwo_Rollbacked"
         retry = "PhaseTwo_CommitFailed_Retryable" if commit else "PhaseTwo_RollbackFailed_Retryable"
         phase = Phase.CONFIRM if commit else Phase.CANCEL
-        lock = self._lock(xid, branch_id)
-        try:
-            async with lock:
-                row = await self.fence.get(xid, branch_id)
-                decision = decide(phase, row.state if row else None)
-                saga_commit = rule.branch_type is BranchType.SAGA and commit
-                if saga_commit and decision.action is Action.FORWARD:
-                    # a Saga action is final: nothing to confirm at the app
-                    decision = Decision(Action.RECORD_ONLY, FenceState.CONFIRMED, "saga")
-                if decision.action is Action.DONE:
-                    return {"status": done}
-                if decision.action in (Action.REFUSE, Action.RETRY_LATER):
-                    log.error(
-                        "phase two refused by the fence",
-                        extra={"xid": xid, "branch_id": branch_id, "reason": decision.reason},
+        key = (xid, branch_id)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.wait_patience
+        while True:
+            lock = self._lock(xid, branch_id)
+            try:
+                async with lock:
+                    row = await self.fence.get(xid, branch_id)
+                    decision = decide(
+                        phase, row.state if row else None, self._try_running(key, row)
                     )
-                    return {"status": retry, "reason": decision.reason}
-                if decision.action is Action.FORWARD:
-                    error = await self._call_app(rule, commit, xid, branch_id, data)
-                    if error is not None:
-                        log.warning(
-                            "phase two at the app failed; the coordinator will retry",
-                            extra={"xid": xid, "branch_id": branch_id, "error": error},
-                        )
-                        return {"status": retry, "reason": error}
-                assert decision.next_state is not None
-                await self.fence.put(
-                    FenceRow(xid, branch_id, resource, decision.next_state, now_ms())
+                    if decision.action is not Action.WAIT:
+                        return await self._act(rule, commit, key, data, row, decision)
+            finally:
+                self._release_lock(xid, branch_id, lock)
+            # the try is still running at the app: a cancel now would find nothing to cancel
+            # (and the try's reservation would then never be released). Wait for its end,
+            # outside the branch's lock (the end is recorded under it), for a while.
+            entry = self.tries.get(key)
+            if entry is not None:
+                until = min(give_up, entry.deadline)
+            else:
+                assert row is not None
+                until = min(give_up, loop.time() + (row.try_deadline_ms - now_ms() + 1) / 1000)
+            left = until - loop.time()
+            if left <= 0:
+                return self._still_running(xid, branch_id, retry, row)
+            if entry is not None:
+                try:
+                    await asyncio.wait_for(entry.ended.wait(), left)
+                except TimeoutError:
+                    pass
+            else:
+                await asyncio.sleep(left)  # a try of an earlier process: only its deadline
+
+    def _still_running(
+        self, xid: str, branch_id: int, retry: str, row: FenceRow | None
+    ) -> dict[str, str]:
+        left = max(0, (row.try_deadline_ms if row else 0) - now_ms()) / 1000
+        reason = (
+            f"the try of branch {branch_id} is still running at the app (it counts as "
+            f"running for at most {left:.1f}s more); phase two waits for it"
+        )
+        log.info("phase two waits for a try in flight", extra={"xid": xid, "branch_id": branch_id})
+        return {"status": retry, "reason": reason}
+
+    async def _act(
+        self,
+        rule: BranchRule,
+        commit: bool,
+        key: tuple[str, int],
+        data: dict[str, Any],
+        row: FenceRow | None,
+        decision: Decision,
+    ) -> dict[str, str]:
+        """Carry out a fence decision (the branch's lock is held)."""
+        xid, branch_id = key
+        resource = rule.resource
+        done = "PhaseTwo_Committed" if commit else "PhaseTwo_Rollbacked"
+        retry = "PhaseTwo_CommitFailed_Retryable" if commit else "PhaseTwo_RollbackFailed_Retryable"
+        if rule.branch_type is BranchType.SAGA and commit and decision.action is Action.FORWARD:
+            # a Saga action is final: nothing to confirm at the app
+            decision = Decision(Action.RECORD_ONLY, FenceState.CONFIRMED, "saga")
+        if decision.action is Action.DONE:
+            return {"status": done}
+        if decision.action in (Action.REFUSE, Action.RETRY_LATER):
+            log.error(
+                "phase two refused by the fence",
+                extra={"xid": xid, "branch_id": branch_id, "reason": decision.reason},
+            )
+            return {"status": retry, "reason": decision.reason}
+        if decision.action is Action.FORWARD:
+            error = await self._call_app(rule, commit, xid, branch_id, data)
+            if error is not None:
+                log.warning(
+                    "phase two at the app failed; the coordinator will retry",
+                    extra={"xid": xid, "branch_id": branch_id, "error": error},
                 )
-        finally:
-            self._release_lock(xid, branch_id, lock)
+                return {"status": retry, "reason": error}
+        assert decision.next_state is not None
+        await self.fence.put(
+            FenceRow(
+                xid, branch_id, resource, decision.next_state, now_ms(),
+                row.try_started_ms if row else 0, row.try_deadline_ms if row else 0,
+            )
+        )  # fmt: skip
         return {"status": done}
 
     async def _call_app(

@@ -1,32 +1,59 @@
 """Durable fence rows: one per branch, fsync'd before the answer that depends on them.
 
-SQLite (WAL, synchronous=FULL) in a file beside the journal; every call runs in a worker
-thread, one at a time, so the event loop never blocks. `MemoryFenceStore` has the same
+SQLite (WAL, synchronous=FULL, incremental auto-vacuum) in a file beside the journal; every
+call runs in a worker thread, one at a time, so the event loop never blocks. Retention
+removes the rows of finished branches in small batches, letting fence writes in between each
+batch, and gives the freed pages back to the file system. `MemoryFenceStore` has the same
 semantics without durability, for tests and `memory://`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from sidecar.errors import JournalUnavailable
-from sidecar.txn.fence import FenceState
-from sidecar.txn.sqlite_file import open_sqlite
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS fence (
-    xid TEXT NOT NULL,
-    branch_id INTEGER NOT NULL,
-    resource TEXT NOT NULL,
-    state TEXT NOT NULL,
-    updated_ms INTEGER NOT NULL,
-    PRIMARY KEY (xid, branch_id)
+from sidecar.txn.fence import FINAL_STATES, FenceState
+from sidecar.txn.sqlite_file import (
+    BATCH_ROWS,
+    Compaction,
+    checkpoint,
+    compact_in_batches,
+    open_sqlite,
+    write_transaction,
 )
-"""
+
+log = logging.getLogger("sidecar.fence")
+
+_FINAL_SQL: Final = ", ".join(f"'{s.value}'" for s in sorted(FINAL_STATES))
+_SCHEMA: Final = [
+    """
+    CREATE TABLE IF NOT EXISTS fence (
+        xid TEXT NOT NULL,
+        branch_id INTEGER NOT NULL,
+        resource TEXT NOT NULL,
+        state TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        try_started_ms INTEGER NOT NULL DEFAULT 0,
+        try_deadline_ms INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (xid, branch_id)
+    )
+    """,
+    # retention finds old finished rows without scanning the live ones
+    f"CREATE INDEX IF NOT EXISTS fence_finished ON fence (updated_ms) "
+    f"WHERE state IN ({_FINAL_SQL})",
+]
+#: columns added after the first release: an older file gains them at open
+_ADDED_COLUMNS: Final = ("try_started_ms", "try_deadline_ms")
+#: which rows retention removes: finished branches (the app is never called for them again)
+_RETIRED: Final = f"state IN ({_FINAL_SQL}) AND updated_ms < ?"
+
+_COLUMNS: Final = "xid, branch_id, resource, state, updated_ms, try_started_ms, try_deadline_ms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +63,10 @@ class FenceRow:
     resource: str
     state: FenceState
     updated_ms: int
+    #: wall-clock ms when the latest try was recorded, and when it stops counting as running
+    #: (its start plus the app's total timeout); 0 for rows that never had one
+    try_started_ms: int = 0
+    try_deadline_ms: int = 0
 
 
 class FenceStore(Protocol):
@@ -43,7 +74,11 @@ class FenceStore(Protocol):
     async def close(self) -> None: ...
     async def get(self, xid: str, branch_id: int) -> FenceRow | None: ...
     async def put(self, row: FenceRow) -> None: ...
-    async def compact(self, before_ms: int) -> int: ...
+    async def compact(self, before_ms: int) -> int:
+        """Remove the rows of finished branches last changed before `before_ms` and give
+        their space back; returns the rows removed. Rows of branches still waiting for
+        phase two stay, however old: a late cancel must find its try."""
+        ...
 
 
 class MemoryFenceStore:
@@ -63,21 +98,43 @@ class MemoryFenceStore:
         self._rows[(row.xid, row.branch_id)] = row
 
     async def compact(self, before_ms: int) -> int:
-        old = [k for k, r in self._rows.items() if r.updated_ms < before_ms]
+        old = [
+            k for k, r in self._rows.items() if r.state in FINAL_STATES and r.updated_ms < before_ms
+        ]
         for key in old:
             del self._rows[key]
         return len(old)
 
 
+def _open_fence(path: str) -> sqlite3.Connection:
+    """Open (or create) the fence file (durable, incremental auto-vacuum: see open_sqlite),
+    adding the columns an older file lacks."""
+    conn = open_sqlite(path, _SCHEMA[:1])
+    try:
+        have = {row[1] for row in conn.execute("PRAGMA table_info(fence)")}
+        for column in _ADDED_COLUMNS:
+            if column not in have:
+                conn.execute(f"ALTER TABLE fence ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+        for statement in _SCHEMA[1:]:
+            conn.execute(statement)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 class SqliteFenceStore:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, batch_rows: int = BATCH_ROWS) -> None:
         self.path = path
+        self.batch_rows = batch_rows
+        #: what the last compaction did (rows, delete batches, pages handed back)
+        self.last_compaction = Compaction()
         self._conn: sqlite3.Connection | None = None
         self._lock = asyncio.Lock()
 
     async def open(self) -> None:
         try:
-            self._conn = await asyncio.to_thread(open_sqlite, self.path, [_SCHEMA])
+            self._conn = await asyncio.to_thread(_open_fence, self.path)
         except (sqlite3.Error, OSError) as exc:
             raise JournalUnavailable(f"cannot open fence store at {self.path!r}: {exc}") from None
 
@@ -98,8 +155,7 @@ class SqliteFenceStore:
             try:
                 row = await asyncio.to_thread(
                     lambda: conn.execute(
-                        "SELECT xid, branch_id, resource, state, updated_ms FROM fence "
-                        "WHERE xid = ? AND branch_id = ?",
+                        f"SELECT {_COLUMNS} FROM fence WHERE xid = ? AND branch_id = ?",
                         (xid, branch_id),
                     ).fetchone()
                 )
@@ -107,7 +163,7 @@ class SqliteFenceStore:
                 raise JournalUnavailable(f"fence read failed: {exc}") from None
         if row is None:
             return None
-        return FenceRow(row[0], row[1], row[2], FenceState(row[3]), row[4])
+        return FenceRow(row[0], row[1], row[2], FenceState(row[3]), row[4], row[5], row[6])
 
     async def put(self, row: FenceRow) -> None:
         conn = self._db()
@@ -115,24 +171,50 @@ class SqliteFenceStore:
             try:
                 await asyncio.to_thread(
                     conn.execute,
-                    "INSERT INTO fence (xid, branch_id, resource, state, updated_ms) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (xid, branch_id) DO UPDATE SET "
-                    "state = excluded.state, updated_ms = excluded.updated_ms",
-                    (row.xid, row.branch_id, row.resource, row.state.value, row.updated_ms),
-                )
+                    f"INSERT INTO fence ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (xid, branch_id) DO UPDATE SET state = excluded.state, "
+                    "updated_ms = excluded.updated_ms, "
+                    "try_started_ms = excluded.try_started_ms, "
+                    "try_deadline_ms = excluded.try_deadline_ms",
+                    (
+                        row.xid, row.branch_id, row.resource, row.state.value, row.updated_ms,
+                        row.try_started_ms, row.try_deadline_ms,
+                    ),
+                )  # fmt: skip
             except sqlite3.Error as exc:
                 raise JournalUnavailable(f"fence write failed: {exc}") from None
 
-    async def compact(self, before_ms: int) -> int:
+    async def _run(self, fn: Callable[[sqlite3.Connection], int]) -> int:
+        """One write transaction, alone on the connection, off the loop."""
         conn = self._db()
         async with self._lock:
             try:
-                cur = await asyncio.to_thread(
-                    conn.execute, "DELETE FROM fence WHERE updated_ms < ?", (before_ms,)
-                )
+                return await asyncio.to_thread(write_transaction, conn, fn)
             except sqlite3.Error as exc:
                 raise JournalUnavailable(f"fence compaction failed: {exc}") from None
-        return int(cur.rowcount)
+
+    async def compact(self, before_ms: int) -> int:
+        """In batches of `batch_rows`, each its own transaction; the store's lock is let go
+        between batches, so a fence write waits for one batch at most, never for the lot.
+        Then the freed pages go back to the file system (the file shrinks at the
+        checkpoint that follows)."""
+        done = await compact_in_batches(
+            self._run, "fence", _RETIRED, (before_ms,), limit=self.batch_rows
+        )
+        self.last_compaction = done
+        if done.pages:
+            conn = self._db()
+            async with self._lock:
+                try:
+                    await asyncio.to_thread(checkpoint, conn)
+                except sqlite3.Error as exc:
+                    raise JournalUnavailable(f"fence checkpoint failed: {exc}") from None
+        if done.rows:
+            log.info(
+                "fence compacted",
+                extra={"rows": done.rows, "batches": done.batches, "pages_returned": done.pages},
+            )
+        return done.rows
 
 
 def open_fence_store(path: str | None) -> FenceStore:
