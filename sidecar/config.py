@@ -617,11 +617,6 @@ class TransactionMatch(_Model):
         return self
 
 
-_DEFAULT_PEER_NETWORKS: Final = [
-    "127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7",
-]  # fmt: skip
-
-
 class DegradedConfig(_Model):
     """When the coordinator cluster is unreachable (DESIGN §1, "degraded local coordinator")."""
 
@@ -629,10 +624,13 @@ class DegradedConfig(_Model):
     #: reject (503 COORDINATOR_UNAVAILABLE + Retry-After; the try is not forwarded, so the
     #: initiator rolls back). The only policy that cannot split one transaction's outcome.
     remote_xid_policy: Literal["reject"] = "reject"
-    #: XIDs owned by addresses in these networks are routed to that owner (a peer sidecar
-    #: coordinating in degraded mode); anything else is never called, so a forged XID cannot
-    #: aim signed calls at arbitrary hosts
-    peer_networks: list[str] = Field(default_factory=lambda: list(_DEFAULT_PEER_NETWORKS))
+    #: while the cluster is down, XIDs owned by addresses in these networks (on the peer
+    #: port) are routed to that owner (a peer sidecar coordinating in degraded mode);
+    #: anything else is never called, so a forged XID cannot aim signed calls at arbitrary
+    #: hosts. Empty by default: set the pod CIDR (Kubernetes) to let peers coordinate.
+    peer_networks: list[str] = Field(default_factory=list)
+    #: clients of peer sidecars kept (least recently used dropped past it)
+    max_peers: int = Field(default=64, ge=1, le=100_000)
 
     @field_validator("peer_networks")
     @classmethod

@@ -101,6 +101,8 @@ async def test_tcc_in_degraded_mode_registers_with_the_owning_peer(
             "app": {"url": f"http://127.0.0.1:{inv_server.port}"},
             "coordinator": coordinator_cfg,
             "local_coordinator": {"journal": f"sqlite:///{tmp_path.resolve()}/p.db"},
+            # peers are called only inside these networks, on the participant's peer port
+            "degraded": {"peer_networks": ["127.0.0.0/8"]},
             "tcc": [
                 {
                     "resource": "inventory-deduct",
@@ -115,10 +117,13 @@ async def test_tcc_in_degraded_mode_registers_with_the_owning_peer(
         {
             "coordinator": coordinator_cfg,
             "local_coordinator": {"journal": f"sqlite:///{tmp_path.resolve()}/i.db"},
+            # another pod: its own address, the same peer port as every sidecar
+            "node": {"advertise_address": "127.0.0.2"},
+            "listeners": {"peer": {"bind": f"127.0.0.2:{participant.ports['peer']}"}},
         }
     )
     xid = await begin(initiator)
-    assert xid.startswith(f"127.0.0.1:{initiator.ports['peer']}:")  # owned by the initiator
+    assert xid.startswith(f"127.0.0.2:{participant.ports['peer']}:")  # owned by the initiator
     async with aiohttp.ClientSession() as s:
         deduct = f"http://127.0.0.1:{participant.ports['inbound']}/deduct"
         async with s.post(deduct, headers={"XID": xid}, data=b"{}") as r:
