@@ -251,9 +251,30 @@ class ProxyListenerTimeouts(_Model):
     keepalive: Duration = 60.0
 
 
+class ClientLimits(_Model):
+    """What a proxy listener grants each client, so that slow or idle clients cannot take
+    the capacity (connections, file descriptors, pooled upstream connections) others need."""
+
+    #: open client connections on this listener; past it a new one gets 503 and is closed
+    max_connections: int = Field(default=10_000, ge=1)
+    #: open connections from one client address (0: no cap of its own; behind a mesh proxy
+    #: every client is 127.0.0.1, so only set it where clients connect directly)
+    max_connections_per_client: int = Field(default=0, ge=0)
+    #: request-body bytes held before an upstream connection is taken: a body that fits is
+    #: sent whole once it is in, so a slow client never holds a pooled connection for it;
+    #: a larger one streams once this much has arrived
+    request_buffer: Size = 64 * 1024
+    #: the slowest a client may send a request body or read a response: at least this many
+    #: bytes every `min_rate_window` while it has bytes to move (0: no rate, only
+    #: `timeouts.body_idle` for bodies); slower is 408 (bodies) or a cut connection (reads)
+    min_rate_bytes: Size = 1024
+    min_rate_window: Duration = 5.0
+
+
 class ProxyListenerConfig(ListenerConfig):
     limits: HeaderLimits = HeaderLimits()
     timeouts: ProxyListenerTimeouts = ProxyListenerTimeouts()
+    clients: ClientLimits = ClientLimits()
 
 
 _DEFAULT_BINDS: Final = {

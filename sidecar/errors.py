@@ -85,6 +85,13 @@ class PoolExhausted(SidecarError):
     status = 503
 
 
+class ConnectionLimit(SidecarError):
+    """A proxy listener is at its connection cap (per listener or per client address)."""
+
+    code = "CONNECTION_LIMIT"
+    status = 503
+
+
 class NotImplementedByProxy(SidecarError):
     code = "NOT_IMPLEMENTED"
     status = 501

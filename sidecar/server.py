@@ -163,6 +163,7 @@ class Sidecar:
             xid_max_length=config.xid.max_length,
             limits=lst.inbound.limits,
             timeouts=lst.inbound.timeouts,
+            clients=lst.inbound.clients,
             metrics=self.metrics,
             coordinator=self.control.coordinator,
             participant=self.control.participant,
@@ -184,6 +185,7 @@ class Sidecar:
             xid_max_length=config.xid.max_length,
             limits=lst.outbound.limits,
             timeouts=lst.outbound.timeouts,
+            clients=lst.outbound.clients,
             metrics=self.metrics,
         )
         return _Compiled(inbound, outbound, fresh)

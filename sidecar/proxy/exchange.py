@@ -43,8 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.proxy")
 
-#: request-body bytes held for an upstream that is not connected yet before reads pause
-MAX_PREBUFFER: Final = 64 * 1024
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CRLF: Final = b"\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
@@ -69,7 +67,7 @@ class Exchange:
         "header_deadline", "waiter_slot", "resp_started", "resp_chunked", "resp_close",
         "resp_status", "keep_client", "reused", "upstream_paused", "out", "finished",
         "attempts_left", "retrying", "error_code", "stats", "txn", "xid_extra", "held_head",
-        "held_complete", "branch",
+        "held_complete", "branch", "buffering",
     )  # fmt: skip
 
     def __init__(self, conn: ClientConnection, head: h.RequestHead, rt: ListenerRuntime) -> None:
@@ -111,6 +109,8 @@ class Exchange:
         self.held_complete = False
         #: the branch filter, on a declared TCC try / Saga action
         self.branch: BranchFilter | None = None
+        #: routed and filtered, waiting for the body before taking an upstream connection
+        self.buffering = False
 
     # --- start: filters, routing, a connection --------------------------------------------
 
@@ -206,6 +206,17 @@ class Exchange:
             head.content_length,
             head.chunked,
         )
+        if not self.body_done and self.body_buffered < self.rt.clients.request_buffer:
+            # no upstream connection until the body is in (or the buffer is full): a slow
+            # client must not hold a pooled connection while it dribbles its body
+            self.buffering = True
+            return
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        self.buffering = False
+        cluster = self.cluster
+        assert cluster is not None
         up = cluster.take_idle()
         if up is not None:
             self._send(up, True)
@@ -303,8 +314,12 @@ class Exchange:
             if self.body_buffered > branch.rule.max_application_data:
                 self.abort_request(_over_application_data(branch.rule))
             return
-        if self.body_buffered > MAX_PREBUFFER:
-            self.conn.pause(PAUSE_PREBUFFER)
+        limit = self.rt.clients.request_buffer
+        if self.body_buffered >= limit:
+            if self.buffering:
+                self._dispatch()
+            if self.upstream is None and self.body_buffered > limit:
+                self.conn.pause(PAUSE_PREBUFFER)  # until the upstream is connected
 
     def body_complete(self) -> None:
         self.body_done = True
@@ -314,7 +329,9 @@ class Exchange:
         if branch is not None and branch.task is None and branch.branch_id is None:
             branch.register(b"".join(self.body_buf or ()))
             return
-        if self.upstream is not None:
+        if self.buffering:
+            self._dispatch()
+        elif self.upstream is not None:
             self._finish_request()
 
     def _finish_request(self) -> None:
@@ -517,7 +534,17 @@ class Exchange:
     def check_deadlines(self, now: float) -> None:
         cluster = self.cluster
         assert cluster is not None
-        if now >= self.deadline:
+        if now >= self.deadline and not self.body_done and not self.conn.upstream_full():
+            # the client has not sent its whole body in all that time: its fault, not the
+            # upstream's (a 408 counted as the client's, never UPSTREAM_TIMEOUT)
+            self.conn.listener.client_error("body_timeout")
+            self.abort_request(
+                RequestTimeout(
+                    "request body not received within the total timeout "
+                    f"({format_duration(cluster.total_timeout)})"
+                )
+            )
+        elif now >= self.deadline:
             self._timeout(
                 UpstreamTimeout(
                     f"total timeout ({format_duration(cluster.total_timeout)}): the exchange "

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import httptools
 
-from sidecar.config import HeaderLimits, ProxyListenerTimeouts, format_duration
+from sidecar.config import ClientLimits, HeaderLimits, ProxyListenerTimeouts, format_duration
 from sidecar.errors import (
     BadRequest,
+    ConnectionLimit,
     HeadersTooLarge,
     NotImplementedByProxy,
     PayloadTooLarge,
@@ -34,11 +35,14 @@ from sidecar.errors import (
 from sidecar.proxy import headers as h
 from sidecar.proxy.exchange import (
     PAUSE_PIPELINE,
+    PAUSE_UPSTREAM_FULL,
     Exchange,
     body_timeout,
 )
 
 if TYPE_CHECKING:
+    from ssl import SSLContext
+
     from sidecar.coordinator.client import Coordinator
     from sidecar.metrics import Metrics, RequestStats
     from sidecar.proxy.route import Router
@@ -70,6 +74,7 @@ class ListenerRuntime:
     limits: HeaderLimits
     timeouts: ProxyListenerTimeouts
     metrics: Metrics
+    clients: ClientLimits = field(default_factory=ClientLimits)
     #: where declarative transactions begin and end (None: no rules, or no coordinator)
     coordinator: Coordinator | None = None
     #: the fence and phase-two caller of declared TCC/Saga resources
@@ -128,13 +133,29 @@ class ProxyListener:
         self._closed_event.set()
         self._watched: set[Exchange] = set()
         self._sweeper: asyncio.TimerHandle | None = None
+        #: open connections per client address (the per-client cap)
+        self.per_client: dict[bytes, int] = {}
 
     def protocol_factory(self) -> ClientConnection:
         return ClientConnection(self)
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(
+        self,
+        host: str,
+        port: int,
+        ssl: SSLContext | None = None,
+        ssl_handshake_timeout: float | None = None,
+    ) -> None:
+        """Listen; with `ssl`, connections reach the protocol only once their TLS handshake
+        is done (within `ssl_handshake_timeout`: a slow handshake is a slowloris too)."""
         self.server = await self.loop.create_server(
-            self.protocol_factory, host, port, reuse_address=True, backlog=4096
+            self.protocol_factory,
+            host,
+            port,
+            reuse_address=True,
+            backlog=4096,
+            ssl=ssl,
+            ssl_handshake_timeout=ssl_handshake_timeout if ssl is not None else None,
         )
 
     @property
@@ -174,14 +195,37 @@ class ProxyListener:
 
     # --- connections -----------------------------------------------------------------------
 
-    def _added(self, conn: ClientConnection) -> None:
+    def _added(self, conn: ClientConnection) -> SidecarError | None:
+        """Count a new connection in; the reason it must be refused, if it is over a cap."""
         self.connections.add(conn)
         self._closed_event.clear()
         self._conn_gauge.inc()
+        per_client = self.per_client
+        count = per_client[conn.peer_ip] = per_client.get(conn.peer_ip, 0) + 1
+        limits = self.runtime.clients
+        if len(self.connections) > limits.max_connections:
+            return ConnectionLimit(
+                f"listener {self.runtime.name!r} is at its limit of {limits.max_connections} "
+                "connections"
+            )
+        if 0 < limits.max_connections_per_client < count:
+            return ConnectionLimit(
+                f"this client address is at its limit of {limits.max_connections_per_client} "
+                f"connections to listener {self.runtime.name!r}"
+            )
+        return None
 
     def _removed(self, conn: ClientConnection) -> None:
+        if conn not in self.connections:
+            return
         self.connections.discard(conn)
         self._conn_gauge.dec()
+        per_client = self.per_client
+        left = per_client.get(conn.peer_ip, 1) - 1
+        if left:
+            per_client[conn.peer_ip] = left
+        else:
+            per_client.pop(conn.peer_ip, None)
         if not self.connections:
             self._closed_event.set()
 
@@ -220,17 +264,20 @@ class ClientConnection(asyncio.Protocol):
         self.head_bytes = 0
         self.head_size = 0
         self.header_count = 0
+        #: request heads received on this connection
+        self.requests = 0
         self.parsing: Exchange | None = None
         self.active: Exchange | None = None
         self.queue: deque[Exchange] = deque()
         self.paused = 0
         self.write_paused = False
+        self.write_timer: asyncio.TimerHandle | None = None
+        self.write_seen = 0
         self.closing = False
         self.idle_since = self.loop.time()
         self.keepalive_timer: asyncio.TimerHandle | None = None
         self.header_timer: asyncio.TimerHandle | None = None
         self.body_timer: asyncio.TimerHandle | None = None
-        self.body_progress = 0
         self.body_seen = 0
         #: body bytes delivered, and bytes of chunk framing, extensions and trailers, in the
         #: current request
@@ -249,6 +296,10 @@ class ClientConnection(asyncio.Protocol):
         self.ended: tuple[Exchange, int, int] | None = None
         #: a request was refused: the connection ends with a lingering close
         self.refused = False
+        #: a refusal that waits for the requests received before it to be answered
+        self.refusal: SidecarError | None = None
+        #: a request asked to close the connection: nothing after it is read
+        self.last_request = False
         self.lingering = False
         self.linger_left = 0
         self.linger_timer: asyncio.TimerHandle | None = None
@@ -261,22 +312,34 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer_ip = str(peer[0]).encode("latin-1")
-        self.listener._added(self)
+        over = self.listener._added(self)
         if self.listener.draining:
             self.closing = True
             transport.close()
             return
-        self.keepalive_timer = self.loop.call_later(
-            self.runtime.timeouts.keepalive, self._check_keepalive
-        )
+        if over is not None:
+            # answered before anything is read, so it costs no parsing; the client may
+            # retry (another replica, or this one once connections close)
+            self.listener.client_error("connection_limit")
+            self.closing = True
+            self.write_error(over, close=True)
+            transport.close()
+            return
+        timeouts = self.runtime.timeouts
+        self.keepalive_timer = self.loop.call_later(timeouts.keepalive, self._check_keepalive)
+        # the first request head is due within header_read of the accept: a connection that
+        # sends nothing is not kept for the whole keep-alive time
+        self.header_timer = self.loop.call_later(timeouts.header_read, self._on_header_timeout)
 
     def data_received(self, data: bytes) -> None:
-        if self.closing:
+        if self.closing or self.refusal is not None:
             if self.lingering:
                 self.linger_left -= len(data)
                 if self.linger_left <= 0:
                     self.abort()
             return
+        if self.last_request and self.parsing is None:
+            return  # after a request with `Connection: close` nothing more is read
         if self.head is not None:
             self._feed_from_head(data, 0)
         elif self.parsing is not None:
@@ -300,11 +363,9 @@ class ClientConnection(asyncio.Protocol):
                 )
         elif self.parsing is not None and self.body_timer is None and not self.closing:
             # the read ended inside a request body
-            self.body_seen = self.body_progress
+            self.body_seen = self.body_bytes
             self.timer_resumes = self.resumes
-            self.body_timer = self.loop.call_later(
-                self.runtime.timeouts.body_idle, self._check_body_idle
-            )
+            self.body_timer = self.loop.call_later(self._body_window(), self._check_body_idle)
 
     def _feed_from_head(self, data: bytes, at: int) -> None:
         """Parse `data[at:]`, which starts at (or inside) a request head. Each head is fed
@@ -312,7 +373,7 @@ class ClientConnection(asyncio.Protocol):
         one (and its chunk framing, extensions and trailers are bounded from its first
         byte)."""
         size = len(data)
-        while at < size:
+        while at < size and not self.last_request:
             end = self._head_end(data, at)
             cut = size if end == -1 else end
             if not self._feed(_piece(data, at, cut), head=True):
@@ -464,11 +525,38 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = True
         if self.active is not None:
             self.active.pause_upstream_reading()
+        if self.runtime.clients.min_rate_bytes and self.write_timer is None:
+            self._arm_write_timer()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.write_timer is not None:
+            self.write_timer.cancel()
+            self.write_timer = None
         if self.active is not None:
             self.active.resume_upstream_reading()
+
+    def _arm_write_timer(self) -> None:
+        assert self.transport is not None
+        self.write_seen = self.transport.get_write_buffer_size()
+        self.write_timer = self.loop.call_later(
+            self.runtime.clients.min_rate_window, self._check_write_progress
+        )
+
+    def _check_write_progress(self) -> None:
+        """While the client's socket is full, it must read at least `min_rate_bytes` per
+        window (nginx's send_timeout, as a rate): a slow reader would otherwise hold the
+        upstream connection its response comes from for as long as it likes."""
+        self.write_timer = None
+        transport = self.transport
+        if not self.write_paused or transport is None or transport.is_closing():
+            return
+        drained = self.write_seen - transport.get_write_buffer_size()
+        if drained >= self.runtime.clients.min_rate_bytes:
+            self._arm_write_timer()
+            return
+        self.listener.client_error("slow_read")
+        self.abort()  # connection_lost abandons the exchange and frees its upstream
 
     # --- llhttp callbacks ---------------------------------------------------------------------
 
@@ -541,6 +629,7 @@ class ClientConnection(asyncio.Protocol):
                 raise BadRequest("HTTP/1.1 request without a Host header")
         elif not h.valid_host(head.host):
             raise BadRequest("invalid Host header")
+        self.requests += 1
         exchange = Exchange(self, head, self.runtime)
         if head.has_body:
             self.parsing = exchange
@@ -552,7 +641,6 @@ class ClientConnection(asyncio.Protocol):
             self.pause(PAUSE_PIPELINE)
 
     def on_body(self, body: bytes) -> None:
-        self.body_progress += 1
         self.body_bytes += len(body)
         exchange = self.parsing
         if exchange is not None:
@@ -560,6 +648,8 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         exchange, self.parsing = self.parsing, None
+        if not self.parser.should_keep_alive():
+            self.last_request = True
         if self.feeding_body and exchange is not None and exchange.head.chunked:
             # it ended in the piece being fed: complete it once the overhead is checked
             self.ended = (exchange, self.body_bytes, self.body_overhead)
@@ -589,6 +679,15 @@ class ClientConnection(asyncio.Protocol):
                 self.resume(PAUSE_PIPELINE)
             self.active = nxt
             nxt.start()
+        elif self.refusal is not None:
+            # every request received before the refused one is answered: now the refusal
+            err, self.refusal = self.refusal, None
+            self.closing = True
+            self.refused = True
+            self.write_error(err, close=True)
+            self._close()
+        elif self.last_request:
+            self._close()
         else:
             self.idle_since = self.loop.time()
 
@@ -599,6 +698,10 @@ class ClientConnection(asyncio.Protocol):
 
     # --- flow control ------------------------------------------------------------------------
 
+    def upstream_full(self) -> bool:
+        """Reading is paused because the upstream does not take the body as fast."""
+        return bool(self.paused & PAUSE_UPSTREAM_FULL)
+
     def pause(self, reason: int) -> None:
         if not self.paused and self.transport is not None:
             self.transport.pause_reading()
@@ -608,7 +711,12 @@ class ClientConnection(asyncio.Protocol):
         if not self.paused & reason:
             return
         self.paused &= ~reason
-        if not self.paused and self.transport is not None and not self.transport.is_closing():
+        if (
+            not self.paused
+            and self.refusal is None
+            and self.transport is not None
+            and not self.transport.is_closing()
+        ):
             self.resumes += 1
             self.transport.resume_reading()
 
@@ -644,35 +752,54 @@ class ClientConnection(asyncio.Protocol):
                 ),
                 "header_timeout",
             )
+        elif self.requests == 0 and self.active is None and self.parsing is None:
+            # connected and sent nothing at all: close quietly (as nginx does), freeing
+            # the descriptor an idle-connection flood would pile up
+            self.listener.client_error("idle_timeout")
+            self._close()
+
+    def _body_window(self) -> float:
+        clients = self.runtime.clients
+        if clients.min_rate_bytes:
+            return clients.min_rate_window
+        return self.runtime.timeouts.body_idle
 
     def _check_body_idle(self) -> None:
+        """Every window while a body is incomplete: the client must have sent at least
+        `min_rate_bytes` in it (or anything at all, within `body_idle`, with no rate)."""
         self.body_timer = None
         exchange = self.parsing
         if exchange is None or self.closing:
             return
+        clients = self.runtime.clients
+        need = clients.min_rate_bytes or 1
         if (
-            self.body_progress != self.body_seen
+            self.body_bytes - self.body_seen >= need
             or self.paused
             or self.resumes != self.timer_resumes
         ):
-            # still flowing, or held back by us (back-pressure, pipelining), not stalled by
-            # the client
-            self.body_seen = self.body_progress
+            # fast enough, or held back by us (back-pressure, pipelining), not the client
+            self.body_seen = self.body_bytes
             self.timer_resumes = self.resumes
-            self.body_timer = self.loop.call_later(
-                self.runtime.timeouts.body_idle, self._check_body_idle
-            )
+            self.body_timer = self.loop.call_later(self._body_window(), self._check_body_idle)
             return
         self.listener.client_error("body_timeout")
         self.parsing = None
-        exchange.abort_request(body_timeout(self.runtime.timeouts.body_idle))
+        if clients.min_rate_bytes:
+            err = RequestTimeout(
+                f"request body slower than {clients.min_rate_bytes} bytes per "
+                f"{format_duration(clients.min_rate_window)}"
+            )
+        else:
+            err = body_timeout(self.runtime.timeouts.body_idle)
+        exchange.abort_request(err)
         self._close()
 
     def _cancel_timers(self) -> None:
-        for timer in (self.keepalive_timer, self.header_timer, self.body_timer):
+        for timer in (self.keepalive_timer, self.header_timer, self.body_timer, self.write_timer):
             if timer is not None:
                 timer.cancel()
-        self.keepalive_timer = self.header_timer = self.body_timer = None
+        self.keepalive_timer = self.header_timer = self.body_timer = self.write_timer = None
 
     # --- endings -----------------------------------------------------------------------------
 
@@ -680,23 +807,29 @@ class ClientConnection(asyncio.Protocol):
         """Answer a request that cannot be parsed or framed, and close: after a framing error
         the byte stream cannot be trusted, so nothing else is read from it."""
         self.listener.client_error(reason)
-        self.closing = True
-        self.refused = True
         self._cancel_timers()
-        if self.transport is None or self.transport.is_closing():
-            return
+        transport = self.transport
         parsing, self.parsing = self.parsing, None
-        if parsing is not None and parsing is self.active:
-            # the body being forwarded is corrupt: abandon the upstream attempt too
-            parsing.abort_request(err)
+        if transport is None or transport.is_closing() or self.active in (None, parsing):
+            self.closing = True
+            self.refused = True
+            if transport is None or transport.is_closing():
+                return
+            if parsing is not None:
+                # the body being forwarded is corrupt: abandon the upstream attempt too
+                parsing.abort_request(err)
+            else:
+                self.write_error(err, close=True)
             self._close()
-        elif self.active is None:
-            self.write_error(err, close=True)
-            self._close()
-        else:
-            # a response is in progress for an earlier request: let it finish, then close
-            # (exchange_finished sees `closing`); nothing more is read
-            self.transport.pause_reading()
+            return
+        # requests received whole before this one are still being answered: answer them,
+        # then this refusal, then close (RFC 9112 §9.3.2); nothing more is read
+        if parsing is not None:
+            # a pipelined request whose body is corrupt: it is never started
+            self.queue.remove(parsing)
+            parsing.finished = True
+        self.refusal = err
+        transport.pause_reading()
 
     def write_error(
         self, err: SidecarError, close: bool, extra: list[tuple[bytes, bytes]] | None = None
