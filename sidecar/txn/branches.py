@@ -47,6 +47,8 @@ CALLBACK_PREFIX: Final = "/v1/resources"
 #: (the coordinator then retries with backoff): a few seconds, and below the coordinator's
 #: callback timeout (see `wait_patience`)
 WAIT_PATIENCE: Final = 2.0
+#: seconds `Participant.close` lets the recording of ended tries finish
+CLOSE_PATIENCE: Final = 1.0
 
 
 class BranchSuspended(SidecarError):
@@ -212,8 +214,12 @@ class Participant:
 
     async def close(self) -> None:
         self.tries.close()
-        for task in list(self._background):
-            task.cancel()
+        if self._background:
+            # ends of tries being recorded: short fence writes, worth letting finish (a row
+            # left trying only makes a later phase two wait for its deadline)
+            _, late = await asyncio.wait(set(self._background), timeout=CLOSE_PATIENCE)
+            for task in late:
+                task.cancel()
         if self._session is not None:
             await self._session.close()
 
