@@ -230,8 +230,64 @@ class NodeConfig(_Model):
     advertise_address: str = "127.0.0.1"
 
 
+def _file_path(value: object) -> object:
+    # existence and content are checked when the TLS context is built (start, reload), so
+    # that a certificate swapped for a broken one is refused like any invalid config
+    if isinstance(value, str) and (not value or "\x00" in value):
+        raise ValueError("must be the path of a file")
+    return value
+
+
+FilePath = Annotated[str, BeforeValidator(_file_path)]
+
+
+class ListenerTlsConfig(_Model):
+    """TLS terminated on a listener: TLS 1.2 and later only, the standard library's secure
+    defaults; mutual TLS when `client_ca_file` is given. The files are re-read when they
+    change (a renewed certificate is served to the next connection)."""
+
+    cert_file: FilePath
+    key_file: FilePath
+    #: CA bundle that client certificates must chain to (mutual TLS)
+    client_ca_file: FilePath | None = None
+    #: default: true when client_ca_file is set (false: a certificate is verified if sent)
+    require_client_cert: bool | None = None
+    #: a client must complete its handshake within this (a slow handshake is a slowloris)
+    handshake_timeout: Duration = 10.0
+
+    @model_validator(mode="after")
+    def _client_ca(self) -> ListenerTlsConfig:
+        if self.require_client_cert and self.client_ca_file is None:
+            raise ValueError(
+                "require_client_cert needs client_ca_file (the CA client certificates must "
+                "chain to)"
+            )
+        return self
+
+
+class OriginTlsConfig(_Model):
+    """TLS this process originates to an https:// URL: the CA to trust (default: the
+    system's), an optional client certificate (mutual TLS), the name to verify."""
+
+    ca_file: FilePath | None = None
+    cert_file: FilePath | None = None
+    key_file: FilePath | None = None
+    #: the name sent as SNI and verified in the certificate (default: the URL's host)
+    server_name: str | None = Field(default=None, min_length=1, max_length=253)
+    #: false turns certificate and name checks off (tests only: anyone can then pose as it)
+    verify: bool = True
+
+    @model_validator(mode="after")
+    def _pairs(self) -> OriginTlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
 class ListenerConfig(_Model):
     bind: Bind
+    #: TLS on this listener (absent: plain HTTP)
+    tls: ListenerTlsConfig | None = None
 
 
 class HeaderLimits(_Model):
@@ -342,11 +398,15 @@ class ClusterConfig(_Model):
     #: bounds on this upstream's response heads (status line, field size and count, total),
     #: as the listeners' `limits` bound request heads; past them the answer is 502
     response_limits: HeaderLimits = HeaderLimits()
+    #: TLS to an https:// url (absent: the system's CAs, the url's host)
+    tls: OriginTlsConfig | None = None
 
     @model_validator(mode="after")
     def _timeouts_nest(self) -> ClusterConfig:
         t = self.timeouts
         problems = []
+        if self.tls is not None and not self.url.startswith("https://"):
+            problems.append("tls applies to an https:// url only")
         if t.total <= t.response_header:
             problems.append(
                 f"timeouts.total ({format_duration(t.total)}) must exceed "
@@ -500,6 +560,8 @@ class CoordinatorConfig(_Model):
     auth: AuthConfig = AuthConfig()
     timeouts: CoordinatorTimeouts = CoordinatorTimeouts()
     breaker: BreakerConfig = BreakerConfig()
+    #: TLS to https:// endpoints and peers (absent: the system's CAs)
+    tls: OriginTlsConfig | None = None
 
 
 class PhaseTwoRetry(_Model):

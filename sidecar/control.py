@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ from sidecar.coordinator.states import GlobalStatus
 from sidecar.errors import ConfigError, JournalUnavailable
 from sidecar.idempotency import IdempotencyStore
 from sidecar.metrics import Metrics
+from sidecar.tls import TlsSite
 from sidecar.txn.api import build_api_app
 from sidecar.txn.branches import BranchRules, Participant
 from sidecar.txn.callbacks_api import add_callback_routes
@@ -104,12 +106,26 @@ class MetricsEvents:
         self._calls[ok].inc()
 
 
-async def serve_app(app: web.Application, bind: str) -> tuple[web.AppRunner, int]:
-    """Run one control-plane app on `bind`; returns its runner and the port bound."""
+async def serve_app(
+    app: web.Application,
+    bind: str,
+    ssl_context: ssl.SSLContext | None = None,
+    ssl_handshake_timeout: float | None = None,
+) -> tuple[web.AppRunner, int]:
+    """Run one control-plane app on `bind` (with TLS when given a context); returns its
+    runner and the port bound."""
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     host, port = parse_bind(bind)
-    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    site = TlsSite(
+        runner,
+        host,
+        port,
+        reuse_address=True,
+        ssl_context=ssl_context,
+        handshake_timeout=ssl_handshake_timeout,
+    )
+    await site.start()
     return runner, int(runner.addresses[0][1])
 
 
@@ -306,6 +322,36 @@ class ControlPlane:
         if self.engine is not None:
             self.engine.owner = owner
         return owner
+
+    def prepare_rotation(self, config: Config) -> Callable[[], None]:
+        """Build what a reloaded config changes live in the control plane, and return the
+        swap (which cannot fail): signing keys (the current one signs, current and previous
+        verify), the JWT access and verify keys, phase-two header values. Raises ConfigError
+        when something cannot be built; nothing has changed then."""
+        old, new = self.config.coordinator, config.coordinator
+        ring = None
+        if new.signing != old.signing:  # unchanged: keep even an ephemeral key as it is
+            try:
+                ring = KeyRing.from_config(new.signing)
+            except ValueError as exc:
+                raise ConfigError([f"coordinator.signing: {exc}"]) from None
+        verify_key = new.auth.verify_key_file.reveal() if new.auth.verify_key_file else None
+        access_key = new.auth.access_key_file.reveal() if new.auth.access_key_file else None
+        rules = BranchRules(config) if self.participant is not None else None
+
+        def swap() -> None:
+            if ring is not None:
+                self.ring.replace(ring)
+                log.info("signing keys rotated", extra={"key_id": ring.key_id})
+            self.gate.bearer_key = verify_key
+            tokens = self.remote.tokens if self.remote is not None else None
+            if tokens is not None and access_key is not None:
+                tokens.rotate_access_key(access_key)
+            if self.participant is not None and rules is not None:
+                self.participant.rules = rules
+            self.config = config
+
+        return swap
 
     def readiness_problems(self) -> list[str]:
         if self.engine is not None and not self.engine.journal_ok:

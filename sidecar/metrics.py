@@ -233,6 +233,18 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.tls_handshake_failures = Counter(
+            "gts_sidecar_tls_handshake_failures",
+            "TLS handshakes a listener refused or that never finished, by reason (sidecar/tls.py)",
+            ["listener", "reason"],
+            registry=r,
+        )
+        self.tls_reloads = Counter(
+            "gts_sidecar_tls_reloads",
+            "Certificate and key files re-read after a change, by result (applied, invalid)",
+            ["result"],
+            registry=r,
+        )
         self.config_info = Gauge(
             "gts_sidecar_config_version",
             "1 for the config version in force (sha256 prefix of the file)",

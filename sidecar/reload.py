@@ -1,9 +1,13 @@
-"""Config reload: watch the file, validate the new version whole, then swap.
+"""Config reload: watch the file and every file it names, validate the new version whole,
+then swap.
 
-Kubernetes mounts a ConfigMap as `dir/sidecar.yaml → ..data/sidecar.yaml`, with `..data` a
+Kubernetes mounts a ConfigMap or a Secret as `dir/name → ..data/name`, with `..data` a
 symlink that an update swaps atomically to a new timestamped directory; inotify on the file
-itself misses that, so the watcher polls `stat()` through the symlinks and compares the
-content hash. An invalid new file is refused, logged and counted; the old config stays.
+itself misses that, so the watcher polls `stat()` through the symlinks. It watches the config
+file and every `*_file` the config in force names (secrets, certificates, keys, CAs): a
+rotated Secret is a reload like an edited ConfigMap. A change is applied only when the config
+text or the content of one of those files differs. An invalid new version (a bad key pair, an
+empty token file, a broken YAML) is refused, logged and counted; the old one stays in force.
 """
 
 from __future__ import annotations
@@ -12,22 +16,108 @@ import asyncio
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, Final
 
-from sidecar.config import Config, load
+from pydantic import BaseModel
+
+from sidecar.config import Config, Secret, load
 from sidecar.errors import ConfigError
 from sidecar.metrics import Metrics
 
 log = logging.getLogger("sidecar.reload")
+
+StatKey = tuple[int, int, int, int] | None
+
+#: the sections whose change needs a restart, except for the keys listed for each, which
+#: apply live (below: what each live change does)
+_RESTART_SECTIONS: Final = (
+    "coordinator",
+    "local_coordinator",
+    "tcc",
+    "saga",
+    "idempotency",
+    "locks",
+)
+#: coordinator.signing: the ring is replaced in place (the current key signs, current and
+#: previous keys verify); coordinator.tls: new connections use the new context
+_LIVE_KEYS: Final = {"coordinator": {"signing", "tls"}}
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def _files(node: Any, key: str = "") -> Iterator[str]:
+    if isinstance(node, Secret):
+        yield node.path
+    elif isinstance(node, BaseModel):
+        for name in type(node).model_fields:
+            yield from _files(getattr(node, name), name)
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from _files(value, key)
+    elif isinstance(node, list | tuple):
+        for value in node:
+            yield from _files(value, key)
+    elif isinstance(node, str) and key.endswith("_file"):
+        yield node  # a certificate, key or CA file (read by sidecar/tls.py)
+
+
+def watched_files(config: Config) -> list[str]:
+    """Every file `config` names: secrets, certificates, keys, CAs (sorted, unique)."""
+    return sorted(set(_files(config)))
+
+
+def files_digest(paths: list[str]) -> str:
+    """One digest over the content of `paths` (an unreadable file counts as its error)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
+        try:
+            with open(path, "rb") as f:
+                digest.update(hashlib.sha256(f.read(4 * 1024 * 1024)).digest())
+        except OSError as exc:
+            digest.update(f"unreadable {exc.errno}".encode())
+    return digest.hexdigest()
+
+
+def _structure(value: Any, exclude: set[str] | None = None) -> Any:
+    # secrets dump as their paths: a rotated value (same path) is not a structural change
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", by_alias=True, exclude=exclude)
+    if isinstance(value, list):
+        return [_structure(v) for v in value]
+    return value
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """What in `new` cannot be applied to a running process, one problem per key path.
+    The content of secret and certificate files never needs a restart (their paths do,
+    outside the keys that apply live)."""
+    problems = [
+        f"listeners.{name}.bind: changing a bind address needs a restart"
+        for name in ("inbound", "outbound", "api", "peer", "admin")
+        if getattr(new.listeners, name).bind != getattr(old.listeners, name).bind
+    ]
+    problems += [
+        f"listeners.{name}.tls: changing a listener's TLS settings needs a restart (the "
+        "certificate, key and CA files themselves are re-read live when they change)"
+        for name in ("inbound", "outbound", "api", "peer", "admin")
+        if getattr(new.listeners, name).tls != getattr(old.listeners, name).tls
+    ]
+    for section in _RESTART_SECTIONS:
+        live = _LIVE_KEYS.get(section)
+        if _structure(getattr(new, section), live) != _structure(getattr(old, section), live):
+            what = f" (except {', '.join(sorted(live))})" if live else ""
+            problems.append(f"{section}: changing this section{what} needs a restart")
+    return problems
+
+
 class ConfigWatcher:
-    """Polls one config file; calls `apply(config, digest)` for each new valid version."""
+    """Polls one config file and the files it names; calls `apply(config, digest)` for each
+    new valid version (`digest`: the config file's sha256)."""
 
     def __init__(
         self,
@@ -36,22 +126,30 @@ class ConfigWatcher:
         apply: Callable[[Config, str], None],
         metrics: Metrics,
         interval: float = 1.0,
+        *,
+        files: Callable[[], list[str]] = list,
     ) -> None:
         self.path = path
         self.digest = digest
         self._apply = apply
         self._metrics = metrics
         self.interval = interval
+        self._files = files
+        self.files_digest = files_digest(files())
         self._stat = self._stat_key()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
-    def _stat_key(self) -> tuple[int, int, int, int] | None:
+    @staticmethod
+    def _one_stat(path: str) -> StatKey:
         try:
-            st = os.stat(self.path)
+            st = os.stat(path)  # through the symlinks: a swapped ..data shows as a new inode
         except OSError:
             return None
         return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _stat_key(self) -> tuple[StatKey, ...]:
+        return tuple(self._one_stat(p) for p in [self.path, *self._files()])
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._poll(), name="config-watcher")
@@ -76,7 +174,8 @@ class ConfigWatcher:
                 digest = await loop.run_in_executor(None, file_digest, self.path)
             except OSError as exc:
                 return self._count("invalid", f"cannot read {self.path}: {exc.strerror}")
-            if digest == self.digest:
+            named = await loop.run_in_executor(None, files_digest, self._files())
+            if digest == self.digest and named == self.files_digest:
                 return self._count("unchanged", None)
             try:
                 config = await loop.run_in_executor(None, load, self.path)
@@ -84,25 +183,29 @@ class ConfigWatcher:
                 if not isinstance(exc, ConfigError):
                     log.exception("config reload failed unexpectedly")
                     exc = ConfigError([f"<file>: {type(exc).__name__}"])
-                log.error(
-                    "config reload refused; the previous config stays in force",
-                    extra={"reason": reason, "problems": exc.problems, "sha256": digest[:12]},
-                )
-                self._metrics.config_reloads.labels("invalid").inc()
-                return "invalid"
+                return self._refused(reason, exc, digest)
             try:
                 self._apply(config, digest)
-            except ConfigError as exc:
-                log.error(
-                    "config reload refused; the previous config stays in force",
-                    extra={"reason": reason, "problems": exc.problems, "sha256": digest[:12]},
-                )
-                self._metrics.config_reloads.labels("invalid").inc()
-                return "invalid"
+            except Exception as exc:  # as above: the watcher outlives any one bad version
+                if not isinstance(exc, ConfigError):
+                    log.exception("config apply failed unexpectedly")
+                    exc = ConfigError([f"<apply>: {type(exc).__name__}"])
+                return self._refused(reason, exc, digest)
             self.digest = digest
+            # the files of the config now in force (a reload may name other files)
+            self.files_digest = await loop.run_in_executor(None, files_digest, self._files())
+            self._stat = self._stat_key()
             log.info("config reloaded", extra={"reason": reason, "sha256": digest[:12]})
             self._metrics.config_reloads.labels("applied").inc()
             return "applied"
+
+    def _refused(self, reason: str, exc: ConfigError, digest: str) -> str:
+        log.error(
+            "config reload refused; the previous config stays in force",
+            extra={"reason": reason, "problems": exc.problems, "sha256": digest[:12]},
+        )
+        self._metrics.config_reloads.labels("invalid").inc()
+        return "invalid"
 
     def _count(self, result: str, error: str | None) -> str:
         if error:

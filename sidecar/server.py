@@ -29,7 +29,9 @@ from sidecar.proxy.inbound import InboundRouter
 from sidecar.proxy.listener import ListenerRuntime, ProxyListener
 from sidecar.proxy.outbound import OutboundRouter
 from sidecar.proxy.upstream import Cluster
-from sidecar.reload import ConfigWatcher
+from sidecar.reload import ConfigWatcher, restart_needed, watched_files
+from sidecar.tls import LISTENERS, ListenerTls, TlsConfigError, TlsSet
+from sidecar.tls import build as build_tls
 from sidecar.txn.branches import CALLBACK_PREFIX, BranchRules
 from sidecar.txn.rules import RuleSet
 
@@ -89,6 +91,9 @@ class Sidecar:
         self.ports: dict[str, int] = {}
         self.control = ControlPlane(config, self.metrics, role="local")
         self._callback_base = ""
+        #: listeners that terminate TLS, and the contexts of the config in force
+        self.tls: dict[str, ListenerTls] = {}
+        self._tls = TlsSet()
 
     # --- state read by the admin listener -------------------------------------------------
 
@@ -136,20 +141,26 @@ class Sidecar:
 
     # --- compile config into runtimes ---------------------------------------------------------
 
-    def _cluster(self, key: str, name: str, cfg: Any, fresh: dict[str, Cluster]) -> Cluster:
+    def _cluster(
+        self, key: str, name: str, cfg: Any, fresh: dict[str, Cluster], tls: TlsSet
+    ) -> Cluster:
+        ctx = tls.clients.get(key)
         old = self._clusters.get(key)
         if old is not None and old.cfg == cfg:
             cluster = old
+            if ctx is not None:
+                cluster.ssl = ctx  # files rotated (or not): new connections use this one
         else:
-            cluster = Cluster(name, cfg, self.metrics)
+            server_name = cfg.tls.server_name if cfg.tls is not None else None
+            cluster = Cluster(name, cfg, self.metrics, ssl_context=ctx, server_name=server_name)
         fresh[key] = cluster
         return cluster
 
-    def _compile(self, config: Config) -> _Compiled:
+    def _compile(self, config: Config, tls: TlsSet) -> _Compiled:
         fresh: dict[str, Cluster] = {}
-        app = self._cluster("app", "app", config.app, fresh)
+        app = self._cluster("app", "app", config.app, fresh, tls)
         upstreams = {
-            name: self._cluster(f"upstream:{name}", name, up, fresh)
+            name: self._cluster(f"upstream:{name}", name, up, fresh, tls)
             for name, up in config.upstreams.items()
         }
         classifier = h.build_classifier(config.xid.headers)
@@ -203,30 +214,42 @@ class Sidecar:
             cluster.close()
 
     def apply(self, config: Config, digest: str) -> None:
-        """Swap in a new, already validated config (the reload path)."""
-        needs_restart = [
-            f"listeners.{name}.bind: changing a bind address needs a restart"
-            for name in ("inbound", "outbound", "api", "peer", "admin")
-            if getattr(config.listeners, name).bind != getattr(self._config.listeners, name).bind
-        ]
-        needs_restart += [
-            f"{section}: changing this section needs a restart"
-            for section in (
-                "coordinator",
-                "local_coordinator",
-                "tcc",
-                "saga",
-                "idempotency",
-                "locks",
-            )
-            if getattr(config, section) != getattr(self._config, section)
-        ]
-        if needs_restart:
-            raise ConfigError(needs_restart)
-        self._swap(self._compile(config))
+        """Swap in a new, already validated config (the reload path): everything is built
+        first (TLS contexts, key ring, runtimes); any failure leaves the old config whole."""
+        problems = restart_needed(self._config, config)
+        if problems:
+            raise ConfigError(problems)
+        tls = self._build_tls(config, reloading=True)
+        rotation = self.control.prepare_rotation(config)
+        compiled = self._compile(config, tls)
+        # --- nothing below can fail: swap
+        rotation()
+        for name, listener_tls in self.tls.items():
+            listener_tls.current = tls.servers[name]
+        self._set_coordinator_tls(config, tls)
+        if tls.fingerprint != self._tls.fingerprint:
+            self.metrics.tls_reloads.labels("applied").inc()
+            log.info("TLS certificates and keys reloaded", extra={"files": len(tls.servers)})
+        self._tls = tls
+        self._swap(compiled)
         self._config = config
         self._set_version(digest)
         logs.set_level(config.logging.level)
+
+    def _build_tls(self, config: Config, *, reloading: bool) -> TlsSet:
+        try:
+            return build_tls(config)
+        except TlsConfigError as exc:
+            if reloading:
+                self.metrics.tls_reloads.labels("invalid").inc()
+            raise ConfigError(exc.message.split("; ")) from None
+
+    def _set_coordinator_tls(self, config: Config, tls: TlsSet) -> None:
+        remote = self.control.remote
+        if remote is not None and tls.coordinator is not None:
+            remote.ssl_context = tls.coordinator
+            origin = config.coordinator.tls
+            remote.server_name = origin.server_name if origin is not None else None
 
     def _set_version(self, digest: str) -> None:
         if self._digest:
@@ -242,26 +265,45 @@ class Sidecar:
             raise ConfigError([f"listeners.require_c_parser: {problem}"])
         # the local engine always runs: it is the coordinator when no cluster is configured,
         # and the degraded-mode stand-in when the configured cluster is unreachable
+        tls = self._build_tls(config, reloading=False)
+        for name in LISTENERS:
+            listener_tls = getattr(config.listeners, name).tls
+            if listener_tls is not None:
+                self.tls[name] = ListenerTls(
+                    name, listener_tls, tls.servers[name], self.metrics.tls_handshake_failures
+                )
+        self._tls = tls
         await self.control.start(serve_local=True)
-        compiled = self._compile(config)
+        self._set_coordinator_tls(config, tls)
+        compiled = self._compile(config, tls)
         self._swap(compiled)
         self._set_version(self._digest)
         self.inbound = ProxyListener(compiled.inbound)
         self.outbound = ProxyListener(compiled.outbound)
         try:
-            await self.inbound.start(*parse_bind(config.listeners.inbound.bind))
-            await self.outbound.start(*parse_bind(config.listeners.outbound.bind))
+            for name, proxy in (("inbound", self.inbound), ("outbound", self.outbound)):
+                listener_tls = self.tls.get(name)
+                await proxy.start(
+                    *parse_bind(getattr(config.listeners, name).bind),
+                    ssl=listener_tls.base if listener_tls else None,
+                    ssl_handshake_timeout=listener_tls.handshake_timeout if listener_tls else None,
+                )
             for name, app in (
                 ("api", self.control.api_app()),
                 ("peer", self.control.peer_app()),
                 ("admin", build_admin_app(self)),
             ):
+                listener_tls = self.tls.get(name)
                 runner, self.ports[name] = await serve_app(
-                    app, getattr(config.listeners, name).bind
+                    app,
+                    getattr(config.listeners, name).bind,
+                    listener_tls.base if listener_tls else None,
+                    listener_tls.handshake_timeout if listener_tls else None,
                 )
                 self._runners.append(runner)
             owner = self.control.peer_bound(self.ports["peer"])
-            self._callback_base = f"http://{owner}{CALLBACK_PREFIX}"
+            scheme = "https" if "peer" in self.tls else "http"
+            self._callback_base = f"{scheme}://{owner}{CALLBACK_PREFIX}"
             compiled.inbound.callback_base = self._callback_base
             self.ports["inbound"] = self.inbound.port
             self.ports["outbound"] = self.outbound.port
@@ -270,7 +312,12 @@ class Sidecar:
             raise ConfigError([f"listeners: cannot bind: {exc.strerror or exc}"]) from None
         if self.config_path is not None:
             self._watcher = ConfigWatcher(
-                self.config_path, self._digest, self.apply, self.metrics, self.reload_interval
+                self.config_path,
+                self._digest,
+                self.apply,
+                self.metrics,
+                self.reload_interval,
+                files=lambda: watched_files(self._config),
             )
             self._watcher.start()
         log.info(
@@ -338,6 +385,8 @@ class Sidecar:
         log.info("stopped")
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
         for lst in (self.inbound, self.outbound):
             if lst is not None and lst.server is not None:
                 lst.server.close()

@@ -196,6 +196,13 @@ class TokenSource:
             algorithms=cfg.algorithms,
         )
 
+    def rotate_access_key(self, access_key: str) -> None:
+        """A rotated access key (its secret file changed): used from the next fetch on; the
+        token already held stays until it is due (the endpoint issued it)."""
+        if not access_key:
+            raise ValueError("access_key must not be empty")
+        self._access_key = access_key
+
     def __repr__(self) -> str:
         return f"TokenSource(token_url={self.token_url!r}, access_key=<redacted>)"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -171,6 +172,10 @@ class RemoteCoordinator:
         self._own_session = session is None
         self.tokens = tokens
         self._clock_ms = clock_ms
+        #: https:// endpoints: the context of new connections (sidecar/tls.py swaps it when
+        #: coordinator.tls files rotate) and the name verified (None: the endpoint's host)
+        self.ssl_context: ssl.SSLContext | bool = True
+        self.server_name: str | None = None
 
     async def close(self) -> None:
         if self._own_session and self._session is not None:
@@ -380,6 +385,7 @@ class RemoteCoordinator:
         async with self._get_session().request(
             method, URL(endpoint + path, encoded=True), data=body or None, headers=headers,
             timeout=client_timeout, allow_redirects=False,
+            ssl=self.ssl_context, server_hostname=self.server_name,
         ) as resp:  # fmt: skip
             raw = await resp.read()
         try:

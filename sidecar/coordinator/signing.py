@@ -173,6 +173,13 @@ class KeyRing:
         previous = [(k.key_id, k.secret_file.reveal().encode()) for k in cfg.previous]
         return cls(current, previous)
 
+    def replace(self, other: KeyRing) -> None:
+        """Take `other`'s keys in place (a reload rotating keys): everything that holds this
+        ring signs with the new current key and verifies against the new set from its next
+        call on, with no restart."""
+        self.key_id, self._secret, self._keys = other.key_id, other._secret, other._keys
+        self.ephemeral = other.ephemeral
+
     @property
     def secret(self) -> bytes:
         """The current key's secret (to sign with)."""
