@@ -21,6 +21,7 @@ KUBERNETES_KEYS = [
     "coordinator.signing.secret_file",
     "admin.token_file",  # /admin/* needs a token
     "local_coordinator.journal",  # absolute, on the journal volume
+    "degraded.peer_networks",  # the pod CIDR (empty in the example: no peer is called)
 ]
 COPIES = {
     BASE / "sidecar.yaml": KUBERNETES_KEYS,
