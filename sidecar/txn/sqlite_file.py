@@ -31,8 +31,8 @@ T = TypeVar("T")
 #: rows deleted per transaction: measured ~2 ms per batch of journal rows on the CI VM
 #: (2,000 took ~7 ms, with spikes at 14 ms), so a write queued behind one waits a few ms
 BATCH_ROWS: Final = 500
-#: pages handed back per transaction (4 KiB each: 1 MiB, ~4 ms)
-VACUUM_PAGES: Final = 256
+#: pages handed back per transaction (4 KiB each: 512 KiB, ~1-2 ms)
+VACUUM_PAGES: Final = 128
 #: the WAL is truncated to this size at checkpoints (it grows while a backlog is deleted)
 WAL_LIMIT: Final = 4 * 1024 * 1024
 #: SQLite's code for auto_vacuum=INCREMENTAL

@@ -1,6 +1,6 @@
-"""Retention on real SQLite files: old rows go in batches of BATCH_ROWS, writes get in
-between two batches, and the files give their space back (incremental vacuum, an older
-file converted once at open)."""
+"""Retention on real SQLite files: old rows go in small batches (one transaction each),
+writes get in between two batches, and the files give their space back (incremental
+vacuum, an older file converted once at open)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.coordinator.journal import SqliteJournal
+from sidecar.coordinator.journal import COMPACT_BATCH, SqliteJournal
 from sidecar.coordinator.records import BranchRecord, GlobalRecord
 from sidecar.coordinator.states import BranchStatus, BranchType, GlobalStatus
 from sidecar.txn import sqlite_file
 from sidecar.txn.journal_locks import JournalLocks
-from sidecar.txn.sqlite_file import BATCH_ROWS, file_bytes, open_sqlite
+from sidecar.txn.sqlite_file import file_bytes, open_sqlite
 
 PAD = b'{"sku": "%d", "note": "' + b"x" * 400 + b'"}'
 
@@ -75,7 +75,7 @@ def auto_vacuum(path: Path) -> int:
 async def test_compaction_deletes_in_batches_and_keeps_what_is_young_or_live(
     journal: SqliteJournal,
 ) -> None:
-    old = 2 * BATCH_ROWS + 250
+    old = 2 * COMPACT_BATCH + 100
     await fill(journal, old, updated_ms=1_000)
     await fill(journal, 30, updated_ms=9_000, start=old)  # finished, but too recent
     live = GlobalRecord("10.0.0.1:17020:999999", "order", GlobalStatus.COMMITTING, 1, 1, 1)
@@ -83,7 +83,7 @@ async def test_compaction_deletes_in_batches_and_keeps_what_is_young_or_live(
 
     assert await journal.compact(5_000) == old
     done = journal.last_compaction
-    assert (done.rows, done.batches) == (old, 3)  # 500 + 500 + 250: never one big DELETE
+    assert (done.rows, done.batches) == (old, 3)  # 250 + 250 + 100: never one big DELETE
     assert await journal.find(live.xid) is not None
     assert await journal.find(finished(old, 0).xid) is not None
     assert await journal.find(finished(0, 0).xid) is None
@@ -94,7 +94,7 @@ async def test_compaction_deletes_in_batches_and_keeps_what_is_young_or_live(
 async def test_a_write_waits_for_one_batch_not_for_the_whole_backlog(
     journal: SqliteJournal,
 ) -> None:
-    await fill(journal, 8 * BATCH_ROWS, updated_ms=1_000)
+    await fill(journal, 8 * COMPACT_BATCH, updated_ms=1_000)
     commits = journal.commits
     compaction = asyncio.ensure_future(journal.compact(5_000))
     await asyncio.sleep(0)  # one loop step: the compaction has queued its first batch
@@ -102,7 +102,7 @@ async def test_a_write_waits_for_one_batch_not_for_the_whole_backlog(
     # the write went in right behind the first batch, not behind the whole backlog
     assert journal.commits - commits == 2
     assert not compaction.done(), "the write waited for the whole compaction"
-    assert await compaction == 8 * BATCH_ROWS
+    assert await compaction == 8 * COMPACT_BATCH
     assert journal.last_compaction.batches == 9
 
 
