@@ -5,7 +5,10 @@ bearer JWT when configured, and an Idempotency-Key on writes that stays the same
 failover; calls about an XID go first to the endpoint the XID names (affinity); connect
 errors, timeouts and 5xx fail over to the next endpoint within one deadline (the request
 timeout, checked at config load to be below every transaction timeout); consecutive failures
-open the circuit breaker. `LocalCoordinator` offers the same calls on the local engine.
+open the circuit breaker. A call made for a transaction this client began never outlives it:
+begin, register and report get min(the request timeout, the transaction's time left)
+(`deadlines.py`), and register/report are not made at all once its time is up.
+`LocalCoordinator` offers the same calls on the local engine.
 Foreign errors are translated here; callers see only the sidecar's own errors.
 """
 
@@ -29,6 +32,7 @@ from sidecar.config import CoordinatorConfig
 from sidecar.coordinator import protocol
 from sidecar.coordinator.auth import TokenSource
 from sidecar.coordinator.breaker import Breaker, BreakerState
+from sidecar.coordinator.deadlines import Deadlines, call_timeout, time_left
 from sidecar.coordinator.engine import Engine
 from sidecar.coordinator.signing import KeyRing, sign_headers
 from sidecar.coordinator.states import BranchStatus, BranchType
@@ -82,6 +86,13 @@ class LocalCoordinator:
     def __init__(self, engine: Engine, decision_wait: float = 1.0) -> None:
         self.engine = engine
         self.decision_wait = decision_wait
+        #: deadlines (loop time) of the transactions begun through this object: no call is
+        #: made over the network here, but the data plane clamps its upstream calls by them
+        self.deadlines = Deadlines()
+
+    def deadline_of(self, xid: str) -> float | None:
+        """The transaction's deadline on the event loop's clock, when it was begun here."""
+        return self.deadlines.get(xid)
 
     async def begin(
         self, name: str, timeout_ms: int | None, idempotency_key: str | None = None
@@ -95,14 +106,19 @@ class LocalCoordinator:
         rec = await self.engine.begin(
             name, timeout_ms, idempotency_key=idempotency_key, request_hash=request_hash
         )
+        # the engine's own deadline (wall clock, this process), on the loop's clock
+        left_ms = rec.deadline_ms - _now_ms()
+        self.deadlines.remember(rec.xid, asyncio.get_running_loop().time() + left_ms / 1000)
         return TxState(rec.xid, rec.status.value)
 
     async def commit(self, xid: str) -> TxState:
         rec = await self.engine.commit(xid, wait=self.decision_wait)
+        self.deadlines.forget(xid)
         return TxState(rec.xid, rec.status.value)
 
     async def rollback(self, xid: str) -> TxState:
         rec = await self.engine.rollback(xid, wait=self.decision_wait)
+        self.deadlines.forget(xid)
         return TxState(rec.xid, rec.status.value)
 
     async def status(self, xid: str) -> dict[str, Any]:
@@ -172,6 +188,8 @@ class RemoteCoordinator:
         self._own_session = session is None
         self.tokens = tokens
         self._clock_ms = clock_ms
+        #: deadlines (loop time) of the transactions this client began
+        self.deadlines = Deadlines()
         #: https:// endpoints: the context of new connections (sidecar/tls.py swaps it when
         #: coordinator.tls files rotate) and the name verified (None: the endpoint's host)
         self.ssl_context: ssl.SSLContext | bool = True
@@ -195,13 +213,22 @@ class RemoteCoordinator:
         self, name: str, timeout_ms: int | None, idempotency_key: str | None = None
     ) -> TxState:
         body: dict[str, Any] = {"name": name}
+        sent = asyncio.get_running_loop().time()
         if timeout_ms is not None:
             body["timeoutMs"] = timeout_ms
         data = await self._call(
             "start", "POST", f"{protocol.API}/transaction/start", orjson.dumps(body),
             idempotency_key=idempotency_key or uuid.uuid4().hex,
+            # the begin itself must not outlive the transaction it makes
+            deadline=None if timeout_ms is None else sent + timeout_ms / 1000,
         )  # fmt: skip
-        return TxState(data["xid"], data.get("status", "Begin"))
+        xid = data["xid"]
+        # the coordinator says which timeout it applied (its default when none was asked)
+        applied = data.get("timeoutMs", timeout_ms)
+        if isinstance(applied, int) and not isinstance(applied, bool) and applied > 0:
+            # counted from when the begin was sent: never later than the coordinator's own
+            self.deadlines.remember(xid, sent + applied / 1000)
+        return TxState(xid, data.get("status", "Begin"))
 
     async def commit(self, xid: str) -> TxState:
         return await self._decide("commit", xid)
@@ -210,9 +237,30 @@ class RemoteCoordinator:
         return await self._decide("rollback", xid)
 
     async def _decide(self, call: str, xid: str) -> TxState:
+        # not cut short by the deadline: a decision that reaches the coordinator in time is
+        # binding, and cutting its answer short would only turn a known outcome into Unknown
+        # (a late one is answered at once with the timeout's status)
         path = f"{protocol.API}/transaction/{quote(xid, safe='')}/{call}"
         data = await self._call(call, "POST", path, b"", xid=xid)
+        self.deadlines.forget(xid)  # decided: the deadline bounds nothing any more
         return TxState(data["xid"], data["status"])
+
+    def deadline_of(self, xid: str) -> float | None:
+        """The transaction's deadline on the event loop's clock, when this client began it."""
+        return self.deadlines.get(xid)
+
+    def _phase_one_deadline(self, call: str, xid: str) -> float | None:
+        """The deadline a register or report must keep; TransactionNotActive, without a
+        call, once the transaction's time is up (the coordinator is rolling it back)."""
+        deadline = self.deadlines.get(xid)
+        left = time_left(deadline, asyncio.get_running_loop().time())
+        if left is not None and left <= 0:
+            self._count(call, "deadline")
+            raise TransactionNotActive(
+                f"transaction {xid} reached its timeout {-left * 1000:.0f} ms ago: the "
+                f"{call} call is not made (the coordinator rolls the transaction back)"
+            )
+        return deadline
 
     async def status(self, xid: str) -> dict[str, Any]:
         path = f"{protocol.API}/transaction/{quote(xid, safe='')}"
@@ -237,6 +285,7 @@ class RemoteCoordinator:
         data = await self._call(
             "register", "POST", f"{protocol.API}/branch/register", body, xid=xid,
             idempotency_key=idempotency_key or uuid.uuid4().hex,
+            deadline=self._phase_one_deadline("register", xid),
         )  # fmt: skip
         try:
             return protocol.id_value(data.get("branchId"), "branchId")
@@ -250,7 +299,10 @@ class RemoteCoordinator:
         body = orjson.dumps(
             {"xid": xid, "branchId": protocol.id_text(branch_id), "status": status.value}
         )
-        await self._call("report", "POST", f"{protocol.API}/branch/report", body, xid=xid)
+        await self._call(
+            "report", "POST", f"{protocol.API}/branch/report", body, xid=xid,
+            deadline=self._phase_one_deadline("report", xid),
+        )  # fmt: skip
 
     # --- transport ---------------------------------------------------------------------------
 
@@ -275,7 +327,10 @@ class RemoteCoordinator:
         *,
         xid: str | None = None,
         idempotency_key: str | None = None,
+        deadline: float | None = None,
     ) -> dict[str, Any]:
+        """One call, failing over between endpoints within the request timeout, or within
+        `deadline` (loop time: the transaction's) when that comes first."""
         if not self.breaker.allow():
             self._count(call, "breaker_open")
             raise CoordinatorUnavailable(
@@ -284,7 +339,9 @@ class RemoteCoordinator:
             )
         settled = False
         try:
-            result = await self._try_endpoints(call, method, path, body, xid, idempotency_key)
+            result = await self._try_endpoints(
+                call, method, path, body, xid, idempotency_key, deadline
+            )
             settled = True
             return result
         except SidecarError:
@@ -302,15 +359,22 @@ class RemoteCoordinator:
         body: bytes,
         xid: str | None,
         idempotency_key: str | None,
+        tx_deadline: float | None = None,
     ) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.request_timeout
+        now = loop.time()
+        budget = call_timeout(self.request_timeout, tx_deadline, now)
+        #: the transaction's deadline, not the request timeout, bounds this call
+        cut_short = budget < self.request_timeout
+        deadline = now + budget
         errors: list[str] = []
         refreshed = False
+        out_of_time = False
         for endpoint in self._order(xid):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 errors.append("request timeout spent")
+                out_of_time = True
                 break
             try:
                 status, data, token = await self._send(
@@ -330,6 +394,7 @@ class RemoteCoordinator:
                 raise
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 errors.append(f"{endpoint}: {type(exc).__name__} {exc}".strip())
+                out_of_time = out_of_time or isinstance(exc, TimeoutError)
                 continue
             if status >= 500:
                 errors.append(f"{endpoint}: HTTP {status}")
@@ -346,6 +411,14 @@ class RemoteCoordinator:
                 return data
             self._count(call, "refused")
             raise self._translate(status, data)
+        if cut_short and out_of_time:
+            # the transaction's time ran out, not the coordinator's: no verdict on its health
+            self.breaker.abandon()
+            self._count(call, "deadline")
+            raise CoordinatorUnavailable(
+                f"no answer to {call} within the transaction's time left ({budget * 1000:.0f} "
+                f"ms, below coordinator.timeouts.request): " + "; ".join(errors)
+            )
         self.breaker.failure()
         self._set_breaker_gauge()
         self._count(call, "unavailable")

@@ -137,7 +137,11 @@ async def start(request: web.Request) -> web.Response:
         idempotency_key=request.headers.get("Idempotency-Key"),
         request_hash=protocol.body_hash(body),
     )
-    return json_response({"xid": record.xid, "status": record.status.value})
+    # timeoutMs: the timeout applied (the default when none was asked), so that the client
+    # knows the transaction's deadline and keeps its own calls within it
+    return json_response(
+        {"xid": record.xid, "status": record.status.value, "timeoutMs": record.timeout_ms}
+    )
 
 
 async def commit(request: web.Request) -> web.Response:

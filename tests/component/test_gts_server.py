@@ -75,7 +75,7 @@ async def test_start_status_commit_without_branches(peer):
     assert reply.status == 200
     body = reply.json()
     xid = body["xid"]
-    assert body == {"xid": xid, "status": "Begin"}
+    assert body == {"xid": xid, "status": "Begin", "timeoutMs": 30_000}
     assert xid.startswith(f"127.0.0.1:{sc.ports['peer']}:")
     assert sc.control.engine.active == 1
 
