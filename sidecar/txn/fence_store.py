@@ -53,6 +53,10 @@ _ADDED_COLUMNS: Final = ("try_started_ms", "try_deadline_ms")
 #: which rows retention removes: finished branches (the app is never called for them again)
 _RETIRED: Final = f"state IN ({_FINAL_SQL}) AND updated_ms < ?"
 
+#: compaction transactions between two checkpoints of its own (a batch writes some 20-40
+#: WAL pages: SQLite's automatic checkpoint, at 1,000 pages, then never comes due)
+CHECKPOINT_EVERY: Final = 16
+
 _COLUMNS: Final = "xid, branch_id, resource, state, updated_ms, try_started_ms, try_deadline_ms"
 
 
@@ -130,6 +134,9 @@ class SqliteFenceStore:
         #: what the last compaction did (rows, delete batches, pages handed back)
         self.last_compaction = Compaction()
         self._conn: sqlite3.Connection | None = None
+        #: compaction's own connection for checkpoints that need not hold the store's lock
+        self._side: sqlite3.Connection | None = None
+        self._runs = 0
         self._lock = asyncio.Lock()
 
     async def open(self) -> None:
@@ -139,6 +146,9 @@ class SqliteFenceStore:
             raise JournalUnavailable(f"cannot open fence store at {self.path!r}: {exc}") from None
 
     async def close(self) -> None:
+        side, self._side = self._side, None
+        if side is not None:
+            await asyncio.to_thread(side.close)
         conn, self._conn = self._conn, None
         if conn is not None:
             async with self._lock:
@@ -184,9 +194,29 @@ class SqliteFenceStore:
             except sqlite3.Error as exc:
                 raise JournalUnavailable(f"fence write failed: {exc}") from None
 
+    async def _side_checkpoint(self) -> None:
+        """A PASSIVE checkpoint on a connection of its own, without the store's lock: it
+        copies the WAL into the file while fence writes go on, so that neither the batches
+        (SQLite's automatic checkpoint runs inside the commit that crosses its threshold) nor
+        the final truncation have much left to copy while a fence write waits."""
+        try:
+            if self._side is None:
+                self._side = await asyncio.to_thread(
+                    sqlite3.connect, self.path, check_same_thread=False, isolation_level=None
+                )
+            side = self._side
+            await asyncio.to_thread(
+                lambda: side.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            )
+        except sqlite3.Error as exc:
+            raise JournalUnavailable(f"fence checkpoint failed: {exc}") from None
+
     async def _run(self, fn: Callable[[sqlite3.Connection], int]) -> int:
         """One write transaction, alone on the connection, off the loop."""
         conn = self._db()
+        self._runs += 1
+        if self._runs % CHECKPOINT_EVERY == 0:
+            await self._side_checkpoint()
         async with self._lock:
             try:
                 return await asyncio.to_thread(write_transaction, conn, fn)
@@ -203,6 +233,7 @@ class SqliteFenceStore:
         )
         self.last_compaction = done
         if done.pages:
+            await self._side_checkpoint()
             conn = self._db()
             async with self._lock:
                 try:
