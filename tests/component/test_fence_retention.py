@@ -11,6 +11,7 @@ from pathlib import Path
 from sidecar.txn.fence import FINAL_STATES, FenceState
 from sidecar.txn.fence_store import FenceRow, SqliteFenceStore
 from sidecar.txn.sqlite_file import file_bytes
+from tests.faults.util import wait_until
 
 DAY_MS = 86_400_000
 NOW_MS = 1_800_000_000_000  # the injected clock: retention compares with this, not the wall
@@ -131,3 +132,57 @@ async def test_an_older_fence_file_is_converted_at_open(tmp_path: Path) -> None:
         assert "fence_finished" in " ".join(str(r) for r in plan.fetchall())
     finally:
         await store.close()
+
+
+async def test_the_sidecar_sweeps_its_fence(sidecar_factory, aiohttp_server, tmp_path) -> None:
+    """Wiring: a running sidecar removes a confirmed branch's fence row once the retention
+    (1 s here) has passed, and keeps the row of a branch still waiting for phase two."""
+    from aiohttp import ClientSession, web
+
+    async def ok(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", ok)
+    server = await aiohttp_server(app)
+    sc = await sidecar_factory(
+        {
+            "app": {"url": f"http://127.0.0.1:{server.port}"},
+            "local_coordinator": {
+                "journal": f"sqlite:///{tmp_path.resolve()}/journal.db",
+                "retention": "1s",
+            },
+            "tcc": [
+                {
+                    "resource": "inv",
+                    "try": {"method": "POST", "path": "/try"},
+                    "confirm": {"method": "POST", "path": "/confirm"},
+                    "cancel": {"method": "POST", "path": "/cancel"},
+                }
+            ],
+        }
+    )
+    engine, fence = sc.control.engine, sc.control.fence
+    done, waiting = await engine.begin("done", 60_000), await engine.begin("waiting", 60_000)
+    branches = {}
+    async with ClientSession() as s:
+        for tx in (done, waiting):
+            url = f"http://127.0.0.1:{sc.ports['inbound']}/try"
+            async with s.post(url, headers={"XID": tx.xid}, data=b"{}") as r:
+                assert r.status == 200
+            _, (branch,) = await engine.get(tx.xid)
+            branches[tx.xid] = branch.branch_id
+    await engine.commit(done.xid, wait=5)
+
+    async def state(tx) -> FenceState | None:  # type: ignore[no-untyped-def]
+        row = await fence.get(tx.xid, branches[tx.xid])
+        return None if row is None else row.state
+
+    await wait_until(lambda: _is(state(done), FenceState.CONFIRMED))
+    await wait_until(lambda: _is(state(done), None), timeout=15)
+    assert await state(waiting) is FenceState.TRIED
+
+
+async def _is(value, want) -> bool:  # type: ignore[no-untyped-def]
+    return (await value) is want
