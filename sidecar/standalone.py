@@ -4,6 +4,12 @@ It serves GTS REST v1 on `listeners.peer.bind` (signed requests only) and metric
 on `listeners.admin.bind`, with the engine on the durable journal of `local_coordinator`.
 SIGTERM: stop accepting, give phase two in progress `drain_timeout`, exit 0; whatever is
 unfinished is journalled and resumes on the next start.
+
+Replicas: with `local_coordinator.journal: postgresql://…` any number of these processes
+share one database (pg_journal.py, pg_lease.py); each answers for every XID, and the work of
+one that stops or dies is taken over by the others once its lease has expired.
+`--migrate-only` applies the database's schema migrations and exits (a Kubernetes Job or
+init container can run it before the replicas roll).
 """
 
 from __future__ import annotations
@@ -11,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
 
 from aiohttp import web
 
 from sidecar import __version__
 from sidecar.admin import build_admin_app
-from sidecar.config import Config
+from sidecar.config import Config, load
 from sidecar.control import ControlPlane, serve_app
 from sidecar.coordinator.engine import Engine
 from sidecar.errors import ConfigError
@@ -101,3 +108,43 @@ class StandaloneCoordinator:
             await runner.cleanup()
         self._runners.clear()
         await self.control.stop(0)
+
+
+def migrate_only(path: str) -> int:
+    """`gts-sidecar coordinator --migrate-only`: 0 when the PostgreSQL journal's schema is
+    current (migrations applied now or before), 2 with the reason otherwise."""
+    try:
+        config = load(path)
+        lc = config.local_coordinator
+        if not lc.replicated:
+            raise ConfigError(
+                [
+                    "local_coordinator.journal: --migrate-only is for a postgresql:// journal "
+                    "(a SQLite journal migrates itself when it opens)"
+                ]
+            )
+        from sidecar.coordinator.pg_journal import PgJournal
+        from sidecar.errors import JournalUnavailable
+
+        journal = PgJournal(
+            lc.journal,
+            password=lc.password_file.reveal() if lc.password_file else None,
+            statement_timeout=lc.statement_timeout,
+            pool_size=2,
+        )
+
+        async def migrate() -> list[int]:
+            try:
+                await journal.open()
+            except JournalUnavailable as exc:
+                raise ConfigError([f"local_coordinator.journal: {exc.message}"]) from None
+            await journal.close()
+            return journal.migrated
+
+        applied = asyncio.run(migrate())
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        return 2
+    print(f"journal schema current; migrations applied now: {applied or 'none'}")
+    return 0

@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 from sidecar.config import PhaseTwoRetry
 from sidecar.coordinator.records import BranchRecord, GlobalRecord, Journal
@@ -48,6 +48,8 @@ from sidecar.errors import (
 from sidecar.xid import TxidGenerator, format_owner
 
 log = logging.getLogger("sidecar.engine")
+
+_T = TypeVar("_T")
 
 #: finished transactions kept in memory for status queries (older ones: from the journal)
 _FINISHED_CACHE: Final = 10_000
@@ -358,10 +360,22 @@ class Engine:
         return await self.journal.find_global_by_key(key)
 
     async def commit(self, xid: str, wait: float = 0.0) -> GlobalRecord:
-        return await self._decide(xid, Event.COMMIT, wait)
+        return await self._moved(xid, lambda: self._decide(xid, Event.COMMIT, wait))
 
     async def rollback(self, xid: str, wait: float = 0.0) -> GlobalRecord:
-        return await self._decide(xid, Event.ROLLBACK, wait)
+        return await self._moved(xid, lambda: self._decide(xid, Event.ROLLBACK, wait))
+
+    async def _moved(self, xid: str, op: Callable[[], Awaitable[_T]]) -> _T:
+        """Replicas: a call made on a stale copy (another replica took the transaction over
+        since) fails the journal's fence, which forgets the copy, or misses a branch another
+        replica registered; once more, from the journal."""
+        try:
+            return await op()
+        except (NotOwner, BranchNotFound) as exc:
+            if self.ownership is None or (isinstance(exc, NotOwner) and exc.lease_lost):
+                raise
+            self.forget(xid)
+            return await op()
 
     async def _decide(self, xid: str, event: Event, wait: float) -> GlobalRecord:
         live = self._live.get(xid) or await self._adopt(xid)
@@ -407,7 +421,11 @@ class Engine:
 
     async def get(self, xid: str) -> tuple[GlobalRecord, list[BranchRecord]]:
         live = self._live.get(xid)
-        if live is not None:
+        # replicas: a copy in Begin may be stale (another replica can take it over to
+        # register or decide); the journal has the truth
+        if live is not None and (
+            self.ownership is None or live.record.status is not GlobalStatus.BEGIN
+        ):
             return live.record, list(live.branches)
         cached = self._finished.get(xid)
         if cached is not None:
@@ -429,6 +447,29 @@ class Engine:
         *,
         idempotency_key: str | None = None,
         request_hash: str | None = None,
+    ) -> BranchRecord:
+        return await self._moved(
+            xid,
+            lambda: self._register(
+                xid,
+                branch_type,
+                resource_id,
+                callback_url,
+                application_data,
+                idempotency_key,
+                request_hash,
+            ),
+        )
+
+    async def _register(
+        self,
+        xid: str,
+        branch_type: BranchType,
+        resource_id: str,
+        callback_url: str,
+        application_data: bytes,
+        idempotency_key: str | None,
+        request_hash: str | None,
     ) -> BranchRecord:
         live = await self._live_or_explain(xid)
         async with live.lock:
@@ -479,6 +520,9 @@ class Engine:
         return earlier
 
     async def report(self, xid: str, branch_id: int, status: BranchStatus) -> BranchRecord:
+        return await self._moved(xid, lambda: self._report(xid, branch_id, status))
+
+    async def _report(self, xid: str, branch_id: int, status: BranchStatus) -> BranchRecord:
         if status not in (BranchStatus.PHASE_ONE_DONE, BranchStatus.PHASE_ONE_FAILED):
             raise InvalidRequest("status must be PhaseOne_Done or PhaseOne_Failed")
         live = await self._live_or_explain(xid)

@@ -147,6 +147,8 @@ class PgJournal:
         self._queue: list[_Write] = []
         self._flushers: set[asyncio.Task[None]] = set()
         self._closed = False
+        #: schema versions the last open() applied (empty: the database was current)
+        self.migrated: list[int] = []
 
     def __repr__(self) -> str:  # never the password
         return f"<PgJournal {self.url!r} token={self.token}>"
@@ -180,7 +182,7 @@ class PgJournal:
             raise _translate(f"cannot connect to the journal at {self.url!r}", exc) from None
         try:
             async with pool.acquire() as conn:
-                await migrate(conn)
+                self.migrated = await migrate(conn)
         except BaseException as exc:
             await pool.close()
             raise _translate(f"cannot migrate the journal at {self.url!r}", exc) from None
