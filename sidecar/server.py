@@ -245,11 +245,20 @@ class Sidecar:
             raise ConfigError(exc.message.split("; ")) from None
 
     def _set_coordinator_tls(self, config: Config, tls: TlsSet) -> None:
-        remote = self.control.remote
+        """The control plane's own https:// calls: to the coordinator and phase-two
+        callbacks (coordinator.tls), to the app for its phase two (app.tls)."""
+        origin = config.coordinator.tls
+        server_name = origin.server_name if origin is not None else None
+        remote, caller = self.control.remote, self.control.caller
         if remote is not None and tls.coordinator is not None:
             remote.ssl_context = tls.coordinator
-            origin = config.coordinator.tls
-            remote.server_name = origin.server_name if origin is not None else None
+            remote.server_name = server_name
+        if caller is not None:
+            caller.set_tls(tls.coordinator, server_name)
+        participant, app_ctx = self.control.participant, tls.clients.get("app")
+        if participant is not None and app_ctx is not None:
+            participant.ssl_context = app_ctx
+            participant.server_name = config.app.tls.server_name if config.app.tls else None
 
     def _set_version(self, digest: str) -> None:
         if self._digest:

@@ -12,6 +12,7 @@ client request costs several times as much CPU.
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -67,6 +68,17 @@ class HttpBranchCaller:
         self._clock_ms = clock_ms
         self._clusters: OrderedDict[str, Cluster] = OrderedDict()
         self._targets: dict[str, tuple[Cluster, str, str]] = {}
+        #: https:// callback URLs: coordinator.tls (sidecar/tls.py); None: the system's CAs
+        self._ssl: ssl.SSLContext | None = None
+        self._server_name: str | None = None
+
+    def set_tls(self, context: ssl.SSLContext | None, server_name: str | None) -> None:
+        """The TLS of https:// callbacks from now on (rotated files: new connections)."""
+        self._ssl, self._server_name = context, server_name
+        for origin, cluster in self._clusters.items():
+            if origin.startswith("https://") and context is not None:
+                cluster.ssl = context
+                cluster.server_name = server_name
 
     async def close(self) -> None:
         for cluster in self._clusters.values():
@@ -106,7 +118,9 @@ class HttpBranchCaller:
             ),
             retries=RetryConfig.model_construct(attempts=0, budget_ratio=0.0),
         )
-        return Cluster(POOL_LABEL, cfg, self.metrics)
+        return Cluster(
+            POOL_LABEL, cfg, self.metrics, ssl_context=self._ssl, server_name=self._server_name
+        )
 
     async def phase_two(self, branch: BranchRecord, commit: bool) -> str | None:
         suffix = protocol.COMMIT_SUFFIX if commit else protocol.ROLLBACK_SUFFIX

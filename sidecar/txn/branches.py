@@ -20,6 +20,7 @@ import asyncio
 import base64
 import logging
 import re
+import ssl
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -211,6 +212,9 @@ class Participant:
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
         self._session: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[None]] = set()
+        #: an https:// app: app.tls (sidecar/tls.py sets and rotates it), else the defaults
+        self.ssl_context: ssl.SSLContext | bool = True
+        self.server_name: str | None = None
 
     async def close(self) -> None:
         self.tries.close()
@@ -449,6 +453,7 @@ class Participant:
             async with self._session.request(
                 method, URL(url, encoded=True), data=body, headers=headers,
                 timeout=self.timeout, allow_redirects=False,
+                ssl=self.ssl_context, server_hostname=self.server_name,
             ) as resp:  # fmt: skip
                 await resp.read()
                 status = resp.status

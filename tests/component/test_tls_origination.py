@@ -137,3 +137,39 @@ def test_tls_needs_an_https_url_and_pairs() -> None:
     assert "upstreams.u: tls applies to an https:// url only" in problems
     assert "coordinator.tls: cert_file and key_file go together" in problems
     assert "listeners.inbound.tls: require_client_cert needs client_ca_file" in problems
+
+
+async def test_phase_two_callbacks_to_https_use_coordinator_tls(
+    sidecar_factory, aiohttp_server, pki
+) -> None:
+    """The local coordinator's phase-two callbacks to an https:// callbackUrl trust
+    coordinator.tls's CA (a participant whose peer listener terminates TLS)."""
+    from tests.component.gts import SignedClient, ring, signing_config
+
+    calls: list[str] = []
+
+    async def callback(request: web.Request) -> web.Response:
+        calls.append(request.path)
+        return web.json_response({"status": "PhaseTwo_Committed"})
+
+    app = web.Application()
+    app.router.add_post("/branches/{resource}/{phase}", callback)
+    server = await aiohttp_server(app, ssl=pki.server_context(pki.issue("participant.internal")))
+    sc = await sidecar_factory(
+        {
+            **signing_config(pki.root),
+            "coordinator": {
+                **signing_config(pki.root)["coordinator"],
+                "tls": {"ca_file": pki.ca_file, "server_name": "participant.internal"},
+            },
+        }
+    )
+    async with aiohttp.ClientSession() as session:
+        client = SignedClient(session, sc.ports["peer"], ring())
+        xid = await client.start()
+        await client.register(xid, f"https://127.0.0.1:{server.port}/branches/stock")
+        path = "/api/v1/transaction/" + xid.replace(":", "%3A") + "/commit"
+        reply = await client.call("POST", path)
+        assert reply.status == 200, reply.raw
+        assert reply.json()["status"] == "Committed"
+    assert calls == ["/branches/stock/commit"]
