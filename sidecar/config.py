@@ -633,8 +633,9 @@ class LocalCoordinatorConfig(_Model):
     #: PostgreSQL journal only: a replica that stops renewing its lease this long has its
     #: transactions taken over by another replica
     lease: Duration = 10.0
-    #: PostgreSQL journal only: bound on every statement (and on connecting)
-    statement_timeout: Duration = 5.0
+    #: PostgreSQL journal only: bound on every statement (and on connecting); at most half
+    #: the lease, so a renewal that hangs fails while the lease still holds
+    statement_timeout: Duration = 2.0
     #: PostgreSQL journal only: connections per replica
     pool_size: int = Field(default=10, ge=2, le=200)
 
@@ -656,8 +657,8 @@ class LocalCoordinatorConfig(_Model):
             raise ValueError("default_timeout must not exceed max_timeout")
         if not 1.0 <= self.lease <= 600.0:
             raise ValueError("lease must be between 1s and 600s")
-        if not 0.1 <= self.statement_timeout < self.lease:
-            raise ValueError("statement_timeout must be at least 100ms and below lease")
+        if not 0.1 <= self.statement_timeout <= self.lease / 2:
+            raise ValueError("statement_timeout must be between 100ms and half the lease")
         return self
 
 
