@@ -35,6 +35,7 @@ StatKey = tuple[int, int, int, int] | None
 _RESTART_SECTIONS: Final = (
     "coordinator",
     "local_coordinator",
+    "degraded",  # the routing coordinator keeps the settings it started with
     "tcc",
     "saga",
     "idempotency",

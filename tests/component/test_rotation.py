@@ -274,3 +274,11 @@ async def test_other_coordinator_changes_still_need_a_restart(running, tmp_path:
     r.write(merge(r.data, {"coordinator": {"timeouts": {"request": "2s"}}}))
     await wait_until(lambda: r.reloads("invalid") == 1)
     assert sc.config.coordinator.timeouts.request == 3.0
+    # degraded: the routing coordinator keeps what it started with, so a change is refused
+    r.write(
+        merge(
+            r.data, {"coordinator": {"timeouts": {"request": "3s"}}, "degraded": {"max_peers": 5}}
+        )
+    )
+    await wait_until(lambda: r.reloads("invalid") == 2)
+    assert sc.config.degraded.max_peers != 5
