@@ -18,8 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sidecar.admin_outbox import add_outbox_routes
 from sidecar.config import Config
 from sidecar.coordinator.engine import Engine
-from sidecar.coordinator.protocol import render_branch
-from sidecar.errors import SidecarError
+from sidecar.coordinator.protocol import id_value, render_branch
+from sidecar.errors import InvalidRequest, SidecarError
 from sidecar.metrics import Metrics
 from sidecar.web_errors import as_response, error_response, json_response
 
@@ -78,9 +78,10 @@ async def _operate(request: web.Request, action: str) -> web.Response:
     if engine is None:
         return error_response(404, "BRANCH_NOT_FOUND", "this process coordinates nothing")
     try:
-        branch_id = int(request.match_info["branch_id"])
-    except ValueError:
-        return error_response(400, "INVALID_REQUEST", "branch id must be an integer")
+        # digits only, 1..2^63-1 (int() would also take "+5", " 5", "5_0" or other scripts' digits)
+        branch_id = id_value(request.match_info["branch_id"], "branch id")
+    except InvalidRequest as err:
+        return error_response(400, "INVALID_REQUEST", err.message)
     found = engine.find_branch(branch_id)
     if found is None:
         return error_response(404, "BRANCH_NOT_FOUND", f"no live branch {branch_id}")

@@ -201,8 +201,20 @@ async def test_tm_api_and_locks_answers_keep_every_digit(sidecar_factory, sessio
     status, raw = await _raw(session, "GET", base + "/v1/locks/k:1")
     assert read_as_doubles(raw) == {"key": "k:1", "holder": xid}
 
+    # a lock conflict names the holder (an XID: a string)
+    other = read_as_doubles(
+        (await _raw(session, "POST", base + "/v1/transactions", {"name": "o"}))[1]
+    )
+    status, raw = await _raw(
+        session, "POST", base + "/v1/locks", {"xid": other["xid"], "keys": ["k:1"]}
+    )
+    assert status == 409, raw
+    assert read_as_doubles(raw)["error"]["holder"] == xid
+
     status, raw = await _raw(session, "POST", f"{base}/v1/transactions/{xid}/commit")
     assert read_as_doubles(raw) == {"xid": xid, "status": "Committed"}
+    status, raw = await _raw(session, "POST", f"{base}/v1/transactions/{other['xid']}/rollback")
+    assert read_as_doubles(raw) == {"xid": other["xid"], "status": "Rollbacked"}
     status, raw = await _raw(session, "DELETE", f"{base}/v1/locks/{xid}")
     read_as_doubles(raw)
 
@@ -259,6 +271,17 @@ async def test_admin_stuck_branches_and_settling_answers_keep_every_digit(
     status, raw = await _raw(session, "POST", f"{admin}/{branch.branch_id}/skip", headers=auth)
     assert status == 200, raw
     assert read_as_doubles(raw)["branchId"] == str(branch.branch_id)
+    # the id in the path is held to the same rule as in bodies: digits only, in range
+    for bad in ("+1", "1e3", "0", str(2**63), "%201"):
+        status, raw = await _raw(session, "POST", f"{admin}/{bad}/retry", headers=auth)
+        assert status == 400, (bad, raw)
+        assert json.loads(raw)["error"]["code"] == "INVALID_REQUEST"
+    # the admin listener's other answers hold no number a double would round either
+    base = f"http://127.0.0.1:{sc.ports['admin']}"
+    for path in ("/admin/config", "/admin/outbox", "/readyz", "/healthz"):
+        status, raw = await _raw(session, "GET", base + path, headers=auth)
+        assert status in (200, 503), (path, raw)  # /readyz: no app runs behind this sidecar
+        read_as_doubles(raw)
 
 
 # --- what the sidecar's coordinator client sends and reads ----------------------------------------
