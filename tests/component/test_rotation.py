@@ -282,3 +282,62 @@ async def test_other_coordinator_changes_still_need_a_restart(running, tmp_path:
     )
     await wait_until(lambda: r.reloads("invalid") == 2)
     assert sc.config.degraded.max_peers != 5
+
+
+async def test_a_rotated_phase_two_header_is_sent_with_the_next_phase_two(
+    running, tmp_path: Path, aiohttp_server
+) -> None:
+    import base64
+
+    import orjson
+
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", handler)
+    server = await aiohttp_server(app)
+    secret = SecretDir(tmp_path / "inventory", keys=("phase-two-token",))
+    secret.publish({"phase-two-token": b"Bearer old\n"})
+    endpoint = {"method": "POST"}
+    r = running(
+        {
+            "app": {"url": f"http://127.0.0.1:{server.port}"},
+            "tcc": [
+                {
+                    "resource": "inv",
+                    "try": {**endpoint, "path": "/try"},
+                    "confirm": {**endpoint, "path": "/confirm"},
+                    "cancel": {**endpoint, "path": "/cancel"},
+                    "phase_two_headers": [
+                        {"name": "Authorization", "value_file": secret.path("phase-two-token")}
+                    ],
+                }
+            ],
+        }
+    )
+    sc = await r.start()
+    participant = sc.control.participant
+    assert participant is not None
+    xid = "10.0.0.5:17020:42"
+
+    async def confirm(branch_id: int) -> None:
+        await participant.begin_try(xid, branch_id, "inv")
+        participant.end_try(xid, branch_id, answered=True)
+        body = {
+            "xid": xid,
+            "branchId": branch_id,
+            "resourceId": "inv",
+            "applicationData": {"body": base64.b64encode(b"{}").decode(), "headers": {}},
+        }
+        answer = await participant.phase_two("inv", True, orjson.dumps(body))
+        assert answer["status"] == "PhaseTwo_Committed", answer
+
+    await confirm(1)
+    secret.publish({"phase-two-token": b"Bearer new\n"})
+    await wait_until(lambda: r.reloads("applied") == 1)
+    await confirm(2)
+    assert seen == ["Bearer old", "Bearer new"]
