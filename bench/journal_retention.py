@@ -23,12 +23,15 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from benchkit import REPO_DIR, cpu_model, positive_int
 
 sys.path.insert(0, str(REPO_DIR))
 
+import sidecar.coordinator.journal as journal_module  # noqa: E402
 from sidecar.config import PhaseTwoRetry  # noqa: E402
 from sidecar.coordinator.engine import Engine  # noqa: E402
 from sidecar.coordinator.journal import _SCHEMA, SqliteJournal  # noqa: E402
@@ -132,6 +135,19 @@ async def compaction(directory: Path, count: int, writers: int, single: bool) ->
                 waits.append(time.perf_counter() - t0)
             n += 1
 
+    # how long each compaction job holds the writer thread (BEGIN to COMMIT, fsync included):
+    # the most a write queued behind it waits for it, whatever the machine's load adds
+    held: list[float] = []
+    run = journal_module._run_transaction
+
+    def timed(conn: sqlite3.Connection, fn: Callable[[], Any], *, writes: bool) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return run(conn, fn, writes=writes)
+        finally:
+            held.append(time.perf_counter() - t0)
+
+    journal_module._run_transaction = timed
     tasks = [asyncio.ensure_future(writer(w)) for w in range(writers)]
     await asyncio.sleep(0.5)  # the load runs before compaction starts
     idle = sorted(waits)
@@ -153,6 +169,8 @@ async def compaction(directory: Path, count: int, writers: int, single: bool) ->
     else:
         removed = await journal.compact(5_000)
     took = time.perf_counter() - t0
+    journal_module._run_transaction = run
+    held.sort()
     during = sorted(waits)
     stop.set()
     await asyncio.gather(*tasks)
@@ -168,6 +186,10 @@ async def compaction(directory: Path, count: int, writers: int, single: bool) ->
         "max_ms": during[-1] * 1000 if during else 0.0,
         "p99_ms": during[int(len(during) * 0.99)] * 1000 if during else 0.0,
         "idle_max_ms": idle[-1] * 1000 if idle else 0.0,
+        "held_max_ms": held[-1] * 1000 if held else 0.0,
+        "held_p99_ms": held[int(len(held) * 0.99)] * 1000 if held else 0.0,
+        "held_p50_ms": held[len(held) // 2] * 1000 if held else 0.0,
+        "jobs": len(held),
         "idle_p99_ms": idle[int(len(idle) * 0.99)] * 1000 if idle else 0.0,
         "before": before,
         "after": after,
@@ -199,8 +221,17 @@ async def main() -> None:
         f"over {r['writes']:,} writes (before it: max {r['idle_max_ms']:.1f} ms, "
         f"p99 {r['idle_p99_ms']:.1f} ms)"
     )
+    print(
+        f"each compaction job (batch or vacuum step) held the writer thread: "
+        f"p50 {r['held_p50_ms']:.1f} ms, p99 {r['held_p99_ms']:.1f} ms, max "
+        f"{r['held_max_ms']:.1f} ms over {r['jobs']} jobs"
+    )
     print(f"journal file: {r['before'] / 2**20:.1f} MiB -> {r['after'] / 2**20:.1f} MiB")
-    print(f"machine: {os.cpu_count()} CPUs, {cpu_model()}, SQLite {sqlite3.sqlite_version}")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(
+        f"machine: {os.cpu_count()} CPUs, {cpu_model()}, SQLite {sqlite3.sqlite_version}, "
+        f"load average {load}"
+    )
 
 
 if __name__ == "__main__":
