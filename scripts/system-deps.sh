@@ -11,6 +11,8 @@ command -v faketime >/dev/null 2>&1 || need+=(faketime)
 compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || need+=(libfaketime)
 command -v fiu-run >/dev/null 2>&1 || need+=(fiu-utils)
 [ -e /usr/lib/fiu/fiu_posix_preload.so ] || need+=(libfiu0)
+# TLS tests: openssl s_client as a peer that is not Python
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # the replicated coordinator's tests start their own PostgreSQL cluster (initdb, pg_ctl)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
 # tests/realclients: Go's net/http as a real client (built from source by the tests)
