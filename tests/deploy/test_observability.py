@@ -47,6 +47,7 @@ def exported() -> dict[str, frozenset[str]]:
     pool = _Pool()  # held until the scrape below: PoolStats keeps weak references
     metrics.pools.add(pool)
     metrics.build_info.info({"version": "test"})
+    metrics.journal_files.add("journal", lambda: 4096)  # a file, so the gauge has a sample
     for value in vars(metrics).values():
         if isinstance(value, MetricWrapperBase) and value._labelnames:
             value.labels(*["x"] * len(value._labelnames))
