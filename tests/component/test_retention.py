@@ -172,3 +172,27 @@ async def test_expired_locks_are_compacted(tmp_path: Path) -> None:
         assert locks.size_bytes() > 0
     finally:
         await locks.close()
+
+
+async def test_a_running_sidecar_compacts_its_journal_and_reports_file_sizes(
+    sidecar_factory, tmp_path: Path
+) -> None:
+    sc = await sidecar_factory(
+        {"local_coordinator": {"journal": f"sqlite:///{tmp_path}/j.db", "retention": "1s"}}
+    )
+    engine = sc.control.engine
+    tx = await engine.begin("order", 60_000)
+    await engine.commit(tx.xid)
+    assert await sc.control.journal.find(tx.xid) is not None
+
+    async def gone() -> None:  # the sweep runs every second (a quarter of 1s, at least 1s)
+        while await sc.control.journal.find(tx.xid) is not None:
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(gone(), 10)
+    sample = sc.metrics.registry.get_sample_value
+    assert sample("gts_sidecar_compacted_rows_total", {"file": "journal"}) >= 1
+    assert sample("gts_sidecar_journal_bytes", {"file": "journal"}) == file_bytes(
+        str(tmp_path / "j.db")
+    )
+    assert sample("gts_sidecar_journal_bytes", {"file": "locks"}) > 0
