@@ -117,7 +117,9 @@ def check_config(path: str, *, injector: bool = False) -> int:
 
             load_injector(path)
         else:
-            load(path)
+            from sidecar.tls import check as check_tls_files
+
+            check_tls_files(load(path))
     except ConfigError as exc:
         _print_problems(path, exc)
         return 2

@@ -22,6 +22,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from sidecar.config import Config, ListenerTlsConfig, OriginTlsConfig
+from sidecar.errors import ConfigError
 
 log = logging.getLogger("sidecar.tls")
 
@@ -300,3 +301,12 @@ class TlsSite(web.TCPSite):
             self._bound_port = self._server.sockets[0].getsockname()[1]
         else:
             self._bound_port = self._port
+
+
+def check(config: Config) -> None:
+    """What `check-config` adds to loading: every certificate, key and CA file is read and
+    used as start would, so a bad one is reported with its key path before a deploy."""
+    try:
+        build(config)
+    except TlsConfigError as exc:
+        raise ConfigError(exc.message.split("; ")) from None

@@ -245,3 +245,19 @@ async def test_a_bad_certificate_file_is_refused_at_start(sidecar_factory, pki, 
             await sidecar_factory({"listeners": {"inbound": {"bind": "127.0.0.1:0", "tls": tls}}})
         (problem,) = info.value.problems
         assert problem.startswith("listeners.inbound.tls: ") and words in problem, problem
+
+
+def test_check_config_reads_the_tls_files(pki, tmp_path, capsys) -> None:
+    """check-config reports a certificate or key that start would refuse, with its key path."""
+    import yaml
+
+    from sidecar import cli
+
+    good, other = pki.issue(), pki.issue()
+    path = tmp_path / "sidecar.yaml"
+    for pair, ok in ((good, True), (Pair(good.cert, other.key), False)):
+        inbound = {"bind": "127.0.0.1:0", "tls": _tls(pair)}
+        path.write_text(yaml.safe_dump({"listeners": {"inbound": inbound}}))
+        assert cli.check_config(str(path)) == (0 if ok else 2)
+    err = capsys.readouterr().err
+    assert "listeners.inbound.tls: key_file does not belong to cert_file" in err
