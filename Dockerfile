@@ -1,43 +1,62 @@
-# syntax=docker/dockerfile:1
-# gts-sidecar image: a wheel built with compilers in the build stage; the final stage has the
-# Python runtime and the installed wheels only (no compilers, no build tools, no sources).
+# gts-sidecar image: the sidecar (`run`), the standalone coordinator (`coordinator`) and the
+# injector webhook (`injector`), from the dependencies pinned in requirements.lock.
 #
-#   docker build -t gts-sidecar:0.1.0 .
+#   docker build -t gts-sidecar:0.1.0 .          # classic builder, BuildKit, podman, buildah
 #   docker run --rm -p 17006:17006 -p 17090:17090 gts-sidecar:0.1.0          # example config
 #   docker run --rm -v "$PWD/my.yaml:/tmp/c.yaml:ro" gts-sidecar:0.1.0 check-config /tmp/c.yaml
+#   scripts/image.sh                 # podman build + a smoke test of the container; no registry
+#                                    # needed (its base is made locally with debootstrap)
 #
+# Plain instructions only, so every builder builds it the same way: no parser directive (a
+# `# syntax=` line makes BuildKit fetch a frontend image) and no RUN --mount (not in the
+# classic builder). Every dependency is installed as a wheel, checked against the lock's
+# hashes: nothing compiles, so there are no compilers anywhere.
 # Kubernetes: deploy/k8s (the config comes from a ConfigMap at /etc/gts-sidecar, the journal
 # directory from a volume at /var/lib/gts-sidecar).
 
+# Any Debian-like image with Python 3.11 and its venv module: python:3.11-slim, or a local
+# Debian bookworm base with python3 and python3-venv (scripts/image.sh makes one).
 ARG PYTHON_IMAGE=python:3.11-slim
 
-# --- build: wheels for gts-sidecar and every dependency ------------------------------------
+# --- build: one virtual environment with everything installed ------------------------------
 FROM ${PYTHON_IMAGE} AS build
-# compilers, for dependencies without a prebuilt wheel on this platform (httptools, uvloop,
-# aiohttp's and orjson's extensions ship wheels for the common ones)
-RUN apt-get update \
- && apt-get install -y --no-install-recommends build-essential \
- && rm -rf /var/lib/apt/lists/*
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY sidecar ./sidecar
-RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels .
+# Where the wheels come from, and (behind a TLS-intercepting proxy) the CA bundle that
+# verifies it: a path inside the build, e.g. mounted with `podman build --volume`
+# (scripts/image.sh passes the host's). Build stage only: neither reaches the image.
+ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG PIP_CERT=
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+RUN python3 -m venv /opt/gts-sidecar
+# the lock first: its layer is reused until the lock changes
+COPY requirements.lock /tmp/requirements.lock
+# --only-binary: a dependency without a wheel for this platform fails the build instead of
+# quietly needing a compiler; --require-hashes: exactly the files the lock names
+RUN /opt/gts-sidecar/bin/pip install --require-hashes --only-binary=:all: --no-deps \
+      -r /tmp/requirements.lock
+COPY pyproject.toml README.md /src/
+COPY sidecar /src/sidecar
+# gts-sidecar itself: pure Python, built by the locked setuptools, nothing fetched; then the
+# installers leave the environment (the image never installs anything at run time)
+RUN /opt/gts-sidecar/bin/pip install --no-deps --no-build-isolation --no-index /src \
+ && /opt/gts-sidecar/bin/pip check \
+ && /opt/gts-sidecar/bin/pip uninstall --yes setuptools pip \
+ && /opt/gts-sidecar/bin/python -m compileall -q /opt/gts-sidecar
 
 # --- runtime -------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
-# the wheels are bind-mounted from the build stage, so they never become a layer of this image
-RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    python -m pip install --no-cache-dir --no-index --find-links=/wheels gts-sidecar \
- && groupadd --system --gid 10001 gts \
+ENV PATH=/opt/gts-sidecar/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+RUN groupadd --system --gid 10001 gts \
  && useradd --system --uid 10001 --gid gts --no-create-home --home-dir /var/lib/gts-sidecar \
       --shell /usr/sbin/nologin gts \
  && mkdir -p /etc/gts-sidecar /var/lib/gts-sidecar \
  && chown gts:gts /var/lib/gts-sidecar
+# the environment as built (same base image, so its python link resolves here too)
+COPY --from=build /opt/gts-sidecar /opt/gts-sidecar
 # the documented example config; Kubernetes mounts its ConfigMap over /etc/gts-sidecar
-COPY --chown=root:root config/sidecar.yaml /etc/gts-sidecar/sidecar.yaml
+COPY config/sidecar.yaml /etc/gts-sidecar/sidecar.yaml
 # the journal (local_coordinator.journal; the example's relative sqlite:///var/journal.db
 # lands here), the fence and the global locks: writable, and a volume
 WORKDIR /var/lib/gts-sidecar

@@ -1,4 +1,5 @@
-"""The Dockerfile, checked statically (no Docker engine here to build it): stages, the final
+"""The Dockerfile, checked statically (scripts/image.sh builds and runs it with podman; not in
+CI): every builder reads it alike, dependencies come only as the lock's wheels, and the final
 stage's user, contents, ports and entry point agree with the config defaults and deploy/k8s."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ import fnmatch
 import json
 import re
 import shlex
+import tomllib
 from dataclasses import dataclass, field
 
 import yaml
@@ -16,6 +18,7 @@ from sidecar.config import Config, load, parse_bind
 from .kube import BASE, ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
+LOCK = ROOT / "requirements.lock"
 
 
 @dataclass
@@ -80,26 +83,85 @@ COMPILERS = re.compile(
 )
 
 
+def test_every_builder_reads_it_the_same_way() -> None:
+    """No parser directive (`# syntax=` makes BuildKit fetch a frontend image: no build
+    without a registry) and no BuildKit-only instruction flags (the classic builder has no
+    RUN --mount; COPY --link, --chmod and heredocs are BuildKit's too)."""
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert not re.match(r"\s*#\s*(syntax|escape|check)\s*=", text, re.IGNORECASE)
+    for stage in STAGES:
+        for keyword, args in stage.instructions:
+            assert "--mount" not in args, f"{keyword} {args}"
+            assert "<<" not in args, f"a heredoc: {keyword} {args}"
+            if keyword in ("COPY", "ADD"):
+                flags = {w.split("=")[0] for w in shlex.split(args) if w.startswith("--")}
+                assert flags <= {"--from", "--chown"}, f"{keyword} {args}"
+
+
 def test_multi_stage_build_with_a_slim_final_stage() -> None:
     assert len(STAGES) >= 2
     build = STAGES[0]
     assert build.name, "the build stage is named, so the final stage can refer to it"
-    assert "build-essential" in build.text(), "the build stage has the compilers"
-    assert "pip wheel" in build.text()
-    assert FINAL.base == "python:3.11-slim"
+    assert FINAL.base == build.base == "python:3.11-slim"
 
 
-def test_final_stage_has_no_compilers_and_installs_only_wheels() -> None:
-    text = FINAL.text()
-    assert not COMPILERS.search(text), COMPILERS.search(text)
-    installs = [r for r in FINAL.all("RUN") if "pip install" in r]
-    assert len(installs) == 1
+def test_no_compilers_anywhere_and_dependencies_only_as_locked_wheels() -> None:
+    for stage in STAGES:
+        text = stage.text()
+        assert not COMPILERS.search(text), (stage.name, COMPILERS.search(text))
+    installs = [r for r in STAGES[0].all("RUN") if "pip install" in r and " -r " in r]
+    assert len(installs) == 1, "one install from the lock"
     run = installs[0]
-    assert "--no-index" in run and "--find-links=/wheels" in run, "only the built wheels"
-    assert f"from={STAGES[0].name}" in run, "the wheels come from the build stage"
+    for flag in ("--require-hashes", "--only-binary=:all:", "--no-deps"):
+        assert flag in run, f"{flag}: exactly the locked wheels, nothing compiled"
+    assert "/tmp/requirements.lock" in run
+    assert any(shlex.split(c)[0] == "requirements.lock" for c in STAGES[0].all("COPY"))
+    project = [r for r in STAGES[0].all("RUN") if "pip install" in r and "/src" in r]
+    assert len(project) == 1
+    for flag in ("--no-deps", "--no-build-isolation", "--no-index"):
+        assert flag in project[0], f"{flag}: gts-sidecar built with the locked backend only"
+    assert "pip check" in project[0], "the lock satisfies every requirement on this Python"
+
+
+def test_final_stage_copies_the_built_environment_and_installs_nothing() -> None:
+    assert not [r for r in FINAL.all("RUN") if "pip" in r], "no installer runs in the image"
+    sources = []
     for copy in FINAL.all("COPY"):
-        sources = [w for w in shlex.split(copy) if not w.startswith("--")][:-1]
-        assert sources == ["config/sidecar.yaml"], f"the final stage copies only the config: {copy}"
+        words = shlex.split(copy)
+        flags = [w for w in words if w.startswith("--")]
+        paths = [w for w in words if not w.startswith("--")]
+        if f"--from={STAGES[0].name}" in flags:
+            assert paths == ["/opt/gts-sidecar", "/opt/gts-sidecar"]
+        else:
+            sources += paths[:-1]
+    assert sources == ["config/sidecar.yaml"], "the final stage copies only the config"
+    env = " ".join(FINAL.all("ENV"))
+    assert re.search(r"\bPATH=/opt/gts-sidecar/bin:\$PATH\b", env), "gts-sidecar on PATH"
+
+
+def _requirement(line: str) -> tuple[str, str]:
+    name, _, rest = line.partition("==")
+    return re.sub(r"[-_.]+", "-", name.strip()).lower(), rest
+
+
+def test_the_lock_pins_every_dependency_with_hashes() -> None:
+    text = LOCK.read_text(encoding="utf-8")
+    assert "scripts/image.sh lock" in text.splitlines()[1], "says how to update it"
+    entries = " ".join(text.split("\\\n")).splitlines()  # one line per requirement
+    pinned: dict[str, str] = {}
+    for entry in entries:
+        if not entry.strip() or entry.lstrip().startswith("#"):
+            continue
+        assert "==" in entry and "--hash=sha256:" in entry, f"not pinned with hashes: {entry}"
+        name, rest = _requirement(entry.split(" --hash")[0])
+        pinned[name] = rest
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    wanted = project["project"]["dependencies"] + project["build-system"]["requires"]
+    for requirement in wanted:
+        name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
+        assert re.sub(r"[-_.]+", "-", name).lower() in pinned, (
+            f"{name} is not in requirements.lock: run scripts/image.sh lock"
+        )
 
 
 def test_runs_as_the_non_root_user_kubernetes_expects() -> None:
@@ -170,11 +232,13 @@ def test_build_context_holds_what_the_build_copies() -> None:
 
     for stage in STAGES:
         for copy in stage.all("COPY"):
+            if "--from=" in copy:
+                continue  # from another stage, not the context
             words = [w for w in shlex.split(copy) if not w.startswith("--")]
             for source in words[:-1]:
                 assert (ROOT / source).exists(), source
                 assert included(source), f"{source} is excluded by .dockerignore"
-    for path in ("sidecar/cli.py", "pyproject.toml", "README.md"):
+    for path in ("sidecar/cli.py", "pyproject.toml", "README.md", "requirements.lock"):
         assert included(path)
     for path in (".venv/bin/python", "tests/conftest.py", ".git/config", "var/journal.db"):
         assert not included(path), f"{path} should stay out of the build context"
