@@ -5,8 +5,9 @@ bearer JWT when configured, and an Idempotency-Key on writes that stays the same
 failover; calls about an XID go first to the endpoint the XID names (affinity); connect
 errors, timeouts and 5xx fail over to the next endpoint within one deadline (the request
 timeout, checked at config load to be below every transaction timeout); consecutive failures
-open the circuit breaker. A call made for a transaction this client began never outlives it:
-begin, register and report get min(the request timeout, the transaction's time left)
+open the circuit breaker. A call made for a transaction never outlives it once its deadline
+is known (this client began it, or a register answer said how long it has left): begin,
+register and report get min(the request timeout, the transaction's time left)
 (`deadlines.py`), and register/report are not made at all once its time is up.
 `LocalCoordinator` offers the same calls on the local engine.
 Foreign errors are translated here; callers see only the sidecar's own errors.
@@ -108,7 +109,8 @@ class LocalCoordinator:
         )
         # the engine's own deadline (wall clock, this process), on the loop's clock
         left_ms = rec.deadline_ms - _now_ms()
-        self.deadlines.remember(rec.xid, asyncio.get_running_loop().time() + left_ms / 1000)
+        now = asyncio.get_running_loop().time()
+        self.deadlines.remember(rec.xid, now + left_ms / 1000, now)
         return TxState(rec.xid, rec.status.value)
 
     async def commit(self, xid: str) -> TxState:
@@ -143,6 +145,11 @@ class LocalCoordinator:
             xid, branch_type, resource_id, callback_url, application_data,
             idempotency_key=idempotency_key, request_hash=request_hash,
         )  # fmt: skip
+        deadline_ms = self.engine.deadline_ms(xid)
+        if deadline_ms is not None and self.deadlines.get(xid) is None:
+            left_ms = deadline_ms - _now_ms()
+            now = asyncio.get_running_loop().time()
+            self.deadlines.remember(xid, now + left_ms / 1000, now)
         return branch.branch_id
 
     async def report(self, xid: str, branch_id: int, status: BranchStatus) -> None:
@@ -227,7 +234,7 @@ class RemoteCoordinator:
         applied = data.get("timeoutMs", timeout_ms)
         if isinstance(applied, int) and not isinstance(applied, bool) and applied > 0:
             # counted from when the begin was sent: never later than the coordinator's own
-            self.deadlines.remember(xid, sent + applied / 1000)
+            self.deadlines.remember(xid, sent + applied / 1000, sent)
         return TxState(xid, data.get("status", "Begin"))
 
     async def commit(self, xid: str) -> TxState:
@@ -282,18 +289,30 @@ class RemoteCoordinator:
             + b',"callbackUrl":' + orjson.dumps(callback_url)
             + b',"applicationData":' + application_data + b"}"
         )  # fmt: skip
+        sent = asyncio.get_running_loop().time()
         data = await self._call(
             "register", "POST", f"{protocol.API}/branch/register", body, xid=xid,
             idempotency_key=idempotency_key or uuid.uuid4().hex,
             deadline=self._phase_one_deadline("register", xid),
         )  # fmt: skip
         try:
-            return protocol.id_value(data.get("branchId"), "branchId")
+            branch_id = protocol.id_value(data.get("branchId"), "branchId")
         except InvalidRequest as exc:
             # a 200 that names no branch: the branch is not registered as far as we can know
             raise CoordinatorUnavailable(
                 f"coordinator answered register without a usable branchId ({exc.message})"
             ) from None
+        left_ms = data.get("timeLeftMs")
+        if (
+            isinstance(left_ms, int)
+            and not isinstance(left_ms, bool)
+            and left_ms >= 0
+            and self.deadlines.get(xid) is None
+        ):
+            # a transaction begun elsewhere: the coordinator said how long it has left when it
+            # answered; counted from when the register was sent, that is never too late
+            self.deadlines.remember(xid, sent + left_ms / 1000, sent)
+        return branch_id
 
     async def report(self, xid: str, branch_id: int, status: BranchStatus) -> None:
         body = orjson.dumps(

@@ -4,9 +4,10 @@ Rules: pure; times are seconds on one monotonic clock that the caller passes in 
 A call made for a transaction gets min(its configured timeout, the transaction's time left)
 when the deadline is known; a deadline is known for the transactions this process began (the
 begin's timeout, from when the begin was sent: never later than the coordinator's own
-deadline, which starts when the begin arrives). The map of known deadlines is bounded: when
-it is full the oldest entry goes, and a call about a forgotten transaction simply gets its
-configured timeout, as one about a transaction begun elsewhere does.
+deadline, which starts when the begin arrives), or told by a registration's answer. The
+map of known deadlines is bounded: entries go when their transaction is decided, a minute
+after their deadline (oldest first), or when the map is full; a call about a forgotten
+transaction simply gets its configured timeout, as one about an unknown transaction does.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from typing import Final
 #: transactions remembered at once (about 100 bytes each); a sidecar beginning 1,000
 #: transactions a second with 60 s timeouts has 60,000 live
 DEFAULT_CAPACITY: Final = 100_000
+#: seconds an entry stays after its deadline (a late register/report is refused without a
+#: call meanwhile; after that the coordinator's own answer says the same)
+KEEP_AFTER_DEADLINE: Final = 60.0
 
 
 def time_left(deadline: float | None, now: float) -> float | None:
@@ -43,11 +47,18 @@ class Deadlines:
     def __len__(self) -> int:
         return len(self._by_xid)
 
-    def remember(self, xid: str, deadline: float) -> None:
+    def remember(self, xid: str, deadline: float, now: float) -> None:
         self._by_xid[xid] = deadline
         self._by_xid.move_to_end(xid)
         while len(self._by_xid) > self.capacity:
             self._by_xid.popitem(last=False)
+        # participants never decide: entries long past their deadline go, oldest first
+        # (amortised O(1): each entry is dropped once)
+        while self._by_xid:
+            oldest = next(iter(self._by_xid))
+            if self._by_xid[oldest] >= now - KEEP_AFTER_DEADLINE:
+                break
+            del self._by_xid[oldest]
 
     def forget(self, xid: str) -> None:
         """The transaction is decided: its deadline no longer bounds anything."""

@@ -769,6 +769,12 @@ class Engine:
                     return branch
         return None
 
+    def deadline_ms(self, xid: str) -> int | None:
+        """A live transaction's deadline (wall clock, ms since the epoch), when held here: a
+        registration's answer tells the branch how long its transaction has left."""
+        live = self._live.get(xid)
+        return None if live is None else live.record.deadline_ms
+
     async def skip_branch(self, xid: str, branch_id: int) -> BranchRecord:
         """An operator settled a stuck branch by hand: mark its phase two done without
         calling it again, so the transaction can finish."""

@@ -171,7 +171,13 @@ async def register(request: web.Request) -> web.Response:
         idempotency_key=request.headers.get("Idempotency-Key"),
         request_hash=protocol.body_hash(body),
     )
-    return json_response({"xid": branch.xid, "branchId": protocol.id_text(branch.branch_id)})
+    answer: dict[str, object] = {"xid": branch.xid, "branchId": protocol.id_text(branch.branch_id)}
+    deadline = request.app[ENGINE].deadline_ms(branch.xid)
+    if deadline is not None:
+        # how long the transaction has left: the branch's sidecar keeps its calls (and the
+        # try it forwards) within it, though it did not begin the transaction
+        answer["timeLeftMs"] = max(0, deadline - _now_ms())
+    return json_response(answer)
 
 
 async def report(request: web.Request) -> web.Response:

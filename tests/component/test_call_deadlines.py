@@ -1,5 +1,9 @@
 """Coordinator calls never outlive the transaction they serve (RemoteCoordinator, real sockets).
 
+The last test runs a participant's client against a real sidecar's peer listener (the local
+coordinator): the register answer's `timeLeftMs` gives it the deadline of a transaction it
+did not begin.
+
 A stand-in coordinator on loopback can hold any answer until the test lets it go. With
 `coordinator.timeouts.request` at 30 s and a transaction of 0.5 s, a begin or a register the
 coordinator does not answer gives up when the transaction's time is up, not after 30 s, and
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -23,7 +28,8 @@ from sidecar.coordinator.client import RemoteCoordinator
 from sidecar.coordinator.states import BranchStatus, BranchType
 from sidecar.errors import CoordinatorUnavailable, TransactionNotActive
 from sidecar.metrics import Metrics
-from tests.component.gts import ring
+from tests.component.gts import SignedClient, ring, signing_config
+from tests.component.servers import wait_until
 
 TXID = 193705495666798593
 #: far above every transaction timeout below: a call that waited for it would fail the test
@@ -136,7 +142,8 @@ async def test_a_begin_gives_up_within_its_own_timeout(coordinator, remote):
 
 async def test_once_the_time_is_up_register_and_report_are_not_sent(coordinator, remote):
     state = await remote.begin("order", 60_000)
-    remote.deadlines.remember(state.xid, asyncio.get_running_loop().time() - 0.25)
+    now = asyncio.get_running_loop().time()
+    remote.deadlines.remember(state.xid, now - 0.25, now)
     with pytest.raises(TransactionNotActive, match="reached its timeout"):
         await remote.register(state.xid, BranchType.TCC, "stock", "http://cb", b"{}")
     with pytest.raises(TransactionNotActive, match="reached its timeout"):
@@ -174,3 +181,45 @@ async def test_calls_about_transactions_begun_elsewhere_keep_the_configured_time
     assert remote.deadline_of(xid) is None
     branch = await remote.register(xid, BranchType.TCC, "stock", "http://cb", b"{}")
     assert branch == TXID + 1
+
+
+# --- a participant learns the deadline from the register answer (the real coordinator) ------
+
+
+@pytest.fixture
+async def peer(sidecar_factory, tmp_path):
+    sc = await sidecar_factory(signing_config(tmp_path))
+    async with aiohttp.ClientSession() as session:
+        yield sc, SignedClient(session, sc.ports["peer"], ring())
+
+
+async def test_a_participant_keeps_its_calls_within_a_transaction_begun_elsewhere(peer):
+    sc, initiator = peer
+    # the participant's client did not begin the transaction: the register answer tells it
+    # how long the transaction has left (timeLeftMs), counted from when it sent the register
+    cfg = CoordinatorConfig.model_validate(
+        {"endpoints": [f"http://127.0.0.1:{sc.ports['peer']}"], "timeouts": {"request": "30s"}}
+    )
+    participant = RemoteCoordinator(cfg, ring(), Metrics())
+    try:
+        loop = asyncio.get_running_loop()
+        xid = await initiator.start(timeout_ms=60_000)
+        sent = loop.time()
+        await participant.register(xid, BranchType.TCC, "stock", "http://127.0.0.1:9/b", b"{}")
+        deadline = participant.deadline_of(xid)
+        assert deadline is not None and sent + 59 <= deadline <= sent + 60
+
+        short = await initiator.start(timeout_ms=300)
+        branch = await participant.register(
+            short, BranchType.TCC, "stock", "http://127.0.0.1:9/b", b"{}"
+        )
+        ends = participant.deadline_of(short)
+        assert ends is not None and ends <= loop.time() + 0.3
+        await wait_until(lambda: loop.time() > ends, timeout=WITHIN)
+        # its time is up: the report is not sent (the coordinator is rolling it back)
+        with pytest.raises(TransactionNotActive, match="reached its timeout"):
+            await participant.report(short, branch, BranchStatus.PHASE_ONE_DONE)
+        assert calls(participant, "report", "deadline") == 1
+        assert calls(participant, "report", "ok") == 0
+    finally:
+        await participant.close()

@@ -7,7 +7,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.coordinator.deadlines import Deadlines, call_timeout, time_left
+from sidecar.coordinator.deadlines import (
+    KEEP_AFTER_DEADLINE,
+    Deadlines,
+    call_timeout,
+    time_left,
+)
 
 
 def test_time_left_and_call_timeout() -> None:
@@ -38,10 +43,10 @@ def test_a_call_never_outlives_its_configured_timeout_or_the_transaction(
 
 def test_the_map_is_bounded_oldest_first_and_forgets() -> None:
     d = Deadlines(capacity=2)
-    d.remember("a", 1.0)
-    d.remember("b", 2.0)
-    d.remember("a", 3.0)  # re-remembered: now the newest
-    d.remember("c", 4.0)
+    d.remember("a", 1.0, 0.0)
+    d.remember("b", 2.0, 0.0)
+    d.remember("a", 3.0, 0.0)  # re-remembered: now the newest
+    d.remember("c", 4.0, 0.0)
     assert (d.get("a"), d.get("b"), d.get("c")) == (3.0, None, 4.0)
     assert len(d) == 2
     d.forget("a")
@@ -49,3 +54,14 @@ def test_the_map_is_bounded_oldest_first_and_forgets() -> None:
     assert (d.get("a"), len(d)) == (None, 1)
     with pytest.raises(ValueError):
         Deadlines(capacity=0)
+
+
+def test_entries_long_past_their_deadline_go() -> None:
+    # a participant never decides: without this its map would only shrink at capacity
+    d = Deadlines()
+    d.remember("old", 10.0, 10.0)
+    d.remember("recent", 100.0, 50.0)
+    d.remember("new", 200.0, 10.0 + KEEP_AFTER_DEADLINE + 1)
+    assert (d.get("old"), d.get("recent"), d.get("new")) == (None, 100.0, 200.0)
+    d.remember("later", 300.0, 100.0 + KEEP_AFTER_DEADLINE - 1)  # "recent" kept a minute
+    assert d.get("recent") == 100.0 and len(d) == 3
