@@ -8,6 +8,13 @@ the SAME wrk settings, every request carrying a valid XID header:
   nginx-proxy       nginx, 1 worker, reverse proxy with upstream keep-alive
   sidecar-inbound   ``gts-sidecar run``: inbound listener -> ``app.url`` = the upstream
   sidecar-outbound  the same sidecar: ``/up/`` on the outbound listener -> upstream ``up``
+  nginx-tls         nginx, 1 worker, terminating TLS (ECDSA P-256, TLS 1.3) and proxying
+  sidecar-inbound-tls  a second sidecar whose inbound listener terminates TLS with the SAME
+                    certificate and key (``listeners.inbound.tls``)
+
+The TLS pair is measured over keep-alive connections (wrk opens each once), so it shows the
+cost of encrypting and decrypting the traffic, not of handshakes; each is compared with its
+own nginx (the "ratio" column: plain targets against nginx-proxy, TLS ones against nginx-tls).
 
 Two sets of wrk runs: ``-t1 -c<connections>`` (throughput: requests/s, p50, p99) and
 ``-t1 -c1`` (latency: the p50 each hop adds over ``direct``). wrk runs on CPU 1; the
@@ -37,6 +44,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -53,8 +61,17 @@ RESULTS_FILE = BENCH_DIR / "results" / "latest.md"
 
 XID_HEADER = ("XID", "127.0.0.1:8091:123456789")
 UPSTREAM_BODY = b"ok\n"
-ALL_TARGETS = ("direct", "nginx-proxy", "sidecar-inbound", "sidecar-outbound")
+ALL_TARGETS = (
+    "direct",
+    "nginx-proxy",
+    "sidecar-inbound",
+    "sidecar-outbound",
+    "nginx-tls",
+    "sidecar-inbound-tls",
+)
 SIDECAR_TARGETS = ("sidecar-inbound", "sidecar-outbound")
+#: the nginx each target's ratio is taken against
+REFERENCE = {"nginx-tls": "nginx-tls", "sidecar-inbound-tls": "nginx-tls"}
 TOOL_PACKAGES = {"nginx": "nginx-light", "wrk": "wrk"}
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
 
@@ -232,9 +249,19 @@ def port_open(port: int) -> bool:
         return False
 
 
-def http_get(port: int, path: str = "/", timeout: float = 2.0) -> tuple[int, bytes]:
-    """One GET with the bench's XID header; (status, body)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def http_get(
+    port: int, path: str = "/", timeout: float = 2.0, tls: bool = False
+) -> tuple[int, bytes]:
+    """One GET with the bench's XID header; (status, body). With `tls`, over TLS without
+    verification (the certificate is the bench's own, made for this run)."""
+    conn: http.client.HTTPConnection
+    if tls:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=ctx)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("GET", path, headers=dict([XID_HEADER]))
         resp = conn.getresponse()
@@ -357,6 +384,44 @@ NGINX_PROXY_HTTP = """\
     }}"""
 
 
+NGINX_TLS_HTTP = """\
+    upstream up {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / {{
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}"""
+
+
+def make_certificate(workdir: Path) -> tuple[str, str]:
+    """A self-signed ECDSA P-256 certificate for 127.0.0.1 (openssl CLI), shared by nginx-tls
+    and the TLS sidecar so that both do the same cryptography."""
+    cert, key = workdir / "bench.crt", workdir / "bench.key"
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise BenchError("the TLS targets need the openssl CLI (apt-get install openssl)")
+    done = subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise BenchError(f"openssl req failed: {done.stderr.strip()}")
+    return str(cert), str(key)
+
+
 def start_nginx(servers: Servers, nginx: str, name: str, http_block: str, port: int) -> Server:
     """Write <tmp>/<name>/nginx.conf and run nginx in the foreground from that prefix."""
     prefix = servers.workdir / name
@@ -374,7 +439,7 @@ def start_nginx(servers: Servers, nginx: str, name: str, http_block: str, port: 
 
 SIDECAR_YAML = """\
 listeners:
-  inbound:  {{bind: "127.0.0.1:{inbound}"}}
+  inbound:  {{bind: "127.0.0.1:{inbound}"{inbound_tls}}}
   outbound: {{bind: "127.0.0.1:{outbound}"}}
   api:      {{bind: "127.0.0.1:{api}"}}
   peer:     {{bind: "127.0.0.1:{peer}"}}
@@ -388,14 +453,22 @@ logging: {{level: warning}}
 """
 
 
-def start_sidecar(servers: Servers, command: list[str], ports: dict[str, int]) -> Server:
-    """Run `gts-sidecar run --config` on a generated config; wait for admin /readyz = 200."""
-    config = servers.workdir / "sidecar.yaml"
-    config.write_text(SIDECAR_YAML.format(**ports))
+def start_sidecar(
+    servers: Servers,
+    command: list[str],
+    ports: dict[str, int],
+    name: str = "sidecar",
+    tls: tuple[str, str] | None = None,
+) -> Server:
+    """Run `gts-sidecar run --config` on a generated config; wait for admin /readyz = 200.
+    With `tls` (certificate, key), its inbound listener terminates TLS."""
+    config = servers.workdir / f"{name}.yaml"
+    inbound_tls = f", tls: {{cert_file: {tls[0]}, key_file: {tls[1]}}}" if tls else ""
+    config.write_text(SIDECAR_YAML.format(**ports, inbound_tls=inbound_tls))
     # `python -m sidecar` needs the repo on the path when the package is not installed
     pythonpath = [str(REPO_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)}
-    server = servers.start("sidecar", [*command, "run", "--config", str(config)], env)
+    server = servers.start(name, [*command, "run", "--config", str(config)], env)
     wait_until(lambda: http_ok(ports["admin"], "/readyz"), server, "admin /readyz")
     for listener in ("inbound", "outbound"):
         wait_until(lambda p=ports[listener]: port_open(p), server, f"{listener} listener")
@@ -478,18 +551,19 @@ class Target:
     name: str
     port: int
     path: str = "/"
+    tls: bool = False
     failure: str | None = None
     results: dict[int, WrkResult] = field(default_factory=dict)  # connections -> result
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{self.path}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}{self.path}"
 
 
 def check_target(target: Target) -> None:
     """One request before measuring: the target must answer 200 with the upstream's body."""
     try:
-        status, body = http_get(target.port, target.path)
+        status, body = http_get(target.port, target.path, tls=target.tls)
     except OSError as exc:
         raise BenchError(f"{target.name}: request to {target.url} failed: {exc}") from exc
     if status != 200 or body != UPSTREAM_BODY:
@@ -504,7 +578,9 @@ def start_targets(servers: Servers, tools: dict[str, str], opts: Options) -> lis
     recorded on its targets (and its log tail printed) instead of aborting the run."""
     wanted = opts.targets
     names = ("upstream", "proxy", "inbound", "outbound", "api", "peer", "admin")
-    ports = dict(zip(names, free_ports(len(names)), strict=True))
+    tls_names = ("nginx-tls", "tls-inbound", "tls-outbound", "tls-api", "tls-peer", "tls-admin")
+    all_ports = free_ports(len(names) + len(tls_names))
+    ports = dict(zip(names + tls_names, all_ports, strict=True))
     upstream_http = NGINX_UPSTREAM_HTTP.format(port=ports["upstream"])
     start_nginx(servers, tools["nginx"], "upstream", upstream_http, ports["upstream"])
 
@@ -513,7 +589,25 @@ def start_targets(servers: Servers, tools: dict[str, str], opts: Options) -> lis
         "nginx-proxy": Target("nginx-proxy", ports["proxy"]),
         "sidecar-inbound": Target("sidecar-inbound", ports["inbound"]),
         "sidecar-outbound": Target("sidecar-outbound", ports["outbound"], "/up/"),
+        "nginx-tls": Target("nginx-tls", ports["nginx-tls"], tls=True),
+        "sidecar-inbound-tls": Target("sidecar-inbound-tls", ports["tls-inbound"], tls=True),
     }
+    tls_wanted = [targets[t] for t in ("nginx-tls", "sidecar-inbound-tls") if t in wanted]
+    pair: tuple[str, str] | None = None
+    if tls_wanted:
+        with reported_failure(tls_wanted):
+            pair = make_certificate(servers.workdir)
+    if "nginx-tls" in wanted and pair is not None:
+        tls_http = NGINX_TLS_HTTP.format(
+            port=ports["nginx-tls"], upstream_port=ports["upstream"], cert=pair[0], key=pair[1]
+        )
+        with reported_failure([targets["nginx-tls"]]):
+            start_nginx(servers, tools["nginx"], "nginx-tls", tls_http, ports["nginx-tls"])
+    if "sidecar-inbound-tls" in wanted and pair is not None:
+        tls_ports = {k: ports[f"tls-{k}"] for k in ("inbound", "outbound", "api", "peer", "admin")}
+        tls_ports["upstream"] = ports["upstream"]
+        with reported_failure([targets["sidecar-inbound-tls"]]):
+            start_sidecar(servers, opts.sidecar_cmd, tls_ports, "sidecar-tls", pair)
     if "nginx-proxy" in wanted:
         proxy_http = NGINX_PROXY_HTTP.format(port=ports["proxy"], upstream_port=ports["upstream"])
         with reported_failure([targets["nginx-proxy"]]):
@@ -620,13 +714,16 @@ def fmt_ms(us: float) -> str:
 
 def results_table(targets: list[Target], connections: int) -> list[str]:
     by_name = {t.name: t for t in targets}
-    ref = by_name.get("nginx-proxy")
-    ref_rps = ref.results[connections].rps if ref and connections in ref.results else None
+
+    def ref_rps(name: str) -> float | None:
+        ref = by_name.get(REFERENCE.get(name, "nginx-proxy"))
+        return ref.results[connections].rps if ref and connections in ref.results else None
+
     direct = by_name.get("direct")
     direct_c1 = direct.results.get(1) if direct else None
 
     rows = [
-        "| target | rps | ratio vs nginx-proxy | p50 (ms) | p99 (ms) "
+        "| target | rps | ratio vs its nginx | p50 (ms) | p99 (ms) "
         "| p50 at c=1 (µs) | p50 added over direct at c=1 (µs) |",
         "|---|--:|--:|--:|--:|--:|--:|",
     ]
@@ -636,7 +733,8 @@ def results_table(targets: list[Target], connections: int) -> list[str]:
             continue
         tput, lat = t.results.get(connections), t.results.get(1)
         cells = [t.name]
-        cells += [f"{tput.rps:,.0f}", f"{tput.rps / ref_rps:.2f}×" if ref_rps else "n/a"]
+        ref = ref_rps(t.name)
+        cells += [f"{tput.rps:,.0f}", f"{tput.rps / ref:.2f}×" if ref else "n/a"]
         cells += [fmt_ms(tput.p50_us), fmt_ms(tput.p99_us)]
         cells.append(f"{lat.p50_us:.0f}")
         cells.append(f"{lat.p50_us - direct_c1.p50_us:+.0f}" if direct_c1 else "n/a")
