@@ -8,7 +8,8 @@
 #   scripts/image.sh smoke        run the image as Kubernetes runs it (read-only root, uid
 #                                 10001) and check /healthz, /readyz, /metrics, inbound,
 #                                 outbound, the TM API, and that SIGTERM drains and exits 0;
-#                                 prints the image size and the idle RSS
+#                                 then `gts-sidecar injector` answers an AdmissionReview over
+#                                 HTTPS; prints the image size and the idle RSS
 #   scripts/image.sh lock         update requirements.lock from pyproject.toml (uv pip
 #                                 compile): the one command that changes what the image
 #                                 installs; pins still allowed are kept (`lock --upgrade`:
@@ -116,9 +117,17 @@ image = os.environ["IMAGE"]
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the ephemeral range (32768+), so that no outgoing connection of
+    another program takes it between this check and the container's bind."""
+    import random
+    while True:
+        port = random.randrange(20000, 30000)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
 
 
 class App(BaseHTTPRequestHandler):
@@ -179,9 +188,19 @@ def get(url, data=None, headers=None, timeout=5):
         return e.code, e.read()
 
 
+def inspect_of(container, fmt):
+    return subprocess.run([*podman, "inspect", "--format", fmt, container],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
 def inspect(fmt):
-    return subprocess.run([*podman, "inspect", "--format", fmt, name], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    return inspect_of(name, fmt)
+
+
+def rss(pid):
+    """VmRSS of a process, in KiB."""
+    return next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").open()
+                if line.startswith("VmRSS:"))
 
 
 try:
@@ -220,8 +239,7 @@ try:
               f"{status} {body[:200]!r}")
     pid = inspect("{{.State.Pid}}")
     time.sleep(3)  # idle: nothing in flight, then measure
-    rss_kib = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").open()
-                   if line.startswith("VmRSS:"))
+    rss_kib = rss(pid)
     user = Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0]
     check("runs as uid 10001", user == "10001", user)
     started = time.monotonic()
@@ -234,6 +252,52 @@ try:
         print("  the container's last log lines:\n" + "\n".join(logs.splitlines()[-15:]))
     check("SIGTERM: drained and exited 0", code == "0" and '"stopped"' in logs,
           f"exit {code}")
+    # the injector webhook from the same image, on a certificate made as docs/injector.md says
+    certs = tmp / "tls"  # /etc/gts-injector/tls in the container (config/injector.yaml)
+    subprocess.run(["deploy/k8s/injector/self-signed/make-cert.sh", str(certs)], check=True,
+                   stdout=subprocess.DEVNULL)
+    for f in certs.iterdir():
+        os.chmod(f, 0o644)
+    os.chmod(certs, 0o755)
+    inj = yaml.safe_load(Path("config/injector.yaml").read_text())
+    inj_port = free_port()
+    inj["listen"]["bind"] = f"127.0.0.1:{inj_port}"
+    (tmp / "injector.yaml").write_text(yaml.safe_dump(inj))
+    inj_name = name + "-injector"
+    subprocess.run([*podman, "run", "--detach", "--name", inj_name, *limits, "--network", "host",
+                    "--read-only", "--user", "10001:10001", "--cap-drop", "ALL",
+                    "--no-healthcheck", "--volume", f"{tmp}:/etc/gts-injector:ro", image,
+                    "injector", "--config", "/etc/gts-injector/injector.yaml"],
+                   check=True, stdout=subprocess.DEVNULL)
+    try:
+        import ssl
+        ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        ctx.check_hostname = False  # the certificate names the Service; loopback here
+        review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+            "uid": "1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "operation": "CREATE", "object": {
+                "metadata": {"annotations": {"sidecar.gts.io/inject": "true"}},
+                "spec": {"containers": [{"name": "app", "image": "app"}]}}}}
+        deadline, answer = time.monotonic() + 30, None
+        while answer is None and time.monotonic() < deadline:
+            try:
+                req = urllib.request.Request(f"https://127.0.0.1:{inj_port}/mutate",
+                                             data=json.dumps(review).encode(), method="POST")
+                with urllib.request.urlopen(req, timeout=2, context=ctx) as r:
+                    answer = json.loads(r.read())
+            except OSError:
+                time.sleep(0.2)
+        check("injector: AdmissionReview answered with a patch over HTTPS",
+              bool(answer) and "patch" in answer["response"], str(answer)[:200])
+        inj_pid = inspect_of(inj_name, "{{.State.Pid}}")
+        inj_rss = rss(inj_pid)
+        subprocess.run([*podman, "stop", "--time", "20", inj_name], check=True,
+                       stdout=subprocess.DEVNULL)
+        code = inspect_of(inj_name, "{{.State.ExitCode}}")
+        check("injector: SIGTERM exits 0", code == "0", f"exit {code}")
+        print(f"  injector idle RSS {inj_rss / 1024:.1f} MiB")
+    finally:
+        subprocess.run([*podman, "rm", "--force", inj_name], capture_output=True)
     size = int(subprocess.run([*podman, "image", "inspect", "--format", "{{.Size}}", image],
                               capture_output=True, text=True, check=True).stdout.strip())
     print(f"  image {image}: {size / 1e6:.1f} MB; idle RSS {rss_kib / 1024:.1f} MiB; "
@@ -241,6 +305,8 @@ try:
 finally:
     subprocess.run([*podman, "rm", "--force", "--volumes", name], capture_output=True)
     app.shutdown()
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
 if failures:
     raise SystemExit(f"smoke test failed: {', '.join(failures)}")
 print("smoke test passed")
