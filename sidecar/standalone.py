@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 import time
 
@@ -30,6 +31,8 @@ from sidecar.coordinator.engine import Engine
 from sidecar.errors import ConfigError
 from sidecar.metrics import Metrics
 from sidecar.server import c_parser_problem
+from sidecar.tls import ListenerTls, TlsFileWatcher
+from sidecar.tls import check as check_tls
 
 log = logging.getLogger("sidecar.coordinator")
 
@@ -44,6 +47,7 @@ class StandaloneCoordinator:
         self.ports: dict[str, int] = {}
         self._runners: list[web.AppRunner] = []
         self._stop = asyncio.Event()
+        self._tls_watcher: TlsFileWatcher | None = None
 
     # what the admin listener reads
     @property
@@ -65,10 +69,27 @@ class StandaloneCoordinator:
         cfg = self._config
         if cfg.listeners.require_c_parser and (problem := c_parser_problem()):
             raise ConfigError([f"listeners.require_c_parser: {problem}"])
+        tls = check_tls(cfg)
+        listeners = {
+            name: ListenerTls(name, t, tls.servers[name], self.metrics.tls_handshake_failures)
+            for name in ("peer", "admin")
+            if (t := getattr(cfg.listeners, name).tls) is not None
+        }
         await self.control.start(serve_local=True)
+        self._tls_watcher = TlsFileWatcher(
+            cfg, listeners, self._origin_tls, self.metrics.tls_reloads, tls
+        )
+        self._origin_tls(tls.coordinator)
+        self._tls_watcher.start()
         try:
             for name, app in (("peer", self.control.peer_app()), ("admin", build_admin_app(self))):
-                runner, self.ports[name] = await serve_app(app, getattr(cfg.listeners, name).bind)
+                lt = listeners.get(name)
+                runner, self.ports[name] = await serve_app(
+                    app,
+                    getattr(cfg.listeners, name).bind,
+                    lt.base if lt else None,
+                    lt.handshake_timeout if lt else None,
+                )
                 self._runners.append(runner)
         except OSError as exc:
             await self.close()
@@ -85,6 +106,12 @@ class StandaloneCoordinator:
                 "ports": self.ports,
             },
         )
+
+    def _origin_tls(self, context: ssl.SSLContext | None) -> None:
+        """Phase-two callbacks to https:// participants: coordinator.tls (rotated files too)."""
+        if self.control.caller is not None:
+            origin = self._config.coordinator.tls
+            self.control.caller.set_tls(context, origin.server_name if origin else None)
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -104,6 +131,8 @@ class StandaloneCoordinator:
         log.info("stopped")
 
     async def close(self) -> None:
+        if self._tls_watcher is not None:
+            self._tls_watcher.stop()
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()

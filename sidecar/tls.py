@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -303,10 +304,82 @@ class TlsSite(web.TCPSite):
             self._bound_port = self._port
 
 
-def check(config: Config) -> None:
-    """What `check-config` adds to loading: every certificate, key and CA file is read and
-    used as start would, so a bad one is reported with its key path before a deploy."""
+def check(config: Config) -> TlsSet:
+    """Every context `config` asks for, or ConfigError with each failing key path (what
+    `check-config` and a start add to loading: the files are read and used)."""
     try:
-        build(config)
+        return build(config)
     except TlsConfigError as exc:
         raise ConfigError(exc.message.split("; ")) from None
+
+
+# --- rotation where the config itself does not reload ---------------------------------------
+
+
+class TlsFileWatcher:
+    """Re-reads the certificate, key and CA files of a fixed config when they change (the
+    standalone coordinator, whose config does not reload): the listeners' contexts and the
+    origination context are swapped for new connections; a bad new set is refused, logged
+    and counted, and the old one stays. (The sidecar gets the same through its config
+    watcher, which watches these files with every other one the config names.)"""
+
+    def __init__(
+        self,
+        config: Config,
+        listeners: dict[str, ListenerTls],
+        on_origin: Callable[[ssl.SSLContext | None], None],
+        reloads: Any,
+        current: TlsSet,
+        interval: float = 1.0,
+    ) -> None:
+        self.config = config
+        self.listeners = listeners
+        self.on_origin = on_origin
+        self.reloads = reloads
+        self.current = current
+        self.interval = interval
+        self._stat = self._stat_key()
+        self._task: asyncio.Task[None] | None = None
+
+    def _stat_key(self) -> tuple[tuple[int, int, int, int] | None, ...]:
+        keys: list[tuple[int, int, int, int] | None] = []
+        for _, path in tls_files(self.config):
+            try:
+                st = os.stat(path)  # through symlinks: a Secret's ..data swap is a new inode
+            except OSError:
+                keys.append(None)
+                continue
+            keys.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(keys)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._poll(), name="tls-watcher")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            key = self._stat_key()
+            if key != self._stat:
+                self._stat = key
+                self.reload()
+
+    def reload(self) -> str:
+        try:
+            fresh = build(self.config)
+        except TlsConfigError as exc:
+            log.error("TLS files refused; the previous ones stay", extra={"problems": exc.message})
+            self.reloads.labels("invalid").inc()
+            return "invalid"
+        if fresh.fingerprint == self.current.fingerprint:
+            return "unchanged"
+        for name, listener in self.listeners.items():
+            listener.current = fresh.servers[name]
+        self.on_origin(fresh.coordinator)
+        self.current = fresh
+        log.info("TLS certificates and keys reloaded")
+        self.reloads.labels("applied").inc()
+        return "applied"
