@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from sidecar.coordinator.states import BranchStatus
 from sidecar.errors import CoordinatorUnavailable, SidecarError
 from sidecar.txn.branches import BRANCH_HEADER, application_data
+from sidecar.txn.tries import TryEnd
 
 if TYPE_CHECKING:
     from sidecar.coordinator.client import Coordinator
@@ -119,18 +120,23 @@ class BranchFilter:
 
     def _end_unforwarded(self, begin: asyncio.Future[None]) -> None:
         if not begin.cancelled() and begin.exception() is None and self.branch_id is not None:
-            self.participant.end_try(self.xid, self.branch_id, answered=True)
+            self.participant.end_try(self.xid, self.branch_id, TryEnd.NOT_DELIVERED)
 
     def end_try(self) -> None:
         """The try's exchange is over (answered, failed, or abandoned by its client): tell
-        the participant, once. A try the app may still be working on (its request reached
-        the app, no answer came back) stays running until its deadline."""
+        the participant, once, how. Called before the exchange lets go of its upstream
+        connection, which says whether the request was ever written to the app."""
         if not self.try_open or self.branch_id is None:
             return
         self.try_open = False
         ex = self.exchange
-        maybe_running = ex.upstream is not None and not ex.resp_started
-        self.participant.end_try(self.xid, self.branch_id, answered=not maybe_running)
+        if ex.resp_started:
+            how = TryEnd.ANSWERED
+        elif ex.upstream is not None:
+            how = TryEnd.NO_ANSWER  # the app may still be working on it
+        else:
+            how = TryEnd.NOT_DELIVERED
+        self.participant.end_try(self.xid, self.branch_id, how)
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         if self.branch_id is None:

@@ -35,7 +35,7 @@ from sidecar.coordinator.states import BranchType
 from sidecar.errors import InvalidRequest, PayloadTooLarge, SidecarError
 from sidecar.txn.fence import Action, Decision, FenceState, Phase, decide
 from sidecar.txn.fence_store import FenceRow, FenceStore, now_ms
-from sidecar.txn.tries import Running, TriesInFlight
+from sidecar.txn.tries import Running, TriesInFlight, TryEnd
 from sidecar.xid import parse as parse_xid
 
 log = logging.getLogger("sidecar.branches")
@@ -282,16 +282,26 @@ class Participant:
                         )
                     )  # fmt: skip
                 except BaseException:
-                    self.tries.end(key, answered=True)  # never forwarded
+                    self.tries.end(key, TryEnd.NOT_DELIVERED)
                     raise
         finally:
             self._release_lock(xid, branch_id, lock)
 
-    def end_try(self, xid: str, branch_id: int, *, answered: bool) -> None:
-        """The try's exchange ended. `answered`: the app answered it (or never got it). A
-        try the app may still be working on (its connection broke, its client left) goes on
-        counting as running until its deadline."""
-        self.tries.end((xid, branch_id), answered=answered)
+    def end_try(
+        self,
+        xid: str,
+        branch_id: int,
+        how: TryEnd = TryEnd.ANSWERED,
+        *,
+        answered: bool | None = None,
+    ) -> None:
+        """The try's exchange ended: answered by the app, without an answer (the app may
+        still be working on it: it goes on counting as running until its deadline), or
+        without ever reaching the app (its cancel then has nothing to undo there).
+        `answered=True/False` is a shorthand for ANSWERED / NO_ANSWER."""
+        if answered is not None:
+            how = TryEnd.ANSWERED if answered else TryEnd.NO_ANSWER
+        self.tries.end((xid, branch_id), how)
 
     def _record_try_end(self, key: tuple[str, int], entry: Running) -> None:
         async def record() -> None:
@@ -300,7 +310,8 @@ class Participant:
             try:
                 async with lock:
                     row = await self.fence.get(xid, branch_id)
-                    decision = decide(Phase.TRY_END, row.state if row else None)
+                    phase = Phase.TRY_END if entry.delivered else Phase.TRY_UNDELIVERED
+                    decision = decide(phase, row.state if row else None)
                     if row is not None and decision.action is Action.RECORD_ONLY:
                         assert decision.next_state is not None
                         await self.fence.put(

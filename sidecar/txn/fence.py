@@ -16,13 +16,15 @@ treated as TRIED: a cancel goes to the app.
 
     try      no row / TRIED → TRYING, forward   CANCELLED / EMPTY_CANCELLED → refuse (suspension)
              (a retried try: the app's own idempotency covers it)   CONFIRMED → refuse
-    try end  TRYING → TRIED                     anything else → left as it is
+    try end  TRYING → TRIED, or UNDELIVERED when it never reached the app
+             anything else → left as it is
     confirm  TRYING, running → wait             TRIED → call the app → CONFIRMED
              CONFIRMED → done, app not called   no row → retry later (a confirm follows a try)
     cancel   TRYING, running → wait             TRIED → call the app → CANCELLED
              CANCELLED / EMPTY_CANCELLED → done, not called
-             no row → EMPTY_CANCELLED, done, app not called ("empty rollback")
+             no row / UNDELIVERED → EMPTY_CANCELLED, done, app not called ("empty rollback")
              CONFIRMED → refuse: the branch was committed
+    (confirm of an UNDELIVERED try → refuse: the coordinator cannot have been told it succeeded)
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Final
 class FenceState(StrEnum):
     TRYING = "trying"  # the try was forwarded and has not ended yet
     TRIED = "tried"
+    UNDELIVERED = "undelivered"  # the try never reached the app: nothing there to undo
     CONFIRMED = "confirmed"
     CANCELLED = "cancelled"
     EMPTY_CANCELLED = "empty_cancelled"
@@ -50,6 +53,7 @@ FINAL_STATES: Final = frozenset(
 class Phase(StrEnum):
     TRY = "try"
     TRY_END = "try_end"  # the try's exchange with the app ended
+    TRY_UNDELIVERED = "try_undelivered"  # the try ended without ever reaching the app
     CONFIRM = "confirm"
     CANCEL = "cancel"
 
@@ -71,6 +75,8 @@ class Decision:
     reason: str
 
 
+#: the phases that end a try: they record how it ended, whether or not it still runs
+_ENDS: Final = frozenset({Phase.TRY_END, Phase.TRY_UNDELIVERED})
 _S = FenceState
 _A = Action
 _D = Decision
@@ -80,6 +86,7 @@ _TABLE: Final[dict[tuple[Phase, FenceState | None], Decision]] = {
     (Phase.TRY, None): _D(_A.FORWARD, _S.TRYING, "try"),
     (Phase.TRY, _S.TRYING): _D(_A.FORWARD, _S.TRYING, "try while another is running"),
     (Phase.TRY, _S.TRIED): _D(_A.FORWARD, _S.TRYING, "retried try"),
+    (Phase.TRY, _S.UNDELIVERED): _D(_A.FORWARD, _S.TRYING, "retried try"),
     (Phase.TRY, _S.CONFIRMED): _D(_A.REFUSE, None, "try after its confirm"),
     (Phase.TRY, _S.CANCELLED): _D(_A.REFUSE, None, "try after its cancel (suspension)"),
     (Phase.TRY, _S.EMPTY_CANCELLED): _D(_A.REFUSE, None, "try after its cancel (suspension)"),
@@ -89,15 +96,29 @@ _TABLE: Final[dict[tuple[Phase, FenceState | None], Decision]] = {
     (Phase.TRY_END, _S.CONFIRMED): _D(_A.DONE, None, "try ended after its confirm"),
     (Phase.TRY_END, _S.CANCELLED): _D(_A.DONE, None, "try ended after its cancel"),
     (Phase.TRY_END, _S.EMPTY_CANCELLED): _D(_A.DONE, None, "try ended after its cancel"),
+    (Phase.TRY_END, _S.UNDELIVERED): _D(_A.DONE, None, "try ended; already recorded"),
+    (Phase.TRY_UNDELIVERED, None): _D(_A.DONE, None, "try ended; its row is gone"),
+    (Phase.TRY_UNDELIVERED, _S.TRYING): _D(_A.RECORD_ONLY, _S.UNDELIVERED, "try undelivered"),
+    (Phase.TRY_UNDELIVERED, _S.TRIED): _D(_A.DONE, None, "try ended; already recorded"),
+    (Phase.TRY_UNDELIVERED, _S.UNDELIVERED): _D(_A.DONE, None, "try ended; already recorded"),
+    (Phase.TRY_UNDELIVERED, _S.CONFIRMED): _D(_A.DONE, None, "try ended after its confirm"),
+    (Phase.TRY_UNDELIVERED, _S.CANCELLED): _D(_A.DONE, None, "try ended after its cancel"),
+    (Phase.TRY_UNDELIVERED, _S.EMPTY_CANCELLED): _D(_A.DONE, None, "try ended after its cancel"),
     (Phase.CONFIRM, None): _D(_A.RETRY_LATER, None, "confirm before its try was recorded"),
     (Phase.CONFIRM, _S.TRYING): _D(_A.WAIT, None, "confirm while its try is running"),
     (Phase.CONFIRM, _S.TRIED): _D(_A.FORWARD, _S.CONFIRMED, "confirm"),
+    (Phase.CONFIRM, _S.UNDELIVERED): _D(
+        _A.REFUSE, None, "confirm of a try that never reached the app"
+    ),
     (Phase.CONFIRM, _S.CONFIRMED): _D(_A.DONE, None, "repeated confirm"),
     (Phase.CONFIRM, _S.CANCELLED): _D(_A.REFUSE, None, "confirm after cancel"),
     (Phase.CONFIRM, _S.EMPTY_CANCELLED): _D(_A.REFUSE, None, "confirm after cancel"),
     (Phase.CANCEL, None): _D(_A.RECORD_ONLY, _S.EMPTY_CANCELLED, "cancel without try"),
     (Phase.CANCEL, _S.TRYING): _D(_A.WAIT, None, "cancel while its try is running"),
     (Phase.CANCEL, _S.TRIED): _D(_A.FORWARD, _S.CANCELLED, "cancel"),
+    (Phase.CANCEL, _S.UNDELIVERED): _D(
+        _A.RECORD_ONLY, _S.EMPTY_CANCELLED, "cancel of a try that never reached the app"
+    ),
     (Phase.CANCEL, _S.CONFIRMED): _D(_A.REFUSE, None, "cancel after confirm"),
     (Phase.CANCEL, _S.CANCELLED): _D(_A.DONE, None, "repeated cancel"),
     (Phase.CANCEL, _S.EMPTY_CANCELLED): _D(_A.DONE, None, "repeated cancel"),
@@ -108,6 +129,6 @@ def decide(phase: Phase, state: FenceState | None, try_running: bool = False) ->
     """What to do with `phase` given the branch's fence `state`. `try_running` says whether
     a TRYING row's try is still running (in this process, within its deadline); a TRYING row
     whose try is not is decided as TRIED (outcome unknown)."""
-    if state is FenceState.TRYING and not try_running and phase is not Phase.TRY_END:
+    if state is FenceState.TRYING and not try_running and phase not in _ENDS:
         state = FenceState.TRIED
     return _TABLE[(phase, state)]

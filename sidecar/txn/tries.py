@@ -5,11 +5,20 @@ restart); this is the in-process half, which knows the moment a try ends so that
 two waiting for it goes on at once rather than at the deadline.
 
 Rules. A try counts as running from `begin` until `end`, and never past its deadline (the
-app cluster's total timeout from its start): a try whose exchange ended without the app's
-answer (the client left, the connection broke) may still be working at the app, so it is
-ended by its deadline timer, not by `end`. An ended entry stays until `forget` (its fence
-row is being set to TRIED meanwhile) so that it is not mistaken for a try of a previous
-process, which only its row's deadline bounds.
+app cluster's total timeout from its start). How it ended matters:
+
+    ANSWERED       the app answered: its work is done                 → ended now
+    NO_ANSWER      it reached the app, no answer came back (the client
+                   left, the connection broke): the app may still be
+                   working on it                                      → ended by its deadline
+    NOT_DELIVERED  it never reached the app (refused, or the exchange
+                   ended before a connection carried it)              → ended now, and the app
+                                                                         has nothing to undo
+
+An entry is `delivered` once any of its tries may have reached the app (or ran out its
+deadline without an end). An ended entry stays until `forget` (its fence row is being
+updated meanwhile) so that it is not mistaken for a try of a previous process, which only
+its row's deadline bounds.
 """
 
 from __future__ import annotations
@@ -17,8 +26,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 
 Key = tuple[str, int]  # (xid, branch id)
+
+
+class TryEnd(Enum):
+    ANSWERED = "answered"
+    NO_ANSWER = "no_answer"
+    NOT_DELIVERED = "not_delivered"
 
 
 @dataclass(slots=True)
@@ -29,6 +45,8 @@ class Running:
     deadline: float
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     timer: asyncio.TimerHandle | None = None
+    #: some try of the branch may have reached the app
+    delivered: bool = False
 
     def running(self, now: float) -> bool:
         return self.count > 0 and now < self.deadline
@@ -57,12 +75,15 @@ class TriesInFlight:
             entry.timer = loop.call_at(entry.deadline, self._expire, key, entry)
         return entry
 
-    def end(self, key: Key, *, answered: bool) -> None:
-        """One try of `key` ended. `answered`: the app answered it (its work is done); else
-        it may still be running at the app and counts as running until its deadline."""
+    def end(self, key: Key, how: TryEnd) -> None:
+        """One try of `key` ended (see the rules above)."""
         entry = self._entries.get(key)
-        if entry is None or not entry.count or not answered:
+        if entry is None or not entry.count:
             return
+        if how is not TryEnd.NOT_DELIVERED:
+            entry.delivered = True
+        if how is TryEnd.NO_ANSWER:
+            return  # its deadline timer ends it
         entry.count -= 1
         if not entry.count:
             self._ended(key, entry)
@@ -71,6 +92,7 @@ class TriesInFlight:
         entry.timer = None
         if entry.count and self._entries.get(key) is entry:
             entry.count = 0
+            entry.delivered = True  # never ended: as far as anyone knows, it reached the app
             self._ended(key, entry)
 
     def _ended(self, key: Key, entry: Running) -> None:

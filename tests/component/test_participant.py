@@ -14,6 +14,7 @@ from aiohttp import web
 from sidecar import config as configmod
 from sidecar.txn.branches import BranchRules, BranchSuspended, Participant
 from sidecar.txn.fence_store import SqliteFenceStore
+from sidecar.txn.tries import TryEnd
 
 XID = "10.0.0.5:17020:42"
 
@@ -77,7 +78,7 @@ async def participant(app_calls, tmp_path: Path):
 async def test_confirm_and_cancel_racing_call_the_app_once(participant, app_calls) -> None:
     calls, gate, _ = app_calls
     await participant.begin_try(XID, 1, "inv")
-    participant.end_try(XID, 1, answered=True)
+    participant.end_try(XID, 1, TryEnd.ANSWERED)
     gate.clear()  # the first call to reach the app waits there, holding the branch
     confirm = asyncio.ensure_future(participant.phase_two("inv", True, _body(1)))
     cancel = asyncio.ensure_future(participant.phase_two("inv", False, _body(1)))
@@ -101,7 +102,7 @@ async def test_confirm_and_cancel_racing_call_the_app_once(participant, app_call
 async def test_repeats_and_empty_rollback_never_reach_the_app(participant, app_calls) -> None:
     calls, _, _ = app_calls
     await participant.begin_try(XID, 2, "inv")
-    participant.end_try(XID, 2, answered=True)
+    participant.end_try(XID, 2, TryEnd.ANSWERED)
     for _ in range(3):
         assert (await participant.phase_two("inv", False, _body(2)))["status"] == (
             "PhaseTwo_Rollbacked"

@@ -18,6 +18,7 @@ from sidecar.coordinator.states import GlobalStatus
 from sidecar.txn.branches import BranchRules, Participant
 from sidecar.txn.fence import FenceState
 from sidecar.txn.fence_store import SqliteFenceStore
+from tests.component.servers import closed_port
 from tests.faults.util import wait_until
 
 TRY_TOTAL = 3.0  # the app's total timeout: a try's deadline is its start plus this
@@ -219,3 +220,39 @@ async def test_a_try_in_flight_across_a_restart_holds_phase_two_until_its_deadli
     finally:
         await second.close()
         await fence.close()
+
+
+async def test_a_try_that_never_reached_the_app_is_not_cancelled_there(sidecar_factory) -> None:
+    """The app is down: the try is refused (502) without reaching it, so its rollback has
+    nothing to undo at the app: recorded as an empty rollback, acknowledged at once (were the
+    cancel sent, the unreachable app would keep the branch retrying)."""
+    sc = await sidecar_factory(
+        {
+            "app": {"url": f"http://127.0.0.1:{closed_port()}"},
+            "tcc": [
+                {
+                    "resource": "inv",
+                    "try": {"method": "POST", "path": "/try"},
+                    "confirm": {"method": "POST", "path": "/confirm"},
+                    "cancel": {"method": "POST", "path": "/cancel"},
+                }
+            ],
+        }
+    )
+    engine, fence = sc.control.engine, sc.control.fence
+    tx = await engine.begin("app-down", 60_000)
+    async with aiohttp.ClientSession() as s:
+        url = f"http://127.0.0.1:{sc.ports['inbound']}/try"
+        async with s.post(url, headers={"XID": tx.xid}, data=b"{}") as r:
+            assert r.headers["x-gts-sidecar-error"] == "UPSTREAM_UNAVAILABLE"
+    _, (branch,) = await engine.get(tx.xid)
+
+    async def undelivered() -> bool:
+        row = await fence.get(tx.xid, branch.branch_id)
+        return row is not None and row.state is FenceState.UNDELIVERED
+
+    await wait_until(undelivered)
+    record = await engine.rollback(tx.xid, wait=5)
+    assert record.status is GlobalStatus.ROLLBACKED
+    row = await fence.get(tx.xid, branch.branch_id)
+    assert row is not None and row.state is FenceState.EMPTY_CANCELLED

@@ -26,6 +26,17 @@ CASES = [
     (Phase.TRY_END, S.CONFIRMED, False, A.DONE, None),
     (Phase.TRY_END, S.CANCELLED, False, A.DONE, None),
     (Phase.TRY_END, S.EMPTY_CANCELLED, False, A.DONE, None),
+    # ...or UNDELIVERED when it never reached the app
+    (Phase.TRY_UNDELIVERED, S.TRYING, True, A.RECORD_ONLY, S.UNDELIVERED),
+    (Phase.TRY_UNDELIVERED, S.TRYING, False, A.RECORD_ONLY, S.UNDELIVERED),
+    (Phase.TRY_UNDELIVERED, None, False, A.DONE, None),
+    (Phase.TRY_UNDELIVERED, S.TRIED, False, A.DONE, None),
+    (Phase.TRY_UNDELIVERED, S.UNDELIVERED, False, A.DONE, None),
+    (Phase.TRY_UNDELIVERED, S.CONFIRMED, False, A.DONE, None),
+    (Phase.TRY_UNDELIVERED, S.CANCELLED, False, A.DONE, None),
+    (Phase.TRY_UNDELIVERED, S.EMPTY_CANCELLED, False, A.DONE, None),
+    (Phase.TRY_END, S.UNDELIVERED, False, A.DONE, None),
+    (Phase.TRY, S.UNDELIVERED, False, A.FORWARD, S.TRYING),
     # confirm
     (Phase.CONFIRM, S.TRYING, True, A.WAIT, None),  # never while the try runs
     (Phase.CONFIRM, S.TRYING, False, A.FORWARD, S.CONFIRMED),  # past its deadline
@@ -34,6 +45,7 @@ CASES = [
     (Phase.CONFIRM, S.CANCELLED, False, A.REFUSE, None),
     (Phase.CONFIRM, S.EMPTY_CANCELLED, False, A.REFUSE, None),
     (Phase.CONFIRM, None, False, A.RETRY_LATER, None),
+    (Phase.CONFIRM, S.UNDELIVERED, False, A.REFUSE, None),  # its try cannot have succeeded
     # cancel
     (Phase.CANCEL, S.TRYING, True, A.WAIT, None),  # never overtakes the try
     (Phase.CANCEL, S.TRYING, False, A.FORWARD, S.CANCELLED),  # unknown outcome: cancel it
@@ -42,6 +54,8 @@ CASES = [
     (Phase.CANCEL, S.EMPTY_CANCELLED, False, A.DONE, None),
     (Phase.CANCEL, None, False, A.RECORD_ONLY, S.EMPTY_CANCELLED),  # empty rollback
     (Phase.CANCEL, S.CONFIRMED, False, A.REFUSE, None),
+    # a try that never reached the app: nothing to undo there
+    (Phase.CANCEL, S.UNDELIVERED, False, A.RECORD_ONLY, S.EMPTY_CANCELLED),
 ]
 
 
@@ -80,11 +94,18 @@ def test_phase_two_never_reaches_the_app_while_a_try_runs() -> None:
         assert decide(phase, S.TRYING, True).action is A.WAIT
 
 
-def test_final_states_are_the_ones_the_app_is_never_called_for_again() -> None:
+def test_final_states_are_never_followed_by_a_call_to_the_app() -> None:
+    # retention removes final rows: the app must never be called for one again, and every
+    # state phase two may still change is not final
     for state in FenceState:
         forwards = any(
             decide(p, state, r).action is A.FORWARD
             for p in (Phase.CONFIRM, Phase.CANCEL)
             for r in (False, True)
         )
-        assert (state in FINAL_STATES) is not forwards
+        changes = any(
+            decide(p, state, r).next_state not in (None, state)
+            for p in (Phase.CONFIRM, Phase.CANCEL)
+            for r in (False, True)
+        )
+        assert (state in FINAL_STATES) is not (forwards or changes), state
