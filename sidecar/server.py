@@ -163,7 +163,7 @@ class Sidecar:
             name: self._cluster(f"upstream:{name}", name, up, fresh, tls)
             for name, up in config.upstreams.items()
         }
-        classifier = h.build_classifier(config.xid.headers)
+        classifier = h.build_classifier(config.xid.headers, config.xid.app_headers)
         lst = config.listeners
         inbound = ListenerRuntime(
             name="inbound",

@@ -9,6 +9,7 @@ upstream. Header values are forwarded byte for byte; nothing is normalised or "r
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Final
@@ -47,7 +48,8 @@ CONNECTION: Final = 6
 EXPECT: Final = 7
 XFF: Final = 8
 XFP: Final = 9
-#: `x-gts-*` (any spelling): the sidecar's own; the inbound router strips the client's
+#: `x-gts-*` (any spelling), or a name the sidecar writes the XID under for the app that is
+#: not an accepted alias: the inbound router strips the client's
 GTS: Final = 10
 #: `Idempotency-Key` (any spelling): recorded on the head; inbound strips the client's
 IDEMPOTENCY_KEY: Final = 11
@@ -90,8 +92,10 @@ class Classifier(dict[bytes, int]):
         return kind
 
 
-def build_classifier(xid_aliases: list[str]) -> Classifier:
-    """The header classifier of the proxy listeners (index it: `classifier[lname]`)."""
+def build_classifier(xid_aliases: Sequence[str], app_headers: Sequence[str] = ()) -> Classifier:
+    """The header classifier of the proxy listeners (index it: `classifier[lname]`).
+    `app_headers`: the names the app reads the XID under; one that is not an alias is
+    never taken from a client (else it would reach the app unvalidated)."""
     table: dict[bytes, int] = {name: DROP for name in HOP_BY_HOP | FRAMING}
     table[b"content-length"] = CONTENT_LENGTH
     table[b"transfer-encoding"] = TRANSFER_ENCODING
@@ -103,6 +107,11 @@ def build_classifier(xid_aliases: list[str]) -> Classifier:
     table[_IDEMPOTENCY_KEY] = IDEMPOTENCY_KEY
     table[b"x-gts-branch-id"] = GTS
     table[b"x-gts-phase"] = GTS
+    aliases = {fold(a.lower().encode("latin-1")) for a in xid_aliases}
+    for name in app_headers:
+        lname = name.lower().encode("latin-1")
+        if fold(lname) not in aliases:
+            table[lname] = GTS
     for alias in xid_aliases:
         table[alias.lower().encode("latin-1")] = XID
     return Classifier(table)

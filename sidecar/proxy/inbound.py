@@ -6,11 +6,12 @@ X-Forwarded-For gets the peer appended; X-Forwarded-Proto is set when absent.
 
 What a client can never send the app through this listener: `x-gts-*` headers (the sidecar
 writes `x-gts-branch-id` and `x-gts-phase` itself, a forged pair would pass for its phase
-two), an `Idempotency-Key` (phase two's dedup key at the app; kept only on the routes of
-`app.idempotency_key_routes`, never on a declared try), and a request to a declared
-confirm / cancel / compensation route (403 PHASE_TWO_PATH: the sidecar calls those on the
-app directly, never through this listener). Rules match the normal form of the path
-(sidecar.paths); the target itself is forwarded as sent.
+two), its own copy of an `xid.app_headers` name that is not an accepted alias (the app would
+read an XID nobody validated), an `Idempotency-Key` (phase two's dedup key at the app;
+kept only on the routes of `app.idempotency_key_routes`, never on a declared try), and a
+request to a declared confirm / cancel / compensation route (403 PHASE_TWO_PATH: the sidecar
+calls those on the app directly, never through this listener). Rules match the normal form
+of the path (sidecar.paths); the target itself is forwarded as sent.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import httptools
 
 from sidecar import paths
 from sidecar.errors import BadRequest, SidecarError
-from sidecar.proxy.headers import client_only, is_idempotency_key
+from sidecar.proxy.headers import client_only, fold, is_idempotency_key
 from sidecar.proxy.route import Route, Router
 from sidecar.txn.rules import PathMatcher
 
@@ -50,6 +51,8 @@ class InboundRouter(Router):
     ) -> None:
         self.app = app
         self.app_headers = [n.encode("latin-1") for n in app_headers]
+        #: the names the app reads the XID under, folded: a client's copy is never passed
+        self._app_names = frozenset(fold(n.lower()) for n in self.app_headers)
         self.rules = rules if rules is not None and not rules.empty else None
         declared = [] if branches is None else list(branches.by_resource.values())
         # (method, normal path) → the try / action; and the phase-two routes, refused
@@ -118,7 +121,8 @@ class InboundRouter(Router):
             head.headers = [
                 (n, v)
                 for n, v in head.headers or ()
-                if not client_only(n.lower()) or (keep_key and is_idempotency_key(n.lower()))
+                if not (client_only(n.lower()) or fold(n.lower()) in self._app_names)
+                or (keep_key and is_idempotency_key(n.lower()))
             ]
         # an HTTP/1.0 request may come without Host; the hop to the app is HTTP/1.1, which
         # requires one

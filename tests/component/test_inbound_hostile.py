@@ -245,3 +245,16 @@ async def test_both_spellings_of_one_alias_are_a_repeated_header(sidecar_factory
     assert resp.status == 400
     assert error_of(resp)["code"] == "XID_INVALID"
     assert app.requests == []
+
+
+async def test_an_app_header_that_is_no_alias_is_never_taken_from_the_client(
+    sidecar_factory, upstream
+):
+    sc, app, port = await start(
+        sidecar_factory, upstream, xid={"app_headers": ["XID", "X-Trace-Xid"]}
+    )
+    await request(port, get("/a", "X-Trace-Xid: 10.9.9.9:1:1", "X_Trace_Xid: 10.9.9.9:1:2"))
+    await request(port, get("/b", f"XID: {GOOD_XID}", "X-Trace-Xid: 10.9.9.9:1:1"))
+    first, second = app.requests
+    assert first.get("X-Trace-Xid") is None and "x_trace_xid" not in first.names()
+    assert second.get_all("X-Trace-Xid") == [GOOD_XID]  # only the validated one
