@@ -50,7 +50,10 @@ async def metrics(request: web.Request) -> web.Response:
     if not state.config.metrics.enabled:  # read per scrape: a reload turns it on or off
         return error_response(404, "NOT_FOUND", "metrics are off (metrics.enabled: false)")
     body = generate_latest(state.metrics.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    response = web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    if "gzip" in request.headers.get("Accept-Encoding", "").lower():  # Prometheus sends it
+        response.enable_compression(web.ContentCoding.gzip)
+    return response
 
 
 async def readyz(request: web.Request) -> web.Response:

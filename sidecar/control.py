@@ -68,12 +68,17 @@ class MetricsEvents:
         self._finished = {
             s: metrics.transactions.labels(role, s.value) for s in GlobalStatus if s.finished
         }
+        self._durations = {
+            s: metrics.transaction_duration.labels(s.value) for s in GlobalStatus if s.finished
+        }
         self._calls = {
             ok: metrics.phase_two_calls.labels("ok" if ok else "failed") for ok in (True, False)
         }
 
     def finished(self, record: GlobalRecord) -> None:
         self._finished[record.status].inc()
+        # begin to final, both wall-clock stamps of the journal (a restart in between counts)
+        self._durations[record.status].observe(max(0, record.updated_ms - record.begin_ms) / 1000)
         if self.on_finished is not None:
             self.on_finished(record.xid)  # e.g. release the transaction's global locks
 
@@ -250,6 +255,9 @@ class ControlPlane:
             if self.replica is not None:
                 await self.replica.begin(self.engine)
             await self.engine.start()
+            engine = self.engine
+            # counted at scrape time: stuck now, whatever retried or skipped them since
+            self.metrics.stuck_branches.set_function(lambda: len(engine.stuck()))
             if self.replica is not None:
                 self.replica.start()
         if cfg.coordinator.endpoints:

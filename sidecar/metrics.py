@@ -13,7 +13,16 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -22,6 +31,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+# a global transaction, begin to final: a confirm round trip up to its timeout and beyond
+_TX_BUCKETS = (
+    *(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+    *(2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0),
+)
 # request-duration buckets (seconds): loopback proxying sits in the first few
 _BUCKETS = (
     *(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05),
@@ -171,6 +185,15 @@ class FileSizes(Collector):
         return iter(())
 
 
+#: process_* (CPU, memory, fds), python_info and python_gc_*: one of each per process, shared
+#: by every registry (the GC collector hooks gc.callbacks once; one per Metrics would pile up)
+_STANDARD: tuple[Collector, ...] = (
+    ProcessCollector(registry=None),
+    PlatformCollector(registry=None),
+    GCCollector(registry=CollectorRegistry()),  # it insists on registering somewhere
+)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -245,8 +268,9 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        #: renamed from gts_sidecar_config_version (an info metric ends in _info)
         self.config_info = Gauge(
-            "gts_sidecar_config_version",
+            "gts_sidecar_config_info",
             "1 for the config version in force (sha256 prefix of the file)",
             ["sha256"],
             registry=r,
@@ -308,6 +332,30 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("gts_sidecar_ready", "1 when /readyz answers 200", registry=r)
+        self.transaction_duration = Histogram(
+            "gts_sidecar_transaction_duration_seconds",
+            "Global transactions of this process's coordinator, begin to final status, by "
+            "outcome (Committed, Rollbacked, TimeoutRollbacked)",
+            ["outcome"],
+            buckets=_TX_BUCKETS,
+            registry=r,
+        )
+        self.phase_two_duration = Histogram(
+            "gts_sidecar_phase_two_duration_seconds",
+            "Phase-two callbacks to branches, sent to answered (or failed), by phase (commit, "
+            "rollback)",
+            ["phase"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.stuck_branches = Gauge(
+            "gts_sidecar_stuck_branches",
+            "Branches stuck now: phase two gave up and waits for an operator (retry or skip)",
+            registry=r,
+        )
+        # the standard process_* and python_* series, on this registry (not the global one)
+        for collector in _STANDARD:
+            r.register(collector)
         self.outbox_depth = Gauge(
             "gts_sidecar_outbox_depth",
             "Decisions for the coordinator cluster kept undelivered in the outbox (pending "

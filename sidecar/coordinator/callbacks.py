@@ -68,6 +68,11 @@ class HttpBranchCaller:
         self._clock_ms = clock_ms
         self._clusters: OrderedDict[str, Cluster] = OrderedDict()
         self._targets: dict[str, tuple[Cluster, str, str]] = {}
+        #: gts_sidecar_phase_two_duration_seconds children, bound once: by commit
+        self._durations = {
+            commit: metrics.phase_two_duration.labels("commit" if commit else "rollback")
+            for commit in (True, False)
+        }
         #: https:// callback URLs: coordinator.tls (sidecar/tls.py); None: the system's CAs
         self._ssl: ssl.SSLContext | None = None
         self._server_name: str | None = None
@@ -143,6 +148,7 @@ class HttpBranchCaller:
             ("idempotency-key", key),
         ]
         target = f"{raw_path}?{raw_query}" if raw_query else raw_path
+        started = time.perf_counter()
         try:
             response = await fetch(
                 cluster, "POST", target, headers, body,
@@ -150,6 +156,8 @@ class HttpBranchCaller:
             )  # fmt: skip
         except SidecarError as exc:
             return f"{phase} callback to {url} failed: {exc.message}"
+        finally:
+            self._durations[commit].observe(time.perf_counter() - started)
         want = "PhaseTwo_Committed" if commit else "PhaseTwo_Rollbacked"
         try:
             answer = orjson.loads(response.body).get("status") if response.body else None

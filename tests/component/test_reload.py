@@ -113,7 +113,7 @@ async def test_configmap_symlink_swap_is_applied_and_in_flight_requests_keep_old
             assert await resp.text() == "old"  # started on the old config, finished on it
             resp.release()
             version = sc.metrics.registry.get_sample_value(
-                "gts_sidecar_config_version", {"sha256": file_digest(cm.path)[:12]}
+                "gts_sidecar_config_info", {"sha256": file_digest(cm.path)[:12]}
             )
             assert version == 1
     finally:
