@@ -191,6 +191,11 @@ class RemoteCoordinator:
         self.connect_timeout = cfg.timeouts.connect
         self.request_timeout = cfg.timeouts.request
         self.breaker = Breaker(cfg.breaker.failures, cfg.breaker.reset)
+        #: endpoint → loop time until which it counts as down (it failed a call): some
+        #: replicas down means trying the others first, not opening the breaker, which only
+        #: counts calls that no endpoint answered (all down)
+        self._down: dict[str, float] = {}
+        self._down_for = cfg.breaker.reset
         self._session = session
         self._own_session = session is None
         self.tokens = tokens
@@ -326,7 +331,10 @@ class RemoteCoordinator:
     # --- transport ---------------------------------------------------------------------------
 
     def _order(self, xid: str | None) -> list[str]:
-        """XID affinity: the endpoint that owns the XID first, the others after."""
+        """XID affinity: the endpoint that owns the XID first, the others after; endpoints
+        that failed lately go last (replicas answer for every XID: the owner's being down
+        costs one failed attempt, not one per call)."""
+        order = list(self.endpoints)
         if xid is not None:
             try:
                 owner = parse_xid(xid).owner.lower()
@@ -334,8 +342,14 @@ class RemoteCoordinator:
                 owner = ""
             first = self._authority.get(owner)
             if first is not None:
-                return [first] + [e for e in self.endpoints if e != first]
-        return list(self.endpoints)
+                order = [first] + [e for e in self.endpoints if e != first]
+        if self._down:
+            now = asyncio.get_running_loop().time()
+            for endpoint, until in list(self._down.items()):
+                if until <= now:
+                    del self._down[endpoint]
+            order.sort(key=lambda e: e in self._down)  # stable: affinity kept among equals
+        return order
 
     async def _call(
         self,
@@ -414,10 +428,13 @@ class RemoteCoordinator:
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 errors.append(f"{endpoint}: {type(exc).__name__} {exc}".strip())
                 out_of_time = out_of_time or isinstance(exc, TimeoutError)
+                self._down[endpoint] = loop.time() + self._down_for
                 continue
             if status >= 500:
                 errors.append(f"{endpoint}: HTTP {status}")
+                self._down[endpoint] = loop.time() + self._down_for
                 continue
+            self._down.pop(endpoint, None)
             if status == 404 and errors and xid is not None:
                 # the XID's owner failed and another node does not know it: the owner being
                 # down is the news, not "not found"

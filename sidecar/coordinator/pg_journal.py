@@ -58,17 +58,16 @@ _B: Final = (
 )
 
 
-def _upsert(table: str, cols: str, key: str) -> str:
-    names = [c.strip() for c in cols.split(",")]
-    marks = ", ".join(f"${i}" for i in range(1, len(names) + 1))
-    updates = ", ".join(f"{n} = excluded.{n}" for n in names if n != key)
-    return (
-        f"INSERT INTO {table} ({cols}) VALUES ({marks}) ON CONFLICT ({key}) DO UPDATE SET {updates}"
-    )
+_WRITE: Final = "SELECT gts_write(" + ", ".join(f"${n}" for n in range(1, 25)) + ")"
 
 
-_UPSERT_GLOBAL: Final = _upsert("gts_globals", _G + ", owner_token", "xid")
-_UPSERT_BRANCH: Final = _upsert("gts_branches", _B, "branch_id")
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as one list per column (gts_write takes arrays)."""
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(col) for col in zip(*rows, strict=True)]
+
+
 _ALIVE: Final = "SELECT 1 FROM gts_replicas WHERE token = $1 FOR KEY SHARE"
 _NOT_FINISHED: Final = f"status NOT IN ({FINISHED_SQL})"
 
@@ -144,6 +143,7 @@ class PgJournal:
         #: called (on the loop) when a write finds this replica's lease gone
         self.on_lease_lost: Callable[[], None] | None = None
         self._pool: Any = None
+        self._fast_pool: Any = None
         self._queue: list[_Write] = []
         self._flushers: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -164,28 +164,35 @@ class PgJournal:
         except ImportError as exc:  # pragma: no cover - a dependency of the package
             raise JournalUnavailable(f"PostgreSQL journal needs asyncpg: {exc}") from None
         timeout_ms = str(int(self.statement_timeout * 1000))
-        try:
-            pool = await asyncpg.create_pool(
+
+        async def connect(size: int, **settings: str) -> Any:
+            return await asyncpg.create_pool(
                 self.url,
                 password=self._password,  # None: libpq's PGPASSWORD / .pgpass
                 min_size=1,
-                max_size=self.pool_size,
+                max_size=size,
                 timeout=self.statement_timeout,  # connect
                 command_timeout=self.statement_timeout + 1.0,
                 server_settings={
                     "statement_timeout": timeout_ms,
                     "lock_timeout": timeout_ms,
                     "application_name": "gts-sidecar coordinator",
+                    **settings,
                 },
             )
+
+        try:
+            pool = await connect(self.pool_size)
         except BaseException as exc:
             raise _translate(f"cannot connect to the journal at {self.url!r}", exc) from None
         try:
             async with pool.acquire() as conn:
                 self.migrated = await migrate(conn)
+            # the replay cache's rows need no WAL flush of their own (pg_nonces.py)
+            self._fast_pool = await connect(2, synchronous_commit="off")
         except BaseException as exc:
-            await pool.close()
-            raise _translate(f"cannot migrate the journal at {self.url!r}", exc) from None
+            pool.terminate()
+            raise _translate(f"cannot open the journal at {self.url!r}", exc) from None
         self._pool = pool
         self._closed = False
 
@@ -195,11 +202,13 @@ class PgJournal:
         self._closed = True
         if self._flushers:
             await asyncio.gather(*self._flushers, return_exceptions=True)
-        pool, self._pool = self._pool, None
-        try:
-            await asyncio.wait_for(pool.close(), self.statement_timeout)
-        except (TimeoutError, OSError, Exception):  # a dead server: drop the connections
-            pool.terminate()
+        pools = (self._pool, self._fast_pool)
+        self._pool = self._fast_pool = None
+        for pool in pools:
+            try:
+                await asyncio.wait_for(pool.close(), self.statement_timeout)
+            except (TimeoutError, OSError, Exception):  # a dead server: drop the connections
+                pool.terminate()
 
     def _check_open(self, what: str) -> Any:
         if self._pool is None or self._closed:
@@ -346,9 +355,9 @@ class PgJournal:
         self._check_open("write")
         if not globals_ and not branches:
             return
-        me = self._me()
+        self._me()  # raises when this replica has no lease
         write = _Write(
-            [(*global_row(g), me) for g in globals_],
+            [global_row(g) for g in globals_],
             [_branch_params(b) for b in branches],
             frozenset([g.xid for g in globals_] + [b.xid for b in branches]),
             asyncio.get_running_loop().create_future(),
@@ -378,17 +387,26 @@ class PgJournal:
                 self.on_lease_lost()
 
     async def _commit(self, batch: list[_Write]) -> list[BaseException | None]:
+        """One batch in one statement (gts_write: fence and upserts, one round trip, one
+        commit); outcomes in batch order."""
         import asyncpg
 
         me = self._me()
         pool = self._pool
         if pool is None:
             return [JournalUnavailable("journal write failed: the journal is closed")] * len(batch)
+        globals_ = [row for w in batch for row in w.globals_]
+        branches = [row for w in batch for row in w.branches]
+        xids = sorted(set().union(*(w.xids for w in batch)))
         try:
             async with pool.acquire(timeout=self.statement_timeout) as conn:
-                async with conn.transaction():
-                    outcomes = await self._apply(conn, me, batch)
-        except asyncpg.IntegrityConstraintViolationError as exc:
+                moved = await conn.fetchval(
+                    _WRITE, me, xids, *_columns(globals_, 8), *_columns(branches, 14)
+                )
+        except (
+            asyncpg.IntegrityConstraintViolationError,
+            asyncpg.CardinalityViolationError,
+        ) as exc:
             if len(batch) == 1:
                 return [_translate("journal write failed", exc)]
             # one bad write must not fail its batch: each in its own transaction
@@ -396,49 +414,27 @@ class PgJournal:
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            err = _translate("journal write failed", exc)
-            return [err] * len(batch)
+            return [_translate("journal write failed", exc)] * len(batch)
+        if moved is None:
+            lost = NotOwner("journal write refused: this replica's lease is gone", lease_lost=True)
+            return [lost] * len(batch)
+        refused = set(moved)
+        outcomes: list[BaseException | None] = []
+        for w in batch:
+            mine = tuple(x for x in w.xids if x in refused)
+            outcomes.append(
+                NotOwner(
+                    f"journal write refused: transaction {mine[0]!r} is driven by another "
+                    "replica now",
+                    xids=mine,
+                )
+                if mine
+                else None
+            )
         done = sum(1 for o in outcomes if o is None)
         if done:
             self.commits += 1
             self.writes += done
-        return outcomes
-
-    @staticmethod
-    async def _apply(conn: Any, me: int, batch: list[_Write]) -> list[BaseException | None]:
-        if await conn.fetchval(_ALIVE, me) is None:
-            lost = NotOwner("journal write refused: this replica's lease is gone", lease_lost=True)
-            return [lost] * len(batch)
-        xids = sorted(set().union(*(w.xids for w in batch)))
-        owners = {
-            r[0]: r[1]
-            for r in await conn.fetch(
-                "SELECT xid, owner_token FROM gts_globals WHERE xid = ANY($1::text[]) "
-                "ORDER BY xid FOR UPDATE",
-                xids,
-            )
-        }
-        outcomes: list[BaseException | None] = []
-        globals_: list[tuple[Any, ...]] = []
-        branches: list[tuple[Any, ...]] = []
-        for w in batch:
-            moved = tuple(x for x in w.xids if owners.get(x, me) != me)
-            if moved:
-                outcomes.append(
-                    NotOwner(
-                        f"journal write refused: transaction {moved[0]!r} is driven by "
-                        "another replica now",
-                        xids=moved,
-                    )
-                )
-                continue
-            outcomes.append(None)
-            globals_ += w.globals_
-            branches += w.branches
-        if globals_:
-            await conn.executemany(_UPSERT_GLOBAL, globals_)
-        if branches:
-            await conn.executemany(_UPSERT_BRANCH, branches)
         return outcomes
 
     async def unfinished(self) -> list[Loaded]:
@@ -466,24 +462,25 @@ class PgJournal:
         return found
 
     async def find_global_by_key(self, idempotency_key: str) -> GlobalRecord | None:
-        async def query(conn: Any) -> GlobalRecord | None:
-            row = await conn.fetchrow(
-                f"SELECT {_G} FROM gts_globals WHERE idempotency_key = $1", idempotency_key
-            )
-            return None if row is None else global_record(row)
-
-        found: GlobalRecord | None = await self.transaction("journal read failed", query)
-        return found
+        row = await self._fetchrow(
+            f"SELECT {_G} FROM gts_globals WHERE idempotency_key = $1", idempotency_key
+        )
+        return None if row is None else global_record(row)
 
     async def find_branch_by_key(self, idempotency_key: str) -> BranchRecord | None:
-        async def query(conn: Any) -> BranchRecord | None:
-            row = await conn.fetchrow(
-                f"SELECT {_B} FROM gts_branches WHERE idempotency_key = $1", idempotency_key
-            )
-            return None if row is None else branch_record(row)
+        row = await self._fetchrow(
+            f"SELECT {_B} FROM gts_branches WHERE idempotency_key = $1", idempotency_key
+        )
+        return None if row is None else branch_record(row)
 
-        found: BranchRecord | None = await self.transaction("journal read failed", query)
-        return found
+    async def _fetchrow(self, sql: str, *args: Any) -> Any:
+        """One statement, no explicit transaction (one round trip)."""
+        pool = self._check_open("read")
+        try:
+            async with pool.acquire(timeout=self.statement_timeout) as conn:
+                return await conn.fetchrow(sql, *args)
+        except BaseException as exc:
+            raise _translate("journal read failed", exc) from None
 
     async def compact(self, finished_before_ms: int) -> int:
         """Delete finished transactions last updated before the time (their branches by
@@ -515,7 +512,12 @@ class PgJournal:
             if n < _COMPACT_BATCH:
                 return removed
 
-    @property
-    def pool(self) -> Any:
-        """The asyncpg pool (for the nonce store that shares it)."""
-        return self._check_open("read")
+    async def fetch_unflushed(self, what: str, sql: str, *args: Any) -> list[Any]:
+        """One statement on a connection with `synchronous_commit = off`: its commit does
+        not wait for the WAL flush (for rows whose loss in a crash is harmless)."""
+        self._check_open("write")
+        try:
+            async with self._fast_pool.acquire(timeout=self.statement_timeout) as conn:
+                return list(await conn.fetch(sql, *args))
+        except BaseException as exc:
+            raise _translate(what, exc) from None

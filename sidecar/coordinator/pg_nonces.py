@@ -77,15 +77,11 @@ class PgNonceStore:
                     c.future.set_result((c.key_id, c.nonce) not in fresh)
 
     async def _insert(self, checks: list[_Check]) -> set[tuple[str, str]]:
-        async def run(conn: object) -> set[tuple[str, str]]:
-            await conn.execute("SET LOCAL synchronous_commit TO off")  # type: ignore[attr-defined]
-            rows = await conn.fetch(  # type: ignore[attr-defined]
-                _CHECK,
-                [c.key_id for c in checks],
-                [c.nonce for c in checks],
-                [c.ttl for c in checks],
-            )
-            return {(r[0], r[1]) for r in rows}
-
-        fresh: set[tuple[str, str]] = await self._journal.transaction("nonce check failed", run)
-        return fresh
+        rows = await self._journal.fetch_unflushed(
+            "nonce check failed",
+            _CHECK,
+            [c.key_id for c in checks],
+            [c.nonce for c in checks],
+            [c.ttl for c in checks],
+        )
+        return {(r[0], r[1]) for r in rows}

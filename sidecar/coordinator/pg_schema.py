@@ -26,6 +26,63 @@ MIGRATION_LOCK: Final = 0x67747331  # "gts1"
 
 FINISHED_SQL: Final = ", ".join(f"'{s.value}'" for s in GlobalStatus if s.finished)
 
+_GLOBAL_COLS: Final = (
+    "xid, name, status, timeout_ms, begin_ms, updated_ms, idempotency_key, request_hash"
+)
+_BRANCH_COLS: Final = (
+    "branch_id, xid, seq, branch_type, resource_id, callback_url, application_data, status, "
+    "attempts, stuck, updated_ms, last_error, idempotency_key, request_hash"
+)
+
+
+def _sets(cols: str, key: str) -> str:
+    return ", ".join(f"{c} = excluded.{c}" for c in cols.split(", ") if c != key)
+
+
+#: Version 2: one fenced group-commit batch in one statement (one round trip, autocommit).
+#: Arguments: the writer's token, every xid the batch touches, then the globals' and the
+#: branches' columns as arrays. Returns the xids the writer does not own (their rows are
+#: skipped), or NULL when the writer's replica row is gone (nothing written).
+WRITE_FUNCTION: Final = f"""
+CREATE FUNCTION gts_write(
+    me bigint, xids text[],
+    g_xid text[], g_name text[], g_status text[], g_timeout bigint[], g_begin bigint[],
+    g_updated bigint[], g_key text[], g_hash text[],
+    b_id bigint[], b_xid text[], b_seq integer[], b_type text[], b_resource text[],
+    b_url text[], b_data bytea[], b_status text[], b_attempts integer[], b_stuck boolean[],
+    b_updated bigint[], b_error text[], b_key text[], b_hash text[]
+) RETURNS text[] LANGUAGE plpgsql AS $$
+DECLARE
+    moved text[];
+BEGIN
+    -- the writer's lease row, held until the commit: nobody can reap it meanwhile
+    PERFORM 1 FROM gts_replicas WHERE token = me FOR KEY SHARE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    -- the transactions' rows, locked in xid order (two writers never deadlock)
+    SELECT coalesce(array_agg(t.xid), '{{}}') INTO moved FROM (
+        SELECT g.xid, g.owner_token FROM gts_globals g WHERE g.xid = ANY(xids)
+        ORDER BY g.xid FOR UPDATE
+    ) t WHERE t.owner_token <> me;
+    INSERT INTO gts_globals ({_GLOBAL_COLS}, owner_token)
+        SELECT u.*, me FROM unnest(g_xid, g_name, g_status, g_timeout, g_begin, g_updated,
+                                   g_key, g_hash)
+            AS u({_GLOBAL_COLS})
+        WHERE NOT (u.xid = ANY(moved))
+        ON CONFLICT (xid) DO UPDATE SET {_sets(_GLOBAL_COLS, "xid")},
+            owner_token = excluded.owner_token;
+    INSERT INTO gts_branches ({_BRANCH_COLS})
+        SELECT u.* FROM unnest(b_id, b_xid, b_seq, b_type, b_resource, b_url, b_data,
+                               b_status, b_attempts, b_stuck, b_updated, b_error, b_key,
+                               b_hash)
+            AS u({_BRANCH_COLS})
+        WHERE NOT (u.xid = ANY(moved))
+        ON CONFLICT (branch_id) DO UPDATE SET {_sets(_BRANCH_COLS, "branch_id")};
+    RETURN moved;
+END
+$$"""
+
 MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
     (
         1,
@@ -79,6 +136,7 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
             "CREATE INDEX gts_nonces_expiry ON gts_nonces (expires_at)",
         ),
     ),
+    (2, (WRITE_FUNCTION,)),
 )
 
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]

@@ -21,6 +21,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from sidecar.errors import CoordinatorUnavailable
 from tests.component.gts import xid_path
 from tests.faults.util import wait_until
 from tests.integration.replicas import FINAL, Participant, Replicas
@@ -261,3 +262,54 @@ async def _all_ready(rs: Replicas) -> bool:
 def rs_db(rs: Replicas) -> str:
     url = rs.coordinators[0].data["local_coordinator"]["journal"]
     return str(url).rsplit("/", 1)[1]
+
+
+async def test_the_sidecars_client_fails_over_calls_about_an_xid(
+    tmp_path: Path,
+    pg_server: PgCluster,  # noqa: F811
+) -> None:
+    from sidecar import config as configmod
+    from sidecar.coordinator.breaker import BreakerState
+    from sidecar.coordinator.client import RemoteCoordinator
+    from sidecar.coordinator.states import BranchStatus, BranchType
+    from sidecar.metrics import Metrics
+    from tests.faults.procs import key_file
+
+    async with replicas(tmp_path, pg_server, failing=False) as (rs, p):
+        endpoints = [f"http://127.0.0.1:{c.ports['peer']}" for c in rs.coordinators]
+        cfg = configmod.parse(
+            {
+                "coordinator": {
+                    "endpoints": endpoints,
+                    "signing": {"key_id": "k1", "secret_file": str(key_file(tmp_path))},
+                    "breaker": {"failures": 1, "reset": "30s"},
+                }
+            },
+            env={},
+        ).coordinator
+        client = RemoteCoordinator(cfg, rs.keys, Metrics())
+        try:
+            state = await client.begin("order", 60_000)
+            owner = rs.owner_of(state.xid)
+            bid = await client.register(
+                state.xid, BranchType.TCC, "stock", p.url("stock"), b"{}", idempotency_key="r1"
+            )
+            await rs.coordinators[owner].kill(signal.SIGKILL)
+            # the XID's own replica is down: another answers for it, and one replica down
+            # is not the cluster down
+            await client.report(state.xid, bid, BranchStatus.PHASE_ONE_DONE)
+            assert client.breaker.state is BreakerState.CLOSED
+            assert client._order(state.xid)[-1] == endpoints[owner]  # tried last from now on
+            decided = await client.commit(state.xid)
+            assert decided.status in ("Committing", "Committed")
+            survivor = (owner + 1) % 3
+            await wait_until(lambda: all_final(rs, [state.xid], survivor), timeout=20)
+            assert dict(p.applied) == {(str(bid), "commit"): 1}
+            # every replica down: that is the cluster down (the breaker opens)
+            for c in rs.coordinators:
+                await c.kill(signal.SIGKILL)
+            with pytest.raises(CoordinatorUnavailable):
+                await client.status(state.xid)
+            assert client.breaker.state is BreakerState.OPEN
+        finally:
+            await client.close()
