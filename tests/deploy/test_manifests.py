@@ -44,6 +44,9 @@ NATIVE = ["base", "persistent-journal", "coordinator", "istio"]
 #: ports the istio overlay also admits: Istio's own metrics (its agent's and Envoy's)
 ISTIO_METRICS_PORTS = {15020, 15090}
 ALL = list(KUSTOMIZATIONS)
+#: the coordinator overlay's database Secret (CloudNativePG's `<cluster>-app`): plausible values
+DATABASE_SECRET = "gts-pg-app"
+DATABASE_SECRET_EXAMPLE = {"username": "app", "host": "gts-pg-rw", "port": "5432", "dbname": "app"}
 
 # --- rendering and schema ------------------------------------------------------------------
 
@@ -169,6 +172,8 @@ def pod_env(workload: Obj, c: Obj) -> dict[str, str]:
     for var in c.get("env") or []:
         if "value" in var:
             env[var["name"]] = var["value"]
+        elif "secretKeyRef" in var["valueFrom"]:  # the database's address, from its Secret
+            env[var["name"]] = DATABASE_SECRET_EXAMPLE[var["valueFrom"]["secretKeyRef"]["key"]]
         else:
             env[var["name"]] = facts[var["valueFrom"]["fieldRef"]["fieldPath"]]
     return env
@@ -210,7 +215,7 @@ def sidecar(name: str, tmp: Path) -> Loaded:
 
 
 def coordinator(tmp: Path) -> Loaded:
-    return Loaded("coordinator", "StatefulSet", "gts-coordinator", "coordinator", tmp)
+    return Loaded("coordinator", "Deployment", "gts-coordinator", "coordinator", tmp)
 
 
 @pytest.fixture
@@ -430,6 +435,10 @@ def test_secret_files_come_from_the_documented_secret(name: str, tmp: Path) -> N
         assert s.config.coordinator.signing.key_id is not None, "one shared signing key"
         for path in s.secrets:
             mount, volume = mount_for(s.spec, s.container, path)
+            if s.raw.get("local_coordinator", {}).get("password_file") == path:
+                # the replicated coordinator's database password: the database's own Secret
+                assert volume is not None and volume["secret"]["secretName"] == DATABASE_SECRET
+                continue
             assert volume is not None and volume["secret"]["secretName"] == SECRET
             assert mount.get("readOnly") is True and "subPath" not in mount
             assert Path(path).name in example["stringData"], f"{path}: not in the example"
@@ -480,30 +489,38 @@ def test_coordinator_overlay(tmp: Path) -> None:
     c = coordinator(tmp / "coordinator-sts")
     app = sidecar("coordinator", tmp / "coordinator")
     assert c.command == "coordinator"
-    sts = c.workload
-    svc = one(c.objs, "Service", sts["spec"]["serviceName"])
-    assert svc["spec"]["clusterIP"] == "None", "headless: stable pod names"
+    deployment = c.workload
     labels = c.pod["metadata"]["labels"]
-    assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items())
-    assert {p["targetPort"] for p in svc["spec"]["ports"]} == {"peer"}
     ports = {p["name"]: p["containerPort"] for p in c.container["ports"]}
     assert ports == {"peer": c.port("peer"), "admin": c.port("admin")}
     check_probes(c)
 
-    # the journal lives on the claim of the volumeClaimTemplate
-    path = c.config.local_coordinator.journal[len("sqlite:///") :]
-    mount, volume = mount_for(c.spec, c.container, path)
-    assert volume is None, "not a pod volume: the volumeClaimTemplate"
-    templates = [t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]]
-    assert mount["name"] in templates
+    # replicas on one PostgreSQL: three, at most one away at a time, no volume of their own
+    assert deployment["spec"]["replicas"] == 3
+    pdbs = [
+        p
+        for p in find(c.objs, "PodDisruptionBudget")
+        if labels_match(p["spec"]["selector"], labels)
+    ]
+    assert len(pdbs) == 1 and pdbs[0]["spec"]["minAvailable"] == 2
+    lc = c.config.local_coordinator
+    assert lc.replicated, lc.journal
+    assert lc.journal == "postgresql://app@gts-pg-rw:5432/app", "from the Secret's keys"
+    assert not any("persistentVolumeClaim" in v for v in c.spec.get("volumes", []))
+    assert lc.password_file is not None
+    mount, volume = mount_for(c.spec, c.container, c.raw["local_coordinator"]["password_file"])
+    assert volume is not None and volume["secret"]["secretName"] == DATABASE_SECRET
 
-    # XIDs name the coordinator by the name the sidecars call it
-    pod0 = f"{sts['metadata']['name']}-0"
-    assert c.config.node.advertise_address == f"{pod0}.{svc['metadata']['name']}"
+    # one Service for the cluster: any replica answers for any XID, only ready ones get calls
+    svc = one(c.objs, "Service", "gts-coordinator")
+    assert svc["spec"].get("clusterIP") != "None"
+    assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+    assert {p["targetPort"] for p in svc["spec"]["ports"]} == {"peer"}
     assert app.config.coordinator.endpoints == [
-        f"http://{c.config.node.advertise_address}:{c.port('peer')}"
+        f"http://{svc['metadata']['name']}:{c.port('peer')}"
     ]
     assert c.config.coordinator.signing.key_id == app.config.coordinator.signing.key_id
+    assert c.container["readinessProbe"]["periodSeconds"] <= lc.lease / 2
 
     # the coordinator does not reload: its ConfigMap is hash-suffixed, so a change rolls it
     assert c.config_map["metadata"]["name"] != "gts-coordinator-config"
