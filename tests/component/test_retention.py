@@ -196,3 +196,39 @@ async def test_a_running_sidecar_compacts_its_journal_and_reports_file_sizes(
         str(tmp_path / "j.db")
     )
     assert sample("gts_sidecar_journal_bytes", {"file": "locks"}) > 0
+
+
+async def test_a_journal_from_an_older_release_is_converted_and_keeps_its_data(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.db"
+    j = SqliteJournal(str(path))
+    await j.open()
+    await fill(j, 500, updated_ms=1_000)
+    await j.close()
+    # as an older release left it: no incremental vacuum, the status-only index
+    conn = sqlite3.connect(path)
+    conn.execute("DROP INDEX globals_status_updated")
+    conn.execute("CREATE INDEX globals_status ON globals(status)")
+    conn.execute("PRAGMA journal_mode=DELETE")
+    conn.execute("PRAGMA auto_vacuum=NONE")
+    conn.execute("VACUUM")
+    conn.close()
+    assert auto_vacuum(path) == 0
+
+    again = SqliteJournal(str(path))
+    await again.open()
+    try:
+        assert again.converted
+        assert await again.find(finished(499, 0).xid) is not None
+        indexes = await again._call(
+            lambda c: {
+                r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='index'")
+            },
+            "read",
+        )
+        assert "globals_status_updated" in indexes and "globals_status" not in indexes
+        assert await again.compact(5_000) == 500
+    finally:
+        await again.close()
+    assert auto_vacuum(path) == 2
