@@ -8,7 +8,8 @@ timeout, checked at config load to be below every transaction timeout); consecut
 open the circuit breaker. A call made for a transaction never outlives it once its deadline
 is known (this client began it, or a register answer said how long it has left): begin,
 register and report get min(the request timeout, the transaction's time left)
-(`deadlines.py`), and register/report are not made at all once its time is up.
+(`deadlines.py`), and register/report are not made at all once its time is up (but for a
+failed try's report, which can only make the outcome safer).
 `LocalCoordinator` offers the same calls on the local engine.
 Foreign errors are translated here; callers see only the sidecar's own errors.
 """
@@ -92,7 +93,8 @@ class LocalCoordinator:
         self.deadlines = Deadlines()
 
     def deadline_of(self, xid: str) -> float | None:
-        """The transaction's deadline on the event loop's clock, when it was begun here."""
+        """The transaction's deadline on the event loop's clock, when it was begun or a branch
+        registered through this object."""
         return self.deadlines.get(xid)
 
     async def begin(
@@ -258,7 +260,8 @@ class RemoteCoordinator:
         return TxState(data["xid"], data["status"])
 
     def deadline_of(self, xid: str) -> float | None:
-        """The transaction's deadline on the event loop's clock, when this client began it."""
+        """The transaction's deadline on the event loop's clock, when known here (this client
+        began the transaction, or registered a branch and was told its time left)."""
         return self.deadlines.get(xid)
 
     def _phase_one_deadline(self, call: str, xid: str) -> float | None:
@@ -323,9 +326,12 @@ class RemoteCoordinator:
         body = orjson.dumps(
             {"xid": xid, "branchId": protocol.id_text(branch_id), "status": status.value}
         )
+        # a failed try's report is sent whatever the time: it can only turn a commit into the
+        # rollback it must be, and our deadline may run out a moment before the coordinator's
+        failed = status is BranchStatus.PHASE_ONE_FAILED
         await self._call(
             "report", "POST", f"{protocol.API}/branch/report", body, xid=xid,
-            deadline=self._phase_one_deadline("report", xid),
+            deadline=None if failed else self._phase_one_deadline("report", xid),
         )  # fmt: skip
 
     # --- transport ---------------------------------------------------------------------------
