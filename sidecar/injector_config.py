@@ -67,6 +67,8 @@ class TlsFiles(_Model):
     key_file: str = Field(min_length=1)
     #: how often the two files are checked for a change (a renewed certificate)
     reload_interval: Duration = 10.0
+    #: a client must complete its TLS handshake within this (a slow handshake holds a socket)
+    handshake_timeout: Duration = 10.0
 
 
 class ListenConfig(_Model):

@@ -4,6 +4,7 @@ reloaded when their files change (a bad new pair refused, the old one kept)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import ssl
@@ -51,6 +52,7 @@ def config(certs: Certs, **inject: Any) -> Any:
                     "cert_file": str(certs.cert),
                     "key_file": str(certs.key),
                     "reload_interval": "20ms",
+                    "handshake_timeout": "200ms",
                 },
             },
             "inject": {"image": "registry.example.com/gts-sidecar:0.1.0", **inject},
@@ -222,3 +224,15 @@ def test_a_pair_that_cannot_be_loaded_stops_the_start(certs: Certs, tmp_path: Pa
     )
     with pytest.raises(ConfigError):
         Injector(missing)
+
+
+async def test_a_client_that_never_finishes_its_handshake_is_cut_off(
+    injector: Injector,
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", injector.port)
+    try:
+        # nothing sent: the server closes after listen.tls.handshake_timeout (200ms here),
+        # not after asyncio's default of 60 s
+        assert await asyncio.wait_for(reader.read(), timeout=10) == b""
+    finally:
+        writer.close()
