@@ -1,6 +1,9 @@
 """`gts-sidecar demo`: a whole transaction flow on loopback, with no cluster, as a timeline.
 
-Theory of operation. Everything runs on 127.0.0.1 with ephemeral ports and one temp dir:
+Theory of operation. Everything runs on loopback with ephemeral ports and one temp dir (each
+sidecar's peer listener on an address of its own, 127.0.0.2-4, all on one port, as pods
+share the peer port: a sidecar calls a peer only on its own peer port and only inside
+`degraded.peer_networks`):
 the standalone coordinator as a child process (`python -m sidecar coordinator`, on a fixed
 free port so that it can come back on the same address), and three small aiohttp services in
 this process, each behind its own in-process `Sidecar`: `order` (a declarative transaction on
@@ -68,11 +71,24 @@ def money(cents: int) -> str:
     return f"{cents / 100:.2f}"
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on now (bound, then released)."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+#: each service's sidecar advertises (and has its peer listener on) an address of its own
+PEER_HOSTS: Final = {"inventory": "127.0.0.2", "account": "127.0.0.3", "order": "127.0.0.4"}
+
+
+def free_port(*hosts: str) -> int:
+    """A port nothing listens on now on every one of `hosts` (bound, then released)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = int(s.getsockname()[1])
+        try:
+            for host in hosts:
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise DemoError("no loopback port is free on every peer address")
 
 
 def owner_of(xid: str) -> str:
@@ -553,6 +569,7 @@ class Demo:
             "journal coordinator.db"
         )
 
+        self.peer_port = free_port(*PEER_HOSTS.values())
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         orders = OrderService(self.session)
         inv_port = await self._serve(self.inventory.app())
@@ -577,7 +594,7 @@ class Demo:
             ],
         )
         orders.outbound = order.ports["outbound"]
-        self.order_owner = f"{HOST}:{order.ports['peer']}"
+        self.order_owner = f"{PEER_HOSTS['order']}:{order.ports['peer']}"
         self.tl.say(
             f"order service: sidecar inbound :{order.ports['inbound']}, outbound "
             f":{order.ports['outbound']}, peer :{order.ports['peer']}; declarative transaction "
@@ -612,9 +629,14 @@ class Demo:
 
     async def _sidecar(self, name: str, app_port: int, **sections: Any) -> Sidecar:
         assert self.tmp is not None and self.coordinator is not None
+        peer_host = PEER_HOSTS[name]
         data: dict[str, Any] = {
-            "node": {"advertise_address": HOST},
-            "listeners": {listener: {"bind": f"{HOST}:0"} for listener in LISTENERS},
+            "node": {"advertise_address": peer_host},
+            "listeners": {
+                **{listener: {"bind": f"{HOST}:0"} for listener in LISTENERS},
+                "peer": {"bind": f"{peer_host}:{self.peer_port}"},
+            },
+            "degraded": {"peer_networks": ["127.0.0.0/8"]},
             "logging": {"level": "warning", "format": "text"},
             "drain_timeout": "2s",
             "app": {
