@@ -34,6 +34,11 @@ the order sidecar degrades to its local coordinator and hands back), or one side
   branch at the coordinator in the phase-two status of its outcome, none stuck;
 - no phase two without its try (the fence's empty rollback), a well-formed Idempotency-Key
   and x-gts-phase on every delivery, Saga compensations in reverse order;
+- no phase two while its try is still running at the app: some tries are slow (they outlast
+  the order sidecar's upstream timeout, so their transaction rolls back while they run, and
+  they go on after the participant's sidecar aborted their request); a confirm or cancel
+  that reaches the app before such a try has ended is a violation (its reservation, made
+  after the cancel, would never be released);
 - the fence's crash windows are counted (information), and anything outside them is a
   violation: a delivery repeated for one Idempotency-Key must have that participant's
   sidecar killed and restarted between the repeats (killed between calling the app and
@@ -124,6 +129,11 @@ STEPS: Final = {
 }
 #: a traffic loop's pause after a connection error
 CONNECT_BACKOFF: Final = 0.1
+#: share of the orders with a slow try, and how long it runs at the app: past the order
+#: sidecar's upstream timeout (its transaction rolls back meanwhile), within the participant
+#: sidecar's app timeout (the try's deadline, after which phase two no longer waits for it)
+SLOW_SHARE: Final = 0.1
+SLOW_TRY: Final = UPSTREAM_TOTAL + 1.0
 STEP_OF: Final = {resource: step for step, (_, resource, _) in STEPS.items()}
 FAULT_KINDS: Final = ("coordinator", "order", "inventory", "travel")
 
@@ -438,6 +448,10 @@ class Participant:
         self.steps = {step: res for step, (_, res, k) in STEPS.items() if k == kind}
         #: (xid, branch) → (resource, arrived at, refused)
         self.tries: dict[tuple[str, str], tuple[str, float, bool]] = {}
+        #: (xid, branch) → when the app finished the try; and which tries were slow
+        self.try_ends: dict[tuple[str, str], float] = {}
+        self.slow: set[tuple[str, str]] = set()
+        self._working: set[asyncio.Task[None]] = set()
         self.deliveries: list[Delivery] = []
         self.applied: dict[str, Delivery] = {}
         self.anomalies: list[str] = []
@@ -477,6 +491,17 @@ class Participant:
                 f"[duplicate-try] {self.name}: try of {xid} branch {branch} delivered twice"
             )
         self.tries[key] = (self._resource(request.path), time.monotonic(), refused)
+        if request.query.get("slow") == "1":
+            # the try's work goes on even when its request is aborted (an app that ignores
+            # its request's cancellation), so the sidecar cannot know when it ends
+            self.slow.add(key)
+            work = asyncio.get_running_loop().create_task(
+                asyncio.sleep(SLOW_TRY), name=f"slow-try {branch}"
+            )
+            self._working.add(work)
+            work.add_done_callback(self._working.discard)
+            await asyncio.shield(work)
+        self.try_ends[key] = time.monotonic()
         if refused:
             return web.json_response({"refused": True}, status=409)
         return web.json_response({"ok": True})
@@ -545,7 +570,9 @@ class OrderApp:
         rec = self.orders[xid] = OrderRecord(xid, plan)
         assert self.session is not None
         for step in plan["steps"]:
-            path = STEPS[step][0] + ("?refuse=1" if plan["refuse"] == step else "")
+            query = [q for q, on in (("refuse=1", plan["refuse"] == step),
+                                     ("slow=1", plan.get("slow") == step)) if on]  # fmt: skip
+            path = STEPS[step][0] + ("?" + "&".join(query) if query else "")
             body = json.dumps({"order": plan["n"], "step": step}).encode()
             headers = {"XID": xid, "Content-Type": "application/json"}
             rec.called[step] = time.monotonic()
@@ -628,7 +655,8 @@ class Traffic:
         steps = [s for s in STEPS if self.rng.random() < 0.6] or [self.rng.choice(list(STEPS))]
         fail = self.rng.choices(("none", "after", "try", "ignore"), self.plans)[0]
         refuse = self.rng.choice(steps) if fail in ("try", "ignore") else None
-        return {"n": n, "steps": steps, "fail": fail, "refuse": refuse}
+        slow = self.rng.choice(steps) if self.rng.random() < SLOW_SHARE else None
+        return {"n": n, "steps": steps, "fail": fail, "refuse": refuse, "slow": slow}
 
     async def loop(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -915,6 +943,11 @@ def check(
                     f"[phase-two-before-try] {p.name}: {d.phase} of {d.xid} branch "
                     f"{d.branch} reached the app before its try"
                 )
+            elif p.try_ends.get((d.xid, d.branch), float("inf")) > d.at:
+                v.append(
+                    f"[phase-two-during-try] {p.name}: {d.phase} of {d.xid} branch "
+                    f"{d.branch} reached the app while its try was still running"
+                )
         for (xid, branch), (resource, _, refused) in p.tries.items():
             tried_total += 1
             status = status_of(xid)
@@ -962,6 +995,11 @@ def check(
         info[f"{p.name}_duplicates"] = duplicates
         info[f"{p.name}_cancels_without_try"] = len(without_try)
         info[f"{p.name}_tries"] = len(p.tries)
+        info[f"{p.name}_slow_tries"] = len(p.slow)
+        # slow tries whose transaction rolled back, so that a cancel came while they ran
+        info[f"{p.name}_slow_tries_cancelled"] = sum(
+            1 for xid, branch in p.slow if by_key.get(f"{xid}:{branch}:rollback")
+        )
         v.extend(p.anomalies)
     info["tries"] = tried_total
 

@@ -60,6 +60,9 @@ def test_soak_with_every_process_killed_keeps_every_invariant(tmp_path: Path) ->
     assert info["inventory_applied"].get("cancel", 0) > 0, info
     assert info["travel_applied"].get("cancel", 0) > 0, info
     assert info["saga_order_checked"] > 0, info
+    # slow tries ran on past their rolled-back transaction, and their cancels were checked
+    # against the tries' ends ([phase-two-during-try])
+    assert info["inventory_slow_tries_cancelled"] + info["travel_slow_tries_cancelled"] > 0, info
 
 
 def test_a_transaction_with_a_refused_try_never_commits(tmp_path: Path) -> None:
@@ -100,10 +103,13 @@ def test_the_invariants_catch_what_they_claim() -> None:
     inventory, travel = soak.Participant("inventory", "TCC"), soak.Participant("travel", "SAGA")
     statuses = {"c:1:1": "Committed", "c:1:2": "Rollbacked", "c:1:3": "Committed",
                 "c:1:4": "Committed", "c:1:5": "Rollbacked", "c:1:6": "Rollbacked",
-                "c:1:7": "Begin"}  # fmt: skip
+                "c:1:7": "Begin", "c:1:8": "Rollbacked"}  # fmt: skip
 
-    def tried(p: Any, xid: str, branch: str, resource: str, refused: bool = False) -> None:
+    def tried(
+        p: Any, xid: str, branch: str, resource: str, refused: bool = False, ended: float = 1.0
+    ) -> None:
         p.tries[(xid, branch)] = (resource, 1.0, refused)
+        p.try_ends[(xid, branch)] = ended
 
     def deliver(p: Any, xid: str, branch: str, resource: str, phase: str, at: float) -> None:
         key = f"{xid}:{branch}:{'commit' if phase == 'confirm' else 'rollback'}"
@@ -127,6 +133,8 @@ def test_the_invariants_catch_what_they_claim() -> None:
     tried(travel, "c:1:6", "62", "book-car")
     deliver(travel, "c:1:6", "61", "book-hotel", "cancel", 2.0)
     deliver(travel, "c:1:6", "62", "book-car", "cancel", 3.0)
+    tried(inventory, "c:1:8", "81", "inventory-deduct", ended=5.0)  # cancelled while it ran
+    deliver(inventory, "c:1:8", "81", "inventory-deduct", "cancel", 4.0)
     outcome = soak.Outcome(statuses, {}, {}, [("c:1:7", "Begin")], 0.0)
     traffic = soak.Traffic(random.Random(1), "http://127.0.0.1:1", 0.0, (1, 1, 1, 1))
     traffic.requests.append(
@@ -138,7 +146,7 @@ def test_the_invariants_catch_what_they_claim() -> None:
     assert sorted(soak.violation_kind(v) for v in violations) == sorted(
         ["rolled-back-but-confirmed", "rolled-back-not-cancelled", "committed-but-cancelled",
          "committed-despite-refused-try", "committed-not-confirmed", "unexplained-duplicate",
-         "phase-two-without-try", "saga-order", "not-terminal",
+         "phase-two-without-try", "phase-two-during-try", "saga-order", "not-terminal",
          "caller-disagrees", "caller-disagrees"]  # told 201: not Committed, unknown to the app
     ), violations  # fmt: skip
     assert info["inventory_duplicates"] == 2
