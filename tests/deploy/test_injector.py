@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import jsonpatch  # type: ignore[import-untyped]
 import pytest
+import trustme
 import yaml
 
 from sidecar import injector
@@ -376,3 +377,80 @@ def test_an_injected_sidecar_loads_its_config_with_the_pods_port(tmp_path: Path)
     assert config.app.url == "http://127.0.0.1:9000"
     for name, number in cfg.inject.ports.model_dump().items():
         assert parse_bind(getattr(config.listeners, name).bind)[1] == number, name
+
+
+# --- AdmissionReviews as the API server sends them, through the real HTTPS server -----------
+
+ADMISSION = Path(__file__).parent / "admission"
+
+
+async def _serve_and_post(tmp: Path, bodies: list[bytes]) -> list[tuple[int, dict[str, Any]]]:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("gts-sidecar-injector.gts-system.svc")
+    cert, key = tmp / "tls.crt", tmp / "tls.key"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    cfg = injector_config(tmp)
+    tls = cfg.listen.tls.model_copy(update={"cert_file": str(cert), "key_file": str(key)})
+    local = cfg.model_copy(
+        update={"listen": cfg.listen.model_copy(update={"bind": "127.0.0.1:0", "tls": tls})}
+    )
+    server = Injector(local)
+    await server.start()
+    try:
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        out = []
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session:
+            for body in bodies:
+                async with session.post(
+                    f"https://127.0.0.1:{server.port}/mutate",
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                    server_hostname="gts-sidecar-injector.gts-system.svc",
+                ) as resp:
+                    out.append((resp.status, await resp.json()))
+        return out
+    finally:
+        await server.close()
+
+
+async def test_admission_review_fixtures_through_the_https_server(tmp_path: Path) -> None:
+    names = ["orders-pod", "plain-pod", "dry-run-pod", "clashing-port-pod"]
+    reviews = {n: json.loads((ADMISSION / f"{n}.json").read_bytes()) for n in names}
+    answers = dict(
+        zip(
+            names,
+            await _serve_and_post(tmp_path, [json.dumps(reviews[n]).encode() for n in names]),
+            strict=True,
+        )
+    )
+    for name, (status, answer) in answers.items():
+        assert status == 200, (name, answer)
+        assert answer["apiVersion"] == "admission.k8s.io/v1"
+        assert answer["kind"] == "AdmissionReview"
+        assert answer["response"]["uid"] == reviews[name]["request"]["uid"], name
+    # annotated: patched; the result is a valid pod with the sidecar beside the SA token volume
+    for name in ("orders-pod", "dry-run-pod"):  # a dry run gets the same answer (no side effect)
+        response = answers[name][1]["response"]
+        assert response["allowed"] is True and response["patchType"] == "JSONPatch"
+        pod = reviews[name]["request"]["object"]
+        patched = jsonpatch.apply_patch(pod, json.loads(base64.b64decode(response["patch"])))
+        for version in VERSIONS:
+            validate_schema({**patched, "metadata": {**patched["metadata"], "name": "x"}}, version)
+        spec = patched["spec"]
+        assert spec["volumes"][0] == pod["spec"]["volumes"][0], "the SA token volume stays first"
+        sidecar = container(spec, "gts-sidecar")
+        assert {"name": "GTS_APP_PORT", "value": "9000"} in sidecar["env"]
+        # sent again (reinvocation): no second sidecar
+        again = {**reviews[name], "request": {**reviews[name]["request"], "object": patched}}
+        response = injector.review(json.dumps(again).encode(), injector_config(tmp_path).inject)
+        assert response["response"] == {"uid": reviews[name]["request"]["uid"], "allowed": True}
+    assert answers["plain-pod"][1]["response"] == {
+        "uid": reviews["plain-pod"]["request"]["uid"],
+        "allowed": True,
+    }
+    refused = answers["clashing-port-pod"][1]["response"]
+    assert refused["allowed"] is False and "patch" not in refused
+    assert refused["status"]["code"] == 400
+    assert "17090 is the sidecar's admin port" in refused["status"]["message"]
