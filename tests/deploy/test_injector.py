@@ -454,3 +454,16 @@ async def test_admission_review_fixtures_through_the_https_server(tmp_path: Path
     assert refused["allowed"] is False and "patch" not in refused
     assert refused["status"]["code"] == 400
     assert "17090 is the sidecar's admin port" in refused["status"]["message"]
+
+
+@pytest.mark.parametrize("directory", ["base", "self-signed", "app-namespace"])
+def test_every_file_of_the_injector_kustomizations_is_used(directory: str) -> None:
+    root = INJECTOR / directory
+    k = yaml.safe_load((root / "kustomization.yaml").read_text(encoding="utf-8"))
+    used = {r for r in k.get("resources") or [] if not r.startswith("..")}
+    used |= {p["path"] for p in k.get("patches") or [] if "path" in p}
+    for gen in k.get("configMapGenerator") or []:
+        used |= set(gen.get("files") or [])
+    present = {p.name for p in root.iterdir() if p.is_file()} - {"kustomization.yaml"}
+    unused = present - used - {"make-cert.sh"}
+    assert not unused, f"{directory}: files no kustomization uses: {sorted(unused)}"
