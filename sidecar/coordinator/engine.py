@@ -345,10 +345,19 @@ class Engine:
             self._keys[idempotency_key] = xid
         try:
             await self._write([record])
-        except BaseException:
+        except BaseException as exc:
             self._live.pop(xid, None)
             if idempotency_key is not None:
                 self._keys.pop(idempotency_key, None)
+                if isinstance(exc, DuplicateKey) and self.ownership is not None:
+                    earlier = await self.journal.find_global_by_key(idempotency_key)
+                    if earlier is not None:
+                        if earlier.request_hash != request_hash:
+                            raise IdempotencyConflict(
+                                f"Idempotency-Key {idempotency_key!r} was used for a "
+                                "different begin"
+                            ) from None
+                        return (await self.get(earlier.xid))[0]
             raise
         self._arm_timeout(live)
         return record
@@ -357,6 +366,11 @@ class Engine:
         xid = self._keys.get(key)
         if xid is not None and xid in self._live:
             return self._live[xid].record
+        if self.ownership is not None:
+            # replicas: no read before the write (a round trip to the database per begin);
+            # a key used before, here or at another replica, is found by the shared unique
+            # index at the write (DuplicateKey, below)
+            return None
         return await self.journal.find_global_by_key(key)
 
     async def commit(self, xid: str, wait: float = 0.0) -> GlobalRecord:

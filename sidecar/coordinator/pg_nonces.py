@@ -20,6 +20,8 @@ from sidecar.coordinator.pg_journal import PgJournal
 from sidecar.errors import JournalUnavailable
 
 _MAX_BATCH: Final = 512
+#: statements in flight at once (one runs while the next batch fills)
+_FLUSHERS: Final = 2
 
 _CHECK: Final = (
     "INSERT INTO gts_nonces (key_id, nonce, expires_at) "
@@ -43,14 +45,16 @@ class PgNonceStore:
     def __init__(self, journal: PgJournal) -> None:
         self._journal = journal
         self._queue: list[_Check] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._flushers: set[asyncio.Task[None]] = set()
 
     async def seen(self, key_id: str, nonce: str, ttl_seconds: float) -> bool:
         check = _Check(key_id, nonce, ttl_seconds, asyncio.get_running_loop().create_future())
         self._queue.append(check)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.ensure_future(self._flush())
-            self._flusher.set_name("nonce-flush")
+        if len(self._flushers) < _FLUSHERS:
+            task = asyncio.ensure_future(self._flush())
+            task.set_name("nonce-flush")
+            self._flushers.add(task)
+            task.add_done_callback(self._flushers.discard)
         return await check.future
 
     async def _flush(self) -> None:

@@ -92,6 +92,15 @@ async def test_every_replica_answers_for_every_xid(tmp_path: Path, pg_server: Pg
         assert [(b["branchId"], b["resourceId"]) for b in branches] == [(b1, "stock"), (b2, "pay")]
         assert dict(p.applied) == {(b1, "commit"): 1, (b2, "commit"): 1}
 
+        # a begin retried at another replica under the same Idempotency-Key is the same one
+        start = "/api/v1/transaction/start"
+        first = await rs.clients[0].call("POST", start, {"name": "o"}, idempotency_key="k-1")
+        again = await rs.clients[2].call("POST", start, {"name": "o"}, idempotency_key="k-1")
+        assert first.status == again.status == 200
+        assert first.json()["xid"] == again.json()["xid"]
+        other = await rs.clients[1].call("POST", start, {"name": "x"}, idempotency_key="k-1")
+        assert other.status == 422 and other.error["code"] == "IDEMPOTENCY_KEY_REUSED"
+
 
 async def test_sigkill_of_a_replica_under_load(tmp_path: Path, pg_server: PgCluster) -> None:  # noqa: F811
     async with replicas(tmp_path, pg_server, failing=True) as (rs, p):
