@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 import yaml
+from packaging.requirements import Requirement
 
 from sidecar.config import Config, load, parse_bind
 
@@ -157,10 +158,14 @@ def test_the_lock_pins_every_dependency_with_hashes() -> None:
         pinned[name] = rest
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     wanted = project["project"]["dependencies"] + project["build-system"]["requires"]
-    for requirement in wanted:
-        name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
-        assert re.sub(r"[-_.]+", "-", name).lower() in pinned, (
-            f"{name} is not in requirements.lock: run scripts/image.sh lock"
+    for line in wanted:
+        requirement = Requirement(line)
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        assert name in pinned, f"{name} is not in requirements.lock: run scripts/image.sh lock"
+        version = pinned[name].split(";")[0].strip()
+        assert requirement.specifier.contains(version, prereleases=True), (
+            f"requirements.lock pins {name}=={version}, pyproject.toml asks for {line}: "
+            "run scripts/image.sh lock"
         )
 
 
