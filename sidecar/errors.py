@@ -50,6 +50,13 @@ class BadRequest(SidecarError, ValueError):
     status = 400
 
 
+class AdmissionReviewInvalid(SidecarError, ValueError):
+    """The injector was sent something that is not an AdmissionReview v1 it can answer."""
+
+    code = "ADMISSION_REVIEW_INVALID"
+    status = 400
+
+
 class HeadersTooLarge(SidecarError):
     code = "HEADERS_TOO_LARGE"
     status = 431

@@ -16,8 +16,8 @@ Rules (no I/O here):
 - The app's containers get GTS_OUTBOUND and GTS_API (unless they set them).
 - What cannot be injected safely is refused with a message that says why: a bad app port,
   a port or volume name the sidecar needs already in use, host networking.
-- A malformed review (not JSON, not AdmissionReview v1, no request uid) raises ReviewInvalid:
-  there is no uid to answer, so the server answers 400.
+- A malformed review (not JSON, not AdmissionReview v1, no request uid) raises
+  AdmissionReviewInvalid: there is no uid to answer, so the server answers 400.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import base64
 import json
 from typing import Any, Final
 
-from sidecar.errors import SidecarError
+from sidecar.errors import AdmissionReviewInvalid
 from sidecar.injector_config import InjectConfig
 
 ANNOTATION_INJECT: Final = "sidecar.gts.io/inject"
@@ -47,11 +47,6 @@ VOLUMES: Final = {
 API_VERSION: Final = "admission.k8s.io/v1"
 
 
-class ReviewInvalid(SidecarError, ValueError):
-    code = "ADMISSION_REVIEW_INVALID"
-    status = 400
-
-
 class _Refused(Exception):
     """The pod cannot be injected: the review is answered allowed=false with this message."""
 
@@ -60,26 +55,30 @@ class _Refused(Exception):
 
 
 def review(body: bytes, settings: InjectConfig) -> dict[str, Any]:
-    """Answer one AdmissionReview (the raw request body). Raises ReviewInvalid when the
+    """Answer one AdmissionReview (the raw request body). Raises AdmissionReviewInvalid when the
     body is not a review that can be answered."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
-        raise ReviewInvalid("the body is not JSON (an AdmissionReview v1 is expected)") from None
+        raise AdmissionReviewInvalid(
+            "the body is not JSON (an AdmissionReview v1 is expected)"
+        ) from None
     if not isinstance(data, dict):
-        raise ReviewInvalid("the body is not a JSON object (an AdmissionReview v1 is expected)")
+        raise AdmissionReviewInvalid(
+            "the body is not a JSON object (an AdmissionReview v1 is expected)"
+        )
     if data.get("apiVersion") != API_VERSION or data.get("kind") != "AdmissionReview":
-        raise ReviewInvalid(
+        raise AdmissionReviewInvalid(
             f"expected apiVersion {API_VERSION} and kind AdmissionReview, got "
             f"{data.get('apiVersion')!r} and {data.get('kind')!r} (the webhook's "
             "admissionReviewVersions must be [v1])"
         )
     request = data.get("request")
     if not isinstance(request, dict):
-        raise ReviewInvalid("the AdmissionReview has no request object")
+        raise AdmissionReviewInvalid("the AdmissionReview has no request object")
     uid = request.get("uid")
     if not isinstance(uid, str) or not uid:
-        raise ReviewInvalid("request.uid is missing: there is nothing to answer to")
+        raise AdmissionReviewInvalid("request.uid is missing: there is nothing to answer to")
     response: dict[str, Any] = {"uid": uid, "allowed": True}
     try:
         patch = _patch_for(request, settings)

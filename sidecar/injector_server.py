@@ -22,8 +22,8 @@ from aiohttp import web
 
 from sidecar import __version__
 from sidecar.config import ListenerTlsConfig, parse_bind
-from sidecar.errors import ConfigError
-from sidecar.injector import ReviewInvalid, review
+from sidecar.errors import AdmissionReviewInvalid, ConfigError
+from sidecar.injector import review
 from sidecar.injector_config import InjectConfig, InjectorConfig, TlsFiles
 from sidecar.tls import TlsConfigError, TlsSite, server_context
 from sidecar.web_errors import as_response, json_response
@@ -114,7 +114,7 @@ async def mutate(request: web.Request) -> web.Response:
     body = await request.read()
     try:
         answer = review(body, request.app[SETTINGS])
-    except ReviewInvalid as exc:
+    except AdmissionReviewInvalid as exc:
         log.warning("admission review refused", extra={"error": exc.message})
         raise
     response = answer["response"]

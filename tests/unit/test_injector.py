@@ -11,8 +11,8 @@ from typing import Any
 import jsonpatch  # type: ignore[import-untyped]
 import pytest
 
-from sidecar.errors import ConfigError
-from sidecar.injector import ReviewInvalid, review
+from sidecar.errors import AdmissionReviewInvalid, ConfigError
+from sidecar.injector import review
 from sidecar.injector_config import InjectConfig, parse
 
 SETTINGS = InjectConfig(image="registry.example.com/gts-sidecar:0.1.0")
@@ -223,7 +223,7 @@ def test_what_the_webhook_does_not_handle_passes_unchanged() -> None:
     ],
 )
 def test_a_malformed_review_is_refused(body: bytes, message: str) -> None:
-    with pytest.raises(ReviewInvalid) as err:
+    with pytest.raises(AdmissionReviewInvalid) as err:
         review(body, SETTINGS)
     assert message in err.value.message
     assert err.value.code == "ADMISSION_REVIEW_INVALID" and err.value.status == 400
