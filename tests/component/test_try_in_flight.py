@@ -53,7 +53,9 @@ class App:
         return web.json_response({"ok": True})
 
 
-async def _stack(sidecar_factory: Any, aiohttp_server: Any) -> tuple[App, Any]:
+async def _stack(
+    sidecar_factory: Any, aiohttp_server: Any, total: float = TRY_TOTAL
+) -> tuple[App, Any]:
     app = App()
     web_app = web.Application()
     web_app.router.add_post("/{tail:.*}", app.handle)
@@ -62,7 +64,11 @@ async def _stack(sidecar_factory: Any, aiohttp_server: Any) -> tuple[App, Any]:
         {
             "app": {
                 "url": f"http://127.0.0.1:{server.port}",
-                "timeouts": {"connect": "500ms", "response_header": "2s", "total": "3s"},
+                "timeouts": {
+                    "connect": "500ms",
+                    "response_header": f"{total - 1:g}s",
+                    "total": f"{total:g}s",
+                },
             },
             # the callback timeout; a phase two waits at most half of it for a try
             "coordinator": {"timeouts": {"request": "400ms"}},
@@ -88,9 +94,10 @@ async def _attempts(engine: Any, xid: str) -> int:
 async def test_cancel_waits_for_a_try_that_outlasts_its_transaction(
     sidecar_factory, aiohttp_server
 ) -> None:
-    app, sc = await _stack(sidecar_factory, aiohttp_server)
+    # (the app's total timeout leaves the try plenty of time to end with an answer)
+    app, sc = await _stack(sidecar_factory, aiohttp_server, total=10.0)
     engine = sc.control.engine
-    tx = await engine.begin("slow-try", 1000)  # times out while the try runs
+    tx = await engine.begin("slow-try", 1500)  # times out while the try runs
     url = f"http://127.0.0.1:{sc.ports['inbound']}/try"
     async with aiohttp.ClientSession() as s:
         call = asyncio.ensure_future(s.post(url, headers={"XID": tx.xid}, data=b"{}"))

@@ -17,7 +17,9 @@ from tests.component.servers import free_port
 from tests.faults.util import wait_until
 from tests.integration.proc import start_sidecar, write_config
 
-TRY_TOTAL = 6.0  # app.timeouts.total: the try's deadline is its start plus this
+#: app.timeouts.total: the try's deadline is its start plus this (long enough for a restart
+#: on a loaded machine to come back well before it)
+TRY_TOTAL = 10.0
 
 
 class App:
@@ -64,7 +66,11 @@ async def test_a_try_in_flight_across_a_restart_is_not_overtaken(
             "listeners": {n: {"bind": f"127.0.0.1:{p}"} for n, p in ports.items()},
             "app": {
                 "url": f"http://127.0.0.1:{server.port}",
-                "timeouts": {"connect": "500ms", "response_header": "5s", "total": "6s"},
+                "timeouts": {
+                    "connect": "500ms",
+                    "response_header": f"{TRY_TOTAL - 1:g}s",
+                    "total": f"{TRY_TOTAL:g}s",
+                },
             },
             # a phase two waits at most half the callback timeout for a try in flight
             "coordinator": {"timeouts": {"request": "400ms"}},
