@@ -120,6 +120,36 @@ class Replica:
                 self.popen.wait()
 
 
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU of these processes so far (/proc/PID/stat; gone ones count 0)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / tick
+
+
+def postgres_pids(pg: Any) -> list[int]:
+    """The postmaster and its children (the backends serving the replicas, the WAL writer)."""
+    if pg is None:
+        return []
+    master = int((pg.data / "postmaster.pid").read_text().split()[0])
+    pids = [master]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == master:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+def sleep_until(wall: float) -> None:
+    time.sleep(max(0.0, wall - time.time()))
+
+
 def scenario(
     work: Path, journal: str, replicas: int, args: argparse.Namespace, pg: Any
 ) -> dict[str, Any]:
@@ -179,6 +209,13 @@ def scenario(
                     result,
                 )
             )
+        # CPU of the replicas and of PostgreSQL over the measured window
+        sleep_until(start_at)
+        watched = [p.popen.pid for p in procs]
+        db_pids = postgres_pids(pg) if journal == "postgresql" else []
+        cpu0 = cpu_seconds(watched), cpu_seconds(db_pids)
+        sleep_until(end_at)
+        cpu1 = cpu_seconds(watched), cpu_seconds(db_pids)
         latencies: list[int] = []
         errors: dict[str, int] = {}
         for popen, result in workers:
@@ -200,6 +237,9 @@ def scenario(
             "p50": pct(0.5) if latencies else 0.0,
             "p99": pct(0.99) if latencies else 0.0,
             "errors": errors,
+            # CPU ms per transaction: the replicas together, and PostgreSQL
+            "cpu_replicas": (cpu1[0] - cpu0[0]) * 1000 / max(1, len(latencies)),
+            "cpu_db": (cpu1[1] - cpu0[1]) * 1000 / max(1, len(latencies)),
         }
     finally:
         for p in procs:
@@ -244,14 +284,15 @@ def main(argv: Sequence[str]) -> int:
         f"(replicas, PostgreSQL, clients) shares them. {args.concurrency} loops in all, "
         f"{args.duration:g}s measured after {args.warmup:g}s of warm-up.",
         "",
-        "| journal | replicas | tx/s | p50 ms | p99 ms | errors |",
-        "|---|---:|---:|---:|---:|---|",
+        "| journal | replicas | tx/s | p50 ms | p99 ms | CPU ms/tx replicas | CPU ms/tx PostgreSQL "
+        "| errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         errs = ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "none"
         lines.append(
             f"| {r['journal']} | {r['replicas']} | {r['tps']:,.0f} | {r['p50']:.1f} | "
-            f"{r['p99']:.1f} | {errs} |"
+            f"{r['p99']:.1f} | {r['cpu_replicas']:.2f} | {r['cpu_db']:.2f} | {errs} |"
         )
     lines += ["", f"Command: `.venv/bin/python bench/replicas_bench.py {' '.join(argv)}`".rstrip()]
     report = "\n".join(lines) + "\n"
