@@ -314,11 +314,14 @@ class Participant:
                     decision = decide(phase, row.state if row else None)
                     if row is not None and decision.action is Action.RECORD_ONLY:
                         assert decision.next_state is not None
+                        # not fsync'd: lost only with the machine, and then the row says
+                        # TRYING and its deadline ends the try instead
                         await self.fence.put(
                             FenceRow(
                                 xid, branch_id, row.resource, decision.next_state, now_ms(),
                                 row.try_started_ms, row.try_deadline_ms,
-                            )
+                            ),
+                            durable=False,
                         )  # fmt: skip
             except SidecarError as exc:
                 # the row stays TRYING: after its deadline it is taken as ended anyway

@@ -58,6 +58,12 @@ _RETIRED: Final = f"state IN ({_FINAL_SQL}) AND updated_ms < ?"
 CHECKPOINT_EVERY: Final = 16
 
 _COLUMNS: Final = "xid, branch_id, resource, state, updated_ms, try_started_ms, try_deadline_ms"
+_UPSERT: Final = (
+    f"INSERT INTO fence ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (xid, branch_id) DO UPDATE SET state = excluded.state, "
+    "updated_ms = excluded.updated_ms, try_started_ms = excluded.try_started_ms, "
+    "try_deadline_ms = excluded.try_deadline_ms"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +83,11 @@ class FenceStore(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def get(self, xid: str, branch_id: int) -> FenceRow | None: ...
-    async def put(self, row: FenceRow) -> None: ...
+    async def put(self, row: FenceRow, *, durable: bool = True) -> None:
+        """Write `row`; on disk before returning unless `durable` is False (then it survives
+        a crash of the process, not of the machine: for records whose loss costs only time)."""
+        ...
+
     async def compact(self, before_ms: int) -> int:
         """Remove the rows of finished branches last changed before `before_ms` and give
         their space back; returns the rows removed. Rows of branches still waiting for
@@ -98,7 +108,7 @@ class MemoryFenceStore:
     async def get(self, xid: str, branch_id: int) -> FenceRow | None:
         return self._rows.get((xid, branch_id))
 
-    async def put(self, row: FenceRow) -> None:
+    async def put(self, row: FenceRow, *, durable: bool = True) -> None:
         self._rows[(row.xid, row.branch_id)] = row
 
     async def compact(self, before_ms: int) -> int:
@@ -175,22 +185,28 @@ class SqliteFenceStore:
             return None
         return FenceRow(row[0], row[1], row[2], FenceState(row[3]), row[4], row[5], row[6])
 
-    async def put(self, row: FenceRow) -> None:
+    async def put(self, row: FenceRow, *, durable: bool = True) -> None:
         conn = self._db()
+        values = (
+            row.xid, row.branch_id, row.resource, row.state.value, row.updated_ms,
+            row.try_started_ms, row.try_deadline_ms,
+        )  # fmt: skip
+
+        def write() -> None:
+            if durable:
+                conn.execute(_UPSERT, values)
+                return
+            # no fsync for this commit (WAL, synchronous=NORMAL): the OS has it, so it
+            # survives the process; the next durable commit syncs it along
+            conn.execute("PRAGMA synchronous=NORMAL")
+            try:
+                conn.execute(_UPSERT, values)
+            finally:
+                conn.execute("PRAGMA synchronous=FULL")
+
         async with self._lock:
             try:
-                await asyncio.to_thread(
-                    conn.execute,
-                    f"INSERT INTO fence ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (xid, branch_id) DO UPDATE SET state = excluded.state, "
-                    "updated_ms = excluded.updated_ms, "
-                    "try_started_ms = excluded.try_started_ms, "
-                    "try_deadline_ms = excluded.try_deadline_ms",
-                    (
-                        row.xid, row.branch_id, row.resource, row.state.value, row.updated_ms,
-                        row.try_started_ms, row.try_deadline_ms,
-                    ),
-                )  # fmt: skip
+                await asyncio.to_thread(write)
             except sqlite3.Error as exc:
                 raise JournalUnavailable(f"fence write failed: {exc}") from None
 

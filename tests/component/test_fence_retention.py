@@ -186,3 +186,21 @@ async def test_the_sidecar_sweeps_its_fence(sidecar_factory, aiohttp_server, tmp
 
 async def _is(value, want) -> bool:  # type: ignore[no-untyped-def]
     return (await value) is want
+
+
+async def test_a_non_durable_write_leaves_the_store_durable(tmp_path: Path) -> None:
+    """The record of a try's end is written without an fsync; the writes after it are
+    fsync'd again (synchronous=FULL), and the row is there after a reopen."""
+    store = SqliteFenceStore(str(tmp_path / "f.fence"))
+    await store.open()
+    row = FenceRow("10.0.0.9:17020:3", 4, "inv", FenceState.TRIED, NOW_MS, NOW_MS, NOW_MS + 5)
+    try:
+        await store.put(row, durable=False)
+        assert store._db().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        await store.close()
+    await store.open()
+    try:
+        assert await store.get(row.xid, row.branch_id) == row
+    finally:
+        await store.close()
