@@ -43,10 +43,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.proxy")
 
-_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CRLF: Final = b"\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
-_NO_BODY_STATUS: Final = frozenset({204, 304})
 
 # reasons client reading is paused (a bitmask: reading resumes when none is left)
 PAUSE_UPSTREAM_FULL: Final = 1
@@ -64,10 +62,10 @@ class Exchange:
     __slots__ = (
         "conn", "head", "rt", "started", "task", "route", "cluster", "upstream", "xid",
         "request_head", "body_buf", "body_buffered", "body_done", "body_sent", "deadline",
-        "header_deadline", "waiter_slot", "resp_started", "resp_chunked", "resp_close",
+        "header_deadline", "waiter_slot", "resp_started", "resp_close",
         "resp_status", "keep_client", "reused", "upstream_paused", "out", "finished",
-        "attempts_left", "retrying", "error_code", "stats", "txn", "xid_extra", "held_head",
-        "held_complete", "branch", "buffering",
+        "attempts_left", "retrying", "error_code", "stats", "txn", "xid_extra", "held",
+        "held_complete", "branch", "buffering", "held_body", "trailers",
     )  # fmt: skip
 
     def __init__(self, conn: ClientConnection, head: h.RequestHead, rt: ListenerRuntime) -> None:
@@ -89,13 +87,11 @@ class Exchange:
         self.header_deadline = 0.0
         self.waiter_slot: list[asyncio.Future[Any] | None] = [None]
         self.resp_started = False
-        self.resp_chunked = False
         self.resp_close = False
         self.resp_status = 0
         self.keep_client = head.keep_alive
         self.reused = False
         self.upstream_paused = False
-        self.out: list[bytes] | None = None
         self.finished = False
         self.attempts_left = 0
         self.retrying = False
@@ -104,8 +100,12 @@ class Exchange:
         #: the declarative-transaction filter, on requests that begin a transaction
         self.txn: TxnFilter | None = None
         self.xid_extra: list[tuple[bytes, bytes]] = []
-        #: the response head, held (without its final CRLF) while the transaction decides
-        self.held_head: list[bytes] | None = None
+        #: the response head (status, fields, Content-Length), held while a filter decides
+        self.held: tuple[int, list[tuple[bytes, bytes]], bytes | None] | None = None
+        #: response body bytes that arrived with a held head
+        self.held_body: list[bytes] | None = None
+        #: the upstream's trailers (HTTP/2 upstreams: gRPC's status travels in them)
+        self.trailers: list[tuple[bytes, bytes]] | None = None
         self.held_complete = False
         #: the branch filter, on a declared TCC try / Saga action
         self.branch: BranchFilter | None = None
@@ -188,7 +188,7 @@ class Exchange:
         head = self.head
         if head.expect_continue and not self.body_done and head.http_minor == 1:
             head.expect_continue = False
-            self.conn.write(_CONTINUE)
+            self.conn.send_continue()
 
     def _forward(self) -> None:
         route = self.route
@@ -360,51 +360,10 @@ class Exchange:
                 # the branch failed before the caller does (else the commit can win the race
                 # and confirm a try that failed)
                 hold_for_branch = True
-        listed: set[bytes] | None = None
-        content_length: bytes | None = None
-        chunked = False
-        # the reason phrase is ours (as Envoy does): it carries no meaning, and one callback
-        # per response fewer
-        out = [h.status_line(status)]
-        for name, value in headers:
-            lname = name.lower()
-            if lname in h.HOP_BY_HOP or lname in h.FRAMING:
-                if lname == b"content-length":
-                    content_length = value
-                elif lname == b"transfer-encoding":
-                    chunked = b"chunked" in value.lower()
-                elif lname == b"connection":
-                    tokens = {t.strip().lower() for t in value.split(b",")}
-                    listed = tokens - {b"close", b"keep-alive"}
-                continue
-            out += (name, b": ", value, _CRLF)
-        if listed:
-            # headers named in the upstream's Connection are for that hop only
-            kept = [
-                part
-                for i in range(1, len(out), 4)
-                if out[i].lower() not in listed
-                for part in out[i : i + 4]
-            ]
-            out = out[:1] + kept
-        if status in _NO_BODY_STATUS or self.head.method == b"HEAD":
-            if content_length is not None and status != 204:
-                out += (b"content-length: ", content_length, _CRLF)
-        elif content_length is not None:
-            out += (b"content-length: ", content_length, _CRLF)
-        elif self.head.http_minor == 1:
-            self.resp_chunked = True
-            out.append(b"transfer-encoding: chunked\r\n")
-        else:
-            # an HTTP/1.0 client: the end of the body is the end of the connection
-            self.resp_close = True
-        conn = self.conn
-        if not self.keep_client or self.resp_close or conn.closing or conn.listener.draining:
-            self.resp_close = True
-            out.append(b"connection: close\r\n")
+        kept, content_length, chunked = h.response_fields(headers)
         if hold_for_branch:
             assert branch is not None
-            self.held_head = out
+            self.held = (status, kept, content_length)
             self.deadline = float("inf")  # the report has the coordinator call's timeout
             self.pause_upstream_reading()
             branch.report_failure_then_release()
@@ -413,39 +372,37 @@ class Exchange:
         if txn is not None and not txn.decided:
             # hold the head until the transaction is decided; the total deadline stands aside
             # (the coordinator call has its own, shorter timeout)
-            self.held_head = out
+            self.held = (status, kept, content_length)
             self.deadline = float("inf")
             self.pause_upstream_reading()
             txn.decide(status)
             return content_length is not None or chunked
-        out.append(_CRLF)
-        self.out = [b"".join(out)]
+        self.conn.response_head(self, status, kept, content_length)
         return content_length is not None or chunked
 
     def on_response_body(self, data: bytes) -> None:
-        out = self.out
-        if out is None:
-            out = self.out = []
-        if self.resp_chunked:
-            out += (b"%x\r\n" % len(data), data, _CRLF)
+        if self.held is None:
+            self.conn.response_data(self, data)
+        elif self.held_body is None:
+            self.held_body = [data]
         else:
-            out.append(data)
+            self.held_body.append(data)
+
+    def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        self.trailers = trailers
 
     def flush(self) -> None:
-        out = self.out
-        if out and self.held_head is None:
-            self.out = None
-            self.conn.write(out[0] if len(out) == 1 else b"".join(out))
+        if self.held is None:
+            self.conn.flush()
 
     def on_response_complete(self) -> None:
         if self.finished:
             return
-        if self.held_head is not None:
+        if self.held is not None:
             self.held_complete = True  # finished once the held head is released
             return
-        if self.resp_chunked:
-            self.on_response_body_end()
-        self.flush()
+        self.conn.response_end(self, self.trailers)
+        self.conn.flush()
         up = self.upstream
         self.upstream = None
         assert up is not None and self.cluster is not None
@@ -462,34 +419,30 @@ class Exchange:
 
     def release_held_response(self, extra: list[tuple[bytes, bytes]]) -> None:
         """The transaction decided in the app's favour: send its response, with `extra`."""
-        head = self.held_head
-        if head is None or self.finished:
+        held = self.held
+        if held is None or self.finished:
             return
-        self.held_head = None
-        for name, value in extra:
-            head += (name, b": ", value, _CRLF)
-        head.append(_CRLF)
-        self.out = [b"".join(head), *(self.out or ())]
+        self.held = None
+        status, kept, content_length = held
+        conn = self.conn
+        conn.response_head(self, status, kept + extra if extra else kept, content_length)
+        body, self.held_body = self.held_body, None
+        for data in body or ():
+            conn.response_data(self, data)
         self.resume_upstream_reading()
         if self.held_complete:
             self.on_response_complete()
         else:
-            self.flush()
+            conn.flush()
 
     def replace_held_response(self, err: SidecarError, extra: list[tuple[bytes, bytes]]) -> None:
         """The app succeeded but its transaction did not commit: answer with `err` instead."""
         if self.finished:
             return
-        self.held_head = None
+        self.held = None
+        self.held_body = None
         self._drop_upstream()
         self.fail_now(err, extra)
-
-    def on_response_body_end(self) -> None:
-        out = self.out
-        if out is None:
-            self.out = [_LAST_CHUNK]
-        else:
-            out.append(_LAST_CHUNK)
 
     def on_upstream_lost(self, exc: Exception | None, got_bytes: bool) -> None:
         if self.finished:
@@ -583,7 +536,6 @@ class Exchange:
         self.resp_started = False
         self.body_sent = False
         self.header_deadline = 0.0
-        self.out = None
 
     def _fail(self, err: SidecarError) -> None:
         if self.finished:
@@ -591,7 +543,7 @@ class Exchange:
         txn = self.txn
         if txn is not None and not txn.decided:
             # roll the transaction back first; the filter calls fail_now() with its headers
-            self.held_head = None
+            self.held = None
             self._drop_upstream()
             txn.fail(err)
             return
@@ -606,7 +558,7 @@ class Exchange:
         """Answer with `err` (or cut the connection if a response is already under way)."""
         if self.finished:
             return
-        resp_started = self.resp_started and self.held_head is None
+        resp_started = self.resp_started and self.held is None
         self._drop_upstream()
         self.error_code = err.code
         if isinstance(err, UpstreamTimeout):
@@ -615,7 +567,7 @@ class Exchange:
         if resp_started:
             # the head is out: the only honest signal left is an aborted connection
             self.resp_close = True
-            conn.abort()
+            conn.abort_exchange(self)
         else:
             self.resp_status = err.status
             close = not self.body_done or not self.keep_client or conn.closing
@@ -637,7 +589,7 @@ class Exchange:
 
     def answer_started(self) -> bool:
         """Whether the response head has gone to the client (not held by a filter)."""
-        return self.resp_started and self.held_head is None
+        return self.resp_started and self.held is None
 
     def client_gone(self) -> None:
         if self.finished:

@@ -340,3 +340,29 @@ def status_line(code: int) -> bytes:
     if line is None:
         line = b"HTTP/1.1 %d \r\n" % code
     return line
+
+def response_fields(
+    headers: list[tuple[bytes, bytes]],
+) -> tuple[list[tuple[bytes, bytes]], bytes | None, bool]:
+    """An upstream response's end-to-end fields, its Content-Length and whether it was
+    chunked: hop-by-hop and framing fields, and fields named in its `Connection`, are for
+    the hop the sidecar ends (each downstream framing computes its own)."""
+    kept: list[tuple[bytes, bytes]] = []
+    listed: set[bytes] | None = None
+    content_length: bytes | None = None
+    chunked = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname in FRAMING:
+            if lname == b"content-length":
+                content_length = value
+            elif lname == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif lname == b"connection":
+                tokens = {t.strip().lower() for t in value.split(b",")}
+                listed = tokens - {b"close", b"keep-alive"}
+            continue
+        kept.append((name, value))
+    if listed:
+        kept = [(n, v) for n, v in kept if n.lower() not in listed]
+    return kept, content_length, chunked

@@ -53,6 +53,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidecar.proxy")
 
 _CRLF: Final = b"\r\n"
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+_NO_BODY_STATUS: Final = frozenset({204, 304})
 #: how often the listener checks upstream deadlines while exchanges are in flight; timeouts
 #: fire within this much of their configured value
 DEADLINE_TICK: Final = 0.01
@@ -271,6 +274,9 @@ class ClientConnection(asyncio.Protocol):
         self.queue: deque[Exchange] = deque()
         self.paused = 0
         self.write_paused = False
+        #: the response being rendered: bytes not yet written, and whether it is chunked
+        self.out: list[bytes] | None = None
+        self.chunked = False
         self.write_timer: asyncio.TimerHandle | None = None
         self.write_seen = 0
         self.closing = False
@@ -695,6 +701,78 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not transport.is_closing() and not self.lingering:
             transport.write(data)
+
+    # --- the downstream side of an exchange: its response, rendered as HTTP/1.1 ------------
+    # (what an exchange needs from "the client side"; an HTTP/2 stream offers the same)
+
+    def send_continue(self) -> None:
+        self.write(_CONTINUE)
+
+    def response_head(
+        self,
+        exchange: Exchange,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        content_length: bytes | None,
+    ) -> None:
+        # the reason phrase is ours (as Envoy does): it carries no meaning
+        out = [h.status_line(status)]
+        for name, value in headers:
+            out += (name, b": ", value, _CRLF)
+        head = exchange.head
+        self.chunked = False
+        if status in _NO_BODY_STATUS or head.method == b"HEAD":
+            if content_length is not None and status != 204:
+                out += (b"content-length: ", content_length, _CRLF)
+        elif content_length is not None:
+            out += (b"content-length: ", content_length, _CRLF)
+        elif head.http_minor == 1:
+            self.chunked = True
+            out.append(b"transfer-encoding: chunked\r\n")
+        else:
+            # an HTTP/1.0 client: the end of the body is the end of the connection
+            exchange.resp_close = True
+        if (
+            not exchange.keep_client
+            or exchange.resp_close
+            or self.closing
+            or self.listener.draining
+        ):
+            exchange.resp_close = True
+            out.append(b"connection: close\r\n")
+        out.append(_CRLF)
+        self.out = [b"".join(out)]
+
+    def response_data(self, exchange: Exchange, data: bytes) -> None:
+        out = self.out
+        if out is None:
+            out = self.out = []
+        if self.chunked:
+            out += (b"%x\r\n" % len(data), data, _CRLF)
+        else:
+            out.append(data)
+
+    def response_end(self, exchange: Exchange, trailers: list[tuple[bytes, bytes]] | None) -> None:
+        # trailers are not relayed to HTTP/1.1 clients (nothing they would act on)
+        if self.chunked:
+            self.chunked = False
+            if self.out is None:
+                self.out = [_LAST_CHUNK]
+            else:
+                self.out.append(_LAST_CHUNK)
+
+    def flush(self) -> None:
+        """Write what the exchange produced in this event-loop step, in one call."""
+        out = self.out
+        if out:
+            self.out = None
+            self.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def abort_exchange(self, exchange: Exchange) -> None:
+        """The response is under way and cannot be finished: the only honest signal left on
+        HTTP/1.1 is an aborted connection."""
+        self.out = None
+        self.abort()
 
     # --- flow control ------------------------------------------------------------------------
 
