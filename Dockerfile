@@ -15,7 +15,9 @@
 # directory from a volume at /var/lib/gts-sidecar).
 
 # Any Debian-like image with Python 3.11 and its venv module: python:3.11-slim, or a local
-# Debian bookworm base with python3 and python3-venv (scripts/image.sh makes one).
+# Debian bookworm base with python3 and python3-venv (scripts/image.sh makes one). The lock
+# pins everything installed on top; for the base too to stay the same, give it by digest
+# (--build-arg PYTHON_IMAGE=python:3.11-slim@sha256:...).
 ARG PYTHON_IMAGE=python:3.11-slim
 
 # --- build: one virtual environment with everything installed ------------------------------
