@@ -123,7 +123,10 @@ class Replica:
 
     async def _run(self) -> None:
         while True:
-            await self._beat()
+            try:
+                await self._beat()
+            except Exception:  # a bug: keep beating, or phase two would wait forever
+                log.exception("lease beat failed")
             try:
                 await asyncio.wait_for(self._wake.wait(), self.lease / 3)
             except TimeoutError:
