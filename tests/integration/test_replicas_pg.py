@@ -101,6 +101,14 @@ async def test_every_replica_answers_for_every_xid(tmp_path: Path, pg_server: Pg
         other = await rs.clients[1].call("POST", start, {"name": "x"}, idempotency_key="k-1")
         assert other.status == 422 and other.error["code"] == "IDEMPOTENCY_KEY_REUSED"
 
+        # a signed request replayed to another replica is refused: the nonces are shared
+        body = b'{"name":"replayed"}'
+        headers = rs.clients[0].sign("POST", start, body)
+        assert (await rs.clients[0].send("POST", start, body, headers)).status == 200
+        replay = await rs.clients[1].send("POST", start, body, headers)
+        assert replay.status == 401 and replay.error["code"] == "SIGNATURE_INVALID"
+        assert "nonce already used" in replay.error["message"]
+
 
 async def test_sigkill_of_a_replica_under_load(tmp_path: Path, pg_server: PgCluster) -> None:  # noqa: F811
     async with replicas(tmp_path, pg_server, failing=True) as (rs, p):
