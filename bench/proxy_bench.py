@@ -554,6 +554,10 @@ class Target:
     tls: bool = False
     failure: str | None = None
     results: dict[int, WrkResult] = field(default_factory=dict)  # connections -> result
+    #: the process (group) that serves this target: its CPU time per request is measured
+    server: Server | None = None
+    #: CPU time (user + system) the serving process group spent per request, by connections
+    cpu_us: dict[int, float] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -582,7 +586,7 @@ def start_targets(servers: Servers, tools: dict[str, str], opts: Options) -> lis
     all_ports = free_ports(len(names) + len(tls_names))
     ports = dict(zip(names + tls_names, all_ports, strict=True))
     upstream_http = NGINX_UPSTREAM_HTTP.format(port=ports["upstream"])
-    start_nginx(servers, tools["nginx"], "upstream", upstream_http, ports["upstream"])
+    upstream = start_nginx(servers, tools["nginx"], "upstream", upstream_http, ports["upstream"])
 
     targets = {
         "direct": Target("direct", ports["upstream"]),
@@ -602,22 +606,31 @@ def start_targets(servers: Servers, tools: dict[str, str], opts: Options) -> lis
             port=ports["nginx-tls"], upstream_port=ports["upstream"], cert=pair[0], key=pair[1]
         )
         with reported_failure([targets["nginx-tls"]]):
-            start_nginx(servers, tools["nginx"], "nginx-tls", tls_http, ports["nginx-tls"])
+            targets["nginx-tls"].server = start_nginx(
+                servers, tools["nginx"], "nginx-tls", tls_http, ports["nginx-tls"]
+            )
     if "sidecar-inbound-tls" in wanted and pair is not None:
         tls_ports = {k: ports[f"tls-{k}"] for k in ("inbound", "outbound", "api", "peer", "admin")}
         tls_ports["upstream"] = ports["upstream"]
         with reported_failure([targets["sidecar-inbound-tls"]]):
-            start_sidecar(servers, opts.sidecar_cmd, tls_ports, "sidecar-tls", pair)
+            targets["sidecar-inbound-tls"].server = start_sidecar(
+                servers, opts.sidecar_cmd, tls_ports, "sidecar-tls", pair
+            )
     if "nginx-proxy" in wanted:
         proxy_http = NGINX_PROXY_HTTP.format(port=ports["proxy"], upstream_port=ports["upstream"])
         with reported_failure([targets["nginx-proxy"]]):
-            start_nginx(servers, tools["nginx"], "nginx-proxy", proxy_http, ports["proxy"])
+            targets["nginx-proxy"].server = start_nginx(
+                servers, tools["nginx"], "nginx-proxy", proxy_http, ports["proxy"]
+            )
     sidecar_targets = [targets[t] for t in SIDECAR_TARGETS if t in wanted]
     if sidecar_targets:
         sidecar_ports = {k: ports[k] for k in names if k != "proxy"}
         with reported_failure(sidecar_targets):
-            start_sidecar(servers, opts.sidecar_cmd, sidecar_ports)
+            sidecar = start_sidecar(servers, opts.sidecar_cmd, sidecar_ports)
+            for target in sidecar_targets:
+                target.server = sidecar
 
+    targets["direct"].server = upstream
     chosen = [targets[t] for t in wanted]
     for target in chosen:
         if target.failure is None:
@@ -647,14 +660,41 @@ def measure(targets: list[Target], opts: Options, wrk: str, pin: list[str]) -> N
             with reported_failure([target]):
                 run_wrk(pin, wrk_argv(wrk, connections, opts.warmup_s, target.url), opts.warmup_s)
                 argv = wrk_argv(wrk, connections, opts.duration_s, target.url)
+                before = group_cpu_seconds(target.server)
                 result = parse_wrk(run_wrk(pin, argv, opts.duration_s))
+                after = group_cpu_seconds(target.server)
                 target.results[connections] = result
+                if before is not None and after is not None and result.requests:
+                    target.cpu_us[connections] = (after - before) * 1e6 / result.requests
                 if result.errors:
                     print(
                         f"!! {target.name} c={connections}: {result.non_2xx} non-2xx, "
                         f"{result.socket_errors} socket errors",
                         file=sys.stderr,
                     )
+
+
+def group_cpu_seconds(server: Server | None) -> float | None:
+    """User + system CPU seconds of every process in the server's process group (nginx's
+    master and worker; the sidecar), from /proc. Unlike requests/s, CPU time per request
+    hardly moves when other work shares the machine."""
+    if server is None:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        # after the comm: state ppid pgrp session tty tpgid flags minflt cminflt majflt
+        # cmajflt utime stime
+        if int(fields[2]) == server.popen.pid:
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
 
 
 # --- report --------------------------------------------------------------------------------
@@ -724,12 +764,13 @@ def results_table(targets: list[Target], connections: int) -> list[str]:
 
     rows = [
         "| target | rps | ratio vs its nginx | p50 (ms) | p99 (ms) "
-        "| p50 at c=1 (µs) | p50 added over direct at c=1 (µs) |",
-        "|---|--:|--:|--:|--:|--:|--:|",
+        "| p50 at c=1 (µs) | p50 added over direct at c=1 (µs) | CPU µs per request "
+        "| CPU ratio (its nginx's / its own) |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for t in targets:
         if t.failure is not None:
-            rows.append(f"| {t.name} | FAILED | – | – | – | – | – |")
+            rows.append(f"| {t.name} | FAILED | – | – | – | – | – | – | – |")
             continue
         tput, lat = t.results.get(connections), t.results.get(1)
         cells = [t.name]
@@ -738,6 +779,11 @@ def results_table(targets: list[Target], connections: int) -> list[str]:
         cells += [fmt_ms(tput.p50_us), fmt_ms(tput.p99_us)]
         cells.append(f"{lat.p50_us:.0f}")
         cells.append(f"{lat.p50_us - direct_c1.p50_us:+.0f}" if direct_c1 else "n/a")
+        cpu = t.cpu_us.get(connections)
+        ref_target = by_name.get(REFERENCE.get(t.name, "nginx-proxy"))
+        ref_cpu = ref_target.cpu_us.get(connections) if ref_target else None
+        cells.append(f"{cpu:.1f}" if cpu else "n/a")
+        cells.append(f"{ref_cpu / cpu:.2f}×" if cpu and ref_cpu else "n/a")
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 
@@ -752,7 +798,10 @@ def render_report(
         f'Same upstream (nginx `return 200 "ok\\n"`), every request with '
         f"`{XID_HEADER[0]}: {XID_HEADER[1]}`. Throughput set: wrk `-t1 -c{c}`; latency set: "
         f"wrk `-t1 -c1`; {opts.duration_s} s per run after a {opts.warmup_s} s warm-up.",
-        "rps, p50 and p99 are from the throughput set.",
+        "rps, p50 and p99 are from the throughput set; so is CPU per request: user + system "
+        "time of the target's own processes (not the upstream's, nor wrk's) over the measured "
+        "run, divided by its requests. On a busy machine rps moves with the other load; CPU "
+        "per request much less, so its ratio is the steadier comparison.",
         "",
         *results_table(targets, c),
         "",
