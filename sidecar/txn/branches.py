@@ -309,6 +309,8 @@ class Participant:
             lock = self._lock(xid, branch_id)
             try:
                 async with lock:
+                    if self.tries.get(key) is not entry:
+                        return  # a newer try of the branch took its place: its row is its own
                     row = await self.fence.get(xid, branch_id)
                     phase = Phase.TRY_END if entry.delivered else Phase.TRY_UNDELIVERED
                     decision = decide(phase, row.state if row else None)

@@ -18,6 +18,7 @@ from sidecar.coordinator.states import GlobalStatus
 from sidecar.txn.branches import BranchRules, Participant
 from sidecar.txn.fence import FenceState
 from sidecar.txn.fence_store import SqliteFenceStore
+from sidecar.txn.tries import TryEnd
 from tests.component.servers import closed_port
 from tests.faults.util import wait_until
 
@@ -263,3 +264,39 @@ async def test_a_try_that_never_reached_the_app_is_not_cancelled_there(sidecar_f
     assert record.status is GlobalStatus.ROLLBACKED
     row = await fence.get(tx.xid, branch.branch_id)
     assert row is not None and row.state is FenceState.EMPTY_CANCELLED
+
+
+async def test_the_end_of_a_try_never_overwrites_a_newer_try_of_the_branch(
+    tmp_path: Path,
+) -> None:
+    cfg = configmod.parse(
+        {
+            "tcc": [
+                {
+                    "resource": "inv",
+                    "try": {"method": "POST", "path": "/try"},
+                    "confirm": {"method": "POST", "path": "/confirm"},
+                    "cancel": {"method": "POST", "path": "/cancel"},
+                }
+            ]
+        },
+        env={},
+    )
+    xid = "127.0.0.1:17020:78"
+    fence = SqliteFenceStore(str(tmp_path / "f.fence"))
+    await fence.open()
+    p = Participant(BranchRules(cfg), fence, "http://127.0.0.1:1", timeout=5, connect_timeout=1)
+    try:
+        await p.begin_try(xid, 5, "inv")
+        p.end_try(xid, 5, TryEnd.ANSWERED)  # its end is recorded in the background...
+        await p.begin_try(xid, 5, "inv")  # ...while the branch's try is repeated
+        await asyncio.gather(*p._background)
+        row = await fence.get(xid, 5)
+        assert row is not None and row.state is FenceState.TRYING
+        p.end_try(xid, 5, TryEnd.ANSWERED)
+        await asyncio.gather(*p._background)
+        row = await fence.get(xid, 5)
+        assert row is not None and row.state is FenceState.TRIED
+    finally:
+        await p.close()
+        await fence.close()
