@@ -171,9 +171,9 @@ async def compaction(directory: Path, count: int, writers: int, single: bool) ->
     took = time.perf_counter() - t0
     journal_module._run_transaction = run
     held.sort()
-    during = sorted(waits)
     stop.set()
-    await asyncio.gather(*tasks)
+    await asyncio.gather(*tasks)  # the writes that waited behind the last job count too
+    during = sorted(waits)
     after = journal.size_bytes()
     await journal.close()
     done = journal.last_compaction
