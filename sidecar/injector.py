@@ -153,7 +153,10 @@ def pod_patch(pod: dict[str, Any], settings: InjectConfig) -> list[dict[str, Any
         env = c.get("env")
         if env is not None and not isinstance(env, list):
             raise _Refused(f"spec.containers[{i}].env is not a list")
-        have = {e.get("name") for e in env or [] if isinstance(e, dict)}
+        names = [e.get("name") for e in env or [] if isinstance(e, dict)]
+        if not all(isinstance(name, str) for name in names):
+            raise _Refused(f"spec.containers[{i}].env has a variable without a string name")
+        have = set(names)
         missing = [e for e in app_env if e["name"] not in have]
         if not env:
             if missing:

@@ -10,6 +10,8 @@ from typing import Any
 
 import jsonpatch  # type: ignore[import-untyped]
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecar.errors import AdmissionReviewInvalid, ConfigError
 from sidecar.injector import review
@@ -261,3 +263,82 @@ def test_config_problems_name_their_key_paths() -> None:
             }
         )
     assert err.value.problems == ["inject: default_app_port 17000 is one of the sidecar's ports"]
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def _mostly(good: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """`good` nine times in ten, any JSON value otherwise: deep enough to reach every check."""
+    return st.integers(0, 9).flatmap(lambda n: good if n else _json)
+
+
+_container = st.fixed_dictionaries(
+    {"name": _mostly(st.sampled_from(["app", "worker"]))},
+    optional={
+        "ports": _mostly(
+            st.lists(
+                _mostly(
+                    st.fixed_dictionaries({"containerPort": _mostly(st.sampled_from([80, 17006]))})
+                ),
+                max_size=3,
+            )
+        ),
+        "env": _mostly(st.lists(_mostly(st.fixed_dictionaries({"name": _json})), max_size=3)),
+    },
+)
+_pod_like = st.fixed_dictionaries(
+    {
+        "metadata": _mostly(
+            st.fixed_dictionaries(
+                {
+                    "annotations": _mostly(
+                        st.fixed_dictionaries(
+                            {"sidecar.gts.io/inject": _mostly(st.just("true"))},
+                            optional={"sidecar.gts.io/app-port": _mostly(st.just("9000"))},
+                        )
+                    )
+                }
+            )
+        ),
+        "spec": _mostly(
+            st.fixed_dictionaries(
+                {"containers": _mostly(st.lists(_mostly(_container), min_size=1, max_size=3))},
+                optional={
+                    "initContainers": _mostly(st.lists(_mostly(_container), max_size=2)),
+                    "volumes": _mostly(
+                        st.lists(
+                            _mostly(
+                                st.fixed_dictionaries(
+                                    {"name": st.sampled_from(["data", "gts-sidecar-tmp"])}
+                                )
+                            ),
+                            max_size=2,
+                        )
+                    ),
+                    "hostNetwork": st.booleans(),
+                },
+            )
+        ),
+    }
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(obj=_pod_like | _json)
+def test_any_object_gets_an_answer_never_an_exception(obj: Any) -> None:
+    """Whatever the pod object holds, the review is answered (allowed, refused with a
+    reason, or patched with a patch that applies): no exception escapes."""
+    response = answer(obj)
+    assert isinstance(response["allowed"], bool)
+    if not response["allowed"]:
+        assert response["status"]["message"]
+    if "patch" in response:
+        ops = json.loads(base64.b64decode(response["patch"]))
+        jsonpatch.apply_patch(obj, ops)
