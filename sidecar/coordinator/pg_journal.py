@@ -18,10 +18,11 @@ and never wait on a live writer) and moves their unfinished transactions to the 
 XID, and the one that is asked to change it takes it over (the fence makes the previous
 driver's next write fail, and it forgets the transaction).
 
-Group commit. Concurrent `write()` calls queue up; up to `_FLUSHERS` database transactions
-run at once, each taking everything queued so far (several transactions' writes, one
-commit, one WAL flush). A batch that hits a constraint is re-run one write per transaction,
-so one bad write fails alone. The engine never has two writes of one transaction in flight
+Group commit. Concurrent `write()` calls queue up; up to `_FLUSHERS` batches run at once,
+each taking everything queued so far: several transactions' writes in one statement (the
+`gts_write` function of pg_schema.py: the fence check and the upserts, one round trip), one
+commit, one WAL flush. A batch that hits a constraint is re-run one write at a time, so one
+bad write fails alone. The engine never has two writes of one transaction in flight
 (its per-transaction lock), so batches never reorder a transaction's writes.
 
 Errors. asyncpg and OS errors are translated here into JournalUnavailable (a reused
@@ -32,13 +33,12 @@ timeout bounding every call; asyncpg is imported only when this journal is opene
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from sidecar.coordinator.journal_rows import branch_record, branch_row, global_record, global_row
-from sidecar.coordinator.pg_schema import FINISHED_SQL, migrate
+from sidecar.coordinator.pg_schema import BRANCH_COLS, FINISHED_SQL, GLOBAL_COLS, migrate
 from sidecar.coordinator.records import BranchRecord, GlobalRecord
 from sidecar.errors import DuplicateKey, JournalUnavailable, NotOwner
 
@@ -51,13 +51,8 @@ _COMPACT_BATCH: Final = 500
 #: the advisory lock held by the one replica compacting at a time
 _COMPACT_LOCK: Final = 0x67747332
 
-_G: Final = "xid, name, status, timeout_ms, begin_ms, updated_ms, idempotency_key, request_hash"
-_B: Final = (
-    "branch_id, xid, seq, branch_type, resource_id, callback_url, application_data, status, "
-    "attempts, stuck, updated_ms, last_error, idempotency_key, request_hash"
-)
-
-
+_G: Final = GLOBAL_COLS
+_B: Final = BRANCH_COLS
 _WRITE: Final = "SELECT gts_write(" + ", ".join(f"${n}" for n in range(1, 25)) + ")"
 
 
@@ -70,10 +65,6 @@ def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
 
 _ALIVE: Final = "SELECT 1 FROM gts_replicas WHERE token = $1 FOR KEY SHARE"
 _NOT_FINISHED: Final = f"status NOT IN ({FINISHED_SQL})"
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _translate(what: str, exc: BaseException) -> BaseException:
@@ -129,13 +120,11 @@ class PgJournal:
         password: str | None = None,
         statement_timeout: float = 5.0,
         pool_size: int = 10,
-        clock_ms: Callable[[], int] = _wall_ms,
     ) -> None:
         self.url = url
         self._password = password
         self.statement_timeout = statement_timeout
         self.pool_size = pool_size
-        self._clock_ms = clock_ms
         #: this replica's fencing token, once joined
         self.token: int | None = None
         self.commits = 0

@@ -26,10 +26,10 @@ MIGRATION_LOCK: Final = 0x67747331  # "gts1"
 
 FINISHED_SQL: Final = ", ".join(f"'{s.value}'" for s in GlobalStatus if s.finished)
 
-_GLOBAL_COLS: Final = (
+GLOBAL_COLS: Final = (
     "xid, name, status, timeout_ms, begin_ms, updated_ms, idempotency_key, request_hash"
 )
-_BRANCH_COLS: Final = (
+BRANCH_COLS: Final = (
     "branch_id, xid, seq, branch_type, resource_id, callback_url, application_data, status, "
     "attempts, stuck, updated_ms, last_error, idempotency_key, request_hash"
 )
@@ -65,20 +65,20 @@ BEGIN
         SELECT g.xid, g.owner_token FROM gts_globals g WHERE g.xid = ANY(xids)
         ORDER BY g.xid FOR UPDATE
     ) t WHERE t.owner_token <> me;
-    INSERT INTO gts_globals ({_GLOBAL_COLS}, owner_token)
+    INSERT INTO gts_globals ({GLOBAL_COLS}, owner_token)
         SELECT u.*, me FROM unnest(g_xid, g_name, g_status, g_timeout, g_begin, g_updated,
                                    g_key, g_hash)
-            AS u({_GLOBAL_COLS})
+            AS u({GLOBAL_COLS})
         WHERE NOT (u.xid = ANY(moved))
-        ON CONFLICT (xid) DO UPDATE SET {_sets(_GLOBAL_COLS, "xid")},
+        ON CONFLICT (xid) DO UPDATE SET {_sets(GLOBAL_COLS, "xid")},
             owner_token = excluded.owner_token;
-    INSERT INTO gts_branches ({_BRANCH_COLS})
+    INSERT INTO gts_branches ({BRANCH_COLS})
         SELECT u.* FROM unnest(b_id, b_xid, b_seq, b_type, b_resource, b_url, b_data,
                                b_status, b_attempts, b_stuck, b_updated, b_error, b_key,
                                b_hash)
-            AS u({_BRANCH_COLS})
+            AS u({BRANCH_COLS})
         WHERE NOT (u.xid = ANY(moved))
-        ON CONFLICT (branch_id) DO UPDATE SET {_sets(_BRANCH_COLS, "branch_id")};
+        ON CONFLICT (branch_id) DO UPDATE SET {_sets(BRANCH_COLS, "branch_id")};
     RETURN moved;
 END
 $$"""
