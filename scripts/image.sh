@@ -168,7 +168,6 @@ run = [*podman, "run", "--detach", "--name", name, *limits, "--network", "host",
        "--volume", "/var/lib/gts-sidecar",  # the journal: a fresh volume, as an emptyDir
        "--no-healthcheck",  # the image's HEALTHCHECK needs systemd timers; checked below
        image]  # the image's own CMD: run --config /etc/gts-sidecar/sidecar.yaml
-subprocess.run(run, check=True, stdout=subprocess.DEVNULL)
 failures = []
 
 
@@ -204,6 +203,8 @@ def rss(pid):
 
 
 try:
+    # inside the try: a container that was created but failed to start is removed too
+    subprocess.run(run, check=True, stdout=subprocess.DEVNULL)
     admin = f"http://127.0.0.1:{ports['admin']}"
     deadline = time.monotonic() + 60
     while True:
@@ -264,12 +265,12 @@ try:
     inj["listen"]["bind"] = f"127.0.0.1:{inj_port}"
     (tmp / "injector.yaml").write_text(yaml.safe_dump(inj))
     inj_name = name + "-injector"
-    subprocess.run([*podman, "run", "--detach", "--name", inj_name, *limits, "--network", "host",
-                    "--read-only", "--user", "10001:10001", "--cap-drop", "ALL",
-                    "--no-healthcheck", "--volume", f"{tmp}:/etc/gts-injector:ro", image,
-                    "injector", "--config", "/etc/gts-injector/injector.yaml"],
-                   check=True, stdout=subprocess.DEVNULL)
     try:
+        subprocess.run([*podman, "run", "--detach", "--name", inj_name, *limits, "--network",
+                        "host", "--read-only", "--user", "10001:10001", "--cap-drop", "ALL",
+                        "--no-healthcheck", "--volume", f"{tmp}:/etc/gts-injector:ro", image,
+                        "injector", "--config", "/etc/gts-injector/injector.yaml"],
+                       check=True, stdout=subprocess.DEVNULL)
         import ssl
         ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
         ctx.check_hostname = False  # the certificate names the Service; loopback here
