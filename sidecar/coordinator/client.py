@@ -306,10 +306,9 @@ class RemoteCoordinator:
         try:
             branch_id = protocol.id_value(data.get("branchId"), "branchId")
         except InvalidRequest as exc:
-            # a 200 that names no branch: the branch is not registered as far as we can know
-            raise CoordinatorUnavailable(
-                f"coordinator answered register without a usable branchId ({exc.message})"
-            ) from None
+            # a 200 that names no usable branch: the coordinator's fault, not the caller's
+            # (a plain ValueError: the router answers it as 502 COORDINATOR_INVALID_ANSWER)
+            raise ValueError(exc.message) from None
         left_ms = data.get("timeLeftMs")
         if (
             isinstance(left_ms, int)

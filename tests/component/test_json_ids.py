@@ -23,7 +23,7 @@ from aiohttp import web
 from sidecar.config import CoordinatorConfig
 from sidecar.coordinator.client import RemoteCoordinator
 from sidecar.coordinator.states import BranchStatus, BranchType
-from sidecar.errors import CoordinatorUnavailable
+from sidecar.errors import SidecarError
 from sidecar.metrics import Metrics
 from tests.component.gts import SignedClient, ring, signing_config, xid_path
 from tests.component.servers import closed_port, wait_until
@@ -312,7 +312,24 @@ async def test_a_register_answer_without_a_usable_branch_id_is_a_clear_error(rec
     recorder.answers["/api/v1/branch/register"] = orjson.dumps({"xid": xid, "branchId": answered})
     remote = RemoteCoordinator(CoordinatorConfig(endpoints=[recorder.url]), ring(), Metrics())
     try:
-        with pytest.raises(CoordinatorUnavailable, match="branchId"):
+        # not our caller's error (an InvalidRequest would be a 400): the routing layer turns
+        # it into 502 COORDINATOR_INVALID_ANSWER
+        with pytest.raises(ValueError, match="branchId") as raised:
             await remote.register(xid, BranchType.TCC, "r", "http://cb", b"{}")
+        assert not isinstance(raised.value, SidecarError)
     finally:
         await remote.close()
+
+
+async def test_the_router_answers_an_unusable_branch_id_as_an_invalid_answer(
+    sidecar_factory, recorder
+):
+    # behind the sidecar's routing coordinator (the normal path), the same answer is the
+    # coordinator's fault: 502 COORDINATOR_INVALID_ANSWER naming the field, not a 400 or 503
+    xid = f"127.0.0.1:{recorder.port}:{BIG}"
+    recorder.answers["/api/v1/branch/register"] = orjson.dumps({"xid": xid, "branchId": "12a"})
+    sc = await sidecar_factory({"coordinator": {"endpoints": [recorder.url]}})
+    with pytest.raises(SidecarError) as raised:
+        await sc.control.coordinator.register(xid, BranchType.TCC, "r", "http://cb", b"{}")
+    assert (raised.value.code, raised.value.status) == ("COORDINATOR_INVALID_ANSWER", 502)
+    assert "branchId" in raised.value.message
