@@ -221,7 +221,10 @@ class ControlPlane:
                 from sidecar.coordinator.pg_lease import open_replica
 
                 self.journal, self.replica = await open_replica(
-                    cfg, format_owner(host, port), standalone=self.role == "standalone"
+                    cfg,
+                    format_owner(host, port),
+                    standalone=self.role == "standalone",
+                    metrics=self.metrics,
                 )
                 self.gate.nonces = self.replica.nonces  # a replay to another replica too
             else:

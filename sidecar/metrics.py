@@ -376,3 +376,18 @@ class Metrics:
             ["file"],
             registry=r,
         )
+        # replicas of `gts-sidecar coordinator` on PostgreSQL (pg_lease.py)
+        self.replica_lease = Gauge(
+            "gts_sidecar_replica_lease_held",
+            "Replicated coordinator: 1 while this replica's lease is renewed in time, 0 while "
+            "it cannot renew (database unreachable) or has lost it to another replica",
+            registry=r,
+        )
+        self.replica_takeovers = Counter(
+            "gts_sidecar_replica_takeovers",
+            "Replicated coordinator: transactions this replica took over, by how: expired "
+            "(another replica's lease ran out) or adopted (asked here about a Begin "
+            "transaction another replica drove)",
+            ["how"],
+            registry=r,
+        )

@@ -31,6 +31,7 @@ from sidecar.coordinator.engine import Engine
 from sidecar.coordinator.pg_journal import Loaded, PgJournal
 from sidecar.coordinator.pg_nonces import PgNonceStore
 from sidecar.errors import ConfigError, JournalUnavailable, NotOwner
+from sidecar.metrics import Metrics
 
 log = logging.getLogger("sidecar.replica")
 
@@ -46,8 +47,12 @@ class Replica:
         name: str,
         lease: float,
         clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         self.journal = journal
+        self._lease_gauge = metrics.replica_lease if metrics is not None else None
+        self._adopted = metrics.replica_takeovers.labels("adopted") if metrics else None
+        self._expired = metrics.replica_takeovers.labels("expired") if metrics else None
         self.name = name
         self.lease = lease
         self._clock = clock
@@ -104,6 +109,11 @@ class Replica:
         self.held_until = sent + self.lease
         self._renewed.set()
         self._renewed = asyncio.Event()
+        self._gauge(1)
+
+    def _gauge(self, value: int) -> None:
+        if self._lease_gauge is not None:
+            self._lease_gauge.set(value)
 
     # --- the Ownership hooks of the engine -------------------------------------------------
 
@@ -111,6 +121,8 @@ class Replica:
         found = await self.journal.adopt(xid)
         if found is not None:
             self.takeovers += 1
+            if self._adopted is not None:
+                self._adopted.inc()
             log.info("transaction taken over", extra={"xid": xid})
         return found
 
@@ -148,10 +160,13 @@ class Replica:
             return
         except JournalUnavailable as exc:
             self.engine.journal_ok = False
+            self._gauge(0)
             log.warning("lease not renewed: journal unavailable", extra={"error": exc.message})
             return
         if found:
             self.takeovers += len(found)
+            if self._expired is not None:
+                self._expired.inc(len(found))
             self.engine.resume(found)
             log.info(
                 "took over transactions of expired replicas",
@@ -164,6 +179,7 @@ class Replica:
         log.warning("lease lost: another replica took over; joining again")
         self.engine.forget_all()
         self.held_until = 0.0
+        self._gauge(0)
         sent = self._clock()
         try:
             await self.journal.join(self.name, self.lease)
@@ -175,7 +191,9 @@ class Replica:
         self.engine.journal_ok = True
 
 
-async def open_replica(config: Config, name: str, *, standalone: bool) -> tuple[PgJournal, Replica]:
+async def open_replica(
+    config: Config, name: str, *, standalone: bool, metrics: Metrics | None = None
+) -> tuple[PgJournal, Replica]:
     """The PostgreSQL journal of `local_coordinator` and this replica's lease on it (the
     journal still to be opened). Only `gts-sidecar coordinator` runs on PostgreSQL: a
     sidecar's own coordinator keeps its SQLite journal beside it."""
@@ -193,4 +211,4 @@ async def open_replica(config: Config, name: str, *, standalone: bool) -> tuple[
         statement_timeout=lc.statement_timeout,
         pool_size=lc.pool_size,
     )
-    return journal, Replica(journal, name=name, lease=lc.lease)
+    return journal, Replica(journal, name=name, lease=lc.lease, metrics=metrics)
