@@ -325,6 +325,8 @@ class ClientLimits(_Model):
     #: `timeouts.body_idle` for bodies); slower is 408 (bodies) or a cut connection (reads)
     min_rate_bytes: Size = 1024
     min_rate_window: Duration = 5.0
+    #: HTTP/2: streams one client connection may have open at once (SETTINGS)
+    max_concurrent_streams: int = Field(default=100, ge=1, le=10_000)
 
 
 class ProxyListenerConfig(ListenerConfig):

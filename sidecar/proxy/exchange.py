@@ -35,7 +35,8 @@ from sidecar.txn.branches import XidRequired
 
 if TYPE_CHECKING:
     from sidecar.metrics import RequestStats
-    from sidecar.proxy.listener import ClientConnection, ListenerRuntime
+    from sidecar.proxy.downstream import Downstream
+    from sidecar.proxy.listener import ListenerRuntime
     from sidecar.proxy.route import Route
     from sidecar.proxy.upstream import Cluster, UpstreamConnection
     from sidecar.txn.branches import BranchRule
@@ -68,7 +69,7 @@ class Exchange:
         "held_complete", "branch", "buffering", "held_body", "trailers",
     )  # fmt: skip
 
-    def __init__(self, conn: ClientConnection, head: h.RequestHead, rt: ListenerRuntime) -> None:
+    def __init__(self, conn: Downstream, head: h.RequestHead, rt: ListenerRuntime) -> None:
         self.conn = conn
         self.head = head
         self.rt = rt

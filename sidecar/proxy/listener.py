@@ -39,6 +39,7 @@ from sidecar.proxy.exchange import (
     Exchange,
     body_timeout,
 )
+from sidecar.proxy.h2_downstream import PREFACE, H2Downstream
 
 if TYPE_CHECKING:
     from ssl import SSLContext
@@ -306,6 +307,10 @@ class ClientConnection(asyncio.Protocol):
         self.refusal: SidecarError | None = None
         #: a request asked to close the connection: nothing after it is read
         self.last_request = False
+        #: the connection speaks HTTP/2 (it began with the preface); bytes of a preface
+        #: still incomplete
+        self.h2: H2Downstream | None = None
+        self.h2_buf = b""
         self.lingering = False
         self.linger_left = 0
         self.linger_timer: asyncio.TimerHandle | None = None
@@ -338,6 +343,9 @@ class ClientConnection(asyncio.Protocol):
         self.header_timer = self.loop.call_later(timeouts.header_read, self._on_header_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self.h2 is not None:
+            self.h2.data_received(data)
+            return
         if self.closing or self.refusal is not None:
             if self.lingering:
                 self.linger_left -= len(data)
@@ -350,6 +358,8 @@ class ClientConnection(asyncio.Protocol):
             self._feed_from_head(data, 0)
         elif self.parsing is not None:
             self._feed_body(data, 0)
+        elif self.requests == 0 and data[:1] == b"P" and self._maybe_h2(data):
+            return
         elif data.find(b"\r\n\r\n") == len(data) - 4:
             # the usual read: one whole head and nothing after it, so nothing to split
             self._feed(data, head=True)
@@ -372,6 +382,29 @@ class ClientConnection(asyncio.Protocol):
             self.body_seen = self.body_bytes
             self.timer_resumes = self.resumes
             self.body_timer = self.loop.call_later(self._body_window(), self._check_body_idle)
+
+    def _maybe_h2(self, data: bytes) -> bool:
+        """The first bytes of a connection: the HTTP/2 preface (prior knowledge) hands the
+        connection to HTTP/2. True when `data` was taken (as HTTP/2, or kept until the
+        preface is complete); False: it is HTTP/1.1."""
+        buf = self.h2_buf + data
+        n = min(len(buf), len(PREFACE))
+        if buf[:n] != PREFACE[:n]:
+            if not self.h2_buf:
+                return False
+            self.h2_buf = b""
+            self.data_received(buf)
+            return True
+        if len(buf) < len(PREFACE):
+            self.h2_buf = buf
+            return True
+        self.h2_buf = b""
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+        self.h2 = H2Downstream(self, self.runtime.clients.max_concurrent_streams)
+        self.h2.data_received(buf)
+        return True
 
     def _feed_from_head(self, data: bytes, at: int) -> None:
         """Parse `data[at:]`, which starts at (or inside) a request head. Each head is fed
@@ -491,6 +524,8 @@ class ClientConnection(asyncio.Protocol):
         return True
 
     def eof_received(self) -> bool | None:
+        if self.h2 is not None:
+            return False  # every stream still open is abandoned (connection_lost)
         active = self.active
         if self.lingering or active is None:
             return False
@@ -513,6 +548,8 @@ class ClientConnection(asyncio.Protocol):
             self.linger_timer.cancel()
             self.linger_timer = None
         self.listener._removed(self)
+        if self.h2 is not None:
+            self.h2.connection_lost()
         self._client_gone()
 
     def _client_gone(self) -> None:
@@ -531,6 +568,8 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = True
         if self.active is not None:
             self.active.pause_upstream_reading()
+        elif self.h2 is not None:
+            self.h2.pause_writing()
         if self.runtime.clients.min_rate_bytes and self.write_timer is None:
             self._arm_write_timer()
 
@@ -541,6 +580,8 @@ class ClientConnection(asyncio.Protocol):
             self.write_timer = None
         if self.active is not None:
             self.active.resume_upstream_reading()
+        elif self.h2 is not None:
+            self.h2.resume_writing()
 
     def _arm_write_timer(self) -> None:
         assert self.transport is not None
@@ -802,7 +843,12 @@ class ClientConnection(asyncio.Protocol):
 
     def _check_keepalive(self) -> None:
         limit = self.runtime.timeouts.keepalive
-        if self.active is None and self.parsing is None and self.head is None:
+        if (
+            self.active is None
+            and self.parsing is None
+            and self.head is None
+            and (self.h2 is None or not self.h2.streams)
+        ):
             idle = self.loop.time() - self.idle_since
             if idle >= limit:
                 self.keepalive_timer = None
@@ -932,7 +978,10 @@ class ClientConnection(asyncio.Protocol):
 
     def drain(self) -> None:
         """Graceful shutdown: idle connections close now, busy ones after their response."""
-        if self.active is None and self.parsing is None:
+        if self.h2 is not None:
+            self.closing = True
+            self.h2.drain()  # GOAWAY: streams in flight finish, then it closes
+        elif self.active is None and self.parsing is None:
             self._close()
         else:
             self.closing = True

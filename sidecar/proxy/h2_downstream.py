@@ -1,0 +1,500 @@
+"""HTTP/2 on a proxy listener: one client connection, many streams, each an Exchange.
+
+Theory of operation. A listener connection whose first bytes are the HTTP/2 connection
+preface (prior knowledge: what gRPC uses inside a pod; or ALPN `h2` on TLS) is handed to an
+`H2Downstream`, which feeds the bytes to `h2`, the sans-IO HTTP/2 state machine, and turns its
+events into the same calls an HTTP/1.1 connection makes: a request head (pseudo-headers
+mapped, every field classified by the listener's classifier, so XID aliases are validated
+exactly as on HTTP/1.1) starts an `Exchange`; DATA feeds its body; END_STREAM completes it; a
+RST_STREAM from the client abandons it (the same rule as a FIN on HTTP/1.1). Each stream is an
+`H2Stream`, the exchange's `Downstream`: it turns the response into HEADERS, DATA and trailers.
+
+Flow control both ways: request DATA is acknowledged (WINDOW_UPDATE) only while the exchange
+takes it, so a slow upstream closes the client's window; response DATA is sent within the
+stream's and the connection's windows, the rest kept per stream while the upstream's reading
+is paused, and resumed on WINDOW_UPDATE.
+
+The h2 library enforces the protocol's rules on what arrives (connection-specific fields,
+uppercase names, pseudo-header order, content-length against DATA, stream limits); a
+violation of the connection ends it with GOAWAY.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Final
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from sidecar.errors import BadRequest, SidecarError
+from sidecar.proxy import headers as h
+from sidecar.proxy.exchange import PAUSE_UPSTREAM_FULL, Exchange
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from sidecar.proxy.listener import ClientConnection, ProxyListener
+
+log = logging.getLogger("sidecar.proxy")
+
+PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+#: gRPC's status codes for the sidecar's own errors (a trailers-only response)
+GRPC_STATUS: Final = {
+    "XID_INVALID": 3,
+    "XID_REQUIRED": 3,
+    "INVALID_REQUEST": 3,
+    "BAD_REQUEST": 3,
+    "UPSTREAM_TIMEOUT": 4,
+    "UPSTREAM_NOT_FOUND": 5,
+    "POOL_EXHAUSTED": 8,
+    "CONNECTION_LIMIT": 8,
+    "TRANSACTION_ABORTED": 10,
+    "BRANCH_SUSPENDED": 10,
+    "NOT_IMPLEMENTED": 12,
+    "UPSTREAM_UNAVAILABLE": 14,
+    "COORDINATOR_UNAVAILABLE": 14,
+    "JOURNAL_UNAVAILABLE": 14,
+    "UNAUTHORIZED": 16,
+    "SIGNATURE_INVALID": 16,
+}
+#: what any other sidecar error is to a gRPC client: INTERNAL for 5xx, else UNKNOWN
+_GRPC_INTERNAL: Final = 13
+_GRPC_UNKNOWN: Final = 2
+_PSEUDO: Final = frozenset({b":method", b":path", b":authority", b":scheme"})
+
+
+def grpc_status_of(err: SidecarError) -> int:
+    code = GRPC_STATUS.get(err.code)
+    if code is not None:
+        return code
+    return _GRPC_INTERNAL if err.status >= 500 else _GRPC_UNKNOWN
+
+
+def is_grpc(content_type: bytes | None) -> bool:
+    return content_type is not None and content_type.startswith(b"application/grpc")
+
+
+class H2Stream:
+    """One HTTP/2 stream as the exchange's client side (see downstream.Downstream)."""
+
+    def __init__(self, conn: H2Downstream, stream_id: int, grpc: bool) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.loop: asyncio.AbstractEventLoop = conn.loop
+        self.listener: ProxyListener = conn.listener
+        self.peer_ip = conn.client.peer_ip
+        self.closing = False
+        self.grpc = grpc
+        self.exchange: Exchange | None = None
+        self.paused = 0
+        #: request bytes received but not yet acknowledged (held back while paused)
+        self.unacked = 0
+        #: response bytes waiting for flow-control window, and whether the end follows them
+        self.pending: list[bytes] = []
+        self.pending_end: list[tuple[bytes, bytes]] | None | bool = False
+        self.head_sent = False
+        self.ended = False
+
+    @property
+    def write_paused(self) -> bool:
+        return self.conn.client.write_paused or bool(self.pending)
+
+    # --- the response ----------------------------------------------------------------------
+
+    def send_continue(self) -> None:
+        pass  # an HTTP/2 client sends its body without waiting for one
+
+    def response_head(
+        self,
+        exchange: Exchange,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        content_length: bytes | None,
+    ) -> None:
+        fields = [(b":status", b"%d" % status)]
+        fields += [(name.lower(), value) for name, value in headers]
+        if content_length is not None and status not in (204, 304):
+            fields.append((b"content-length", content_length))
+        self.head_sent = True
+        self.conn.send_headers(self, fields, end_stream=False)
+
+    def response_data(self, exchange: Exchange, data: bytes) -> None:
+        if self.pending:
+            self.pending.append(data)
+            return
+        sent = self.conn.send_data(self, data)
+        if sent < len(data):
+            self.pending.append(data[sent:])
+            exchange.pause_upstream_reading()
+
+    def response_end(self, exchange: Exchange, trailers: list[tuple[bytes, bytes]] | None) -> None:
+        if self.pending:
+            self.pending_end = trailers if trailers else True
+            return
+        self._end(trailers)
+
+    def _end(self, trailers: list[tuple[bytes, bytes]] | None) -> None:
+        self.ended = True
+        if trailers:
+            self.conn.send_headers(self, [(n.lower(), v) for n, v in trailers], end_stream=True)
+        else:
+            self.conn.end_stream(self)
+
+    def window_opened(self) -> None:
+        """WINDOW_UPDATE or SETTINGS: send what waits, then let the upstream flow again."""
+        while self.pending:
+            data = self.pending[0]
+            sent = self.conn.send_data(self, data)
+            if sent < len(data):
+                self.pending[0] = data[sent:]
+                return
+            self.pending.pop(0)
+        end, self.pending_end = self.pending_end, False
+        if end is not False:
+            self._end(end if isinstance(end, list) else None)
+        exchange = self.exchange
+        if exchange is not None:
+            if exchange.finished:
+                self.conn.stream_finished(self)
+            else:
+                exchange.resume_upstream_reading()
+
+    def flush(self) -> None:
+        self.conn.flush()
+
+    def write_error(
+        self, err: SidecarError, close: bool, extra: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        code = err.code.encode("ascii")
+        if self.grpc:
+            # a trailers-only response: gRPC clients read the outcome from grpc-status
+            fields = [
+                (b":status", b"200"),
+                (b"content-type", b"application/grpc"),
+                (b"grpc-status", b"%d" % grpc_status_of(err)),
+                (b"grpc-message", _grpc_message(err.message)),
+                (b"x-gts-sidecar-error", code),
+            ]
+            fields += [(n.lower(), v) for n, v in extra or ()]
+            self.head_sent = self.ended = True
+            self.conn.send_headers(self, fields, end_stream=True)
+        else:
+            body = err.body()
+            fields = [
+                (b":status", b"%d" % err.status),
+                (b"content-type", b"application/json"),
+                (b"x-gts-sidecar-error", code),
+                (b"content-length", b"%d" % len(body)),
+            ]
+            fields += [(n.lower(), v) for n, v in extra or ()]
+            self.head_sent = True
+            self.conn.send_headers(self, fields, end_stream=False)
+            self.response_data_raw(body)
+            self.ended = True
+            self.conn.end_stream(self)
+        self.conn.flush()
+
+    def response_data_raw(self, data: bytes) -> None:
+        sent = self.conn.send_data(self, data)
+        if sent < len(data):
+            self.pending.append(data[sent:])
+
+    def abort_exchange(self, exchange: Exchange) -> None:
+        self.conn.reset(self, h2.errors.ErrorCodes.INTERNAL_ERROR)
+
+    def exchange_finished(self, exchange: Exchange, keep_alive: bool) -> None:
+        self.conn.stream_finished(self)
+
+    # --- the request body's flow -----------------------------------------------------------
+
+    def pause(self, reason: int) -> None:
+        self.paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if not self.paused & reason:
+            return
+        self.paused &= ~reason
+        if not self.paused and self.unacked:
+            unacked, self.unacked = self.unacked, 0
+            self.conn.acknowledge(self, unacked)
+            self.conn.flush()
+
+    def upstream_full(self) -> bool:
+        return bool(self.paused & PAUSE_UPSTREAM_FULL)
+
+    def received(self, size: int) -> None:
+        """`size` flow-controlled bytes arrived: acknowledge them now, or once resumed."""
+        if self.paused:
+            self.unacked += size
+        elif size:
+            self.conn.acknowledge(self, size)
+
+
+def _grpc_message(message: str) -> bytes:
+    # grpc-message is percent-encoded UTF-8 (gRPC over HTTP/2, "Responses")
+    out = bytearray()
+    for byte in message.encode("utf-8")[:1024]:
+        if 0x20 <= byte <= 0x7E and byte != 0x25:
+            out.append(byte)
+        else:
+            out += b"%%%02X" % byte
+    return bytes(out)
+
+
+class H2Downstream:
+    """The HTTP/2 side of one client connection (the connection's parser after the preface)."""
+
+    def __init__(self, client: ClientConnection, max_streams: int) -> None:
+        self.client = client
+        self.loop = client.loop
+        self.listener = client.listener
+        config = h2.config.H2Configuration(
+            client_side=False, header_encoding=None, validate_inbound_headers=True
+        )
+        self.h2 = h2.connection.H2Connection(config=config)
+        limits = client.runtime.limits
+        self.h2.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.header_bytes,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        self.streams: dict[int, H2Stream] = {}
+        self.going_away = False
+        self.h2.initiate_connection()
+        self.flush()
+
+    # --- bytes in --------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        for event in events:
+            handler = _HANDLERS.get(type(event))
+            if handler is not None:
+                handler(self, event)
+        self.flush()
+
+    def _protocol_error(self, exc: Exception) -> None:
+        """The client broke HTTP/2 (the library has queued a GOAWAY saying how): abandon its
+        streams and close."""
+        self.listener.client_error("h2_protocol")
+        log.debug("HTTP/2 protocol error from a client: %s", exc)
+        self.flush()
+        self.connection_lost()
+        transport = self.client.transport
+        if transport is not None:
+            transport.close()
+
+    def _request(self, event: h2.events.RequestReceived) -> None:
+        client = self.client
+        runtime = client.listener.runtime
+        head = h.RequestHead(headers=[])
+        classifier = runtime.classifier
+        content_type: bytes | None = None
+        try:
+            for name, value in event.headers or ():
+                name, value = bytes(name), bytes(value)
+                if name[:1] == b":":
+                    if name == b":method":
+                        head.method = value
+                    elif name == b":path":
+                        head.url = value
+                    elif name == b":authority":
+                        head.host = value
+                        head.host_count += 1
+                    continue
+                if name == b"content-type":
+                    content_type = value
+                elif name == b"host":
+                    if head.host is not None and head.host != value:
+                        raise BadRequest(":authority and Host disagree")
+                    if head.host is not None:
+                        continue
+                head.add(name, value, classifier[name])
+            if head.host is not None and not h.valid_host(head.host):
+                raise BadRequest("invalid :authority")
+            if head.unsupported_te is not None or head.chunked:
+                raise BadRequest("transfer-encoding in an HTTP/2 request")
+        except SidecarError as err:
+            stream = H2Stream(self, event.stream_id, is_grpc(content_type))
+            self.streams[event.stream_id] = stream
+            self.listener.client_error("bad_request")
+            stream.write_error(err, close=False)
+            self.stream_finished(stream)
+            return
+        if event.stream_ended is None and head.content_length is None:
+            head.chunked = True  # a body of unknown length: chunked to an HTTP/1.1 upstream
+        if event.stream_ended is not None:
+            head.content_length = None
+            head.chunked = False
+        stream = H2Stream(self, event.stream_id, is_grpc(content_type))
+        self.streams[event.stream_id] = stream
+        client.requests += 1
+        exchange = stream.exchange = Exchange(stream, head, runtime)
+        exchange.start()
+
+    def _data(self, event: h2.events.DataReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        size = event.flow_controlled_length or 0
+        if stream is None or stream.exchange is None or stream.exchange.finished:
+            # an answered or unknown stream: keep the connection's window open
+            if size:
+                self.h2.acknowledge_received_data(size, event.stream_id)
+            return
+        stream.received(size)
+        if event.data:
+            stream.exchange.feed_body(bytes(event.data))
+
+    def _stream_ended(self, event: h2.events.StreamEnded) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None and stream.exchange is not None and not stream.exchange.body_done:
+            stream.exchange.body_complete()
+
+    def _stream_reset(self, event: h2.events.StreamReset) -> None:
+        stream = self.streams.pop(event.stream_id, None)
+        if stream is None or stream.exchange is None:
+            return
+        stream.ended = True
+        exchange = stream.exchange
+        if not exchange.finished:
+            # the client cancelled (a gRPC client whose context ended): abandon, as on a FIN
+            self.listener.aborts.inc()
+            exchange.client_gone()
+
+    def _window_updated(self, event: Any) -> None:
+        stream_id = getattr(event, "stream_id", 0)
+        if stream_id:
+            stream = self.streams.get(stream_id)
+            if stream is not None and stream.pending:
+                stream.window_opened()
+            return
+        for stream in list(self.streams.values()):
+            if stream.pending:
+                stream.window_opened()
+
+    def _terminated(self, event: h2.events.ConnectionTerminated) -> None:
+        self.going_away = True
+        transport = self.client.transport
+        if transport is not None:
+            transport.close()
+
+    # --- bytes out -------------------------------------------------------------------------
+
+    def send_headers(
+        self, stream: H2Stream, fields: list[tuple[bytes, bytes]], end_stream: bool
+    ) -> None:
+        try:
+            self.h2.send_headers(stream.stream_id, fields, end_stream=end_stream)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass  # the client reset the stream meanwhile: nothing to answer
+
+    def send_data(self, stream: H2Stream, data: bytes) -> int:
+        """Send as much of `data` as the windows allow; how much was sent."""
+        h2c = self.h2
+        try:
+            window = h2c.local_flow_control_window(stream.stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return len(data)  # the stream is gone: drop the rest
+        size = min(window, len(data))
+        frame = h2c.max_outbound_frame_size
+        at = 0
+        while at < size:
+            piece = data[at : min(size, at + frame)]
+            h2c.send_data(stream.stream_id, piece)
+            at += len(piece)
+        return size
+
+    def end_stream(self, stream: H2Stream) -> None:
+        try:
+            self.h2.end_stream(stream.stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+
+    def reset(self, stream: H2Stream, code: h2.errors.ErrorCodes) -> None:
+        stream.ended = True
+        try:
+            self.h2.reset_stream(stream.stream_id, code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+        self.flush()
+
+    def acknowledge(self, stream: H2Stream, size: int) -> None:
+        try:
+            self.h2.acknowledge_received_data(size, stream.stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+
+    def stream_finished(self, stream: H2Stream) -> None:
+        if stream.pending or stream.pending_end is not False:
+            return  # the rest waits for the client's window: window_opened ends it
+        self.streams.pop(stream.stream_id, None)
+        if not stream.ended:
+            # the exchange ended without a response end (abandoned): tell the client
+            self.reset(stream, h2.errors.ErrorCodes.CANCEL)
+        self.flush()
+        if not self.streams:
+            self.client.idle_since = self.loop.time()
+            if self.going_away:
+                self._close_transport()
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data:
+            self.client.write(data)
+
+    # --- the connection --------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Graceful shutdown: GOAWAY (streams in flight finish), then close."""
+        if not self.going_away:
+            self.going_away = True
+            self.h2.close_connection()
+            self.flush()
+        if not self.streams:
+            self._close_transport()
+
+    def _close_transport(self) -> None:
+        transport = self.client.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+
+    def pause_writing(self) -> None:
+        for stream in self.streams.values():
+            if stream.exchange is not None:
+                stream.exchange.pause_upstream_reading()
+
+    def resume_writing(self) -> None:
+        for stream in list(self.streams.values()):
+            if stream.exchange is not None and not stream.pending:
+                stream.exchange.resume_upstream_reading()
+
+    def connection_lost(self) -> None:
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            exchange = stream.exchange
+            stream.ended = True
+            if exchange is not None and not exchange.finished:
+                self.listener.aborts.inc()
+                exchange.client_gone()
+
+
+_HANDLERS: Final[dict[type, Any]] = {
+    h2.events.RequestReceived: H2Downstream._request,
+    h2.events.DataReceived: H2Downstream._data,
+    h2.events.StreamEnded: H2Downstream._stream_ended,
+    h2.events.StreamReset: H2Downstream._stream_reset,
+    h2.events.WindowUpdated: H2Downstream._window_updated,
+    h2.events.RemoteSettingsChanged: H2Downstream._window_updated,
+    h2.events.ConnectionTerminated: H2Downstream._terminated,
+}
