@@ -41,7 +41,8 @@ def _now_ms() -> int:
 
 
 class SignatureGate:
-    """Checks every signed request in DESIGN's order; only then may its body be parsed."""
+    """Checks every signed request in the documented order (docs/signing.md: key id,
+    timestamp, signature, nonce, bearer token); only then may its body be parsed."""
 
     def __init__(
         self,
@@ -108,7 +109,8 @@ XID_MAX_LENGTH: Final = web.AppKey("xid_max_length", int)
 
 @web.middleware
 async def signed_only(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Gate every route but health; turn our errors into the DESIGN error shape."""
+    """Gate every route but health; turn our errors into the error shape
+    `{"error": {"code", "message"}}` with `x-gts-sidecar-error`."""
     try:
         if request.path != "/healthz":
             if request.content_length is not None and request.content_length > MAX_BODY:

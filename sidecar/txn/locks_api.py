@@ -1,4 +1,4 @@
-"""Global locks on the `api` listener (seed §3.3), for the app on localhost:
+"""Global locks on the `api` listener (docs/locks.md), for the app on localhost:
 
     POST   /v1/locks        {"xid": "…", "keys": ["resource:key", …], "timeout": "30s"}
                             → 200 {xid, keys}
@@ -7,8 +7,8 @@
     GET    /v1/locks/{key}  → 200 {key, holder}   (holder: null when the key is free)
 
 `timeout` (optional) is the lock TTL, a safety net: the sidecar frees the locks when the
-global transaction ends. Errors use the DESIGN shape and carry `x-gts-sidecar-error`, whatever
-middleware the host application has.
+global transaction ends. Any other field is refused. Errors are `{"error": {"code",
+"message"}}` with `x-gts-sidecar-error`, whatever middleware the host application has.
 """
 
 from __future__ import annotations
