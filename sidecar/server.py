@@ -255,6 +255,10 @@ class Sidecar:
             remote.server_name = server_name
         if caller is not None:
             caller.set_tls(tls.coordinator, server_name)
+        router = self.control.router
+        if router is not None and tls.coordinator is not None:
+            router.peer_scheme = "https" if config.listeners.peer.tls is not None else "http"
+            router.set_peer_tls(tls.coordinator)
         participant, app_ctx = self.control.participant, tls.clients.get("app")
         if participant is not None and app_ctx is not None:
             participant.ssl_context = app_ctx

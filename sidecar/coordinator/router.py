@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 from collections import OrderedDict
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -108,6 +109,16 @@ class RoutingCoordinator:
         self._peers: OrderedDict[str, RemoteCoordinator] = OrderedDict()
         self._peer_session: aiohttp.ClientSession | None = None
         self.degraded = False
+        #: how a peer's peer listener is reached: https when this sidecar's own terminates
+        #: TLS (peers are configured alike), trusting coordinator.tls (set by server.py)
+        self.peer_scheme = "http"
+        self.peer_ssl: ssl.SSLContext | bool = True
+
+    def set_peer_tls(self, context: ssl.SSLContext) -> None:
+        """coordinator.tls's context (rotated files: new connections use the new one)."""
+        self.peer_ssl = context
+        for peer in self._peers.values():
+            peer.ssl_context = context
 
     @property
     def own(self) -> str:
@@ -183,11 +194,12 @@ class RoutingCoordinator:
                 auto_decompress=False,
             )
         peer = RemoteCoordinator(
-            self.cfg.model_copy(update={"endpoints": [f"http://{owner}"]}),
+            self.cfg.model_copy(update={"endpoints": [f"{self.peer_scheme}://{owner}"]}),
             self.ring,
             self.metrics,
             session=self._peer_session,
         )
+        peer.ssl_context = self.peer_ssl
         self._peers[owner] = peer
         while len(self._peers) > self.max_peers:
             self._peers.popitem(last=False)  # the shared session keeps no state per client
