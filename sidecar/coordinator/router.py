@@ -190,7 +190,11 @@ class RoutingCoordinator:
             return None
         if self._peer_session is None:
             self._peer_session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=100, keepalive_timeout=30),
+                # peers are IP addresses: no DNS cache (aiohttp's keeps an entry per host,
+                # and every forged owner would be one)
+                connector=aiohttp.TCPConnector(
+                    limit=100, keepalive_timeout=30, use_dns_cache=False
+                ),
                 auto_decompress=False,
             )
         peer = RemoteCoordinator(
