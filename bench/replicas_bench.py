@@ -65,6 +65,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="begin→commit loops in flight in all, split over the replicas (64)",
     )
     p.add_argument(
+        "--per-replica",
+        action="store_true",
+        help="--concurrency loops for each replica instead (load that grows with replicas, "
+        "as sidecars' would)",
+    )
+    p.add_argument(
         "--scenarios",
         default="sqlite:1,postgresql:1,postgresql:2,postgresql:3",
         help="journal:replicas, comma-separated (the default runs all four)",
@@ -193,7 +199,7 @@ def scenario(
         start_at = warm_at + args.warmup
         end_at = start_at + args.duration
         workers = []
-        per = max(1, args.concurrency // replicas)
+        per = args.concurrency if args.per_replica else max(1, args.concurrency // replicas)
         for i, p in enumerate(procs):
             result = work / f"worker{i}.json"
             argv = [
@@ -281,7 +287,8 @@ def main(argv: Sequence[str]) -> int:
         f"# Replicated coordinator: begin+commit tx/s ({stamp})",
         "",
         f"Machine: {os.cpu_count()} CPUs, {cpu_model()}; every process of a scenario "
-        f"(replicas, PostgreSQL, clients) shares them. {args.concurrency} loops in all, "
+        f"(replicas, PostgreSQL, clients) shares them. {args.concurrency} loops "
+        f"{'per replica' if args.per_replica else 'in all'}, "
         f"{args.duration:g}s measured after {args.warmup:g}s of warm-up.",
         "",
         "| journal | replicas | tx/s | p50 ms | p99 ms | CPU ms/tx replicas | CPU ms/tx PostgreSQL "
