@@ -6,8 +6,13 @@ symlink that an update swaps atomically to a new timestamped directory; inotify 
 itself misses that, so the watcher polls `stat()` through the symlinks. It watches the config
 file and every `*_file` the config in force names (secrets, certificates, keys, CAs): a
 rotated Secret is a reload like an edited ConfigMap. A change is applied only when the config
-text or the content of one of those files differs. An invalid new version (a bad key pair, an
-empty token file, a broken YAML) is refused, logged and counted; the old one stays in force.
+text, or what the files hold (`same` tells), differs. An invalid new version (a bad key pair,
+an empty token file, a broken YAML) is refused, logged and counted; the old one stays in
+force, and is not retried until something changes again.
+
+The stat of every watched file is taken before anything is read: a file that changes while a
+reload reads it (or applies it) differs from that snapshot, so the next poll reloads again
+and nothing is missed.
 """
 
 from __future__ import annotations
@@ -71,19 +76,6 @@ def watched_files(config: Config) -> list[str]:
     return sorted(set(_files(config)))
 
 
-def files_digest(paths: list[str]) -> str:
-    """One digest over the content of `paths` (an unreadable file counts as its error)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
-        try:
-            with open(path, "rb") as f:
-                digest.update(hashlib.sha256(f.read(4 * 1024 * 1024)).digest())
-        except OSError as exc:
-            digest.update(f"unreadable {exc.errno}".encode())
-    return digest.hexdigest()
-
-
 def _structure(value: Any, exclude: set[str] | None = None) -> Any:
     # secrets dump as their paths: a rotated value (same path) is not a structural change
     if isinstance(value, BaseModel):
@@ -118,7 +110,9 @@ def restart_needed(old: Config, new: Config) -> list[str]:
 
 class ConfigWatcher:
     """Polls one config file and the files it names; calls `apply(config, digest)` for each
-    new valid version (`digest`: the config file's sha256)."""
+    new valid version (`digest`: the config file's sha256). `files` lists the files the
+    config in force names; `same(config)` says whether a loaded config, with the files it
+    names, is what is in force already (without it, an unchanged config file is enough)."""
 
     def __init__(
         self,
@@ -129,6 +123,7 @@ class ConfigWatcher:
         interval: float = 1.0,
         *,
         files: Callable[[], list[str]] = list,
+        same: Callable[[Config], bool] | None = None,
     ) -> None:
         self.path = path
         self.digest = digest
@@ -136,7 +131,7 @@ class ConfigWatcher:
         self._metrics = metrics
         self.interval = interval
         self._files = files
-        self.files_digest = files_digest(files())
+        self._same = same
         self._stat = self._stat_key()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -162,21 +157,20 @@ class ConfigWatcher:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            key = self._stat_key()
-            if key != self._stat:
-                self._stat = key
+            if self._stat_key() != self._stat:
                 await self.reload(reason="file changed")
 
     async def reload(self, reason: str) -> str:
         """Load, validate and apply; returns the result label."""
         async with self._lock:
+            # before reading anything: what changes from here on is seen by the next poll
+            self._stat = self._stat_key()
             loop = asyncio.get_running_loop()
             try:
                 digest = await loop.run_in_executor(None, file_digest, self.path)
             except OSError as exc:
                 return self._count("invalid", f"cannot read {self.path}: {exc.strerror}")
-            named = await loop.run_in_executor(None, files_digest, self._files())
-            if digest == self.digest and named == self.files_digest:
+            if digest == self.digest and self._same is None:
                 return self._count("unchanged", None)
             try:
                 config = await loop.run_in_executor(None, load, self.path)
@@ -185,6 +179,10 @@ class ConfigWatcher:
                     log.exception("config reload failed unexpectedly")
                     exc = ConfigError([f"<file>: {type(exc).__name__}"])
                 return self._refused(reason, exc, digest)
+            same = self._same
+            if digest == self.digest and same is not None:
+                if await loop.run_in_executor(None, same, config):  # reads the named files
+                    return self._count("unchanged", None)
             try:
                 self._apply(config, digest)
             except Exception as exc:  # as above: the watcher outlives any one bad version
@@ -193,9 +191,6 @@ class ConfigWatcher:
                     exc = ConfigError([f"<apply>: {type(exc).__name__}"])
                 return self._refused(reason, exc, digest)
             self.digest = digest
-            # the files of the config now in force (a reload may name other files)
-            self.files_digest = await loop.run_in_executor(None, files_digest, self._files())
-            self._stat = self._stat_key()
             log.info("config reloaded", extra={"reason": reason, "sha256": digest[:12]})
             self._metrics.config_reloads.labels("applied").inc()
             return "applied"

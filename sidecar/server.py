@@ -32,6 +32,7 @@ from sidecar.proxy.upstream import Cluster
 from sidecar.reload import ConfigWatcher, restart_needed, watched_files
 from sidecar.tls import LISTENERS, ListenerTls, TlsConfigError, TlsSet
 from sidecar.tls import build as build_tls
+from sidecar.tls import fingerprint as tls_fingerprint
 from sidecar.txn.branches import CALLBACK_PREFIX, BranchRules
 from sidecar.txn.rules import RuleSet
 
@@ -236,6 +237,11 @@ class Sidecar:
         self._set_version(digest)
         logs.set_level(config.logging.level)
 
+    def _unchanged(self, config: Config) -> bool:
+        """A loaded config is the one in force: same values (secrets by value) and the same
+        certificate, key and CA file contents (reads them: the watcher calls it in a thread)."""
+        return config == self._config and tls_fingerprint(config) == self._tls.fingerprint
+
     def _build_tls(self, config: Config, *, reloading: bool) -> TlsSet:
         try:
             return build_tls(config)
@@ -331,6 +337,7 @@ class Sidecar:
                 self.metrics,
                 self.reload_interval,
                 files=lambda: watched_files(self._config),
+                same=self._unchanged,
             )
             self._watcher.start()
         log.info(

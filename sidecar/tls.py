@@ -210,7 +210,8 @@ def tls_files(config: Config) -> Iterator[tuple[str, str]]:
                     yield f"{where}.{key}", path
 
 
-def _fingerprint(config: Config) -> str:
+def fingerprint(config: Config) -> str:
+    """sha256 over every certificate, key and CA file `config` names (tells a rotation)."""
     digest = hashlib.sha256()
     for _, path in tls_files(config):
         digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
@@ -227,9 +228,9 @@ def build(config: Config) -> TlsSet:
     Files are read twice over if they change while being read (a Secret's symlink swap
     between the certificate and the key would otherwise pair an old one with a new one)."""
     for _ in range(3):
-        before = _fingerprint(config)
+        before = fingerprint(config)
         built = _build_once(config)
-        built.fingerprint = _fingerprint(config)
+        built.fingerprint = fingerprint(config)
         if built.fingerprint == before:
             return built
     return built
