@@ -1,6 +1,6 @@
 """Which coordinator a call goes to: the cluster, this sidecar's own engine, or a peer's.
 
-Rules for a sidecar that has a cluster configured (DESIGN §1, §3):
+Rules for a sidecar that has a cluster configured:
 - begin: the cluster; if it cannot be reached within the call timeout (or its breaker is
   open), this sidecar's local engine begins it in the same request — the XID then names this
   sidecar's peer address, and the transaction stays local until it finishes;

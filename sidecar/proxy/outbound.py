@@ -1,6 +1,6 @@
 """Outbound listener routing: the app → named upstreams.
 
-Three ways to name an upstream, tried in this order (DESIGN §6):
+Three ways to name an upstream, tried in this order:
 1. absolute-form request line (the app uses us as HTTP_PROXY): its host is an upstream's name
    or the host[:port] of an upstream's url;
 2. a Host header equal to an upstream's name;
