@@ -1,7 +1,9 @@
 """Soak: minutes of mixed traffic with the coordinator and the sidecars killed at random.
 
-Theory of operation. Four real processes on 127.0.0.1, each on fixed ports so that it comes
-back on the same address after a SIGKILL, each with its journal in one work directory:
+Theory of operation. Four real processes on loopback, each on fixed ports so that it comes
+back on the same address after a SIGKILL, each with its journal in one work directory (the
+sidecars' peer listeners on 127.0.0.2-4 sharing one port, with degraded.peer_networks
+127.0.0.0/8, as pods have it; everything else on 127.0.0.1):
 
   coordinator   ``python -m sidecar coordinator``: the cluster
   order         ``python -m sidecar run`` in front of the order app: POST /orders is a
@@ -34,11 +36,33 @@ the order sidecar degrades to its local coordinator and hands back), or one side
   branch at the coordinator in the phase-two status of its outcome, none stuck;
 - no phase two without its try (the fence's empty rollback), a well-formed Idempotency-Key
   and x-gts-phase on every delivery, Saga compensations in reverse order;
-- no phase two while its try is still running at the app: some tries are slow (they outlast
-  the order sidecar's upstream timeout, so their transaction rolls back while they run, and
-  they go on after the participant's sidecar aborted their request); a confirm or cancel
-  that reaches the app before such a try has ended is a violation (its reservation, made
-  after the cancel, would never be released);
+- no phase two while its try is still running at the app: some tries are slow, 3.5 s (past
+  the order sidecar's upstream timeout, so their transaction rolls back while they run) or
+  9 s (past the transaction's own timeout too), and go on after the participant's sidecar
+  aborted their request (an app that ignores its request's end); a confirm or cancel that
+  reaches the app before such a try has ended is a violation;
+- no try's reservation outlives its transaction: the participant apps model it. A try that
+  the app did not refuse reserves when it ends; the first delivery of each Idempotency-Key is
+  what the app applies, and it releases the reservation (confirm or cancel) only if it comes
+  after the try ended (an earlier one finds nothing to release). At the end every
+  reservation must have been released by one applied confirm or cancel / compensation,
+  except a Saga action of a Committed transaction (its booking is the outcome);
+- no transaction commits after its caller left before the answer. A share of the order
+  clients are raw sockets that give up the way real clients do: the whole request sent, then
+  a close (FIN, as Go's http.Client{Timeout} does) or a reset (RST) once their client
+  timeout passes with not one byte of the answer received; or a stall mid-body, then FIN or
+  RST (a small body the sidecar buffers, or a 200 KiB one that streams to the app). The
+  order app is slow for some of these orders (a delay after its steps, around the client's
+  timeout). The rule checked: an abandoned order (nothing received when the client closed)
+  is a violation if it is Committed and the order app had not answered it (not begun
+  writing its answer) when the client's close() or reset returned. Both times are read on
+  one monotonic clock in this one thread, so the FIN or RST was in the sidecar's socket
+  before the app's answer could be in its upstream socket; the sidecar decides only once it
+  has read that answer, and eof/reset are handled as they are read. A commit the sidecar
+  decided before the client left (the app answered before the close) is legitimate, and
+  counted. Also: a Committed transaction must be one the order app answered 201 (a client
+  that left during the begin or mid-body leaves a transaction the app never saw, which must
+  roll back);
 - the fence's crash windows are counted (information), and anything outside them is a
   violation: a delivery repeated for one Idempotency-Key must have that participant's
   sidecar killed and restarted between the repeats (killed between calling the app and
@@ -55,6 +79,7 @@ Usage (from the repo root)::
 
     .venv/bin/python bench/soak.py [--duration 3m] [--seed N] [--fault-interval 4s]
                                    [--concurrency 8] [--plans 55,15,15,15] [--no-faults]
+                                   [--abandon-share 0.15]
                                    [--report FILE] [--json FILE] [--keep]
 
 Violations are tagged by kind (``[committed-despite-refused-try] …``); --json writes the
@@ -71,6 +96,7 @@ import asyncio
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import random
@@ -80,6 +106,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -100,6 +127,10 @@ REPO_DIR: Final = BENCH_DIR.parent
 RESULTS_FILE: Final = BENCH_DIR / "results" / "soak_latest.md"
 
 HOST: Final = "127.0.0.1"
+#: each sidecar's peer listener (and advertised address) on an address of its own, all on one
+#: port, as pods share the peer port: a sidecar calls a peer (the owner of an XID begun in
+#: degraded mode) only on its own peer port and only inside degraded.peer_networks
+PEER_HOSTS: Final = {"order": "127.0.0.2", "inventory": "127.0.0.3", "travel": "127.0.0.4"}
 KEY_ID: Final = "soak"
 LISTENERS: Final = ("inbound", "outbound", "api", "peer", "admin")
 FINAL: Final = frozenset({"Committed", "Rollbacked", "TimeoutRollbacked"})
@@ -112,7 +143,10 @@ STOP_TIMEOUT: Final = 15.0
 
 # the sidecars' timeouts (config), and the deadline a caller may wait, derived from them
 TX_TIMEOUT: Final = "8s"
-COORDINATOR_REQUEST: Final = 1.0  # coordinator.timeouts.request
+#: coordinator.timeouts.request: above the coordinator's wait for phase two before it answers
+#: a commit or rollback (1 s): at 1 s, every decision whose phase two runs longer (a cancel
+#: held for a slow try) timed out, opened the breaker and went to the outbox
+COORDINATOR_REQUEST: Final = 2.0
 ORDER_APP_TOTAL: Final = 6.0  # the order sidecar's app.timeouts.total
 UPSTREAM_TOTAL: Final = 2.5  # the order sidecar's upstreams' timeouts.total
 PHASE_TWO_WAIT: Final = 1.0  # a commit with branches waits this long for phase two
@@ -134,6 +168,28 @@ CONNECT_BACKOFF: Final = 0.1
 #: sidecar's app timeout (the try's deadline, after which phase two no longer waits for it)
 SLOW_SHARE: Final = 0.1
 SLOW_TRY: Final = UPSTREAM_TOTAL + 1.0
+#: a share of the slow tries run past the transaction's timeout (TX_TIMEOUT) too, within the
+#: participants' app timeout (their deadline, until which phase two waits for them)
+SLOWER_SHARE: Final = 0.3
+SLOWER_TRY: Final = 9.0
+PARTICIPANT_APP_TOTAL: Final = 12.0  # the participant sidecars' app.timeouts.total
+#: the order number on every order request, so that the order app can tie the orders whose
+#: client left (and never learnt its XID) to their transactions
+ORDER_HEADER: Final = "x-soak-order"
+#: how an abandoning client leaves (relative weights): the whole request sent, then a FIN or
+#: a RST once its timeout passes; or a stall mid-body, then FIN or RST: with a body the
+#: sidecar buffers (the app never sees the request), or one past its request buffer that
+#: streams to the app
+ABANDON_MODES: Final = {"fin": 0.45, "rst": 0.25, "mid-body": 0.15, "mid-body-large": 0.15}
+#: an abandoning client's timeout: log-uniform in this range (most orders take 10-100 ms)
+CLIENT_TIMEOUT_RANGE: Final = (0.02, 3.0)
+#: a stalled body is given up after this long
+MID_BODY_STALL: Final = (0.01, 0.3)
+LARGE_BODY: Final = 200 * 1024  # past the sidecar's clients.request_buffer (64 KiB)
+#: the order app's delay (after its steps) for an abandoning client's order: none, or around
+#: the client's timeout (capped), so that the client leaves before, during and after it
+ABANDON_DELAY_SHARE: Final = 0.6
+ABANDON_DELAY_MAX: Final = 3.0
 STEP_OF: Final = {resource: step for step, (_, resource, _) in STEPS.items()}
 FAULT_KINDS: Final = ("coordinator", "order", "inventory", "travel")
 
@@ -175,6 +231,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="share of the requests that are plain proxying (0.3)",
     )
     p.add_argument(
+        "--abandon-share",
+        type=float,
+        default=0.15,
+        help="share of the orders whose client gives up before its answer (0.15)",
+    )
+    p.add_argument(
         "--settle-timeout",
         type=parse_seconds,
         default=90.0,
@@ -198,6 +260,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0.0 <= args.plain_share <= 1.0:
         p.error("--plain-share must be between 0 and 1")
+    if not 0.0 <= args.abandon_share <= 1.0:
+        p.error("--abandon-share must be between 0 and 1")
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1, 2**31)
     return args
@@ -206,11 +270,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 # --- processes -----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on now (bound, then released)."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+def free_port(*hosts: str) -> int:
+    """A loopback port nothing listens on now, on HOST and on every one of `hosts` (bound,
+    then released)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = int(s.getsockname()[1])
+        try:
+            for host in hosts:
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise BenchError("no loopback port is free on every peer address")
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
@@ -358,15 +432,21 @@ def coordinator_config(layout: Layout) -> dict[str, Any]:
 
 def sidecar_config(layout: Layout, name: str) -> dict[str, Any]:
     ports = layout.sidecars[name]
+    # a participant's try may run PARTICIPANT_APP_TOTAL: phase two waits for it that long
+    app_total = ORDER_APP_TOTAL if name == "order" else PARTICIPANT_APP_TOTAL
     cfg: dict[str, Any] = {
-        "node": {"advertise_address": HOST},
-        "listeners": {n: {"bind": f"{HOST}:{ports[n]}"} for n in LISTENERS},
+        "node": {"advertise_address": PEER_HOSTS[name]},
+        "listeners": {
+            n: {"bind": f"{PEER_HOSTS[name] if n == 'peer' else HOST}:{ports[n]}"}
+            for n in LISTENERS
+        },
+        "degraded": {"peer_networks": ["127.0.0.0/8"]},
         "app": {
             "url": f"http://{HOST}:{layout.apps[name]}",
             "timeouts": {
                 "connect": "500ms",
-                "response_header": f"{ORDER_APP_TOTAL - 1:g}s",
-                "total": f"{ORDER_APP_TOTAL:g}s",
+                "response_header": f"{app_total - 1:g}s",
+                "total": f"{app_total:g}s",
             },
         },
         "coordinator": {
@@ -448,9 +528,9 @@ class Participant:
         self.steps = {step: res for step, (_, res, k) in STEPS.items() if k == kind}
         #: (xid, branch) → (resource, arrived at, refused)
         self.tries: dict[tuple[str, str], tuple[str, float, bool]] = {}
-        #: (xid, branch) → when the app finished the try; and which tries were slow
+        #: (xid, branch) → when the app finished the try; the slow tries → their length
         self.try_ends: dict[tuple[str, str], float] = {}
-        self.slow: set[tuple[str, str]] = set()
+        self.slow: dict[tuple[str, str], float] = {}
         self._working: set[asyncio.Task[None]] = set()
         self.deliveries: list[Delivery] = []
         self.applied: dict[str, Delivery] = {}
@@ -491,12 +571,13 @@ class Participant:
                 f"[duplicate-try] {self.name}: try of {xid} branch {branch} delivered twice"
             )
         self.tries[key] = (self._resource(request.path), time.monotonic(), refused)
-        if request.query.get("slow") == "1":
+        slow = request.query.get("slow")
+        if slow is not None:
             # the try's work goes on even when its request is aborted (an app that ignores
             # its request's cancellation), so the sidecar cannot know when it ends
-            self.slow.add(key)
+            seconds = self.slow[key] = float(slow)
             work = asyncio.get_running_loop().create_task(
-                asyncio.sleep(SLOW_TRY), name=f"slow-try {branch}"
+                asyncio.sleep(seconds), name=f"slow-try {branch}"
             )
             self._working.add(work)
             work.add_done_callback(self._working.discard)
@@ -530,6 +611,12 @@ class OrderRecord:
     steps: list[tuple[str, str]] = field(default_factory=list)  # (step, outcome)
     called: dict[str, float] = field(default_factory=dict)  # step → when its call began
     answer: int | None = None
+    #: when the app answered (before its answer is written), and whether the sidecar had
+    #: already cut its request then (it abandons the exchange when the client leaves)
+    answered_at: float | None = None
+    cut_before_answer: bool = False
+    #: when the request's body broke off (its client left mid-body; the sidecar cut it)
+    body_cut_at: float | None = None
 
 
 class OrderApp:
@@ -538,6 +625,7 @@ class OrderApp:
     def __init__(self, outbound: str) -> None:
         self.outbound = outbound
         self.orders: dict[str, OrderRecord] = {}
+        self.by_n: dict[int, str] = {}  # order number (ORDER_HEADER) → XID
         self.anomalies: list[str] = []
         self.session: aiohttp.ClientSession | None = None
 
@@ -558,20 +646,35 @@ class OrderApp:
             await self.session.close()
 
     async def _order(self, request: web.Request) -> web.Response:
-        plan = await request.json()
+        n = int(request.headers.get(ORDER_HEADER, "0"))
         xid = request.headers.get("XID", "")
         if not xid:
-            self.anomalies.append(
-                f"[app-anomaly] order #{plan.get('n')} reached the app without an XID"
-            )
+            self.anomalies.append(f"[app-anomaly] order #{n} reached the app without an XID")
             return web.json_response({"error": "no xid"}, status=400)
         if xid in self.orders:
             self.anomalies.append(f"[app-anomaly] order XID {xid} reached the app twice")
-        rec = self.orders[xid] = OrderRecord(xid, plan)
+        self.by_n[n] = xid
+        rec = self.orders[xid] = OrderRecord(xid, {"n": n})
+        try:
+            rec.plan = plan = await request.json()
+        except (OSError, ValueError, aiohttp.ClientError):
+            # its client left mid-body and the sidecar ended the request
+            rec.body_cut_at = time.monotonic()
+            return web.json_response({"error": "body cut"}, status=400)
+        answer = await self._run(rec, plan)
+        rec.answer = answer.status
+        rec.answered_at = time.monotonic()
+        rec.cut_before_answer = request.transport is None
+        return answer
+
+    async def _run(self, rec: OrderRecord, plan: dict[str, Any]) -> web.Response:
+        """The order's steps, then its delay; the answer."""
+        xid = rec.xid
         assert self.session is not None
         for step in plan["steps"]:
             query = [q for q, on in (("refuse=1", plan["refuse"] == step),
-                                     ("slow=1", plan.get("slow") == step)) if on]  # fmt: skip
+                                     (f"slow={plan.get('slow_s', 0):g}",
+                                      plan.get("slow") == step)) if on]  # fmt: skip
             path = STEPS[step][0] + ("?" + "&".join(query) if query else "")
             body = json.dumps({"order": plan["n"], "step": step}).encode()
             headers = {"XID": xid, "Content-Type": "application/json"}
@@ -594,10 +697,16 @@ class OrderApp:
             break
         else:
             if plan["fail"] != "after":
-                rec.answer = 201
+                await self._delay(plan)
                 return web.json_response({"order": plan["n"]}, status=201)
-        rec.answer = 500
+        await self._delay(plan)
         return web.json_response({"order": plan["n"], "failed": rec.steps}, status=500)
+
+    async def _delay(self, plan: dict[str, Any]) -> None:
+        """The app's own work after its steps (some abandoning clients' orders): it goes on
+        even when the sidecar has ended the request (the app ignores that, as many do)."""
+        if plan.get("delay"):
+            await asyncio.sleep(plan["delay"])
 
     async def _catalog(self, request: web.Request) -> web.Response:
         n = request.query.get("n", "")
@@ -625,13 +734,18 @@ async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
 
 @dataclass
 class Request:
-    kind: str  # plain | order
+    kind: str  # plain | order | abandon (a client that may give up before its answer)
     n: int
     plan: dict[str, Any] | None
     outcome: str
     seconds: float
     xid: str | None = None
     tx_status: str | None = None
+    #: an abandoning client: how it leaves (ABANDON_MODES), its timeout, and when its close
+    #: or reset returned, if it left with nothing of the answer received
+    how: str | None = None
+    timeout: float | None = None
+    left_at: float | None = None
 
 
 class Traffic:
@@ -641,11 +755,15 @@ class Traffic:
         inbound: str,
         plain_share: float,
         plans: tuple[float, float, float, float],
+        abandon_share: float = 0.0,
     ) -> None:
         self.rng = rng
         self.plans = plans
         self.inbound = inbound
+        host, _, port = inbound.removeprefix("http://").partition(":")
+        self.address = (host, int(port))
         self.plain_share = plain_share
+        self.abandon_share = abandon_share
         self.requests: list[Request] = []
         self.violations: list[str] = []
         self._n = 0
@@ -655,8 +773,11 @@ class Traffic:
         steps = [s for s in STEPS if self.rng.random() < 0.6] or [self.rng.choice(list(STEPS))]
         fail = self.rng.choices(("none", "after", "try", "ignore"), self.plans)[0]
         refuse = self.rng.choice(steps) if fail in ("try", "ignore") else None
-        slow = self.rng.choice(steps) if self.rng.random() < SLOW_SHARE else None
-        return {"n": n, "steps": steps, "fail": fail, "refuse": refuse, "slow": slow}
+        plan = {"n": n, "steps": steps, "fail": fail, "refuse": refuse, "slow": None}
+        if self.rng.random() < SLOW_SHARE:
+            plan["slow"] = self.rng.choice(steps)
+            plan["slow_s"] = SLOWER_TRY if self.rng.random() < SLOWER_SHARE else SLOW_TRY
+        return plan
 
     async def loop(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -664,8 +785,64 @@ class Traffic:
             n = self._n
             if self.rng.random() < self.plain_share:
                 await self._send(session, "plain", n, None)
+            elif self.rng.random() < self.abandon_share:
+                await self._abandon(n, self.plan(n))
             else:
                 await self._send(session, "order", n, self.plan(n))
+
+    async def _abandon(self, n: int, plan: dict[str, Any]) -> None:
+        """An order from a client that gives up: a raw socket, so that it leaves exactly
+        the way it means to (FIN or RST, after the whole request or mid-body)."""
+        rng = self.rng
+        how = rng.choices(list(ABANDON_MODES), list(ABANDON_MODES.values()))[0]
+        mid_body = how.startswith("mid-body")
+        if mid_body:
+            timeout = rng.uniform(*MID_BODY_STALL)
+            reset = rng.random() < 0.5
+        else:
+            lo, hi = CLIENT_TIMEOUT_RANGE
+            timeout = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+            reset = how == "rst"
+            if rng.random() < ABANDON_DELAY_SHARE:
+                plan["delay"] = round(min(timeout * rng.uniform(0.5, 1.5), ABANDON_DELAY_MAX), 4)
+        body = json.dumps(plan).encode()
+        if how == "mid-body-large":
+            body = body[:-1] + b', "pad": "' + b"x" * LARGE_BODY + b'"}'
+        head = (
+            f"POST /orders HTTP/1.1\r\nHost: {self.address[0]}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"{ORDER_HEADER}: {n}\r\n\r\n"
+        ).encode()
+        sent = head + (body[: len(body) // 2] if mid_body else body)
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        left_at = xid = tx_status = None
+        sock = socket.socket()
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, self.address)
+            await loop.sock_sendall(sock, sent)
+            data = await receive_within(sock, timeout, stall=mid_body)
+            if data is None:
+                if reset:  # SO_LINGER 0: close() sends a RST
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+                left_at = time.monotonic()
+                outcome = f"left before the answer ({how}, {'RST' if reset else 'FIN'})"
+            elif not data:
+                outcome = "connection error (closed without an answer)"
+            else:
+                status, headers = await read_head(sock, data)
+                xid, tx_status = headers.get("xid"), headers.get("x-gts-transaction-status")
+                code = headers.get("x-gts-sidecar-error")
+                outcome = self._classify("order", n, status, code, b"", tx_status)
+        except (OSError, ValueError, TimeoutError) as exc:
+            outcome = f"connection error ({type(exc).__name__})"
+        finally:
+            sock.close()
+        req = Request("abandon", n, plan, outcome, time.monotonic() - t0, xid, tx_status)
+        req.how, req.timeout, req.left_at = how, timeout, left_at
+        await self._record(req)
 
     async def _send(
         self, session: aiohttp.ClientSession, kind: str, n: int, plan: dict[str, Any] | None
@@ -676,7 +853,8 @@ class Traffic:
             if plan is None:
                 req = session.get(f"{self.inbound}/catalog?n={n}")
             else:
-                req = session.post(f"{self.inbound}/orders", json=plan)
+                headers = {ORDER_HEADER: str(n)}
+                req = session.post(f"{self.inbound}/orders", json=plan, headers=headers)
             async with req as r:
                 body = await r.read()
                 code = r.headers.get("x-gts-sidecar-error")
@@ -688,13 +866,17 @@ class Traffic:
         except (aiohttp.ClientError, OSError) as exc:
             outcome = f"connection error ({type(exc).__name__})"
         seconds = time.monotonic() - t0
-        self.requests.append(Request(kind, n, plan, outcome, seconds, xid, tx_status))
-        if seconds > ANSWER_DEADLINE + ANSWER_DEADLINE_MARGIN:
+        await self._record(Request(kind, n, plan, outcome, seconds, xid, tx_status))
+
+    async def _record(self, req: Request) -> None:
+        self.requests.append(req)
+        if req.seconds > ANSWER_DEADLINE + ANSWER_DEADLINE_MARGIN:
             self.violations.append(
-                f"[lost-request] request lost: {kind} #{n} took {seconds:.1f}s (deadline "
-                f"{ANSWER_DEADLINE + ANSWER_DEADLINE_MARGIN:g}s), outcome {outcome}"
+                f"[lost-request] request lost: {req.kind} #{req.n} took {req.seconds:.1f}s "
+                f"(deadline {ANSWER_DEADLINE + ANSWER_DEADLINE_MARGIN:g}s), outcome "
+                f"{req.outcome}"
             )
-        if outcome.startswith("connection error"):
+        if req.outcome.startswith("connection error"):
             # a client backs off while the sidecar is down (instead of spinning on refusals)
             await asyncio.sleep(CONNECT_BACKOFF)
 
@@ -722,6 +904,41 @@ class Traffic:
                 )
             return "201 committed"
         return f"{status} (app)"
+
+
+async def receive_within(sock: socket.socket, timeout: float, stall: bool) -> bytes | None:
+    """What the client has received when its timeout passes (b"" for a closed connection),
+    or None if nothing: it then leaves. A stalled client sends nothing more meanwhile; the
+    sidecar may still answer early (a refusal), which it then reads."""
+    loop = asyncio.get_running_loop()
+    if not stall:
+        with contextlib.suppress(TimeoutError):
+            return await asyncio.wait_for(loop.sock_recv(sock, 65536), timeout)
+    else:
+        await asyncio.sleep(timeout)  # the client's own stall, not a synchronisation
+    # the timeout passed: an answer that reached the socket meanwhile was sent before the
+    # client left
+    try:
+        return sock.recv(65536)
+    except BlockingIOError:
+        return None
+
+
+async def read_head(sock: socket.socket, data: bytes) -> tuple[int, dict[str, str]]:
+    """The status and the headers (lowercase names) of the response that `data` begins."""
+    loop = asyncio.get_running_loop()
+    while b"\r\n\r\n" not in data:
+        more = await asyncio.wait_for(loop.sock_recv(sock, 65536), ANSWER_DEADLINE)
+        if not more:
+            raise ValueError("the connection closed inside a response head")
+        data += more
+    lines = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers
 
 
 # --- faults --------------------------------------------------------------------------------
@@ -996,10 +1213,19 @@ def check(
         info[f"{p.name}_cancels_without_try"] = len(without_try)
         info[f"{p.name}_tries"] = len(p.tries)
         info[f"{p.name}_slow_tries"] = len(p.slow)
+        info[f"{p.name}_slower_tries"] = sum(1 for t in p.slow.values() if t >= SLOWER_TRY)
         # slow tries whose transaction rolled back, so that a cancel came while they ran
         info[f"{p.name}_slow_tries_cancelled"] = sum(
             1 for xid, branch in p.slow if by_key.get(f"{xid}:{branch}:rollback")
         )
+        info[f"{p.name}_slower_tries_cancelled"] = sum(
+            1
+            for (xid, branch), t in p.slow.items()
+            if t >= SLOWER_TRY and by_key.get(f"{xid}:{branch}:rollback")
+        )
+        leaks, reserved = reservations_left(p, by_key, status_of)
+        v.extend(leaks)
+        info[f"{p.name}_reservations"] = reserved
         v.extend(p.anomalies)
     info["tries"] = tried_total
 
@@ -1046,11 +1272,107 @@ def check(
                 f"[caller-disagrees] order #{req.n}: answered {req.outcome} for {req.xid}, "
                 "unknown to the app"
             )
+    # nothing commits that the app did not answer 201 (its client left during the begin or
+    # mid-body: the app never saw the order)
+    for xid, status in final.items():
+        rec = order.orders.get(xid)
+        if status == "Committed" and (rec is None or rec.answer is None):
+            v.append(
+                f"[committed-unanswered] {xid}: Committed, but the order app never answered it"
+                + (" (it never had it)" if rec is None else "")
+            )
+    v.extend(abandoned_orders(traffic, order, status_of, info))
     v.extend(order.anomalies)
     v.extend(traffic.violations)
     for proc in procs.values():
         v.extend(proc.crashes)
     return v, info
+
+
+def reservations_left(
+    p: Participant, by_key: dict[str, list[Delivery]], status_of: Any
+) -> tuple[list[str], int]:
+    """[reservation-leaked]: what the participant app still holds at the end. A try it did
+    not refuse reserves when it ends; the app applies the first delivery of each
+    Idempotency-Key, which releases the reservation only if it came after the try ended.
+    Every reservation must be released, except a Saga action of a Committed transaction."""
+    leaks: list[str] = []
+    reserved = 0
+    for (xid, branch), (resource, _, refused) in p.tries.items():
+        if refused:
+            continue
+        reserved += 1
+        ended = p.try_ends.get((xid, branch))
+        status = status_of(xid)
+        if p.kind == "SAGA" and status == "Committed":
+            continue
+        applied = [
+            ds[0] for word in ("commit", "rollback") if (ds := by_key.get(f"{xid}:{branch}:{word}"))
+        ]
+        if ended is not None and any(d.at > ended for d in applied):
+            continue
+        what = (
+            "its try never ended"
+            if ended is None
+            else f"{len(applied)} applied confirm/cancel, none after the try ended"
+        )
+        leaks.append(
+            f"[reservation-leaked] {p.name} {resource} {xid} branch {branch} ({status}): the "
+            f"try's reservation was never released: {what}"
+        )
+    return leaks, reserved
+
+
+def abandoned_orders(
+    traffic: Traffic, order: OrderApp, status_of: Any, info: dict[str, Any]
+) -> list[str]:
+    """[committed-after-caller-left]: an order whose client left with nothing of the answer
+    received is Committed, and the order app had not answered it when the client's close
+    returned (see the module's docstring for why that is exact)."""
+    v: list[str] = []
+    counts: Counter[str] = Counter()
+    for req in traffic.requests:
+        if req.kind != "abandon":
+            continue
+        counts["clients"] += 1
+        if req.left_at is None:
+            counts["answered" if req.outcome[0].isdigit() else "connection_error"] += 1
+            continue
+        counts[f"left_{req.how}"] += 1
+        xid = order.by_n.get(req.n)
+        rec = order.orders.get(xid) if xid is not None else None
+        if rec is None:
+            counts["left_never_at_app"] += 1
+            continue
+        counts["left_at_app"] += 1
+        status = status_of(rec.xid)
+        answered = rec.answered_at
+        left_first = answered is None or req.left_at < answered
+        if rec.body_cut_at is not None:
+            counts["body_cut_at_app"] += 1
+        if left_first and rec.cut_before_answer:
+            counts["app_request_cut_before_answer"] += 1  # the sidecar ended it at once
+        if status == "Committed":
+            if left_first:
+                when = (
+                    "it never answered"
+                    if answered is None
+                    else f"it answered {answered - req.left_at:.3f}s after"
+                )
+                v.append(
+                    f"[committed-after-caller-left] order #{req.n} {rec.xid}: its client left "
+                    f"({req.how}, after {req.timeout:.3f}s) before the order app answered "
+                    f"({when}), yet it Committed"
+                )
+            else:
+                counts["committed_decided_before_left"] += 1
+        elif status in ROLLED_BACK:
+            counts["rolled_back"] += 1
+            if left_first and rec.answer == 201:
+                # the app succeeded after its caller had gone: committed without the fix
+                counts["rolled_back_app_succeeded"] += 1
+    info["abandoned"] = dict(counts)
+    return v
 
 
 def errors_logged(log: Path) -> tuple[int, list[str]]:
@@ -1116,8 +1438,11 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     try:
         key_file = work / "signing.key"
         key_file.write_text(os.urandom(32).hex() + "\n")
-        sidecar_ports = {n: {ln: free_port() for ln in LISTENERS} for n in participants}
-        sidecar_ports["order"] = {ln: free_port() for ln in LISTENERS}
+        peer_port = free_port(*PEER_HOSTS.values())
+        sidecar_ports = {
+            n: {ln: peer_port if ln == "peer" else free_port() for ln in LISTENERS}
+            for n in PEER_HOSTS
+        }
         order = OrderApp(f"http://{HOST}:{sidecar_ports['order']['outbound']}")
         await order.open()
         apps: dict[str, int] = {}
@@ -1141,7 +1466,9 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             f"{args.concurrency} in flight, a fault every ~{args.fault_interval:g}s"
         )
 
-        traffic = Traffic(rng, layout.url("order", "inbound"), args.plain_share, args.plans)
+        traffic = Traffic(
+            rng, layout.url("order", "inbound"), args.plain_share, args.plans, args.abandon_share
+        )
         faults = Faults(rng, procs, args.fault_interval)
         stop_traffic, stop_faults = asyncio.Event(), asyncio.Event()
         t0 = time.monotonic()
@@ -1239,6 +1566,7 @@ def summarise(
         "concurrency": args.concurrency,
         "plans": ",".join(f"{w:g}" for w in args.plans),
         "plain_share": args.plain_share,
+        "abandon_share": args.abandon_share,
         "no_faults": args.no_faults,
         "fault_interval_s": args.fault_interval,
         "requests": len(traffic.requests),
@@ -1271,7 +1599,7 @@ def render(s: dict[str, Any], facts: list[tuple[str, str]]) -> str:
         "",
         f"{s['traffic_s']:g} s of traffic (seed {s['seed']}, {s['concurrency']} requests in "
         f"flight, {s['plain_share']:.0%} of them plain, order plans none/after/try/ignore "
-        f"{s['plans']}, "
+        f"{s['plans']}, {s['abandon_share']:.0%} of the orders from clients that may give up, "
         + ("no faults" if s["no_faults"] else f"a fault every ~{s['fault_interval_s']:g} s")
         + f"): {s['requests']:,} requests, "
         f"{s['transactions']:,} transactions, {s['faults']} faults injected, {verdict}. "
@@ -1293,6 +1621,7 @@ def render(s: dict[str, Any], facts: list[tuple[str, str]]) -> str:
         "|---|--:|",
     ]
     lines += [f"| {k} | {c} |" for k, c in sorted(s["faults_by_kind"].items())]
+    lines += ["", *render_abandoned(info.get("abandoned", {}))]
     lines += ["", "| branches at the apps | inventory (TCC) | travel (Saga) |", "|---|--:|--:|"]
     inv, tra = "inventory", "travel"
     lines += [
@@ -1308,6 +1637,16 @@ def render(s: dict[str, Any], facts: list[tuple[str, str]]) -> str:
         f"window) | {info[inv + '_cancels_without_try']} | {info[tra + '_cancels_without_try']} |",
         f"| Saga compensation order checked (both steps tried) | - | "
         f"{info['saga_order_checked']:,} |",
+        f"| reservations (tries not refused), each released after its try ended | "
+        f"{info[inv + '_reservations']:,} | {info[tra + '_reservations']:,} |",
+        f"| slow tries ({SLOW_TRY:g} s, past the initiator's upstream timeout) / of them "
+        f"cancelled | {info[inv + '_slow_tries'] - info[inv + '_slower_tries']:,} / "
+        f"{info[inv + '_slow_tries_cancelled'] - info[inv + '_slower_tries_cancelled']:,} | "
+        f"{info[tra + '_slow_tries'] - info[tra + '_slower_tries']:,} / "
+        f"{info[tra + '_slow_tries_cancelled'] - info[tra + '_slower_tries_cancelled']:,} |",
+        f"| slow tries ({SLOWER_TRY:g} s, past the transaction's timeout too) / of them "
+        f"cancelled | {info[inv + '_slower_tries']:,} / {info[inv + '_slower_tries_cancelled']:,}"
+        f" | {info[tra + '_slower_tries']:,} / {info[tra + '_slower_tries_cancelled']:,} |",
         "",
         "| process | errors logged (information) | exit status on SIGTERM at the end |",
         "|---|--:|--:|",
@@ -1334,10 +1673,34 @@ def render(s: dict[str, Any], facts: list[tuple[str, str]]) -> str:
         + ["--concurrency", str(s["concurrency"])]
         + ([] if s["plans"] == DEFAULT_PLANS else ["--plans", s["plans"]])
         + ([] if s["plain_share"] == 0.3 else ["--plain-share", f"{s['plain_share']:g}"])
+        + ([] if s["abandon_share"] == 0.15 else ["--abandon-share", f"{s['abandon_share']:g}"])
         + (["--no-faults"] if s["no_faults"] else [])
     )
     lines += ["", f"Command: `{cmd}` (wall time {s['wall_s']:g} s)"]
     return "\n".join(lines)
+
+
+ABANDONED_ROWS: Final = (
+    ("clients", "clients that may give up (raw sockets)"),
+    ("answered", "answered before their timeout"),
+    ("connection_error", "connection errors (a sidecar down)"),
+    ("left_fin", "left with nothing received: FIN after the whole request"),
+    ("left_rst", "left with nothing received: RST after the whole request"),
+    ("left_mid-body", "left mid-body (FIN or RST), a body the sidecar buffers"),
+    ("left_mid-body-large", "left mid-body (FIN or RST), a 200 KiB body streaming to the app"),
+    ("left_never_at_app", "left, and the order never reached the app"),
+    ("left_at_app", "left, and the order reached the app"),
+    ("body_cut_at_app", "of those, the app's request body cut off"),
+    ("app_request_cut_before_answer", "of those, the app's request ended before it answered"),
+    ("rolled_back", "of those, rolled back"),
+    ("rolled_back_app_succeeded", "of those, rolled back though the app answered 201 (late)"),
+    ("committed_decided_before_left", "of those, committed: the app answered before the close"),
+)
+
+
+def render_abandoned(counts: dict[str, int]) -> list[str]:
+    lines = ["| abandoning clients (a client timeout, then FIN or RST) | count |", "|---|--:|"]
+    return lines + [f"| {text} | {counts.get(key, 0):,} |" for key, text in ABANDONED_ROWS]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -60,9 +60,19 @@ def test_soak_with_every_process_killed_keeps_every_invariant(tmp_path: Path) ->
     assert info["inventory_applied"].get("cancel", 0) > 0, info
     assert info["travel_applied"].get("cancel", 0) > 0, info
     assert info["saga_order_checked"] > 0, info
-    # slow tries ran on past their rolled-back transaction, and their cancels were checked
-    # against the tries' ends ([phase-two-during-try])
+    # slow tries ran on past their rolled-back transaction (some past its timeout), and their
+    # cancels were checked against the tries' ends ([phase-two-during-try], and the
+    # reservations the apps model: [reservation-leaked])
     assert info["inventory_slow_tries_cancelled"] + info["travel_slow_tries_cancelled"] > 0, info
+    assert info["inventory_slower_tries_cancelled"] + info["travel_slower_tries_cancelled"] > 0
+    assert info["inventory_reservations"] > 0 and info["travel_reservations"] > 0, info
+    # clients gave up in every way, and orders the app answered 201 after their client had
+    # left were rolled back ([committed-after-caller-left] holds where it can fail)
+    abandoned = info["abandoned"]
+    for how in ("fin", "rst", "mid-body", "mid-body-large"):
+        assert abandoned.get(f"left_{how}", 0) > 0, abandoned
+    assert abandoned.get("rolled_back_app_succeeded", 0) > 0, abandoned
+    assert abandoned.get("body_cut_at_app", 0) > 0, abandoned
 
 
 def test_a_transaction_with_a_refused_try_never_commits(tmp_path: Path) -> None:
@@ -103,7 +113,10 @@ def test_the_invariants_catch_what_they_claim() -> None:
     inventory, travel = soak.Participant("inventory", "TCC"), soak.Participant("travel", "SAGA")
     statuses = {"c:1:1": "Committed", "c:1:2": "Rollbacked", "c:1:3": "Committed",
                 "c:1:4": "Committed", "c:1:5": "Rollbacked", "c:1:6": "Rollbacked",
-                "c:1:7": "Begin", "c:1:8": "Rollbacked"}  # fmt: skip
+                "c:1:7": "Begin", "c:1:8": "Rollbacked", "c:1:9": "Committed",
+                "c:1:10": "Committed", "c:1:11": "Committed"}  # fmt: skip
+    for xid in ("c:1:1", "c:1:3", "c:1:4"):  # the app answered 201
+        order.orders[xid] = soak.OrderRecord(xid, {}, answer=201, answered_at=1.0)
 
     def tried(
         p: Any, xid: str, branch: str, resource: str, refused: bool = False, ended: float = 1.0
@@ -133,13 +146,29 @@ def test_the_invariants_catch_what_they_claim() -> None:
     tried(travel, "c:1:6", "62", "book-car")
     deliver(travel, "c:1:6", "61", "book-hotel", "cancel", 2.0)
     deliver(travel, "c:1:6", "62", "book-car", "cancel", 3.0)
-    tried(inventory, "c:1:8", "81", "inventory-deduct", ended=5.0)  # cancelled while it ran
-    deliver(inventory, "c:1:8", "81", "inventory-deduct", "cancel", 4.0)
-    outcome = soak.Outcome(statuses, {}, {}, [("c:1:7", "Begin")], 0.0)
+    tried(inventory, "c:1:8", "81", "inventory-deduct", ended=5.0)  # cancelled while it ran:
+    deliver(inventory, "c:1:8", "81", "inventory-deduct", "cancel", 4.0)  # and so it leaks
+    # an order whose client left (FIN) at 10.0, before the app answered (10.5): Committed
+    order.by_n[2], order.orders["c:1:9"] = (
+        "c:1:9",
+        soak.OrderRecord("c:1:9", {}, answer=201, answered_at=10.5),
+    )
+    # one whose app answered (9.5) before its client left: the commit was decided, fine
+    order.by_n[3], order.orders["c:1:10"] = (
+        "c:1:10",
+        soak.OrderRecord("c:1:10", {}, answer=201, answered_at=9.5),
+    )
+    # the TM API agrees with the journals on the orders the app saw
+    api = {xid: {"status": statuses[xid], "branches": []} for xid in order.orders}
+    outcome = soak.Outcome(statuses, {}, api, [("c:1:7", "Begin")], 0.0)
     traffic = soak.Traffic(random.Random(1), "http://127.0.0.1:1", 0.0, (1, 1, 1, 1))
     traffic.requests.append(
         soak.Request("order", 1, {}, "201 committed", 0.1, "c:1:2", "Committed")
     )
+    for n in (2, 3):
+        traffic.requests.append(
+            soak.Request("abandon", n, {}, "left", 0.1, how="fin", timeout=0.1, left_at=10.0)
+        )
     violations, info = soak.check(
         outcome, order, {"inventory": inventory, "travel": travel}, procs, traffic
     )
@@ -147,6 +176,11 @@ def test_the_invariants_catch_what_they_claim() -> None:
         ["rolled-back-but-confirmed", "rolled-back-not-cancelled", "committed-but-cancelled",
          "committed-despite-refused-try", "committed-not-confirmed", "unexplained-duplicate",
          "phase-two-without-try", "phase-two-during-try", "saga-order", "not-terminal",
-         "caller-disagrees", "caller-disagrees"]  # told 201: not Committed, unknown to the app
+         "caller-disagrees", "caller-disagrees",  # told 201: not Committed, unknown to the app
+         "reservation-leaked",  # c:1:8's cancel came before its try ended
+         "committed-after-caller-left",  # c:1:9
+         "committed-unanswered"]  # c:1:11: Committed, never at the app
     ), violations  # fmt: skip
     assert info["inventory_duplicates"] == 2
+    assert info["abandoned"]["committed_decided_before_left"] == 1  # c:1:10
+    assert info["inventory_reservations"] == 5 and info["travel_reservations"] == 3
