@@ -160,3 +160,46 @@ def test_istio_overlay_leaves_peer_and_admin_to_the_sidecar(tmp_path: Path) -> N
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
     ]
     assert [c["name"] for c in all_containers(s.spec)] == [SIDECAR, "app"]
+
+
+def _walk_ports(node: object, where: str) -> dict[str, int]:
+    """containerPort / port / targetPort numbers and host:port binds anywhere in a document."""
+    found: dict[str, int] = {}
+    if isinstance(node, dict):
+        for key, value in node.items():
+            here = f"{where}.{key}"
+            if key in ("containerPort", "port", "targetPort") and isinstance(value, int):
+                found[here] = value
+            elif key in ("bind",) and isinstance(value, str) and ":" in value:
+                found[here] = parse_bind(value)[1]
+            else:
+                found |= _walk_ports(value, here)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found |= _walk_ports(value, f"{where}[{i}]")
+    return found
+
+
+#: ports of Istio's own that a manifest may name on purpose (the istio overlay admits them)
+ISTIO_OWN = {"deploy/k8s/overlays/istio/mesh-networkpolicy.yaml": {15020, 15090}}
+
+
+def test_no_yaml_file_of_the_repository_binds_a_mesh_port() -> None:
+    """Every YAML under config/ and deploy/ (the injector's too, and ConfigMap payloads):
+    whatever port it names is clear of the meshes' (Istio's own, where it is admitted on
+    purpose, excepted)."""
+    checked = 0
+    for path in sorted([*ROOT.glob("config/*.yaml"), *ROOT.glob("deploy/**/*.yaml")]):
+        rel = str(path.relative_to(ROOT))
+        for i, doc in enumerate(yaml.safe_load_all(path.read_text(encoding="utf-8"))):
+            ports = _walk_ports(doc, f"{rel}#{i}")
+            for key, text in (
+                ((doc or {}).get("data") or {}).items() if isinstance(doc, dict) else ()
+            ):
+                if isinstance(text, str) and key.endswith((".yaml", ".yml")):
+                    ports |= _walk_ports(yaml.safe_load(text), f"{rel}#{i}.data.{key}")
+            allowed = ISTIO_OWN.get(rel, set())
+            ports = {k: v for k, v in ports.items() if v not in allowed}
+            checked += len(ports)
+            assert not mesh_conflicts(ports)
+    assert checked > 20
