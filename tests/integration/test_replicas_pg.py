@@ -330,3 +330,27 @@ async def test_the_sidecars_client_fails_over_calls_about_an_xid(
             assert client.breaker.state is BreakerState.OPEN
         finally:
             await client.close()
+
+
+async def test_a_replica_stopped_with_sigterm_hands_its_work_over_at_once(
+    tmp_path: Path,
+    pg_server: PgCluster,  # noqa: F811
+) -> None:
+    # a lease far longer than the wait below: only the hand-over on exit can meet it
+    async with replicas(tmp_path, pg_server, failing=True, lease=60.0) as (rs, p):
+        xids, branches = [], []
+        for _ in range(4):
+            xid, ids = await transaction(rs, p, 0, 1)
+            assert await decide(rs, 0, xid, "commit") in ("Committing", "CommitRetrying")
+            xids.append(xid)
+            branches += ids
+        pending, _ = await transaction(rs, p, 0, 1, timeout_ms=3000)
+        await wait_until(lambda: len(p.seen) >= 4, timeout=20)
+        assert await rs.coordinators[0].kill(signal.SIGTERM) == 0  # drains, then exits
+        p.failing = False
+        await wait_until(lambda: all_final(rs, [*xids, pending], 1), timeout=20)
+        for xid in xids:
+            status, _ = await rs.status(xid, 2) or ("", [])
+            assert status == "Committed"
+        assert (await rs.status(pending, 2) or ("", []))[0] == "TimeoutRollbacked"
+        assert {b: p.applied[(b, "commit")] for b in branches} == {b: 1 for b in branches}
