@@ -25,6 +25,7 @@ from sidecar.coordinator.engine import Engine
 from sidecar.errors import ConfigError
 from sidecar.metrics import Metrics
 from sidecar.proxy import headers as h
+from sidecar.proxy.h2_upstream import H2Cluster
 from sidecar.proxy.inbound import InboundRouter
 from sidecar.proxy.listener import ListenerRuntime, ProxyListener
 from sidecar.proxy.outbound import OutboundRouter
@@ -153,7 +154,8 @@ class Sidecar:
                 cluster.ssl = ctx  # files rotated (or not): new connections use this one
         else:
             server_name = cfg.tls.server_name if cfg.tls is not None else None
-            cluster = Cluster(name, cfg, self.metrics, ssl_context=ctx, server_name=server_name)
+            kind = H2Cluster if cfg.protocol == "h2c" else Cluster
+            cluster = kind(name, cfg, self.metrics, ssl_context=ctx, server_name=server_name)
         fresh[key] = cluster
         return cluster
 

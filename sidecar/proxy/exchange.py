@@ -44,17 +44,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.proxy")
 
-_CRLF: Final = b"\r\n"
-_LAST_CHUNK: Final = b"0\r\n\r\n"
 
 # reasons client reading is paused (a bitmask: reading resumes when none is left)
 PAUSE_UPSTREAM_FULL: Final = 1
 PAUSE_PREBUFFER: Final = 2
 PAUSE_PIPELINE: Final = 4
-
-
-def _chunk(data: bytes) -> bytes:
-    return b"%x\r\n" % len(data) + data + _CRLF
 
 
 class Exchange:
@@ -198,21 +192,29 @@ class Exchange:
         assert route is not None and cluster is not None
         if head.expect_continue:
             self._continue()
-        self.request_head = h.render_request_head(
-            head.method,
-            route.target,
-            route.host,
-            head.headers or [],
-            route.extra + self.xid_extra if self.xid_extra else route.extra,
-            head.content_length,
-            head.chunked,
-        )
+        if not cluster.h2:
+            self.request_head = h.render_request_head(
+                head.method,
+                route.target,
+                route.host,
+                head.headers or [],
+                self.extra_headers(),
+                head.content_length,
+                head.chunked,
+            )
         if not self.body_done and self.body_buffered < self.rt.clients.request_buffer:
             # no upstream connection until the body is in (or the buffer is full): a slow
             # client must not hold a pooled connection while it dribbles its body
             self.buffering = True
             return
         self._dispatch()
+
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        """What routing and the filters add to the request (XID under the upstream's names,
+        the branch id, X-Forwarded-*)."""
+        assert self.route is not None
+        extra = self.route.extra
+        return extra + self.xid_extra if self.xid_extra else extra
 
     def _dispatch(self) -> None:
         self.buffering = False
@@ -261,13 +263,10 @@ class Exchange:
         if buf:
             self.body_buf = None
             self.body_buffered = 0
-            if self.head.chunked:
-                up.write(self.request_head + b"".join(map(_chunk, buf)))
-            else:
-                up.write(self.request_head + b"".join(buf))
+            up.send_request(self, buf)
             self.conn.resume(PAUSE_PREBUFFER)
         else:
-            up.write(self.request_head)
+            up.send_request(self, None)
         if self.body_done:
             self._finish_request()
 
@@ -302,7 +301,7 @@ class Exchange:
             return
         up = self.upstream
         if up is not None:
-            up.write(_chunk(data) if self.head.chunked else data)
+            up.send_body(data, self.head.chunked)
             return
         if self.body_buf is None:
             self.body_buf = []
@@ -339,8 +338,8 @@ class Exchange:
         if self.body_sent:
             return
         self.body_sent = True
-        if self.head.chunked and self.upstream is not None:
-            self.upstream.write(_LAST_CHUNK)
+        if self.upstream is not None:
+            self.upstream.end_body(self.head.chunked)
         if not self.resp_started:
             assert self.cluster is not None
             self.header_deadline = self.conn.loop.time() + self.cluster.response_header_timeout

@@ -59,6 +59,9 @@ class _Collector:
                 framed = True
         return framed
 
+    def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        pass  # phase-two answers are HTTP/1.1: none arrive
+
     def on_response_body(self, data: bytes) -> None:
         self.size += len(data)
         if self.size > self.limit:

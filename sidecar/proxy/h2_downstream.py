@@ -98,6 +98,8 @@ class H2Stream:
         self.pending: list[bytes] = []
         self.pending_end: list[tuple[bytes, bytes]] | None | bool = False
         self.head_sent = False
+        #: the response head, until its first DATA or its end goes out
+        self.head_fields: list[tuple[bytes, bytes]] | None = None
         self.ended = False
 
     @property
@@ -121,9 +123,19 @@ class H2Stream:
         if content_length is not None and status not in (204, 304):
             fields.append((b"content-length", content_length))
         self.head_sent = True
-        self.conn.send_headers(self, fields, end_stream=False)
+        # sent with the first DATA, at the end of this event-loop step, or with END_STREAM
+        # when the response ends right away (a gRPC trailers-only answer must stay one
+        # HEADERS frame: its status is in it)
+        self.head_fields = fields
+
+    def _send_head(self) -> None:
+        fields, self.head_fields = self.head_fields, None
+        if fields is not None:
+            self.conn.send_headers(self, fields, end_stream=False)
 
     def response_data(self, exchange: Exchange, data: bytes) -> None:
+        if self.head_fields is not None:
+            self._send_head()
         if self.pending:
             self.pending.append(data)
             return
@@ -140,6 +152,11 @@ class H2Stream:
 
     def _end(self, trailers: list[tuple[bytes, bytes]] | None) -> None:
         self.ended = True
+        if self.head_fields is not None and not trailers:
+            fields, self.head_fields = self.head_fields, None
+            self.conn.send_headers(self, fields, end_stream=True)
+            return
+        self._send_head()
         if trailers:
             self.conn.send_headers(self, [(n.lower(), v) for n, v in trailers], end_stream=True)
         else:
@@ -165,6 +182,8 @@ class H2Stream:
                 exchange.resume_upstream_reading()
 
     def flush(self) -> None:
+        if self.head_fields is not None:
+            self._send_head()
         self.conn.flush()
 
     def write_error(

@@ -29,10 +29,19 @@ from sidecar.errors import PoolExhausted, SidecarError, UpstreamTimeout, Upstrea
 
 if TYPE_CHECKING:
     from sidecar.metrics import Metrics
+    from sidecar.proxy.exchange import Exchange
 
 _IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 #: the retry budget never drops below this many concurrent retries
 _MIN_RETRY_CONCURRENCY: Final = 3
+
+
+_CRLF: Final = b"\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n" % len(data) + data + _CRLF
 
 
 def is_idempotent(method: bytes) -> bool:
@@ -47,6 +56,7 @@ class ResponseSink(Protocol):
         ...
 
     def on_response_body(self, data: bytes) -> None: ...
+    def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None: ...
     def on_response_complete(self) -> None: ...
     def flush(self) -> None: ...
     def on_upstream_lost(self, exc: Exception | None, got_bytes: bool) -> None: ...
@@ -288,6 +298,22 @@ class UpstreamConnection(asyncio.Protocol):
         if not self._closed and self.transport is not None:
             self.transport.write(data)
 
+    def send_request(self, exchange: Exchange, body: list[bytes] | None) -> None:
+        """The request head the exchange rendered, and the body it buffered, in one write."""
+        if not body:
+            self.write(exchange.request_head)
+        elif exchange.head.chunked:
+            self.write(exchange.request_head + b"".join(map(_chunk, body)))
+        else:
+            self.write(exchange.request_head + b"".join(body))
+
+    def send_body(self, data: bytes, chunked: bool) -> None:
+        self.write(_chunk(data) if chunked else data)
+
+    def end_body(self, chunked: bool) -> None:
+        if chunked:
+            self.write(_LAST_CHUNK)
+
     def pause_reading(self) -> None:
         if self.transport is not None and not self._closed:
             self.transport.pause_reading()
@@ -313,6 +339,9 @@ class UpstreamConnection(asyncio.Protocol):
 
 class Cluster:
     """A pool of keep-alive connections to one upstream host."""
+
+    #: speaks HTTP/2 (h2_upstream.H2Cluster): the exchange sends fields, not an HTTP/1 head
+    h2 = False
 
     def __init__(
         self,
@@ -473,9 +502,12 @@ class Cluster:
                 return got, True
             # None: a slot was freed for us; loop round and connect
 
-    async def _connect(self, waiter_slot: list[asyncio.Future[Any] | None]) -> UpstreamConnection:
+    def _new_connection(self) -> Any:
+        return UpstreamConnection(self)
+
+    async def _connect(self, waiter_slot: list[asyncio.Future[Any] | None]) -> Any:
         self._open += 1
-        conn = UpstreamConnection(self)
+        conn = self._new_connection()
         fut = self._loop.create_future()
         waiter_slot[0] = fut
         handle = self._loop.call_later(

@@ -12,8 +12,17 @@ from typing import Any
 
 import pytest
 
+from sidecar.proxy.h2_downstream import PREFACE
 from tests.component.h2client import H2Client
-from tests.component.servers import Received, Reply, UpstreamFactory, get, request, sample
+from tests.component.servers import (
+    Client,
+    Received,
+    Reply,
+    UpstreamFactory,
+    get,
+    request,
+    sample,
+)
 from tests.component.test_abandon import PATIENT, WaitsForItsClient
 
 GOOD_XID = "10.0.0.1:8091:2001"
@@ -181,3 +190,23 @@ async def test_a_connection_specific_header_is_a_protocol_error(sidecar_factory,
         await client.response(stream)
     assert client.terminated is not None or client.closed
     assert app.requests == []
+
+
+async def test_a_frame_that_breaks_http2_is_a_goaway_and_a_close(sidecar_factory, upstream):
+    """DATA on stream 0 (a connection error): the server's SETTINGS, a GOAWAY, the connection
+    closed, nothing at the app."""
+    app = await upstream()
+    sc = await sidecar_factory({"app": {"url": app.url}})
+    async with await Client.connect(sc.ports["inbound"]) as client:
+        await client.send(PREFACE + b"\x00\x00\x00\x00\x00\x00\x00\x00\x00")
+        data = await client.read_to_eof()
+    frames = []
+    at = 0
+    while at + 9 <= len(data):
+        length = int.from_bytes(data[at : at + 3], "big")
+        frames.append(data[at + 3])
+        at += 9 + length
+    assert frames[0] == 0x4 and 0x7 in frames  # SETTINGS first, then a GOAWAY
+    assert app.requests == []
+    errors = sample(sc, "gts_sidecar_client_errors_total", listener="inbound", reason="h2_protocol")
+    assert errors == 1

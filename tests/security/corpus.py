@@ -280,7 +280,7 @@ CASES: list[Case] = [
         statuses=(400, 505),
         code=None,
     ),
-    _refuse("h2-prior-knowledge-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "llhttp"),
+    # (the HTTP/2 preface opens an HTTP/2 connection now: tests/component/test_http2.py)
     # --- Host -------------------------------------------------------------------------------------
     _refuse(
         "host-missing-http11",

@@ -1,0 +1,424 @@
+"""HTTP/2 upstreams (h2c: prior knowledge over TCP, what a gRPC server speaks).
+
+Theory of operation. An `H2Cluster` keeps up to `pool.max_connections` HTTP/2 connections to
+one upstream and hands out streams, not connections: a request takes a stream on the first
+connection with room (the peer's SETTINGS_MAX_CONCURRENT_STREAMS honoured, a connection that
+sent GOAWAY takes no new stream), a new connection when all are full, or waits in the pool's
+queue (`max_pending`) as the HTTP/1.1 pool does. Each `H2UpstreamStream` offers the exchange
+what an HTTP/1.1 upstream connection does (send the request, its body, its end; pause and
+resume the response; abort), and reports the response to it through the same `ResponseSink`
+calls, trailers included (gRPC's status lives in them). Flow control both ways: response DATA
+is acknowledged only while the client side takes it; request DATA is sent within the
+upstream's windows, the client's reading paused meanwhile. Aborting a stream is a
+RST_STREAM(CANCEL): the server's handler sees its context cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, Final
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+
+from sidecar.errors import SidecarError, UpstreamUnavailable
+from sidecar.proxy.upstream import Cluster
+
+if TYPE_CHECKING:
+    from sidecar.proxy.exchange import Exchange
+    from sidecar.proxy.upstream import ResponseSink
+
+log = logging.getLogger("sidecar.proxy")
+
+#: streams per connection until the server's SETTINGS say otherwise (RFC 9113 recommends
+#: that a server allow at least 100)
+DEFAULT_MAX_STREAMS: Final = 100
+#: request fields HTTP/2 forbids (connection-specific), beyond the hop-by-hop ones the
+#: listener already dropped
+_FORBIDDEN: Final = frozenset({b"host", b"connection", b"keep-alive", b"proxy-connection",
+                               b"transfer-encoding", b"upgrade", b"te"})  # fmt: skip
+
+
+class H2UpstreamStream:
+    """One request on an HTTP/2 upstream connection (the exchange's `upstream`)."""
+
+    def __init__(self, conn: H2UpstreamConnection) -> None:
+        self.conn = conn
+        self.cluster: Cluster = conn.cluster
+        self.stream_id = 0
+        self.sink: ResponseSink | None = None
+        self.response_done = False
+        self.got_bytes = False
+        self.reusable = True
+        self.paused = False
+        self.unacked = 0
+        #: request bytes waiting for the upstream's window, and whether the end follows
+        self.pending: list[bytes] = []
+        self.pending_end = False
+        self.ended = False
+
+    # --- used by the exchange ---------------------------------------------------------------
+
+    def attach(self, sink: ResponseSink, head_request: bool) -> None:
+        self.sink = sink
+
+    def send_request(self, exchange: Exchange, body: list[bytes] | None) -> None:
+        head = exchange.head
+        route = exchange.route
+        assert route is not None
+        authority = route.host or head.host or self.cluster.authority
+        fields = [
+            (b":method", head.method),
+            (b":scheme", b"http"),
+            (b":authority", authority),
+            (b":path", route.target),
+        ]
+        grpc = False
+        for name, value in head.headers or ():
+            lname = name.lower()
+            if lname not in _FORBIDDEN:
+                fields.append((lname, value))
+                if lname == b"content-type" and value.startswith(b"application/grpc"):
+                    grpc = True
+        fields += [(name.lower(), value) for name, value in exchange.extra_headers()]
+        if grpc:
+            fields.append((b"te", b"trailers"))  # gRPC servers require it
+        if head.content_length is not None:
+            fields.append((b"content-length", head.content_length))
+        self.stream_id = self.conn.open_stream(self, fields, end_stream=not head.has_body)
+        if body:
+            for data in body:
+                self.send_body(data, False)
+
+    def send_body(self, data: bytes, chunked: bool) -> None:
+        if self.pending:
+            self.pending.append(data)
+            return
+        sent = self.conn.send_data(self, data)
+        if sent < len(data):
+            self.pending.append(data[sent:])
+            if self.sink is not None:
+                self.sink.on_upstream_pause_writing()
+
+    def end_body(self, chunked: bool) -> None:
+        if self.pending:
+            self.pending_end = True
+        elif self.stream_id and not self.ended:
+            self.ended = True
+            self.conn.end_stream(self)
+
+    def window_opened(self) -> None:
+        while self.pending:
+            data = self.pending[0]
+            sent = self.conn.send_data(self, data)
+            if sent < len(data):
+                self.pending[0] = data[sent:]
+                return
+            self.pending.pop(0)
+        if self.pending_end:
+            self.pending_end = False
+            self.ended = True
+            self.conn.end_stream(self)
+        if self.sink is not None:
+            self.sink.on_upstream_resume_writing()
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+        if self.unacked:
+            unacked, self.unacked = self.unacked, 0
+            self.conn.acknowledge(self, unacked)
+            self.conn.flush()
+
+    def abort(self) -> None:
+        self.reusable = False
+        if not self.response_done:
+            self.conn.reset(self)
+
+    def close(self) -> None:
+        self.abort()
+
+    @property
+    def usable(self) -> bool:
+        return self.conn.usable
+
+    # --- from the connection -----------------------------------------------------------------
+
+    def received(self, size: int) -> None:
+        if self.paused:
+            self.unacked += size
+        elif size:
+            self.conn.acknowledge(self, size)
+
+    def lost(self, exc: Exception | None) -> None:
+        sink, self.sink = self.sink, None
+        if sink is not None and not self.response_done:
+            sink.on_upstream_lost(exc, self.got_bytes)
+
+
+class H2UpstreamConnection(asyncio.Protocol):
+    """One HTTP/2 connection to an upstream, carrying many streams."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.transport: asyncio.Transport | None = None
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        self.h2 = h2.connection.H2Connection(config=config)
+        self.streams: dict[int, H2UpstreamStream] = {}
+        #: streams handed out and not yet released (opened or about to be)
+        self.taken = 0
+        self.goaway = False
+        self.counted = True
+        self._closed = False
+        self.idle_since = 0.0
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.h2.initiate_connection()
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self._fail(UpstreamUnavailable(f"upstream {self.cluster.name!r} broke HTTP/2: {exc}"))
+            return
+        touched: set[H2UpstreamStream] = set()
+        for event in events:
+            stream_id = getattr(event, "stream_id", 0)
+            stream = self.streams.get(stream_id) if stream_id else None
+            if isinstance(event, h2.events.ResponseReceived) and stream is not None:
+                self._head(stream, event.headers)
+                touched.add(stream)
+            elif isinstance(event, h2.events.DataReceived) and stream is not None:
+                stream.received(event.flow_controlled_length or 0)
+                if stream.sink is not None and event.data:
+                    stream.sink.on_response_body(bytes(event.data))
+                touched.add(stream)
+            elif isinstance(event, h2.events.DataReceived):
+                if event.flow_controlled_length:
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, stream_id)
+            elif isinstance(event, h2.events.TrailersReceived) and stream is not None:
+                if stream.sink is not None:
+                    stream.sink.on_response_trailers(
+                        [(bytes(n), bytes(v)) for n, v in event.headers]
+                    )
+            elif isinstance(event, h2.events.StreamEnded) and stream is not None:
+                self._ended(stream)
+                touched.discard(stream)
+            elif isinstance(event, h2.events.StreamReset) and stream is not None:
+                self.streams.pop(stream_id, None)
+                stream.response_done = False
+                stream.lost(
+                    UpstreamUnavailable(
+                        f"upstream {self.cluster.name!r} reset the stream "
+                        f"({_error_name(event.error_code)})"
+                    )
+                )
+            elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+                targets = [stream] if stream is not None else list(self.streams.values())
+                for target in targets:
+                    if target.pending:
+                        target.window_opened()
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.goaway = True
+                last = event.last_stream_id or 0
+                for sid in [s for s in self.streams if s > last]:
+                    # never processed by the server: safe to say so (retryable)
+                    lost = self.streams.pop(sid)
+                    lost.lost(None)
+        for stream in touched:
+            if stream.sink is not None:
+                stream.sink.flush()
+        self.flush()
+
+    def _head(self, stream: H2UpstreamStream, raw: Any) -> None:
+        status = 0
+        fields: list[tuple[bytes, bytes]] = []
+        for name, value in raw:
+            if name == b":status":
+                status = int(value)
+            elif name[:1] != b":":
+                fields.append((bytes(name), bytes(value)))
+        if 100 <= status < 200:
+            return  # informational: not relayed
+        stream.got_bytes = True
+        if stream.sink is not None:
+            stream.sink.on_response_head(status, fields)
+
+    def _ended(self, stream: H2UpstreamStream) -> None:
+        stream.response_done = True
+        sink = stream.sink
+        if sink is not None:
+            sink.on_response_complete()  # (it flushes what this step produced)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.lost(exc)
+        forget = getattr(self.cluster, "_forget", None)
+        if forget is not None:
+            forget(self)
+
+    def _fail(self, err: SidecarError) -> None:
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.lost(err)
+        self.close()
+
+    # --- streams ---------------------------------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        return not self._closed and self.transport is not None and not self.transport.is_closing()
+
+    @property
+    def has_room(self) -> bool:
+        limit = self.h2.remote_settings.max_concurrent_streams or DEFAULT_MAX_STREAMS
+        return self.usable and not self.goaway and self.taken < limit
+
+    def open_stream(
+        self, stream: H2UpstreamStream, fields: list[tuple[bytes, bytes]], end_stream: bool
+    ) -> int:
+        stream_id: int = self.h2.get_next_available_stream_id()
+        self.streams[stream_id] = stream
+        stream.ended = end_stream
+        self.h2.send_headers(stream_id, fields, end_stream=end_stream)
+        self.flush()
+        return stream_id
+
+    def send_data(self, stream: H2UpstreamStream, data: bytes) -> int:
+        h2c = self.h2
+        try:
+            window = h2c.local_flow_control_window(stream.stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return len(data)
+        size = min(window, len(data))
+        frame = h2c.max_outbound_frame_size
+        at = 0
+        while at < size:
+            piece = data[at : min(size, at + frame)]
+            h2c.send_data(stream.stream_id, piece)
+            at += len(piece)
+        self.flush()
+        return size
+
+    def end_stream(self, stream: H2UpstreamStream) -> None:
+        try:
+            self.h2.end_stream(stream.stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+        self.flush()
+
+    def acknowledge(self, stream: H2UpstreamStream, size: int) -> None:
+        try:
+            self.h2.acknowledge_received_data(size, stream.stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+
+    def reset(self, stream: H2UpstreamStream) -> None:
+        self.streams.pop(stream.stream_id, None)
+        if stream.stream_id:
+            try:
+                self.h2.reset_stream(stream.stream_id, h2.errors.ErrorCodes.CANCEL)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                pass
+            self.flush()
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self._closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None and not self._closed:
+            try:
+                self.h2.close_connection()
+                self.flush()
+            except h2.exceptions.ProtocolError:
+                pass
+            self.transport.close()
+
+
+def _error_name(code: Any) -> str:
+    try:
+        return h2.errors.ErrorCodes(code).name
+    except ValueError:
+        return str(code)
+
+
+class H2Cluster(Cluster):
+    """A pool of HTTP/2 connections to one upstream, handing out streams."""
+
+    h2 = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._conns: list[H2UpstreamConnection] = []
+
+    def _new_connection(self) -> Any:
+        return H2UpstreamConnection(self)
+
+    def take_idle(self) -> Any:
+        for conn in self._conns:
+            if conn.has_room:
+                conn.taken += 1
+                self._in_use += 1
+                return H2UpstreamStream(conn)
+        return None
+
+    def release(self, conn: Any, reusable: bool) -> None:
+        stream: H2UpstreamStream = conn
+        self._in_use -= 1
+        stream.sink = None
+        owner = stream.conn
+        owner.taken -= 1
+        if not (reusable and stream.response_done):
+            stream.abort()
+        owner.streams.pop(stream.stream_id, None)
+        if not owner.taken:
+            owner.idle_since = self._loop.time()
+        if self._closed and not owner.taken:
+            owner.close()
+            return
+        if owner.has_room:
+            self._wake_one()
+
+    async def _connect(self, waiter_slot: list[asyncio.Future[Any] | None]) -> Any:
+        conn: H2UpstreamConnection = await super()._connect(waiter_slot)
+        self._conns.append(conn)
+        conn.taken += 1
+        return H2UpstreamStream(conn)
+
+    def _forget(self, conn: Any) -> None:
+        try:
+            self._conns.remove(conn)
+        except ValueError:
+            pass
+        super()._forget(conn)
+
+    def _sweep(self) -> None:
+        now = self._loop.time()
+        for conn in list(self._conns):
+            if not conn.taken and (not conn.usable or now - conn.idle_since >= self.idle_timeout):
+                conn.close()
+        self._schedule_sweep()
+
+    @property
+    def idle_count(self) -> int:
+        return sum(1 for conn in self._conns if not conn.taken)
+
+    def close(self) -> None:
+        super().close()
+        for conn in list(self._conns):
+            if not conn.taken:
+                conn.close()

@@ -1,0 +1,205 @@
+"""gRPC through the sidecar with a real grpcio client and server (generic handlers on raw
+bytes: no generated code). The app is a grpcio server speaking h2c (`app.protocol: h2c`);
+the XID travels as the metadata key `xid`."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.component.servers import sample, wait_until
+
+GOOD_XID = "10.0.0.1:8091:2001"
+
+
+@dataclass
+class App:
+    """What the grpcio server saw."""
+
+    xids: list[str | None] = field(default_factory=list)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    started: threading.Event = field(default_factory=threading.Event)
+    calls: int = 0
+
+
+def _metadata(context: grpc.ServicerContext) -> dict[str, str]:
+    return {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+
+
+def _handlers(app: App) -> grpc.GenericRpcHandler:
+    def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+        app.calls += 1
+        app.xids.append(_metadata(context).get("xid"))
+        return b"echo:" + request
+
+    def count(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        app.calls += 1
+        for i in range(int(request)):
+            yield b"%d" % i
+
+    def fail(request: bytes, context: grpc.ServicerContext) -> bytes:
+        app.calls += 1
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, "out of stock")
+        return b""
+
+    def slow(request: bytes, context: grpc.ServicerContext) -> bytes:
+        app.calls += 1
+        app.started.set()
+        # wait until the call is cancelled (the client gave up) or 30 s pass
+        done = threading.Event()
+        context.add_callback(done.set)
+        done.wait(30)
+        if not context.is_active():
+            app.cancelled.set()
+        return b"late"
+
+    return grpc.method_handlers_generic_handler(
+        "pkg.Svc",
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(echo),
+            "Count": grpc.unary_stream_rpc_method_handler(count),
+            "Fail": grpc.unary_unary_rpc_method_handler(fail),
+            "Slow": grpc.unary_unary_rpc_method_handler(slow),
+        },
+    )
+
+
+@pytest.fixture
+def grpc_app() -> Iterator[tuple[App, int]]:
+    app = App()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server.add_generic_rpc_handlers((_handlers(app),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield app, port
+    finally:
+        server.stop(grace=None)
+
+
+@pytest.fixture
+async def channel() -> AsyncIterator[Any]:
+    channels: list[grpc.Channel] = []
+
+    def make(port: int, authority: str | None = None) -> grpc.Channel:
+        options = [("grpc.default_authority", authority)] if authority else []
+        ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
+        channels.append(ch)
+        return ch
+
+    yield make
+    for ch in channels:
+        ch.close()
+
+
+def unary(ch: grpc.Channel, method: str, request: bytes, **kw: Any) -> bytes:
+    result: bytes = ch.unary_unary(method)(request, timeout=10, **kw)
+    return result
+
+
+async def test_a_unary_call_reaches_the_app_with_its_xid(sidecar_factory, grpc_app, channel):
+    app, port = grpc_app
+    sc = await sidecar_factory({"app": {"url": f"http://127.0.0.1:{port}", "protocol": "h2c"}})
+    ch = channel(sc.ports["inbound"])
+    reply = await asyncio.to_thread(unary, ch, "/pkg.Svc/Echo", b"hi", metadata=[("xid", GOOD_XID)])
+    assert reply == b"echo:hi"
+    assert app.xids == [GOOD_XID]
+
+
+async def test_a_truncated_xid_is_invalid_argument_before_the_app(
+    sidecar_factory, grpc_app, channel
+):
+    app, port = grpc_app
+    sc = await sidecar_factory({"app": {"url": f"http://127.0.0.1:{port}", "protocol": "h2c"}})
+    ch = channel(sc.ports["inbound"])
+    with pytest.raises(grpc.RpcError) as info:
+        await asyncio.to_thread(
+            unary, ch, "/pkg.Svc/Echo", b"hi", metadata=[("xid", "10.0.0.1:8091:")]
+        )
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "XID" in (info.value.details() or "")
+    trailing = dict(info.value.trailing_metadata() or ())
+    assert trailing.get("x-gts-sidecar-error") == "XID_INVALID"
+    assert app.calls == 0
+
+
+async def test_an_app_error_status_passes_through(sidecar_factory, grpc_app, channel):
+    app, port = grpc_app
+    sc = await sidecar_factory({"app": {"url": f"http://127.0.0.1:{port}", "protocol": "h2c"}})
+    ch = channel(sc.ports["inbound"])
+    with pytest.raises(grpc.RpcError) as info:
+        await asyncio.to_thread(unary, ch, "/pkg.Svc/Fail", b"x")
+    assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert info.value.details() == "out of stock"
+
+
+async def test_a_server_streaming_call_passes_through(sidecar_factory, grpc_app, channel):
+    app, port = grpc_app
+    sc = await sidecar_factory({"app": {"url": f"http://127.0.0.1:{port}", "protocol": "h2c"}})
+    ch = channel(sc.ports["inbound"])
+
+    def stream() -> list[bytes]:
+        return list(ch.unary_stream("/pkg.Svc/Count")(b"5", timeout=10))
+
+    assert await asyncio.to_thread(stream) == [b"0", b"1", b"2", b"3", b"4"]
+
+
+async def test_a_client_cancel_reaches_the_app_as_a_cancelled_context(
+    sidecar_factory, grpc_app, channel
+):
+    app, port = grpc_app
+    sc = await sidecar_factory(
+        {
+            "app": {
+                "url": f"http://127.0.0.1:{port}",
+                "protocol": "h2c",
+                "timeouts": {"response_header": "50s", "total": "60s"},
+            }
+        }
+    )
+    ch = channel(sc.ports["inbound"])
+    future = ch.unary_unary("/pkg.Svc/Slow").future(b"x", timeout=30)
+    assert await asyncio.to_thread(app.started.wait, 10)
+    future.cancel()
+    # the app's context ends now (RST_STREAM both ways), not after 30 s
+    assert await asyncio.to_thread(app.cancelled.wait, 10)
+    await wait_until(lambda: sample(sc, "gts_sidecar_client_aborts_total", listener="inbound") == 1)
+
+
+async def test_the_outbound_listener_routes_grpc_by_authority(sidecar_factory, grpc_app, channel):
+    app, port = grpc_app
+    sc = await sidecar_factory(
+        {"upstreams": {"inventory": {"url": f"http://127.0.0.1:{port}", "protocol": "h2c"}}}
+    )
+    ch = channel(sc.ports["outbound"], authority="inventory")
+    reply = await asyncio.to_thread(
+        unary, ch, "/pkg.Svc/Echo", b"out", metadata=[("x-gts-xid", GOOD_XID)]
+    )
+    assert reply == b"echo:out"
+    # written under the name the upstream expects (xid.app_headers, lowercased on HTTP/2)
+    assert app.xids == [GOOD_XID]
+
+
+async def test_many_concurrent_calls_share_the_pool(sidecar_factory, grpc_app, channel):
+    app, port = grpc_app
+    sc = await sidecar_factory(
+        {
+            "app": {
+                "url": f"http://127.0.0.1:{port}",
+                "protocol": "h2c",
+                "pool": {"max_connections": 1, "max_idle": 1},
+            }
+        }
+    )
+    ch = channel(sc.ports["inbound"])
+    replies = await asyncio.gather(
+        *(asyncio.to_thread(unary, ch, "/pkg.Svc/Echo", b"%d" % i) for i in range(30))
+    )
+    assert sorted(replies) == sorted(b"echo:%d" % i for i in range(30))
