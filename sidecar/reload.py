@@ -49,6 +49,10 @@ _RESTART_SECTIONS: Final = (
 #: coordinator.signing: the ring is replaced in place (the current key signs, current and
 #: previous keys verify); coordinator.tls: new connections use the new context
 _LIVE_KEYS: Final = {"coordinator": {"signing", "tls"}}
+#: sections whose secret files' content applies live (the JWT keys, phase-two header values);
+#: in the others a secret is read once by a client that keeps it (Redis, PostgreSQL
+#: passwords), so a changed value needs a restart like any other change there
+_LIVE_SECRETS: Final = frozenset({"coordinator", "tcc", "saga"})
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:
@@ -87,8 +91,8 @@ def _structure(value: Any, exclude: set[str] | None = None) -> Any:
 
 def restart_needed(old: Config, new: Config) -> list[str]:
     """What in `new` cannot be applied to a running process, one problem per key path.
-    The content of secret and certificate files never needs a restart (their paths do,
-    outside the keys that apply live)."""
+    The content of certificate files and of the secrets that apply live needs no restart
+    (their paths do, outside the keys that apply live)."""
     problems = [
         f"listeners.{name}.bind: changing a bind address needs a restart"
         for name in ("inbound", "outbound", "api", "peer", "admin")
@@ -102,7 +106,13 @@ def restart_needed(old: Config, new: Config) -> list[str]:
     ]
     for section in _RESTART_SECTIONS:
         live = _LIVE_KEYS.get(section)
-        if _structure(getattr(new, section), live) != _structure(getattr(old, section), live):
+        if section in _LIVE_SECRETS:
+            changed = _structure(getattr(new, section), live) != _structure(
+                getattr(old, section), live
+            )
+        else:
+            changed = getattr(new, section) != getattr(old, section)  # secrets by value
+        if changed:
             what = f" (except {', '.join(sorted(live))})" if live else ""
             problems.append(f"{section}: changing this section{what} needs a restart")
     return problems
