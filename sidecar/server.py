@@ -284,8 +284,7 @@ class Sidecar:
         config = self._config
         if config.listeners.require_c_parser and (problem := c_parser_problem()):
             raise ConfigError([f"listeners.require_c_parser: {problem}"])
-        # the local engine always runs: it is the coordinator when no cluster is configured,
-        # and the degraded-mode stand-in when the configured cluster is unreachable
+        # every certificate and key first: a bad one is a config error before anything starts
         tls = self._build_tls(config, reloading=False)
         for name in LISTENERS:
             listener_tls = getattr(config.listeners, name).tls
@@ -294,6 +293,8 @@ class Sidecar:
                     name, listener_tls, tls.servers[name], self.metrics.tls_handshake_failures
                 )
         self._tls = tls
+        # the local engine always runs: it is the coordinator when no cluster is configured,
+        # and the degraded-mode stand-in when the configured cluster is unreachable
         await self.control.start(serve_local=True)
         self._set_coordinator_tls(config, tls)
         compiled = self._compile(config, tls)
