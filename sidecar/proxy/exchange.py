@@ -27,6 +27,7 @@ from sidecar.errors import (
     UpstreamUnavailable,
     XidInvalid,
 )
+from sidecar.proxy import grpc
 from sidecar.proxy import headers as h
 from sidecar.proxy.branch_filter import BranchFilter
 from sidecar.proxy.txn_filter import TxnFilter
@@ -60,7 +61,7 @@ class Exchange:
         "header_deadline", "waiter_slot", "resp_started", "resp_close",
         "resp_status", "keep_client", "reused", "upstream_paused", "out", "finished",
         "attempts_left", "retrying", "error_code", "stats", "txn", "xid_extra", "held",
-        "held_complete", "branch", "buffering", "held_body", "trailers",
+        "held_complete", "branch", "buffering", "held_body", "trailers", "grpc_txn",
     )  # fmt: skip
 
     def __init__(self, conn: Downstream, head: h.RequestHead, rt: ListenerRuntime) -> None:
@@ -106,6 +107,8 @@ class Exchange:
         self.branch: BranchFilter | None = None
         #: routed and filtered, waiting for the body before taking an upstream connection
         self.buffering = False
+        #: a gRPC call that begins a declarative transaction: decided by its grpc-status
+        self.grpc_txn = False
 
     # --- start: filters, routing, a connection --------------------------------------------
 
@@ -161,6 +164,7 @@ class Exchange:
                 self.branch.register(b"".join(self.body_buf or ()))
             return  # else body_complete() registers once the whole body is here
         if route.txn is not None and rt.coordinator is not None:
+            self.grpc_txn = grpc.request_is_grpc(head.headers)
             self.txn = TxnFilter(self, route.txn, rt.coordinator, rt.metrics)
             self.txn.begin()  # → proceed() once the transaction exists
             return
@@ -174,6 +178,11 @@ class Exchange:
     def proceed(self, xid: str) -> None:
         """The transaction filter began `xid`: forward the request carrying it."""
         self.xid_extra = self.rt.router.xid_headers(xid.encode("ascii"))
+        txn = self.txn
+        if self.grpc_txn and txn is not None:
+            # the call must not outlive its transaction
+            left = txn.rule.timeout_ms / 1000 - (self.conn.loop.time() - self.started)
+            self.head.headers = grpc.clamp_timeout(self.head.headers or [], max(left, 0.001))
         self._forward()
 
     def _continue(self) -> None:
@@ -370,12 +379,16 @@ class Exchange:
             return content_length is not None or chunked
         txn = self.txn
         if txn is not None and not txn.decided:
+            self.held = (status, kept, content_length)
+            if self.grpc_txn:
+                # a gRPC call's outcome is in its trailers: the whole answer is read (its
+                # head and messages held), then the transaction decided
+                return content_length is not None or chunked
             # hold the head until the transaction is decided; the total deadline stands aside
             # (the coordinator call has its own, shorter timeout)
-            self.held = (status, kept, content_length)
             self.deadline = float("inf")
             self.pause_upstream_reading()
-            txn.decide(status)
+            txn.decide(200 <= status < 300)
             return content_length is not None or chunked
         self.conn.response_head(self, status, kept, content_length)
         return content_length is not None or chunked
@@ -398,8 +411,13 @@ class Exchange:
     def on_response_complete(self) -> None:
         if self.finished:
             return
-        if self.held is not None:
+        held = self.held
+        if held is not None:
             self.held_complete = True  # finished once the held head is released
+            txn = self.txn
+            if self.grpc_txn and txn is not None and not txn.decided:
+                self.deadline = float("inf")
+                txn.decide(grpc.call_status(self.trailers, held[1]) == grpc.OK)
             return
         self.conn.response_end(self, self.trailers)
         self.conn.flush()

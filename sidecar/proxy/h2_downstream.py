@@ -32,6 +32,7 @@ import h2.exceptions
 import h2.settings
 
 from sidecar.errors import BadRequest, SidecarError
+from sidecar.proxy import grpc
 from sidecar.proxy import headers as h
 from sidecar.proxy.exchange import PAUSE_UPSTREAM_FULL, Exchange
 
@@ -43,40 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidecar.proxy")
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-#: gRPC's status codes for the sidecar's own errors (a trailers-only response)
-GRPC_STATUS: Final = {
-    "XID_INVALID": 3,
-    "XID_REQUIRED": 3,
-    "INVALID_REQUEST": 3,
-    "BAD_REQUEST": 3,
-    "UPSTREAM_TIMEOUT": 4,
-    "UPSTREAM_NOT_FOUND": 5,
-    "POOL_EXHAUSTED": 8,
-    "CONNECTION_LIMIT": 8,
-    "TRANSACTION_ABORTED": 10,
-    "BRANCH_SUSPENDED": 10,
-    "NOT_IMPLEMENTED": 12,
-    "UPSTREAM_UNAVAILABLE": 14,
-    "COORDINATOR_UNAVAILABLE": 14,
-    "JOURNAL_UNAVAILABLE": 14,
-    "UNAUTHORIZED": 16,
-    "SIGNATURE_INVALID": 16,
-}
-#: what any other sidecar error is to a gRPC client: INTERNAL for 5xx, else UNKNOWN
-_GRPC_INTERNAL: Final = 13
-_GRPC_UNKNOWN: Final = 2
-_PSEUDO: Final = frozenset({b":method", b":path", b":authority", b":scheme"})
-
-
-def grpc_status_of(err: SidecarError) -> int:
-    code = GRPC_STATUS.get(err.code)
-    if code is not None:
-        return code
-    return _GRPC_INTERNAL if err.status >= 500 else _GRPC_UNKNOWN
-
-
-def is_grpc(content_type: bytes | None) -> bool:
-    return content_type is not None and content_type.startswith(b"application/grpc")
 
 
 class H2Stream:
@@ -195,7 +162,7 @@ class H2Stream:
             fields = [
                 (b":status", b"200"),
                 (b"content-type", b"application/grpc"),
-                (b"grpc-status", b"%d" % grpc_status_of(err)),
+                (b"grpc-status", b"%d" % grpc.status_of(err)),
                 (b"grpc-message", _grpc_message(err.message)),
                 (b"x-gts-sidecar-error", code),
             ]
@@ -346,7 +313,7 @@ class H2Downstream:
             if head.unsupported_te is not None or head.chunked:
                 raise BadRequest("transfer-encoding in an HTTP/2 request")
         except SidecarError as err:
-            stream = H2Stream(self, event.stream_id, is_grpc(content_type))
+            stream = H2Stream(self, event.stream_id, grpc.is_grpc(content_type))
             self.streams[event.stream_id] = stream
             self.listener.client_error("bad_request")
             stream.write_error(err, close=False)
@@ -357,7 +324,7 @@ class H2Downstream:
         if event.stream_ended is not None:
             head.content_length = None
             head.chunked = False
-        stream = H2Stream(self, event.stream_id, is_grpc(content_type))
+        stream = H2Stream(self, event.stream_id, grpc.is_grpc(content_type))
         self.streams[event.stream_id] = stream
         client.requests += 1
         exchange = stream.exchange = Exchange(stream, head, runtime)

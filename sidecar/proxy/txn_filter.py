@@ -212,10 +212,11 @@ class TxnFilter:
 
     # --- the decision ----------------------------------------------------------------------
 
-    def decide(self, app_status: int) -> None:
-        """The app's response head is held; commit or roll back, then release it."""
+    def decide(self, success: bool) -> None:
+        """The app's response head is held; commit (the app succeeded: a 2xx, or gRPC's
+        status OK) or roll back, then release it."""
         self.task = asyncio.get_running_loop().create_task(
-            self._decide(200 <= app_status < 300), name=f"txn-decide {self.xid}"
+            self._decide(success), name=f"txn-decide {self.xid}"
         )
 
     async def _decide(self, success: bool) -> None:

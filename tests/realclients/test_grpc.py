@@ -25,6 +25,7 @@ class App:
 
     xids: list[str | None] = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    time_left: list[float | None] = field(default_factory=list)
     started: threading.Event = field(default_factory=threading.Event)
     calls: int = 0
 
@@ -37,6 +38,7 @@ def _handlers(app: App) -> grpc.GenericRpcHandler:
     def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
         app.calls += 1
         app.xids.append(_metadata(context).get("xid"))
+        app.time_left.append(context.time_remaining())
         return b"echo:" + request
 
     def count(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -46,6 +48,7 @@ def _handlers(app: App) -> grpc.GenericRpcHandler:
 
     def fail(request: bytes, context: grpc.ServicerContext) -> bytes:
         app.calls += 1
+        app.xids.append(_metadata(context).get("xid"))
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, "out of stock")
         return b""
 
@@ -203,3 +206,56 @@ async def test_many_concurrent_calls_share_the_pool(sidecar_factory, grpc_app, c
         *(asyncio.to_thread(unary, ch, "/pkg.Svc/Echo", b"%d" % i) for i in range(30))
     )
     assert sorted(replies) == sorted(b"echo:%d" % i for i in range(30))
+
+
+# --- declarative transactions on gRPC methods --------------------------------------------------
+
+TXN_RULES = {
+    "transactions": [
+        {"match": {"method": "POST", "path": "/pkg.Svc/Echo"}, "name": "echo", "timeout": "20s"},
+        {"match": {"method": "POST", "path": "/pkg.Svc/Fail"}, "name": "fail", "timeout": "20s"},
+    ]
+}
+
+
+def unary_with_call(ch: grpc.Channel, method: str, request: bytes) -> tuple[bytes, Any]:
+    result: tuple[bytes, Any] = ch.unary_unary(method).with_call(request, timeout=60)
+    return result
+
+
+async def test_a_grpc_method_declared_as_a_transaction_commits_on_ok(
+    sidecar_factory, grpc_app, channel
+):
+    app, port = grpc_app
+    sc = await sidecar_factory(
+        {"app": {"url": f"http://127.0.0.1:{port}", "protocol": "h2c"}, **TXN_RULES}
+    )
+    ch = channel(sc.ports["inbound"])
+    reply, call = await asyncio.to_thread(unary_with_call, ch, "/pkg.Svc/Echo", b"order")
+    assert reply == b"echo:order"
+    initial = dict(call.initial_metadata())
+    xid = initial["xid"]
+    assert app.xids == [xid]
+    assert initial["x-gts-transaction-status"] == "Committed"
+    assert (await sc.control.engine.get(xid))[0].status.value == "Committed"
+    # the call's deadline (60 s) was clamped to the transaction's time left (20 s)
+    (left,) = app.time_left
+    assert left is not None and left <= 20.0
+
+
+async def test_a_grpc_method_declared_as_a_transaction_rolls_back_on_an_error_status(
+    sidecar_factory, grpc_app, channel
+):
+    app, port = grpc_app
+    sc = await sidecar_factory(
+        {"app": {"url": f"http://127.0.0.1:{port}", "protocol": "h2c"}, **TXN_RULES}
+    )
+    ch = channel(sc.ports["inbound"])
+    with pytest.raises(grpc.RpcError) as info:
+        await asyncio.to_thread(unary_with_call, ch, "/pkg.Svc/Fail", b"order")
+    assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    trailing = dict(info.value.trailing_metadata() or ())
+    (xid,) = app.xids
+    assert trailing["xid"] == xid
+    assert trailing["x-gts-transaction-status"] == "Rollbacked"
+    assert (await sc.control.engine.get(xid))[0].status.value == "Rollbacked"
