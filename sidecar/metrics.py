@@ -268,6 +268,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.tls_certificate_expiry = Gauge(
+            "gts_sidecar_tls_certificate_expiry_timestamp_seconds",
+            "When each certificate this process presents expires (listener:NAME, app, "
+            "upstream:NAME, coordinator), seconds since the epoch",
+            ["name"],
+            registry=r,
+        )
         #: renamed from gts_sidecar_config_version (an info metric ends in _info)
         self.config_info = Gauge(
             "gts_sidecar_config_info",

@@ -31,7 +31,7 @@ from sidecar.proxy.listener import ListenerRuntime, ProxyListener
 from sidecar.proxy.outbound import OutboundRouter
 from sidecar.proxy.upstream import Cluster
 from sidecar.reload import ConfigWatcher, restart_needed, watched_files
-from sidecar.tls import LISTENERS, ListenerTls, TlsConfigError, TlsSet
+from sidecar.tls import LISTENERS, ListenerTls, TlsConfigError, TlsSet, publish_expiry
 from sidecar.tls import build as build_tls
 from sidecar.tls import fingerprint as tls_fingerprint
 from sidecar.txn.branches import CALLBACK_PREFIX, BranchRules
@@ -233,6 +233,7 @@ class Sidecar:
         if tls.fingerprint != self._tls.fingerprint:
             self.metrics.tls_reloads.labels("applied").inc()
             log.info("TLS certificates and keys reloaded", extra={"files": len(tls.servers)})
+        publish_expiry(self.metrics.tls_certificate_expiry, self._tls, tls)
         self._tls = tls
         self._swap(compiled)
         self._config = config
@@ -292,6 +293,7 @@ class Sidecar:
                 self.tls[name] = ListenerTls(
                     name, listener_tls, tls.servers[name], self.metrics.tls_handshake_failures
                 )
+        publish_expiry(self.metrics.tls_certificate_expiry, None, tls)
         self._tls = tls
         # the local engine always runs: it is the coordinator when no cluster is configured,
         # and the degraded-mode stand-in when the configured cluster is unreachable

@@ -31,7 +31,7 @@ from sidecar.coordinator.engine import Engine
 from sidecar.errors import ConfigError
 from sidecar.metrics import Metrics
 from sidecar.server import c_parser_problem
-from sidecar.tls import ListenerTls, TlsFileWatcher
+from sidecar.tls import ListenerTls, TlsFileWatcher, publish_expiry
 from sidecar.tls import check as check_tls
 
 log = logging.getLogger("sidecar.coordinator")
@@ -76,8 +76,10 @@ class StandaloneCoordinator:
             if (t := getattr(cfg.listeners, name).tls) is not None
         }
         await self.control.start(serve_local=True)
+        expiry = self.metrics.tls_certificate_expiry
+        publish_expiry(expiry, None, tls)
         self._tls_watcher = TlsFileWatcher(
-            cfg, listeners, self._origin_tls, self.metrics.tls_reloads, tls
+            cfg, listeners, self._origin_tls, self.metrics.tls_reloads, tls, expiry=expiry
         )
         self._origin_tls(tls.coordinator)
         self._tls_watcher.start()

@@ -18,12 +18,14 @@ import os
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from aiohttp import web
 
 from sidecar.config import Config, ListenerTlsConfig, OriginTlsConfig
 from sidecar.errors import ConfigError
+from sidecar.tls_cert import pem_validity
 
 log = logging.getLogger("sidecar.tls")
 
@@ -55,12 +57,36 @@ def _load(action: Callable[[], None], what: str, path: str | None) -> None:
         raise TlsConfigError(f"cannot read {what} {path!r}: {exc.strerror or exc}") from None
 
 
+def certificate_expiry(path: str, now: datetime | None = None) -> datetime:
+    """When the (leaf) certificate in `path` expires; TlsConfigError when it is not valid
+    now: an expired (or not yet valid) certificate would fail every handshake, so it is
+    refused like a broken one (at start, and as a rotated file: the old one stays)."""
+    try:
+        with open(path, "rb") as f:
+            pem = f.read(4 * 1024 * 1024)
+    except OSError as exc:
+        raise TlsConfigError(f"cannot read cert_file {path!r}: {exc.strerror or exc}") from None
+    try:
+        not_before, not_after = pem_validity(pem)
+    except ValueError as exc:
+        raise TlsConfigError(f"cert_file {path!r} is not usable ({exc})") from None
+    now = now or datetime.now(UTC)
+    if not_after <= now:
+        raise TlsConfigError(f"cert_file {path!r} expired on {not_after:%Y-%m-%d %H:%M:%S} UTC")
+    if not_before > now:
+        raise TlsConfigError(
+            f"cert_file {path!r} is not valid before {not_before:%Y-%m-%d %H:%M:%S} UTC"
+        )
+    return not_after
+
+
 def server_context(cfg: ListenerTlsConfig) -> ssl.SSLContext:
     """A fresh context for a listener: its certificate, and client verification for mTLS."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = MINIMUM_VERSION
     ctx.set_alpn_protocols(list(ALPN_PROTOCOLS))
     _load(lambda: ctx.load_cert_chain(cfg.cert_file, cfg.key_file), "cert_file", cfg.cert_file)
+    certificate_expiry(cfg.cert_file)
     if cfg.client_ca_file is not None:
         ca = cfg.client_ca_file
         _load(lambda: ctx.load_verify_locations(cafile=ca), "client_ca_file", ca)
@@ -83,6 +109,7 @@ def client_context(cfg: OriginTlsConfig | None) -> ssl.SSLContext:
     if cfg.cert_file is not None and cfg.key_file is not None:
         cert, key = cfg.cert_file, cfg.key_file
         _load(lambda: ctx.load_cert_chain(cert, key), "cert_file", cert)
+        certificate_expiry(cert)
     if not cfg.verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -188,6 +215,9 @@ class TlsSet:
     coordinator: ssl.SSLContext | None = None
     #: sha256 over every certificate, key and CA file read (tells a rotation from no change)
     fingerprint: str = ""
+    #: when each certificate this process presents expires (seconds since the epoch), by
+    #: 'listener:NAME', 'app', 'upstream:NAME', 'coordinator'
+    expiry: dict[str, float] = field(default_factory=dict)
 
 
 def tls_files(config: Config) -> Iterator[tuple[str, str]]:
@@ -244,6 +274,7 @@ def _build_once(config: Config) -> TlsSet:
         if tls is not None:
             try:
                 out.servers[name] = server_context(tls)
+                out.expiry[f"listener:{name}"] = certificate_expiry(tls.cert_file).timestamp()
             except TlsConfigError as exc:
                 problems.append(f"listeners.{name}.tls: {exc.message}")
     clusters: list[tuple[str, str, str, OriginTlsConfig | None]] = [
@@ -257,10 +288,15 @@ def _build_once(config: Config) -> TlsSet:
         if url.startswith("https://"):
             try:
                 out.clients[key] = client_context(origin)
+                if origin is not None and origin.cert_file is not None:
+                    out.expiry[key] = certificate_expiry(origin.cert_file).timestamp()
             except TlsConfigError as exc:
                 problems.append(f"{where}: {exc.message}")
+    origin = config.coordinator.tls
     try:
-        out.coordinator = client_context(config.coordinator.tls)
+        out.coordinator = client_context(origin)
+        if origin is not None and origin.cert_file is not None:
+            out.expiry["coordinator"] = certificate_expiry(origin.cert_file).timestamp()
     except TlsConfigError as exc:
         problems.append(f"coordinator.tls: {exc.message}")
     if problems:
@@ -332,8 +368,10 @@ class TlsFileWatcher:
         reloads: Any,
         current: TlsSet,
         interval: float = 1.0,
+        expiry: Any = None,
     ) -> None:
         self.config = config
+        self.expiry = expiry
         self.listeners = listeners
         self.on_origin = on_origin
         self.reloads = reloads
@@ -380,7 +418,17 @@ class TlsFileWatcher:
         for name, listener in self.listeners.items():
             listener.current = fresh.servers[name]
         self.on_origin(fresh.coordinator)
+        if self.expiry is not None:
+            publish_expiry(self.expiry, self.current, fresh)
         self.current = fresh
         log.info("TLS certificates and keys reloaded")
         self.reloads.labels("applied").inc()
         return "applied"
+
+
+def publish_expiry(gauge: Any, old: TlsSet | None, new: TlsSet) -> None:
+    """Set the expiry gauge to `new`'s certificates (names no longer present removed)."""
+    for name in set(old.expiry if old else ()) - set(new.expiry):
+        gauge.remove(name)
+    for name, when in new.expiry.items():
+        gauge.labels(name).set(when)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -125,12 +126,24 @@ async def test_a_certificate_swapped_under_a_running_sidecar_is_served_next(
     assert r.reloads("invalid") == 1
     assert await _served_name(port, client) == "second"
 
-    # and a good one after it is taken
-    secret.publish(pair_files(pki.issue(common_name="fourth")))
+    # an expired certificate is refused too
+    secret.publish(pair_files(pki.issue(common_name="expired", expired=True)))
+    await wait_until(
+        lambda: _metric(sc, "gts_sidecar_tls_reloads_total", {"result": "invalid"}) == 2
+    )
+    assert await _served_name(port, client) == "second"
+
+    # and a good one after them is taken; the expiry gauge follows the certificate served
+    later = datetime.now(UTC) + timedelta(days=90)
+    secret.publish(pair_files(pki.issue(common_name="fourth", not_after=later)))
     await wait_until(
         lambda: _metric(sc, "gts_sidecar_tls_reloads_total", {"result": "applied"}) == 2
     )
     assert await _served_name(port, client) == "fourth"
+    expiry = _metric(
+        sc, "gts_sidecar_tls_certificate_expiry_timestamp_seconds", {"name": "listener:inbound"}
+    )
+    assert expiry == int(later.timestamp())
 
 
 async def test_a_rotated_client_ca_applies_to_the_next_handshake(running, tmp_path: Path) -> None:

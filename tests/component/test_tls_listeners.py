@@ -239,6 +239,7 @@ async def test_a_bad_certificate_file_is_refused_at_start(sidecar_factory, pki, 
         "does not exist": _tls(Pair(str(tmp_path / "missing.crt"), good.key)),
         "does not belong": _tls(Pair(good.cert, other.key)),
         "not usable": _tls(Pair(pki.ca_file.replace("ca.pem", "ca-1.key"), good.key)),
+        "expired on": _tls(pki.issue(expired=True)),
     }
     for words, tls in cases.items():
         with pytest.raises(ConfigError) as info:

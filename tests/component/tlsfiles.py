@@ -29,9 +29,17 @@ class Pki:
         self.ca.cert_pem.write_to_path(self.ca_file)
         self._n = 0
 
-    def issue(self, *names: str, expired: bool = False, common_name: str | None = None) -> Pair:
+    def issue(
+        self,
+        *names: str,
+        expired: bool = False,
+        common_name: str | None = None,
+        not_after: datetime.datetime | None = None,
+    ) -> Pair:
         self._n += 1
         kwargs = {}
+        if not_after is not None:
+            kwargs = {"not_after": not_after.replace(microsecond=0)}
         if expired:
             now = datetime.datetime.now(datetime.UTC)
             kwargs = {
