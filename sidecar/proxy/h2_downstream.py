@@ -21,6 +21,7 @@ violation of the connection ends it with GOAWAY.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, Final
 
@@ -37,13 +38,15 @@ from sidecar.proxy import headers as h
 from sidecar.proxy.exchange import PAUSE_UPSTREAM_FULL, Exchange
 
 if TYPE_CHECKING:
-    import asyncio
-
     from sidecar.proxy.listener import ClientConnection, ProxyListener
 
 log = logging.getLogger("sidecar.proxy")
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+#: the window over which floods are counted, and what one may hold of control frames
+#: (PING, SETTINGS, PRIORITY, empty DATA); gRPC keepalives send a PING every few seconds
+FLOOD_WINDOW: Final = 10.0
+CONTROL_FRAMES_PER_WINDOW: Final = 1000
 
 
 class H2Stream:
@@ -65,6 +68,9 @@ class H2Stream:
         self.pending: list[bytes] = []
         self.pending_end: list[tuple[bytes, bytes]] | None | bool = False
         self.head_sent = False
+        #: response bytes sent, and as many at the last stalled-reader check
+        self.sent = 0
+        self.sent_mark = 0
         #: the response head, until its first DATA or its end goes out
         self.head_fields: list[tuple[bytes, bytes]] | None = None
         self.ended = False
@@ -110,6 +116,8 @@ class H2Stream:
         if sent < len(data):
             self.pending.append(data[sent:])
             exchange.pause_upstream_reading()
+            self.sent_mark = self.sent
+            self.conn.watch_stall()
 
     def response_end(self, exchange: Exchange, trailers: list[tuple[bytes, bytes]] | None) -> None:
         if self.pending:
@@ -254,22 +262,80 @@ class H2Downstream:
         )
         self.streams: dict[int, H2Stream] = {}
         self.going_away = False
+        self.closed = False
+        #: bytes received since the last event (see data_received)
+        self.silent_bytes = 0
+        self.silent_limit = limits.header_bytes + 4 * self.h2.max_inbound_frame_size
+        #: flood accounting: events of each kind in the current window
+        self.counts: dict[str, int] = {}
+        self.window_start = self.loop.time()
+        self.reset_limit = max(100, 2 * max_streams)
+        #: the stalled-reader check: armed while a stream waits for the client's window
+        self.stall_timer: asyncio.TimerHandle | None = None
         self.h2.initiate_connection()
         self.flush()
 
     # --- bytes in --------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             self._protocol_error(exc)
             return
+        if events:
+            self.silent_bytes = 0
+        else:
+            # bytes that make no event: a header block still open (CONTINUATION frames) or a
+            # frame still incomplete. No honest peer sends more than a head's worth plus a
+            # frame before something happens (the 2024 CONTINUATION flood sends forever)
+            self.silent_bytes += len(data)
+            if self.silent_bytes > self.silent_limit:
+                self._calm_down("a header block or frame that never ends")
+                return
         for event in events:
             handler = _HANDLERS.get(type(event))
             if handler is not None:
                 handler(self, event)
+                if self.closed:
+                    return
         self.flush()
+
+    def _budget(self, kind: str, limit: int) -> bool:
+        """Count one `kind` event in the current window; False (and the connection closed)
+        when there were more than `limit` of them in it."""
+        now = self.loop.time()
+        if now - self.window_start >= FLOOD_WINDOW:
+            self.window_start = now
+            self.counts.clear()
+        count = self.counts[kind] = self.counts.get(kind, 0) + 1
+        if count > limit:
+            self._calm_down(f"more than {limit} {kind} in {FLOOD_WINDOW:g}s")
+            return False
+        return True
+
+    def _calm_down(self, why: str) -> None:
+        """Abuse (floods, rapid resets, endless header blocks): GOAWAY with
+        ENHANCE_YOUR_CALM, every stream abandoned, the connection closed."""
+        self.listener.client_error("h2_abuse")
+        log.debug("HTTP/2 client closed for abuse: %s", why)
+        try:
+            self.h2.close_connection(
+                error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                additional_data=why.encode("ascii", "replace")[:128],
+            )
+        except h2.exceptions.ProtocolError:
+            pass
+        self.flush()
+        self.connection_lost()
+        self._close_transport()
+
+    def _control(self, event: Any) -> None:
+        """PING, SETTINGS, PRIORITY, empty DATA: each answered or ignored cheaply, but a
+        flood of them (CVE-2019-9512/9515/9518) is refused."""
+        self._budget("control frames", CONTROL_FRAMES_PER_WINDOW)
 
     def _protocol_error(self, exc: Exception) -> None:
         """The client broke HTTP/2 (the library has queued a GOAWAY saying how): abandon its
@@ -357,6 +423,15 @@ class H2Downstream:
             # the client cancelled (a gRPC client whose context ended): abandon, as on a FIN
             self.listener.aborts.inc()
             exchange.client_gone()
+            # rapid reset (CVE-2023-44487): streams opened and cancelled at once cost the
+            # upstream work each; a client doing it by the hundred is cut off
+            self._budget("streams reset before their answer", self.reset_limit)
+
+    def _data_or_empty(self, event: h2.events.DataReceived) -> None:
+        if not event.data and not event.stream_ended:
+            if not self._budget("empty DATA frames", CONTROL_FRAMES_PER_WINDOW):
+                return
+        self._data(event)
 
     def _window_updated(self, event: Any) -> None:
         stream_id = getattr(event, "stream_id", 0)
@@ -368,6 +443,10 @@ class H2Downstream:
         for stream in list(self.streams.values()):
             if stream.pending:
                 stream.window_opened()
+
+    def _settings(self, event: h2.events.RemoteSettingsChanged) -> None:
+        if self._budget("control frames", CONTROL_FRAMES_PER_WINDOW):
+            self._window_updated(event)
 
     def _terminated(self, event: h2.events.ConnectionTerminated) -> None:
         self.going_away = True
@@ -399,7 +478,38 @@ class H2Downstream:
             piece = data[at : min(size, at + frame)]
             h2c.send_data(stream.stream_id, piece)
             at += len(piece)
+        stream.sent += size
         return size
+
+    def watch_stall(self) -> None:
+        clients = self.client.runtime.clients
+        if self.stall_timer is None and clients.min_rate_bytes and not self.closed:
+            self.stall_timer = self.loop.call_later(clients.min_rate_window, self._check_stalls)
+
+    def _check_stalls(self) -> None:
+        """Every window while a stream waits for the client's flow-control window: it must
+        have taken `min_rate_bytes` since the last check, or the stream is reset (a client
+        holding a window at zero would hold the upstream its answer comes from)."""
+        self.stall_timer = None
+        need = self.client.runtime.clients.min_rate_bytes
+        waiting = False
+        for stream in list(self.streams.values()):
+            if not stream.pending:
+                continue
+            if stream.sent - stream.sent_mark >= need:
+                stream.sent_mark = stream.sent
+                waiting = True
+                continue
+            self.listener.client_error("slow_read")
+            stream.pending.clear()
+            stream.pending_end = False
+            self.reset(stream, h2.errors.ErrorCodes.CANCEL)
+            self.streams.pop(stream.stream_id, None)
+            exchange = stream.exchange
+            if exchange is not None and not exchange.finished:
+                exchange.client_gone()
+        if waiting:
+            self.watch_stall()
 
     def end_stream(self, stream: H2Stream) -> None:
         try:
@@ -466,6 +576,10 @@ class H2Downstream:
                 stream.exchange.resume_upstream_reading()
 
     def connection_lost(self) -> None:
+        self.closed = True
+        if self.stall_timer is not None:
+            self.stall_timer.cancel()
+            self.stall_timer = None
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             exchange = stream.exchange
@@ -477,10 +591,12 @@ class H2Downstream:
 
 _HANDLERS: Final[dict[type, Any]] = {
     h2.events.RequestReceived: H2Downstream._request,
-    h2.events.DataReceived: H2Downstream._data,
+    h2.events.DataReceived: H2Downstream._data_or_empty,
+    h2.events.PingReceived: H2Downstream._control,
+    h2.events.PriorityUpdated: H2Downstream._control,
     h2.events.StreamEnded: H2Downstream._stream_ended,
     h2.events.StreamReset: H2Downstream._stream_reset,
     h2.events.WindowUpdated: H2Downstream._window_updated,
-    h2.events.RemoteSettingsChanged: H2Downstream._window_updated,
+    h2.events.RemoteSettingsChanged: H2Downstream._settings,
     h2.events.ConnectionTerminated: H2Downstream._terminated,
 }
