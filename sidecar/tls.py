@@ -2,7 +2,8 @@
 it, built from config; handshake failures counted by listener and reason.
 
 Rules: TLS 1.2 and later only, on the standard library's secure defaults
-(`ssl.create_default_context`), ALPN from one constant. A listener's server gets one *base*
+(`ssl.create_default_context`), ALPN from constants (h2 and http/1.1 on the proxy
+listeners, http/1.1 elsewhere). A listener's server gets one *base*
 context for its whole life; its `sni_callback` (called for every ClientHello, with or without
 SNI) moves each new connection onto the context in force now, so a renewed certificate, key
 or client CA is served to the next connection while open ones keep theirs. A whole set of
@@ -29,8 +30,12 @@ from sidecar.tls_cert import pem_validity
 
 log = logging.getLogger("sidecar.tls")
 
-#: offered and accepted protocols; HTTP/2 ("h2") joins here once the data plane speaks it
+#: protocols a control-plane listener (aiohttp: HTTP/1.1 only) and an origination offer
 ALPN_PROTOCOLS: Final = ("http/1.1",)
+#: the proxy listeners speak HTTP/2 beside HTTP/1.1 on one port: a client that picks h2 by
+#: ALPN then opens with the HTTP/2 preface, as it would in cleartext with prior knowledge
+PROXY_ALPN_PROTOCOLS: Final = ("h2", "http/1.1")
+PROXY_LISTENERS: Final = ("inbound", "outbound")
 MINIMUM_VERSION: Final = ssl.TLSVersion.TLSv1_2
 LISTENERS: Final = ("inbound", "outbound", "api", "peer", "admin")
 
@@ -80,11 +85,17 @@ def certificate_expiry(path: str, now: datetime | None = None) -> datetime:
     return not_after
 
 
-def server_context(cfg: ListenerTlsConfig) -> ssl.SSLContext:
+def alpn_for(listener: str) -> tuple[str, ...]:
+    return PROXY_ALPN_PROTOCOLS if listener in PROXY_LISTENERS else ALPN_PROTOCOLS
+
+
+def server_context(
+    cfg: ListenerTlsConfig, alpn: tuple[str, ...] = ALPN_PROTOCOLS
+) -> ssl.SSLContext:
     """A fresh context for a listener: its certificate, and client verification for mTLS."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = MINIMUM_VERSION
-    ctx.set_alpn_protocols(list(ALPN_PROTOCOLS))
+    ctx.set_alpn_protocols(list(alpn))
     _load(lambda: ctx.load_cert_chain(cfg.cert_file, cfg.key_file), "cert_file", cfg.cert_file)
     certificate_expiry(cfg.cert_file)
     if cfg.client_ca_file is not None:
@@ -182,7 +193,7 @@ class ListenerTls:
         self.current = current
         # the base context's own certificate is never served (each connection moves to
         # `current` before the server's first flight), but the server needs a whole one
-        self.base = server_context(cfg)
+        self.base = server_context(cfg, alpn_for(name))
         self.base.sni_callback = self._pick
         children: dict[str, Any] = {}
 
@@ -273,7 +284,7 @@ def _build_once(config: Config) -> TlsSet:
         tls = getattr(config.listeners, name).tls
         if tls is not None:
             try:
-                out.servers[name] = server_context(tls)
+                out.servers[name] = server_context(tls, alpn_for(name))
                 out.expiry[f"listener:{name}"] = certificate_expiry(tls.cert_file).timestamp()
             except TlsConfigError as exc:
                 problems.append(f"listeners.{name}.tls: {exc.message}")

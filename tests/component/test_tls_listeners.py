@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from sidecar.tls import ALPN_PROTOCOLS
+from sidecar.tls import ALPN_PROTOCOLS, PROXY_ALPN_PROTOCOLS
 from tests.component.servers import wait_until
 from tests.component.tlsfiles import Pair, Pki
 
@@ -86,12 +86,12 @@ async def test_inbound_terminates_tls_with_alpn_and_tls12_or_later(
 ) -> None:
     sc = await _sidecar(sidecar_factory, aiohttp_server, inbound=_tls(pki.issue()))
     ctx = pki.client_context()
-    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    ctx.set_alpn_protocols(["http/1.1"])
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", sc.ports["inbound"], ssl=ctx, server_hostname="localhost"
     )
     obj = writer.get_extra_info("ssl_object")
-    assert obj.selected_alpn_protocol() == "http/1.1" == ALPN_PROTOCOLS[0]
+    assert obj.selected_alpn_protocol() == "http/1.1"
     assert obj.version() in ("TLSv1.2", "TLSv1.3")
     for ctx_in_force in (sc.tls["inbound"].current, sc.tls["inbound"].base):
         assert ctx_in_force.minimum_version == ssl.TLSVersion.TLSv1_2
@@ -262,3 +262,33 @@ def test_check_config_reads_the_tls_files(pki, tmp_path, capsys) -> None:
         assert cli.check_config(str(path)) == (0 if ok else 2)
     err = capsys.readouterr().err
     assert "listeners.inbound.tls: key_file does not belong to cert_file" in err
+
+
+async def test_alpn_h2_on_the_proxy_listeners_http11_on_the_control_plane(
+    sidecar_factory, aiohttp_server, pki
+) -> None:
+    """A client offering h2 gets HTTP/2 on the inbound listener (the same port serves both)
+    and HTTP/1.1 on the admin listener, whose server speaks nothing else."""
+    from tests.component.h2client import H2Client
+
+    tls = _tls(pki.issue())
+    sc = await _sidecar(sidecar_factory, aiohttp_server, inbound=tls, admin=tls)
+    ctx = pki.client_context()
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", sc.ports["inbound"], ssl=ctx, server_hostname="localhost"
+    )
+    assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
+    assert PROXY_ALPN_PROTOCOLS == ("h2", "http/1.1")
+    client = H2Client(reader, writer)
+    client.conn.initiate_connection()
+    await client.flush()
+    response = await client.get("/hello", timeout=10)
+    assert response.status == 200 and response.body == b"hello from the app"
+    client.close()
+
+    _, writer = await asyncio.open_connection(
+        "127.0.0.1", sc.ports["admin"], ssl=ctx, server_hostname="localhost"
+    )
+    assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == ALPN_PROTOCOLS[0]
+    writer.close()
