@@ -36,7 +36,7 @@ from sidecar.idempotency import IdempotencyStore
 from sidecar.metrics import Metrics
 from sidecar.tls import TlsSite
 from sidecar.txn.api import build_api_app
-from sidecar.txn.branches import BranchRules, Participant
+from sidecar.txn.branches import AppCall, BranchRules, Participant
 from sidecar.txn.callbacks_api import add_callback_routes
 from sidecar.txn.fence_store import FenceStore, open_fence_store
 from sidecar.txn.journal_locks import JournalLocks
@@ -159,6 +159,8 @@ class ControlPlane:
     #: replicas on a PostgreSQL journal: this one's lease (pg_lease.Replica)
     replica: Any = None
     retention: Retention | None = None
+    #: pools of the participant's phase-two calls to an HTTP/2 app (closed at stop)
+    _phase_two_clusters: list[Any] = field(default_factory=list)
     _stopped: bool = False
 
     def __post_init__(self) -> None:
@@ -300,8 +302,25 @@ class ControlPlane:
                 cfg.app.url,
                 timeout=cfg.app.timeouts.total,
                 connect_timeout=cfg.app.timeouts.connect,
+                app_call=self._h2_app_call() if cfg.app.protocol == "h2c" else None,
             )
         self._start_retention()
+
+    def _h2_app_call(self) -> AppCall:
+        """Phase two to an HTTP/2 (h2c) app, a gRPC server, over a small pool of its own."""
+        from sidecar.proxy.fetch import fetch_h2
+        from sidecar.proxy.h2_upstream import H2Cluster
+
+        cluster = H2Cluster("app_phase_two", self.config.app, self.metrics)
+        self._phase_two_clusters.append(cluster)
+
+        async def call(
+            method: str, target: str, headers: list[tuple[str, str]], body: bytes, timeout: float
+        ) -> tuple[int, list[tuple[bytes, bytes]]]:
+            response = await fetch_h2(cluster, method, target, headers, body, timeout=timeout)
+            return response.status, response.headers
+
+        return call
 
     def _start_retention(self) -> None:
         """Everything beside the journal is compacted after local_coordinator.retention,
@@ -410,6 +429,8 @@ class ControlPlane:
                 await self.remote.tokens.close()
         if self.participant is not None:
             await self.participant.close()
+        for cluster in self._phase_two_clusters:
+            cluster.close()
         if self.fence is not None:
             await self.fence.close()
         if self.journal is not None:

@@ -61,7 +61,7 @@ class Exchange:
         "header_deadline", "waiter_slot", "resp_started", "resp_close",
         "resp_status", "keep_client", "reused", "upstream_paused", "out", "finished",
         "attempts_left", "retrying", "error_code", "stats", "txn", "xid_extra", "held",
-        "held_complete", "branch", "buffering", "held_body", "trailers", "grpc_txn",
+        "held_complete", "branch", "buffering", "held_body", "trailers", "grpc_call",
     )  # fmt: skip
 
     def __init__(self, conn: Downstream, head: h.RequestHead, rt: ListenerRuntime) -> None:
@@ -107,8 +107,9 @@ class Exchange:
         self.branch: BranchFilter | None = None
         #: routed and filtered, waiting for the body before taking an upstream connection
         self.buffering = False
-        #: a gRPC call that begins a declarative transaction: decided by its grpc-status
-        self.grpc_txn = False
+        #: a gRPC call that begins a declarative transaction or is a try: its outcome is its
+        #: grpc-status, known at its end
+        self.grpc_call = False
 
     # --- start: filters, routing, a connection --------------------------------------------
 
@@ -148,6 +149,7 @@ class Exchange:
                 )
                 return
             assert rt.coordinator is not None
+            self.grpc_call = grpc.request_is_grpc(head.headers)
             if (
                 head.content_length is not None
                 and int(head.content_length) > route.branch.max_application_data
@@ -164,7 +166,7 @@ class Exchange:
                 self.branch.register(b"".join(self.body_buf or ()))
             return  # else body_complete() registers once the whole body is here
         if route.txn is not None and rt.coordinator is not None:
-            self.grpc_txn = grpc.request_is_grpc(head.headers)
+            self.grpc_call = grpc.request_is_grpc(head.headers)
             self.txn = TxnFilter(self, route.txn, rt.coordinator, rt.metrics)
             self.txn.begin()  # → proceed() once the transaction exists
             return
@@ -179,7 +181,7 @@ class Exchange:
         """The transaction filter began `xid`: forward the request carrying it."""
         self.xid_extra = self.rt.router.xid_headers(xid.encode("ascii"))
         txn = self.txn
-        if self.grpc_txn and txn is not None:
+        if self.grpc_call and txn is not None:
             # the call must not outlive its transaction
             left = txn.rule.timeout_ms / 1000 - (self.conn.loop.time() - self.started)
             self.head.headers = grpc.clamp_timeout(self.head.headers or [], max(left, 0.001))
@@ -361,6 +363,11 @@ class Exchange:
         self.resp_started = True
         branch = self.branch
         hold_for_branch = False
+        if branch is not None and self.grpc_call:
+            # a gRPC try's outcome is its status, in its trailers: held to the end
+            kept, content_length, chunked = h.response_fields(headers)
+            self.held = (status, kept, content_length)
+            return content_length is not None or chunked
         if branch is not None:
             if 200 <= status < 300 or self.txn is not None:
                 branch.report(200 <= status < 300)
@@ -380,7 +387,7 @@ class Exchange:
         txn = self.txn
         if txn is not None and not txn.decided:
             self.held = (status, kept, content_length)
-            if self.grpc_txn:
+            if self.grpc_call:
                 # a gRPC call's outcome is in its trailers: the whole answer is read (its
                 # head and messages held), then the transaction decided
                 return content_length is not None or chunked
@@ -414,10 +421,8 @@ class Exchange:
         held = self.held
         if held is not None:
             self.held_complete = True  # finished once the held head is released
-            txn = self.txn
-            if self.grpc_txn and txn is not None and not txn.decided:
-                self.deadline = float("inf")
-                txn.decide(grpc.call_status(self.trailers, held[1]) == grpc.OK)
+            if self.grpc_call:
+                self._grpc_outcome(grpc.call_status(self.trailers, held[1]) == grpc.OK)
             return
         self.conn.response_end(self, self.trailers)
         self.conn.flush()
@@ -434,6 +439,21 @@ class Exchange:
             # cannot be skipped reliably, so this client connection closes after the response
             self.resp_close = True
         self._finish()
+
+    def _grpc_outcome(self, ok: bool) -> None:
+        """A held gRPC call has ended: its transaction decides, or its try is reported (a
+        failed one before the caller hears of it), then the held answer goes out."""
+        txn = self.txn
+        branch = self.branch
+        if txn is not None and not txn.decided:
+            self.deadline = float("inf")
+            txn.decide(ok)
+        elif branch is not None and ok:
+            branch.report(True)
+            self.release_held_response([])
+        elif branch is not None:
+            self.deadline = float("inf")  # the report has the coordinator call's timeout
+            branch.report_failure_then_release()
 
     def release_held_response(self, extra: list[tuple[bytes, bytes]]) -> None:
         """The transaction decided in the app's favour: send its response, with `extra`."""

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from sidecar.config import format_duration
 from sidecar.errors import SidecarError, UpstreamTimeout, UpstreamUnavailable
-from sidecar.proxy.upstream import Cluster, UpstreamConnection
+from sidecar.proxy.upstream import Cluster
+
+if TYPE_CHECKING:
+    from sidecar.proxy.h2_upstream import H2Cluster
 
 _CRLF: Final = b"\r\n"
 
@@ -60,7 +63,8 @@ class _Collector:
         return framed
 
     def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
-        pass  # phase-two answers are HTTP/1.1: none arrive
+        # (HTTP/2 upstreams: a gRPC call's status is in them) kept after the head's fields
+        self.headers = self.headers + trailers
 
     def on_response_body(self, data: bytes) -> None:
         self.size += len(data)
@@ -167,6 +171,56 @@ async def fetch(
         return response
 
 
-def _drop(cluster: Cluster, conn: UpstreamConnection) -> None:
+def _drop(cluster: Cluster, conn: Any) -> None:
     conn.abort()
     cluster.release(conn, False)
+
+
+async def fetch_h2(
+    cluster: H2Cluster,
+    method: str,
+    path: str,
+    headers: list[tuple[str, str]],
+    body: bytes,
+    *,
+    timeout: float,
+    max_body: int = 1024 * 1024,
+) -> Response:
+    """`fetch` over an HTTP/2 (h2c) cluster: one stream, the request whole, the response
+    whole, its trailers after its head's fields. A stream never goes stale as a pooled
+    HTTP/1.1 connection can, so there is nothing to repeat."""
+    fields = [
+        (b":method", method.encode("ascii")),
+        (b":scheme", b"http"),
+        (b":authority", cluster.authority),
+        (b":path", path.encode("latin-1")),
+    ]
+    fields += [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in headers]
+    fields.append((b"content-length", b"%d" % len(body)))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    stream = cluster.take_idle()
+    if stream is None:
+        slot: list[asyncio.Future[Any] | None] = [None]
+        try:
+            stream, _ = await asyncio.wait_for(cluster.acquire(slot), timeout)
+        except UpstreamTimeout:
+            raise
+        except TimeoutError:
+            raise _timeout(cluster, timeout) from None
+    future: asyncio.Future[Response] = loop.create_future()
+    timer = loop.call_at(deadline, _timed_out, future, cluster, timeout)
+    stream.attach(_Collector(future, max_body), method == "HEAD")
+    stream.send_fields(fields, end_stream=not body)
+    if body:
+        stream.send_body(body, False)
+        stream.end_body(False)
+    try:
+        response = await future
+    except BaseException:
+        _drop(cluster, stream)
+        raise
+    finally:
+        timer.cancel()
+    cluster.release(stream, True)
+    return response

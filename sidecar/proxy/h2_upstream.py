@@ -89,10 +89,14 @@ class H2UpstreamStream:
             fields.append((b"te", b"trailers"))  # gRPC servers require it
         if head.content_length is not None:
             fields.append((b"content-length", head.content_length))
-        self.stream_id = self.conn.open_stream(self, fields, end_stream=not head.has_body)
+        self.send_fields(fields, end_stream=not head.has_body)
         if body:
             for data in body:
                 self.send_body(data, False)
+
+    def send_fields(self, fields: list[tuple[bytes, bytes]], end_stream: bool) -> None:
+        """Open the stream with this request head (pseudo-headers first)."""
+        self.stream_id = self.conn.open_stream(self, fields, end_stream=end_stream)
 
     def send_body(self, data: bytes, chunked: bool) -> None:
         if self.pending:

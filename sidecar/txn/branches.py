@@ -21,6 +21,7 @@ import base64
 import logging
 import re
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -187,6 +188,16 @@ def _decode_app_data(raw: Any, rule: BranchRule) -> tuple[str, dict[str, str], b
     return query, kept, body
 
 
+#: a phase-two call to an HTTP/2 app: (method, path with query, headers, body, timeout) →
+#: (status, response fields and trailers)
+AppCall = Callable[
+    [str, str, list[tuple[str, str]], bytes, float],
+    Awaitable[tuple[int, list[tuple[bytes, bytes]]]],
+]
+#: a gRPC method's path (/package.Service/Method): its phase two is a gRPC call
+_GRPC_PATH: Final = re.compile(r"/[A-Za-z_][\w.]*/[A-Za-z_]\w*")
+
+
 class Participant:
     """Fence + phase-two calls to the app, for the resources this sidecar declares."""
 
@@ -199,8 +210,11 @@ class Participant:
         timeout: float,
         connect_timeout: float,
         wait_patience: float | None = None,
+        app_call: AppCall | None = None,
     ) -> None:
         self.rules = rules
+        #: an HTTP/2 (h2c) app, a gRPC server: phase two goes over this instead of aiohttp
+        self.app_call = app_call
         self.fence = fence
         self.app_url = app_url.rstrip("/")
         #: a try's deadline when its caller names none: the app's total timeout
@@ -445,6 +459,33 @@ class Participant:
         )  # fmt: skip
         return {"status": done}
 
+    async def _call_h2_app(
+        self, method: str, path: str, query: str, headers: dict[str, str], body: bytes
+    ) -> str | None:
+        """Phase two to an h2c app. On a gRPC method the try's message (its length-prefixed
+        frame, as the app got it) is replayed, and the call succeeded when its grpc-status
+        is 0; otherwise a 2xx."""
+        assert self.app_call is not None
+        grpc_call = _GRPC_PATH.fullmatch(path) is not None
+        fields = [(k, v) for k, v in headers.items() if k.lower() not in ("host", "te")]
+        if grpc_call:
+            fields = [(k, v) for k, v in fields if k.lower() != "content-type"]
+            fields += [("content-type", "application/grpc"), ("te", "trailers")]
+        target = path + (f"?{query}" if query else "")
+        try:
+            status, answer = await self.app_call(method, target, fields, body, self.try_timeout)
+        except SidecarError as exc:
+            return f"{method} {path} failed: {exc.message}"
+        if grpc_call:
+            code = next((v for n, v in answer if n.lower() == b"grpc-status"), None)
+            if status == 200 and code == b"0":
+                return None
+            shown = code.decode("latin-1") if code is not None else "none"
+            return f"{method} {path} ended with grpc-status {shown}"
+        if 200 <= status < 300:
+            return None
+        return f"{method} {path} answered HTTP {status}"
+
     async def _call_app(
         self, rule: BranchRule, commit: bool, xid: str, branch_id: int, data: dict[str, Any]
     ) -> str | None:
@@ -463,6 +504,8 @@ class Participant:
             }
         )
         url = self.app_url + path + (f"?{query}" if query else "")
+        if self.app_call is not None:
+            return await self._call_h2_app(method, path, query, headers, body)
         if self._session is None:
             self._session = aiohttp.ClientSession(auto_decompress=False)
         try:

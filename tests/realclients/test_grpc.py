@@ -259,3 +259,94 @@ async def test_a_grpc_method_declared_as_a_transaction_rolls_back_on_an_error_st
     assert trailing["xid"] == xid
     assert trailing["x-gts-transaction-status"] == "Rollbacked"
     assert (await sc.control.engine.get(xid))[0].status.value == "Rollbacked"
+
+
+# --- TCC branches on gRPC methods --------------------------------------------------------------
+
+INV_TCC = {
+    "tcc": [
+        {
+            "resource": "inv",
+            "try": {"method": "POST", "path": "/pkg.Inv/Try"},
+            "confirm": {"method": "POST", "path": "/pkg.Inv/Confirm"},
+            "cancel": {"method": "POST", "path": "/pkg.Inv/Cancel"},
+        }
+    ]
+}
+
+
+@pytest.fixture
+def inventory_app() -> Iterator[tuple[list[tuple[str, bytes, str | None]], int]]:
+    """A grpcio inventory with Try/Confirm/Cancel recording (method, message, branch id)."""
+    calls: list[tuple[str, bytes, str | None]] = []
+
+    def handler(name: str) -> Any:
+        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+            calls.append((name, request, _metadata(context).get("x-gts-branch-id")))
+            if request == b"fail":
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no stock")
+            return b"ok"
+
+        return grpc.unary_unary_rpc_method_handler(handle)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "pkg.Inv", {name: handler(name) for name in ("Try", "Confirm", "Cancel")}
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield calls, port
+    finally:
+        server.stop(grace=None)
+
+
+@pytest.mark.parametrize("commit", [True, False])
+async def test_a_grpc_try_gets_its_confirm_or_cancel_with_its_message_replayed(
+    sidecar_factory, inventory_app, channel, commit
+):
+    calls, port = inventory_app
+    sc = await sidecar_factory(
+        {"app": {"url": f"http://127.0.0.1:{port}", "protocol": "h2c"}, **INV_TCC}
+    )
+    engine = sc.control.engine
+    tx = await engine.begin("order", 60_000)
+    ch = channel(sc.ports["inbound"])
+    reply = await asyncio.to_thread(
+        unary, ch, "/pkg.Inv/Try", b"sku-42", metadata=[("xid", tx.xid)]
+    )
+    assert reply == b"ok"
+    await (engine.commit if commit else engine.rollback)(tx.xid)
+    await wait_until(lambda: len(calls) == 2, timeout=10)
+    (try_name, try_msg, branch), (phase_name, phase_msg, phase_branch) = calls
+    assert (try_name, try_msg) == ("Try", b"sku-42")
+    # phase two is a gRPC call to the declared method with the try's message, once
+    assert phase_name == ("Confirm" if commit else "Cancel")
+    assert phase_msg == b"sku-42"
+    assert phase_branch is not None
+    record, branches = await engine.get(tx.xid)
+    assert record.status.value == ("Committed" if commit else "Rollbacked")
+
+
+async def test_a_failed_grpc_try_is_reported_failed_before_its_caller_hears(
+    sidecar_factory, inventory_app, channel
+):
+    calls, port = inventory_app
+    sc = await sidecar_factory(
+        {"app": {"url": f"http://127.0.0.1:{port}", "protocol": "h2c"}, **INV_TCC}
+    )
+    engine = sc.control.engine
+    tx = await engine.begin("order", 60_000)
+    ch = channel(sc.ports["inbound"])
+    with pytest.raises(grpc.RpcError) as info:
+        await asyncio.to_thread(unary, ch, "/pkg.Inv/Try", b"fail", metadata=[("xid", tx.xid)])
+    assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    # by the time the caller has its error, the branch is recorded failed: a commit the
+    # caller sends anyway cannot confirm it
+    _, branches = await engine.get(tx.xid)
+    (branch,) = branches
+    assert branch.status.value == "PhaseOne_Failed"
