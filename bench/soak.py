@@ -62,7 +62,9 @@ the order sidecar degrades to its local coordinator and hands back), or one side
   decided before the client left (the app answered before the close) is legitimate, and
   counted. Also: a Committed transaction must be one the order app answered 201 (a client
   that left during the begin or mid-body leaves a transaction the app never saw, which must
-  roll back);
+  roll back); and no Committed transaction was sent a rollback too (the coordinators log a
+  refused decision; the order sidecar is the only one that sends decisions, so that is one
+  request given two: its client's FIN read in the same poll as the app's answer);
 - the fence's crash windows are counted (information), and anything outside them is a
   violation: a delivery repeated for one Idempotency-Key must have that participant's
   sidecar killed and restarted between the repeats (killed between calling the app and
@@ -189,6 +191,10 @@ LARGE_BODY: Final = 200 * 1024  # past the sidecar's clients.request_buffer (64 
 #: the order app's delay (after its steps) for an abandoning client's order: none, or around
 #: the client's timeout (capped), so that the client leaves before, during and after it
 ABANDON_DELAY_SHARE: Final = 0.6
+#: a share of those answer just before the client leaves (0-4 ms before, on the clock they
+#: share in this process): the answer and the FIN reach the sidecar together
+ABANDON_TIGHT_SHARE: Final = 0.4
+ABANDON_TIGHT: Final = 0.004
 ABANDON_DELAY_MAX: Final = 3.0
 STEP_OF: Final = {resource: step for step, (_, resource, _) in STEPS.items()}
 FAULT_KINDS: Final = ("coordinator", "order", "inventory", "travel")
@@ -707,6 +713,8 @@ class OrderApp:
         even when the sidecar has ended the request (the app ignores that, as many do)."""
         if plan.get("delay"):
             await asyncio.sleep(plan["delay"])
+        elif plan.get("answer_at"):
+            await asyncio.sleep(max(0.0, plan["answer_at"] - time.monotonic()))
 
     async def _catalog(self, request: web.Request) -> web.Response:
         n = request.query.get("n", "")
@@ -803,8 +811,10 @@ class Traffic:
             lo, hi = CLIENT_TIMEOUT_RANGE
             timeout = math.exp(rng.uniform(math.log(lo), math.log(hi)))
             reset = how == "rst"
-            if rng.random() < ABANDON_DELAY_SHARE:
+            if rng.random() < ABANDON_DELAY_SHARE * (1 - ABANDON_TIGHT_SHARE):
                 plan["delay"] = round(min(timeout * rng.uniform(0.5, 1.5), ABANDON_DELAY_MAX), 4)
+            elif rng.random() < ABANDON_DELAY_SHARE * ABANDON_TIGHT_SHARE:
+                plan["answer_at"] = time.monotonic() + timeout - rng.uniform(0, ABANDON_TIGHT)
         body = json.dumps(plan).encode()
         if how == "mid-body-large":
             body = body[:-1] + b', "pad": "' + b"x" * LARGE_BODY + b'"}'
@@ -816,13 +826,14 @@ class Traffic:
         sent = head + (body[: len(body) // 2] if mid_body else body)
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
+        leave_at = t0 + timeout  # the client's timer runs from the start, as Go's does
         left_at = xid = tx_status = None
         sock = socket.socket()
         sock.setblocking(False)
         try:
             await loop.sock_connect(sock, self.address)
             await loop.sock_sendall(sock, sent)
-            data = await receive_within(sock, timeout, stall=mid_body)
+            data = await receive_within(sock, leave_at - time.monotonic(), stall=mid_body)
             if data is None:
                 if reset:  # SO_LINGER 0: close() sends a RST
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -1017,6 +1028,8 @@ class Outcome:
     api: dict[str, dict[str, Any]]  # xid → the TM API's answer, for the XIDs the app saw
     unfinished: list[tuple[str, str]]
     settle_seconds: float
+    #: decisions an engine refused as already decided otherwise: (xid, event, status then)
+    refused: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 async def settle(
@@ -1282,6 +1295,16 @@ def check(
                 + (" (it never had it)" if rec is None else "")
             )
     v.extend(abandoned_orders(traffic, order, status_of, info))
+    # the initiator's sidecar is the only one to send commits and rollbacks: a rollback of a
+    # transaction that Committed means it sent both for one request (e.g. its client's FIN
+    # read in the same poll as the app's answer, the commit not yet sent)
+    for xid, event, then in outcome.refused:
+        if event == "rollback" and status_of(xid) == "Committed":
+            v.append(
+                f"[contradicting-decisions] {xid}: Committed, yet a rollback was sent for it too "
+                f"(refused: it was {then})"
+            )
+    info["refused_decisions"] = dict(Counter(event for _, event, _ in outcome.refused))
     v.extend(order.anomalies)
     v.extend(traffic.violations)
     for proc in procs.values():
@@ -1373,6 +1396,24 @@ def abandoned_orders(
                 counts["rolled_back_app_succeeded"] += 1
     info["abandoned"] = dict(counts)
     return v
+
+
+def refused_decisions(logs: list[Path]) -> list[tuple[str, str, str]]:
+    """(xid, event, status) of each commit or rollback an engine refused because the
+    transaction was already decided otherwise (its info log line)."""
+    found = []
+    for log in logs:
+        try:
+            lines = log.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            if "already decided otherwise" not in line:
+                continue
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                found.append((str(rec.get("xid")), str(rec.get("event")), str(rec.get("status"))))
+    return found
 
 
 def errors_logged(log: Path) -> tuple[int, list[str]]:
@@ -1515,6 +1556,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             ) as api_session:
                 outcome = await settle(layout, known, args.settle_timeout, api_session)
                 stuck = await stuck_branches(layout, api_session)
+        outcome.refused = refused_decisions([procs["coordinator"].log, procs["order"].log])
         say(f"settled in {outcome.settle_seconds:.1f}s; checking")
         violations, info = check(outcome, order, participants, procs, traffic)
         violations = faults.violations + violations + stuck
@@ -1616,6 +1658,10 @@ def render(s: dict[str, Any], facts: list[tuple[str, str]]) -> str:
     lines += [
         f"| coordinated by | {owners} |",
         f"| reached the order app (checked through the TM API) | {s['orders_at_app']:,} |",
+        "| decisions refused as already decided otherwise (information; a rollback of a "
+        "Committed one is a violation) | "
+        + (", ".join(f"{e} {c}" for e, c in info["refused_decisions"].items()) or "0")
+        + " |",
         "",
         "| faults injected (SIGKILL, then restart on the same ports) | count |",
         "|---|--:|",
