@@ -6,25 +6,29 @@ atomic step (Redis `SET NX PX`; in memory, no await between the check and the wr
 requests racing with one key, on one replica or on two, cannot both believe they came first.
 Redis and aiocache failures are translated here, once, into `StoreUnavailable`; the
 `sidecar.txn.locks` adapter reuses `redis_client` and `store_errors` for the same reason.
+
+redis-py and aiocache (which imports redis-py, and redis-py OpenTelemetry) are imported only
+when a Redis URL is configured: they cost a sidecar ~9 MB of RSS it does not need with the
+in-memory store, which is a small dict of its own here.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import heapq
+import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
-
-import redis.asyncio as aioredis
-from aiocache import Cache
-from aiocache.serializers import NullSerializer
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from sidecar.coordinator.nonces import MemoryNonceStore, NonceStore
 from sidecar.errors import BadRequest, SidecarError, StoreUnavailable
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
 
 #: how long a key is remembered when the caller names no TTL (config: idempotency.ttl)
 DEFAULT_TTL: Final = 86400.0
@@ -68,6 +72,9 @@ class RedisAddress:
 def _retry() -> Retry:
     # One immediate retry covers a pooled connection that Redis closed (a restart, an idle
     # timeout); more, with backoff, would let one call outlive the transaction it serves.
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
     return Retry(NoBackoff(), 1)
 
 
@@ -75,6 +82,8 @@ def redis_client(
     url: str, *, password: str | None = None, timeout: float = DEFAULT_TIMEOUT
 ) -> aioredis.Redis:
     """A Redis client (its own connection pool) for `url`; close it with `aclose()`."""
+    import redis.asyncio as aioredis
+
     addr = RedisAddress.parse(url)
     return aioredis.Redis(
         host=addr.host,
@@ -98,8 +107,19 @@ def store_errors(where: str) -> Iterator[None]:
         raise
     except TimeoutError:  # aiocache's per-call timeout (asyncio.wait_for)
         raise StoreUnavailable(f"{where}: no answer in time") from None
-    except (RedisError, OSError) as exc:
+    except OSError as exc:
         raise StoreUnavailable(f"{where}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:
+        if not _is_redis_error(exc):
+            raise
+        raise StoreUnavailable(f"{where}: {type(exc).__name__}: {exc}") from None
+
+
+def _is_redis_error(exc: Exception) -> bool:
+    # redis-py is imported only with a Redis store: when it is not loaded, nothing raised
+    # can be one of its errors
+    module = sys.modules.get("redis.exceptions")
+    return module is not None and isinstance(exc, module.RedisError)
 
 
 def _check_key(key: str) -> None:
@@ -115,8 +135,76 @@ def _ttl_ms(ttl: float) -> int:
     return max(1, round(ttl * 1000))
 
 
+class MemoryCache:
+    """The in-process store behind `IdempotencyStore.memory`: the part of aiocache's API the
+    store uses (`get`, `add`, `set`, `delete`, `clear`), without aiocache.
+
+    A key expires `ttl` seconds after it was written. Expired keys are dropped when read and,
+    through a heap of expiry times, on every write, so the dict holds no more than the live
+    keys plus those that expired since the last write; no timer per key. Every method runs
+    without an await, so `add`'s check and write are one atomic step on the event loop."""
+
+    __slots__ = ("_clock", "_items", "_expiry")
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        #: key -> (value, expires at on `clock`)
+        self._items: dict[str, tuple[bytes, float]] = {}
+        #: (expires at, key); stale entries (a key rewritten or deleted since) are skipped
+        self._expiry: list[tuple[float, str]] = []
+
+    async def get(self, key: str) -> bytes | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        if item[1] <= self._clock():
+            del self._items[key]
+            return None
+        return item[0]
+
+    async def add(self, key: str, value: bytes, ttl: float) -> None:
+        """Raises ValueError when the key is there (aiocache's behaviour, which the store
+        relies on)."""
+        now = self._clock()
+        item = self._items.get(key)
+        if item is not None and item[1] > now:
+            raise ValueError(f"key {key!r} already exists")
+        self._write(key, value, now + ttl, now)
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        now = self._clock()
+        self._write(key, value, now + ttl, now)
+
+    async def delete(self, key: str) -> None:
+        self._items.pop(key, None)
+
+    async def clear(self, namespace: str | None = None) -> None:
+        self._items.clear()
+        self._expiry.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _write(self, key: str, value: bytes, expires: float, now: float) -> None:
+        self._purge(now)
+        self._items[key] = (value, expires)
+        heapq.heappush(self._expiry, (expires, key))
+        if len(self._expiry) > 2 * len(self._items) + 64:
+            # rewritten and deleted keys left stale entries: rebuild from the live ones
+            self._expiry = [(at, k) for k, (_, at) in self._items.items()]
+            heapq.heapify(self._expiry)
+
+    def _purge(self, now: float) -> None:
+        expiry, items = self._expiry, self._items
+        while expiry and expiry[0][0] <= now:
+            at, key = heapq.heappop(expiry)
+            item = items.get(key)
+            if item is not None and item[1] == at:
+                del items[key]
+
+
 class IdempotencyStore:
-    """Idempotency keys over aiocache: `SimpleMemoryCache` (one process) or `RedisCache`.
+    """Idempotency keys in `MemoryCache` (one process) or aiocache's `RedisCache`.
 
     Values are bytes, stored as they are (no serializer in between), so callers keep their
     own format (typically the JSON of the first answer)."""
@@ -141,8 +229,7 @@ class IdempotencyStore:
 
     @classmethod
     def memory(cls, *, ttl: float = DEFAULT_TTL, namespace: str = "gts:idem") -> IdempotencyStore:
-        cache = Cache(Cache.MEMORY, namespace=namespace, serializer=NullSerializer())
-        return cls(cache, namespace=namespace, ttl=ttl)
+        return cls(MemoryCache(), namespace=namespace, ttl=ttl)
 
     @classmethod
     def from_url(
@@ -158,6 +245,9 @@ class IdempotencyStore:
         if url == "memory":
             return cls.memory(ttl=ttl, namespace=namespace)
         addr = RedisAddress.parse(url)
+        from aiocache import Cache
+        from aiocache.serializers import NullSerializer
+
         cache = Cache(
             Cache.REDIS,
             endpoint=addr.host,
@@ -229,7 +319,6 @@ class IdempotencyStore:
             # not `cache.close()`: aiocache 0.12 calls redis-py's deprecated `close()`
             await self._redis.aclose()
         else:
-            # cancels the expiry timers of this store's keys
             await self._cache.clear(namespace=self._namespace)
 
 

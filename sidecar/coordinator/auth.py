@@ -6,6 +6,9 @@ decodes it unverified and only to schedule refreshes (`exp`, `iat`, `nbf`), refu
 whose algorithm is not allow-listed. The server is the one that verifies. aiohttp and PyJWT
 errors are translated here, at the edge, into `Unauthorized` (a caller's bearer token),
 `CoordinatorAuthFailed` (this sidecar's own credentials) or `CoordinatorUnavailable`.
+
+PyJWT (and the `cryptography` it loads, ~11 MB of RSS) is imported on first use: only a
+process that fetches or verifies bearer tokens pays for it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
-import jwt
 
 from sidecar.errors import CoordinatorAuthFailed, CoordinatorUnavailable, Unauthorized
 
@@ -40,17 +42,22 @@ def _alg_refused(alg: object, algorithms: Sequence[str]) -> bool:
 
 # --- server side --------------------------------------------------------------------------
 
-# PyJWT's exceptions → the reason we give; the most specific first (they subclass each other)
-_BEARER_REASONS: Final[tuple[tuple[type[Exception], str], ...]] = (
-    (jwt.ExpiredSignatureError, "token expired"),
-    (jwt.ImmatureSignatureError, "token not yet valid (nbf or iat in the future)"),
-    (jwt.InvalidAudienceError, "wrong audience"),
-    (jwt.MissingRequiredClaimError, "missing required claim"),
-    (jwt.InvalidAlgorithmError, "algorithm not allowed"),
-    (jwt.InvalidSignatureError, "bad signature"),
-    (jwt.InvalidKeyError, "unusable verification key"),
-    (jwt.DecodeError, "malformed token"),
-)
+
+def _bearer_reasons() -> tuple[tuple[type[Exception], str], ...]:
+    """PyJWT's exceptions → the reason we give; the most specific first (they subclass each
+    other)."""
+    import jwt
+
+    return (
+        (jwt.ExpiredSignatureError, "token expired"),
+        (jwt.ImmatureSignatureError, "token not yet valid (nbf or iat in the future)"),
+        (jwt.InvalidAudienceError, "wrong audience"),
+        (jwt.MissingRequiredClaimError, "missing required claim"),
+        (jwt.InvalidAlgorithmError, "algorithm not allowed"),
+        (jwt.InvalidSignatureError, "bad signature"),
+        (jwt.InvalidKeyError, "unusable verification key"),
+        (jwt.DecodeError, "malformed token"),
+    )
 
 
 def verify_bearer(
@@ -68,6 +75,8 @@ def verify_bearer(
     must name it; without one, a token that carries `aud` is refused (PyJWT's rule: a token
     meant for someone else is not for us). `key` is the HMAC secret or the PEM public key.
     """
+    import jwt
+
     if not authorization_header or not authorization_header.strip():
         raise Unauthorized("bearer token rejected: missing bearer token (no Authorization)")
     scheme, _, token = authorization_header.strip().partition(" ")
@@ -101,7 +110,7 @@ def verify_bearer(
             f"bearer token rejected: algorithm {alg} is not available on this server"
         ) from None
     except jwt.PyJWTError as exc:
-        for cls, reason in _BEARER_REASONS:
+        for cls, reason in _bearer_reasons():
             if isinstance(exc, cls):
                 if isinstance(exc, jwt.MissingRequiredClaimError):
                     reason = f"{reason} {exc.claim!r}"
@@ -325,6 +334,8 @@ class TokenSource:
             isinstance(expires_in, bool) or not isinstance(expires_in, int | float)
         ):
             raise CoordinatorUnavailable(f'{where}: "expires_in" is not a number')
+        import jwt
+
         try:
             alg = jwt.get_unverified_header(value).get("alg")
             # not verified: the client holds no key to verify with; the server does that

@@ -26,13 +26,14 @@ import logging
 import re
 import time
 from collections.abc import Callable, Sequence
-from typing import Final, Protocol
-
-import redis.asyncio as aioredis
+from typing import TYPE_CHECKING, Final, Protocol
 
 from sidecar.errors import InvalidRequest, LockConflict, SidecarError, XidInvalid
 from sidecar.idempotency import DEFAULT_TIMEOUT, RedisAddress, redis_client, store_errors
 from sidecar.xid import parse as parse_xid
+
+if TYPE_CHECKING:  # imported by redis_client, with a Redis backend only
+    import redis.asyncio as aioredis
 
 log = logging.getLogger("sidecar.locks")
 

@@ -1,0 +1,116 @@
+"""A config loads only the libraries it uses: each one the example config does not need costs
+the idle sidecar RSS (redis-py with aiocache and OpenTelemetry ~9 MB, PyJWT with
+`cryptography` ~11 MB, asyncpg). Checked in a fresh interpreter's sys.modules, since this test
+process has imported everything already."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "config" / "sidecar.yaml"
+
+#: top-level packages the example config never needs, and which config needs each
+NOT_NEEDED = {
+    "redis": "idempotency.store or locks.backend redis://",
+    "aiocache": "idempotency.store redis://",
+    "opentelemetry": "imported by redis-py",
+    "jwt": "coordinator.auth (token_url, verify_key_file)",
+    "cryptography": "imported by PyJWT",
+    "asyncpg": "local_coordinator.journal postgresql://",
+    "hypothesis": "tests only",
+    "pytest": "tests only",
+    "trustme": "tests only",
+    "grpc": "tests only",
+}
+
+# Starts a Sidecar from the example config (ephemeral loopback ports, the journal in a temp
+# dir, `overrides` merged over it) on uvloop as `gts-sidecar run` does, and prints the
+# top-level packages loaded once it is up.
+_SCRIPT = """
+import asyncio, json, sys
+import uvloop, yaml
+from sidecar import config as configmod
+from sidecar.metrics import Metrics
+from sidecar.server import Sidecar
+
+example, journal, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+with open(example) as f:
+    data = yaml.safe_load(f)
+for listener in ("inbound", "outbound", "api", "peer", "admin"):
+    data["listeners"][listener]["bind"] = "127.0.0.1:0"
+data["local_coordinator"]["journal"] = "sqlite:///" + journal
+for section, values in overrides.items():
+    data[section].update(values)
+config = configmod.parse(data, env={})
+
+async def main():
+    sidecar = Sidecar(config, metrics=Metrics())
+    await sidecar.start()
+    try:
+        assert sidecar.ports["admin"] > 0
+        print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+    finally:
+        await sidecar.close()
+
+uvloop.run(main())
+"""
+
+
+def _loaded_after_start(tmp_path: Path, overrides: dict[str, Any] | None = None) -> set[str]:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _SCRIPT,
+            str(EXAMPLE),
+            str(tmp_path / "journal.db"),
+            json.dumps(overrides or {}),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def _loaded_by_import(module: str, cwd: Path) -> set[str]:
+    code = f"import json, sys, {module}; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=cwd
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {name.split(".")[0] for name in json.loads(out.stdout)}
+
+
+@pytest.mark.parametrize("module", ["sidecar.server", "sidecar.cli", "sidecar.control"])
+def test_import_loads_no_optional_library(module: str, tmp_path: Path) -> None:
+    loaded = _loaded_by_import(module, tmp_path)
+    unwanted = {name: why for name, why in NOT_NEEDED.items() if name in loaded}
+    assert not unwanted, f"`import {module}` loads libraries only some configs need: {unwanted}"
+
+
+def test_example_config_starts_without_optional_libraries(tmp_path: Path) -> None:
+    loaded = _loaded_after_start(tmp_path)
+    assert {"sidecar", "aiohttp", "httptools", "sqlite3"} <= loaded  # it did start
+    unwanted = {name: why for name, why in NOT_NEEDED.items() if name in loaded}
+    assert not unwanted, f"the example config loads libraries it does not use: {unwanted}"
+
+
+def test_redis_store_loads_redis(tmp_path: Path) -> None:
+    """The other side: a config that names Redis does load it (nothing is connected before
+    the first call, so no server is needed to start)."""
+    loaded = _loaded_after_start(
+        tmp_path,
+        {"idempotency": {"store": "redis://127.0.0.1:1/0"}},
+    )
+    assert {"redis", "aiocache"} <= loaded
+    assert "jwt" not in loaded
