@@ -36,6 +36,7 @@ from sidecar.errors import BadRequest, SidecarError
 from sidecar.proxy import grpc
 from sidecar.proxy import headers as h
 from sidecar.proxy.exchange import PAUSE_UPSTREAM_FULL, Exchange
+from sidecar.proxy.h2_upstream import PlainEncoder
 
 if TYPE_CHECKING:
     from sidecar.proxy.listener import ClientConnection, ProxyListener
@@ -247,10 +248,17 @@ class H2Downstream:
         self.client = client
         self.loop = client.loop
         self.listener = client.listener
+        # what arrives is validated (the client's fields are the attack surface); what we
+        # send is built here from validated fields, so h2's outbound checks are skipped
         config = h2.config.H2Configuration(
-            client_side=False, header_encoding=None, validate_inbound_headers=True
+            client_side=False,
+            header_encoding=None,
+            validate_inbound_headers=True,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
         self.h2 = h2.connection.H2Connection(config=config)
+        self.h2.encoder = PlainEncoder()
         limits = client.runtime.limits
         self.h2.local_settings = h2.settings.Settings(
             client=False,
@@ -263,6 +271,7 @@ class H2Downstream:
         self.streams: dict[int, H2Stream] = {}
         self.going_away = False
         self.closed = False
+        self._flush_scheduled = False
         #: bytes received since the last event (see data_received)
         self.silent_bytes = 0
         self.silent_limit = limits.header_bytes + 4 * self.h2.max_inbound_frame_size
@@ -328,7 +337,7 @@ class H2Downstream:
             )
         except h2.exceptions.ProtocolError:
             pass
-        self.flush()
+        self._flush_now()
         self.connection_lost()
         self._close_transport()
 
@@ -342,7 +351,7 @@ class H2Downstream:
         streams and close."""
         self.listener.client_error("h2_protocol")
         log.debug("HTTP/2 protocol error from a client: %s", exc)
-        self.flush()
+        self._flush_now()
         self.connection_lost()
         transport = self.client.transport
         if transport is not None:
@@ -538,13 +547,23 @@ class H2Downstream:
         if not stream.ended:
             # the exchange ended without a response end (abandoned): tell the client
             self.reset(stream, h2.errors.ErrorCodes.CANCEL)
-        self.flush()
         if not self.streams:
             self.client.idle_since = self.loop.time()
             if self.going_away:
+                self._flush_now()
                 self._close_transport()
+                return
+        self.flush()
 
     def flush(self) -> None:
+        """Write what h2 has queued, once per event-loop step (the answers of all the streams
+        one upstream read completed go out in one write)."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_scheduled = False
         data = self.h2.data_to_send()
         if data:
             self.client.write(data)
@@ -556,7 +575,7 @@ class H2Downstream:
         if not self.going_away:
             self.going_away = True
             self.h2.close_connection()
-            self.flush()
+            self._flush_now()
         if not self.streams:
             self._close_transport()
 
