@@ -470,9 +470,29 @@ class XidConfig(_Model):
         return v
 
 
+class AccessLogConfig(_Model):
+    """One JSON line per proxied request (logger `sidecar.access`, at info)."""
+
+    enabled: bool = False
+    #: the share of requests logged (1.0: every one; 0.01: one in a hundred, at random)
+    sample_ratio: float = Field(default=1.0, gt=0.0, le=1.0)
+
+
 class LoggingConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
+    access_log: AccessLogConfig = AccessLogConfig()
+
+
+class TracingConfig(_Model):
+    """Spans over OTLP/HTTP (protobuf). Without an endpoint no span is recorded, and the
+    calls made for a transaction still carry its `traceparent`."""
+
+    #: the collector: `http://HOST:4318` (its /v1/traces) or the full traces URL
+    otlp_endpoint: HttpUrl | None = None
+    #: the share of new traces recorded; a request that arrives with a traceparent keeps
+    #: its caller's decision (the sampled flag)
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
 
 
 class AdminConfig(_Model):
@@ -899,6 +919,7 @@ class Config(_Model):
     admin: AdminConfig = AdminConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+    tracing: TracingConfig = TracingConfig()
     drain_timeout: Duration = 20.0
     coordinator: CoordinatorConfig = CoordinatorConfig()
     local_coordinator: LocalCoordinatorConfig = LocalCoordinatorConfig()

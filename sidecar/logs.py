@@ -1,7 +1,9 @@
 """Structured logs: one JSON object per line, with the XID on every line that has one.
 
 Call sites pass request facts through `extra={"xid": ..., "upstream": ...}`; the formatter
-copies every such extra field into the object. Nothing on the request path logs above debug.
+copies every such extra field into the object. A line written while a request or transaction
+is handled also gets its `trace_id` and `xid` (sidecar/tracing.py's context variable), unless
+the call site gave them. Nothing on the request path logs above debug.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import time
 from typing import Any, Final
 
 import orjson
+
+from sidecar.tracing import current
 
 _STANDARD: Final = frozenset(
     logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys() | {"message", "asctime"}
@@ -27,6 +31,11 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        trace, xid = current()
+        if trace is not None:
+            out["trace_id"] = trace.trace_id
+        if xid is not None:
+            out["xid"] = xid
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 out[key] = value

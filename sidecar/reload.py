@@ -44,6 +44,7 @@ _RESTART_SECTIONS: Final = (
     "tcc",
     "saga",
     "idempotency",
+    "tracing",  # the span exporter is set up once, at start
     "locks",
 )
 #: coordinator.signing: the ring is replaced in place (the current key signs, current and

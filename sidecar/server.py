@@ -17,13 +17,14 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar import __version__, logs
+from sidecar import __version__, logs, spans
 from sidecar.admin import build_admin_app
 from sidecar.config import Config, parse_bind
 from sidecar.control import ControlPlane, serve_app
 from sidecar.coordinator.engine import Engine
 from sidecar.errors import ConfigError
 from sidecar.metrics import Metrics
+from sidecar.proxy import access_log
 from sidecar.proxy import headers as h
 from sidecar.proxy.h2_upstream import H2Cluster
 from sidecar.proxy.inbound import InboundRouter
@@ -86,6 +87,8 @@ class Sidecar:
         self.outbound: ProxyListener | None = None
         self._runners: list[web.AppRunner] = []
         self._watcher: ConfigWatcher | None = None
+        #: this sidecar set up the span exporter (flushed and stopped at close)
+        self._spans = False
         self._stop = asyncio.Event()
         self._app_probe: tuple[float, str | None] = (0.0, None)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -239,6 +242,7 @@ class Sidecar:
         self._config = config
         self._set_version(digest)
         logs.set_level(config.logging.level)
+        access_log.configure(config.logging.access_log)
 
     def _unchanged(self, config: Config) -> bool:
         """A loaded config is the one in force: same values (secrets by value) and the same
@@ -295,6 +299,8 @@ class Sidecar:
                 )
         publish_expiry(self.metrics.tls_certificate_expiry, None, tls)
         self._tls = tls
+        self._spans = spans.configure(config.tracing, "sidecar")
+        access_log.configure(config.logging.access_log)
         # the local engine always runs: it is the coordinator when no cluster is configured,
         # and the degraded-mode stand-in when the configured cluster is unreachable
         await self.control.start(serve_local=True)
@@ -421,3 +427,6 @@ class Sidecar:
             await runner.cleanup()
         self._runners.clear()
         await self.control.stop(0)
+        if self._spans:  # after the engine: its last spans are sent too
+            self._spans = False
+            await asyncio.to_thread(spans.shutdown)

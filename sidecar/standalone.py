@@ -23,7 +23,7 @@ import time
 
 from aiohttp import web
 
-from sidecar import __version__
+from sidecar import __version__, spans
 from sidecar.admin import build_admin_app
 from sidecar.config import Config, load
 from sidecar.control import ControlPlane, serve_app
@@ -48,6 +48,8 @@ class StandaloneCoordinator:
         self._runners: list[web.AppRunner] = []
         self._stop = asyncio.Event()
         self._tls_watcher: TlsFileWatcher | None = None
+        #: this process set up the span exporter (flushed and stopped at close)
+        self._spans = False
 
     # what the admin listener reads
     @property
@@ -75,6 +77,7 @@ class StandaloneCoordinator:
             for name in ("peer", "admin")
             if (t := getattr(cfg.listeners, name).tls) is not None
         }
+        self._spans = spans.configure(cfg.tracing, "coordinator")
         await self.control.start(serve_local=True)
         expiry = self.metrics.tls_certificate_expiry
         publish_expiry(expiry, None, tls)
@@ -139,6 +142,9 @@ class StandaloneCoordinator:
             await runner.cleanup()
         self._runners.clear()
         await self.control.stop(0)
+        if self._spans:  # after the engine: its last spans are sent too
+            self._spans = False
+            await asyncio.to_thread(spans.shutdown)
 
 
 def migrate_only(path: str) -> int:

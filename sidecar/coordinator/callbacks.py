@@ -28,6 +28,8 @@ from sidecar.coordinator.signing import KeyRing, sign_headers
 from sidecar.errors import SidecarError
 from sidecar.proxy.fetch import fetch
 from sidecar.proxy.upstream import Cluster
+from sidecar.spans import tracer
+from sidecar.tracing import current_trace
 
 if TYPE_CHECKING:
     from sidecar.metrics import Metrics
@@ -141,28 +143,49 @@ class HttpBranchCaller:
             self.ring, "POST", raw_path, raw_query, body,
             now_ms=self._clock_ms(), idempotency_key=key, xid=branch.xid,
         )  # fmt: skip
+        # a span per call, child of the transaction's own span (the engine's phase-two task
+        # is about the transaction); the branch's sidecar gets its position as traceparent
+        span = tracer().start(
+            f"gts phase two {phase}",
+            current_trace(),
+            kind="client",
+            attributes={
+                "gts.xid": branch.xid,
+                "gts.branch_id": str(branch.branch_id),
+                "gts.resource_id": branch.resource_id,
+                "gts.attempt": branch.attempts + 1,
+            },
+        )
         headers = [
             *signed.items(),
             ("content-type", "application/json"),
             ("xid", branch.xid),
             ("idempotency-key", key),
+            ("traceparent", span.context.traceparent),
         ]
         target = f"{raw_path}?{raw_query}" if raw_query else raw_path
         started = time.perf_counter()
+        error: str | None = "cancelled"
         try:
-            response = await fetch(
-                cluster, "POST", target, headers, body,
-                timeout=self.timeout, idempotent=True, max_body=_MAX_ANSWER,
-            )  # fmt: skip
-        except SidecarError as exc:
-            return f"{phase} callback to {url} failed: {exc.message}"
+            try:
+                response = await fetch(
+                    cluster, "POST", target, headers, body,
+                    timeout=self.timeout, idempotent=True, max_body=_MAX_ANSWER,
+                )  # fmt: skip
+            except SidecarError as exc:
+                error = f"{phase} callback to {url} failed: {exc.message}"
+                return error
+            finally:
+                self._durations[commit].observe(time.perf_counter() - started)
+            want = "PhaseTwo_Committed" if commit else "PhaseTwo_Rollbacked"
+            try:
+                answer = orjson.loads(response.body).get("status") if response.body else None
+            except (orjson.JSONDecodeError, AttributeError):
+                answer = None
+            if 200 <= response.status < 300 and answer == want:
+                error = None
+                return None
+            error = f"{phase} callback to {url}: HTTP {response.status}, status {answer!r}"
+            return error
         finally:
-            self._durations[commit].observe(time.perf_counter() - started)
-        want = "PhaseTwo_Committed" if commit else "PhaseTwo_Rollbacked"
-        try:
-            answer = orjson.loads(response.body).get("status") if response.body else None
-        except (orjson.JSONDecodeError, AttributeError):
-            answer = None
-        if 200 <= response.status < 300 and answer == want:
-            return None
-        return f"{phase} callback to {url}: HTTP {response.status}, status {answer!r}"
+            span.end(error)

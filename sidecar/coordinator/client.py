@@ -21,6 +21,7 @@ import logging
 import ssl
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -50,6 +51,8 @@ from sidecar.errors import (
     XidInvalid,
 )
 from sidecar.metrics import Metrics
+from sidecar.spans import tracer
+from sidecar.tracing import TraceContext, current_trace
 from sidecar.xid import parse as parse_xid
 
 log = logging.getLogger("sidecar.coordinator.client")
@@ -106,9 +109,11 @@ class LocalCoordinator:
             if idempotency_key is None
             else protocol.body_hash(orjson.dumps([name, timeout_ms]))
         )
+        trace = current_trace()  # the request's that begins it (the engine stores it)
         rec = await self.engine.begin(
-            name, timeout_ms, idempotency_key=idempotency_key, request_hash=request_hash
-        )
+            name, timeout_ms, idempotency_key=idempotency_key, request_hash=request_hash,
+            traceparent=None if trace is None else trace.traceparent,
+        )  # fmt: skip
         # the engine's own deadline (wall clock, this process), on the loop's clock
         left_ms = rec.deadline_ms - _now_ms()
         now = asyncio.get_running_loop().time()
@@ -143,9 +148,11 @@ class LocalCoordinator:
         if idempotency_key is not None:
             request = orjson.dumps([branch_type.value, resource_id, callback_url])
             request_hash = protocol.body_hash(request + application_data)
+        trace = current_trace()
         branch = await self.engine.register(
             xid, branch_type, resource_id, callback_url, application_data,
             idempotency_key=idempotency_key, request_hash=request_hash,
+            traceparent=None if trace is None else trace.traceparent,
         )  # fmt: skip
         deadline_ms = self.engine.deadline_ms(xid)
         if deadline_ms is not None and self.deadlines.get(xid) is None:
@@ -171,6 +178,10 @@ _REMOTE_ERRORS: Final[dict[str, type[SidecarError]]] = {
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+#: transactions whose trace this client remembers (begun here, not yet decided)
+_MAX_TRACES: Final = 65_536
 
 
 class RemoteCoordinator:
@@ -208,6 +219,9 @@ class RemoteCoordinator:
         #: coordinator.tls files rotate) and the name verified (None: the endpoint's host)
         self.ssl_context: ssl.SSLContext | bool = True
         self.server_name: str | None = None
+        #: the trace of each transaction this client began, until it is decided: the
+        #: decision is made from a task that is not about the request any more
+        self._traces: OrderedDict[str, TraceContext] = OrderedDict()
 
     async def close(self) -> None:
         if self._own_session and self._session is not None:
@@ -237,6 +251,11 @@ class RemoteCoordinator:
             deadline=None if timeout_ms is None else sent + timeout_ms / 1000,
         )  # fmt: skip
         xid = data["xid"]
+        trace = current_trace()
+        if trace is not None:
+            self._traces[xid] = trace
+            if len(self._traces) > _MAX_TRACES:
+                self._traces.popitem(last=False)
         # the coordinator says which timeout it applied (its default when none was asked)
         applied = data.get("timeoutMs", timeout_ms)
         if isinstance(applied, int) and not isinstance(applied, bool) and applied > 0:
@@ -257,6 +276,7 @@ class RemoteCoordinator:
         path = f"{protocol.API}/transaction/{quote(xid, safe='')}/{call}"
         data = await self._call(call, "POST", path, b"", xid=xid)
         self.deadlines.forget(xid)  # decided: the deadline bounds nothing any more
+        self._traces.pop(xid, None)
         return TxState(data["xid"], data["status"])
 
     def deadline_of(self, xid: str) -> float | None:
@@ -376,16 +396,32 @@ class RemoteCoordinator:
                 f"{self.breaker.seconds_until_probe():.1f}s)"
             )
         settled = False
+        # a span per call, in the trace of the request (or transaction) it is made for; the
+        # coordinator gets its position as the traceparent (and stores it with a begin)
+        parent = current_trace()
+        if parent is None and xid is not None:
+            parent = self._traces.get(xid)
+        span = tracer().start(
+            f"gts {call}",
+            parent,
+            kind="client",
+            attributes={"gts.call": call} if xid is None else {"gts.call": call, "gts.xid": xid},
+        )
+        error: str | None = "cancelled"
         try:
             result = await self._try_endpoints(
-                call, method, path, body, xid, idempotency_key, deadline
-            )
+                call, method, path, body, xid, idempotency_key, deadline,
+                traceparent=span.context.traceparent,
+            )  # fmt: skip
             settled = True
+            error = None
             return result
-        except SidecarError:
+        except SidecarError as exc:
             settled = True  # every verdict path below has told the breaker
+            error = f"{exc.code}: {exc.message}"
             raise
         finally:
+            span.end(error)
             if not settled:
                 self.breaker.abandon()  # cancelled mid-call: never leave the probe out
 
@@ -398,6 +434,8 @@ class RemoteCoordinator:
         xid: str | None,
         idempotency_key: str | None,
         tx_deadline: float | None = None,
+        *,
+        traceparent: str | None = None,
     ) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -416,7 +454,7 @@ class RemoteCoordinator:
                 break
             try:
                 status, data, token = await self._send(
-                    endpoint, method, path, body, xid, idempotency_key, remaining
+                    endpoint, method, path, body, xid, idempotency_key, remaining, traceparent
                 )
                 if status == 401 and self.tokens is not None and not refreshed:
                     # one refresh and one retry on 401 (the token may have been revoked)
@@ -424,7 +462,7 @@ class RemoteCoordinator:
                     await self.tokens.invalidate(token)
                     status, data, _ = await self._send(
                         endpoint, method, path, body, xid, idempotency_key,
-                        max(0.001, deadline - loop.time()),
+                        max(0.001, deadline - loop.time()), traceparent,
                     )  # fmt: skip
             except SidecarError:
                 # the token endpoint's answer: not this coordinator endpoint's fault
@@ -476,6 +514,7 @@ class RemoteCoordinator:
         xid: str | None,
         idempotency_key: str | None,
         timeout: float,
+        traceparent: str | None = None,
     ) -> tuple[int, dict[str, Any], str]:
         raw_path, _, raw_query = path.partition("?")
         headers = sign_headers(
@@ -487,6 +526,8 @@ class RemoteCoordinator:
             headers["Idempotency-Key"] = idempotency_key
         if xid is not None:
             headers["XID"] = xid
+        if traceparent is not None:
+            headers["traceparent"] = traceparent
         token = ""
         if self.tokens is not None:
             token = await self.tokens.token()

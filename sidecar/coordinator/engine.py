@@ -45,6 +45,15 @@ from sidecar.errors import (
     TransactionNotActive,
     TransactionNotFound,
 )
+from sidecar.spans import tracer
+from sidecar.tracing import (
+    TraceContext,
+    enter,
+    new_trace_id,
+    transaction_context,
+    transaction_span_id,
+)
+from sidecar.tracing import parse as parse_traceparent
 from sidecar.xid import TxidGenerator, format_owner
 
 log = logging.getLogger("sidecar.engine")
@@ -96,6 +105,36 @@ class _NoEvents:
 
 def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _transaction_trace(record: GlobalRecord) -> TraceContext | None:
+    """The position of the transaction's own span: the parent of every call made for it."""
+    stored = parse_traceparent(record.traceparent)
+    return None if stored is None else transaction_context(record.xid, stored)
+
+
+def _end_transaction_span(record: GlobalRecord, branches: int) -> None:
+    """The transaction's span, begin → final, recorded when it ends here (its id is derived
+    from the XID, so the calls made before a restart already name it as their parent)."""
+    stored = parse_traceparent(record.traceparent)
+    if stored is None:
+        return
+    own = transaction_span_id(record.xid)
+    root = stored.span_id == own  # begun without a trace: the transaction's span is the root
+    tracer().start(
+        f"gts transaction {record.name}",
+        None if root else stored,
+        kind="server",
+        attributes={
+            "gts.xid": record.xid,
+            "gts.name": record.name,
+            "gts.status": record.status.value,
+            "gts.branches": branches,
+        },
+        span_id=own,
+        trace_id=stored.trace_id,
+        start_ns=record.begin_ms * 1_000_000,
+    ).end(end_ns=record.updated_ms * 1_000_000)
 
 
 def backoff(policy: PhaseTwoRetry, attempt: int, rand: Callable[[], float]) -> float:
@@ -280,7 +319,9 @@ class Engine:
         *,
         idempotency_key: str | None = None,
         request_hash: str | None = None,
+        traceparent: str | None = None,
     ) -> GlobalRecord:
+        """Begin a transaction; `traceparent` is the begin call's (W3C), stored with it."""
         timeout_ms = self.default_timeout_ms if timeout_ms is None else timeout_ms
         if not 0 < timeout_ms <= self.max_timeout_ms:
             raise InvalidRequest(
@@ -300,7 +341,9 @@ class Engine:
             fut: asyncio.Future[GlobalRecord] = asyncio.get_running_loop().create_future()
             self._begins[idempotency_key] = fut
             try:
-                record = await self._begin_once(name, timeout_ms, idempotency_key, request_hash)
+                record = await self._begin_once(
+                    name, timeout_ms, idempotency_key, request_hash, traceparent
+                )
             except BaseException as exc:
                 fut.set_exception(exc)
                 fut.exception()  # retrieved: waiters re-raise it, nobody else needs it
@@ -310,7 +353,7 @@ class Engine:
                 return record
             finally:
                 del self._begins[idempotency_key]
-        return await self._begin_once(name, timeout_ms, None, request_hash)
+        return await self._begin_once(name, timeout_ms, None, request_hash, traceparent)
 
     async def _begin_once(
         self,
@@ -318,6 +361,7 @@ class Engine:
         timeout_ms: int,
         idempotency_key: str | None,
         request_hash: str | None,
+        traceparent: str | None = None,
     ) -> GlobalRecord:
         if idempotency_key is not None:
             earlier = await self._begin_by_key(idempotency_key)
@@ -329,6 +373,10 @@ class Engine:
                 return (await self.get(earlier.xid))[0]
         now = self._clock_ms()
         xid = f"{self.owner}:{self._ids.next()}"
+        caller = parse_traceparent(traceparent)
+        if caller is None:
+            # no trace came with the begin: the transaction's span is the root of a new one
+            caller = TraceContext(new_trace_id(), transaction_span_id(xid))
         record = GlobalRecord(
             xid=xid,
             name=name,
@@ -338,6 +386,7 @@ class Engine:
             updated_ms=now,
             idempotency_key=idempotency_key,
             request_hash=request_hash,
+            traceparent=caller.traceparent,
         )
         live = _Live(record, [])
         self._live[xid] = live
@@ -461,7 +510,10 @@ class Engine:
         *,
         idempotency_key: str | None = None,
         request_hash: str | None = None,
+        traceparent: str | None = None,
     ) -> BranchRecord:
+        """Register a branch; `traceparent` is the register call's (W3C), the parent of
+        the registration's span (else the transaction's own span is)."""
         return await self._moved(
             xid,
             lambda: self._register(
@@ -472,6 +524,7 @@ class Engine:
                 application_data,
                 idempotency_key,
                 request_hash,
+                traceparent,
             ),
         )
 
@@ -484,6 +537,7 @@ class Engine:
         application_data: bytes,
         idempotency_key: str | None,
         request_hash: str | None,
+        traceparent: str | None = None,
     ) -> BranchRecord:
         live = await self._live_or_explain(xid)
         async with live.lock:
@@ -511,9 +565,20 @@ class Engine:
                 idempotency_key=idempotency_key,
                 request_hash=request_hash,
             )
+            span = tracer().start(
+                "gts register branch",
+                parse_traceparent(traceparent) or _transaction_trace(live.record),
+                attributes={
+                    "gts.xid": xid,
+                    "gts.branch_id": str(branch.branch_id),
+                    "gts.resource_id": resource_id,
+                    "gts.branch_type": branch_type.value,
+                },
+            )
             try:
                 await self._write(branches=[branch])
             except DuplicateKey:
+                span.end("idempotency key of another transaction")
                 # the key is a branch's of another transaction (this one's are in memory):
                 # found by the journal's unique index rather than a read before every write
                 assert idempotency_key is not None
@@ -521,6 +586,10 @@ class Engine:
                 if found is None:
                     raise
                 return self._repeated(found, xid, request_hash)
+            except BaseException as exc:
+                span.end(f"{type(exc).__name__}: {exc}")
+                raise
+            span.end()
             live.branches.append(branch)
             return branch
 
@@ -603,6 +672,8 @@ class Engine:
             live.driver = self._spawn(self._drive(live), f"phase-two {live.record.xid}")
 
     async def _drive(self, live: _Live) -> None:
+        # this task's calls (and log lines) are about the transaction, in its trace
+        enter(_transaction_trace(live.record), live.record.xid)
         attempt = 0
         while True:
             try:
@@ -769,6 +840,7 @@ class Engine:
         if live.waiter is not None and not live.waiter.done():
             live.waiter.set_result(None)
         self._events.finished(live.record)
+        _end_transaction_span(live.record, len(live.branches))
 
     # --- operators ----------------------------------------------------------------------------
 

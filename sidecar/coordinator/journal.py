@@ -93,7 +93,8 @@ _SCHEMA: Final = (
         begin_ms INTEGER NOT NULL,
         updated_ms INTEGER NOT NULL,
         idempotency_key TEXT UNIQUE,
-        request_hash TEXT
+        request_hash TEXT,
+        traceparent TEXT
     )""",
     # compaction finds finished transactions by (status, updated_ms): a range per status
     "CREATE INDEX globals_status_updated ON globals(status, updated_ms)",
@@ -117,7 +118,8 @@ _SCHEMA: Final = (
 )
 
 _G_COLS: Final = (
-    "xid, name, status, timeout_ms, begin_ms, updated_ms, idempotency_key, request_hash"
+    "xid, name, status, timeout_ms, begin_ms, updated_ms, idempotency_key, request_hash, "
+    "traceparent"
 )
 _B_COLS: Final = (
     "branch_id, xid, seq, branch_type, resource_id, callback_url, application_data, status, "
@@ -547,6 +549,11 @@ class SqliteJournal:
             )
         for statement in _MIGRATE:
             conn.execute(statement)
+        have = {row[1] for row in conn.execute("PRAGMA table_info(globals)")}
+        if "traceparent" not in have:
+            # added without a new schema version: a nullable column an older sidecar never
+            # names, so rolling back to one still opens the file
+            conn.execute("ALTER TABLE globals ADD COLUMN traceparent TEXT")
 
     def _process(self, conn: sqlite3.Connection, taken: list[_Job]) -> _Stop | None:
         """Apply jobs in queue order: consecutive writes share one transaction."""

@@ -10,7 +10,7 @@ from typing import Any
 from sidecar.coordinator.records import BranchRecord, GlobalRecord
 from sidecar.coordinator.states import BranchStatus, BranchType, GlobalStatus
 
-GlobalRow = tuple[str, str, str, int, int, int, str | None, str | None]
+GlobalRow = tuple[str, str, str, int, int, int, str | None, str | None, str | None]
 BranchRow = tuple[
     int, str, int, str, str, str, bytes, str, int, int, int, str | None, str | None, str | None
 ]
@@ -26,6 +26,7 @@ def global_row(g: GlobalRecord) -> GlobalRow:
         g.updated_ms,
         g.idempotency_key,
         g.request_hash,
+        g.traceparent,
     )
 
 
@@ -49,7 +50,7 @@ def branch_row(b: BranchRecord) -> BranchRow:
 
 
 def global_record(row: Sequence[Any]) -> GlobalRecord:
-    xid, name, status, timeout_ms, begin_ms, updated_ms, key, request_hash = row
+    xid, name, status, timeout_ms, begin_ms, updated_ms, key, request_hash, traceparent = row
     return GlobalRecord(
         xid=xid,
         name=name,
@@ -59,6 +60,7 @@ def global_record(row: Sequence[Any]) -> GlobalRecord:
         updated_ms=updated_ms,
         idempotency_key=key,
         request_hash=request_hash,
+        traceparent=traceparent,
     )
 
 

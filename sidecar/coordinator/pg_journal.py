@@ -53,7 +53,7 @@ _COMPACT_LOCK: Final = 0x67747332
 
 _G: Final = GLOBAL_COLS
 _B: Final = BRANCH_COLS
-_WRITE: Final = "SELECT gts_write(" + ", ".join(f"${n}" for n in range(1, 25)) + ")"
+_WRITE: Final = "SELECT gts_write(" + ", ".join(f"${n}" for n in range(1, 26)) + ")"
 
 
 def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
@@ -390,7 +390,7 @@ class PgJournal:
         try:
             async with pool.acquire(timeout=self.statement_timeout) as conn:
                 moved = await conn.fetchval(
-                    _WRITE, me, xids, *_columns(globals_, 8), *_columns(branches, 14)
+                    _WRITE, me, xids, *_columns(globals_, 9), *_columns(branches, 14)
                 )
         except (
             asyncpg.IntegrityConstraintViolationError,

@@ -26,9 +26,11 @@ MIGRATION_LOCK: Final = 0x67747331  # "gts1"
 
 FINISHED_SQL: Final = ", ".join(f"'{s.value}'" for s in GlobalStatus if s.finished)
 
-GLOBAL_COLS: Final = (
+#: the columns of version 2 (its migration's text never changes)
+_GLOBAL_COLS_V2: Final = (
     "xid, name, status, timeout_ms, begin_ms, updated_ms, idempotency_key, request_hash"
 )
+GLOBAL_COLS: Final = _GLOBAL_COLS_V2 + ", traceparent"
 BRANCH_COLS: Final = (
     "branch_id, xid, seq, branch_type, resource_id, callback_url, application_data, status, "
     "attempts, stuck, updated_ms, last_error, idempotency_key, request_hash"
@@ -43,11 +45,14 @@ def _sets(cols: str, key: str) -> str:
 #: Arguments: the writer's token, every xid the batch touches, then the globals' and the
 #: branches' columns as arrays. Returns the xids the writer does not own (their rows are
 #: skipped), or NULL when the writer's replica row is gone (nothing written).
-WRITE_FUNCTION: Final = f"""
+def _write_function(global_cols: str, trace: bool) -> str:
+    g_trace = ", g_trace text[]" if trace else ""
+    g_trace_arg = ", g_trace" if trace else ""
+    return f"""
 CREATE FUNCTION gts_write(
     me bigint, xids text[],
     g_xid text[], g_name text[], g_status text[], g_timeout bigint[], g_begin bigint[],
-    g_updated bigint[], g_key text[], g_hash text[],
+    g_updated bigint[], g_key text[], g_hash text[]{g_trace},
     b_id bigint[], b_xid text[], b_seq integer[], b_type text[], b_resource text[],
     b_url text[], b_data bytea[], b_status text[], b_attempts integer[], b_stuck boolean[],
     b_updated bigint[], b_error text[], b_key text[], b_hash text[]
@@ -65,12 +70,12 @@ BEGIN
         SELECT g.xid, g.owner_token FROM gts_globals g WHERE g.xid = ANY(xids)
         ORDER BY g.xid FOR UPDATE
     ) t WHERE t.owner_token <> me;
-    INSERT INTO gts_globals ({GLOBAL_COLS}, owner_token)
+    INSERT INTO gts_globals ({global_cols}, owner_token)
         SELECT u.*, me FROM unnest(g_xid, g_name, g_status, g_timeout, g_begin, g_updated,
-                                   g_key, g_hash)
-            AS u({GLOBAL_COLS})
+                                   g_key, g_hash{g_trace_arg})
+            AS u({global_cols})
         WHERE NOT (u.xid = ANY(moved))
-        ON CONFLICT (xid) DO UPDATE SET {_sets(GLOBAL_COLS, "xid")},
+        ON CONFLICT (xid) DO UPDATE SET {_sets(global_cols, "xid")},
             owner_token = excluded.owner_token;
     INSERT INTO gts_branches ({BRANCH_COLS})
         SELECT u.* FROM unnest(b_id, b_xid, b_seq, b_type, b_resource, b_url, b_data,
@@ -82,6 +87,16 @@ BEGIN
     RETURN moved;
 END
 $$"""
+
+
+WRITE_FUNCTION: Final = _write_function(_GLOBAL_COLS_V2, trace=False)
+#: version 3: the same with the transactions' traceparent
+WRITE_FUNCTION_V3: Final = _write_function(GLOBAL_COLS, trace=True)
+_V2_SIGNATURE: Final = (
+    "bigint, text[], text[], text[], text[], bigint[], bigint[], bigint[], text[], text[], "
+    "bigint[], text[], integer[], text[], text[], text[], bytea[], text[], integer[], "
+    "boolean[], bigint[], text[], text[], text[]"
+)
 
 MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
     (
@@ -137,6 +152,16 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
         ),
     ),
     (2, (WRITE_FUNCTION,)),
+    (
+        3,
+        (
+            # the begin call's W3C traceparent: phase two after a failover or restart
+            # still belongs to the transaction's trace
+            "ALTER TABLE gts_globals ADD COLUMN traceparent text",
+            f"DROP FUNCTION gts_write({_V2_SIGNATURE})",
+            WRITE_FUNCTION_V3,
+        ),
+    ),
 )
 
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]

@@ -25,6 +25,9 @@ class GlobalRecord:
     idempotency_key: str | None = None
     #: sha256 of the begin request, to tell a retry from a different request under one key
     request_hash: str | None = None
+    #: the W3C traceparent of the begin call: the trace every later call for the
+    #: transaction belongs to (sidecar/tracing.py)
+    traceparent: str | None = None
 
     @property
     def deadline_ms(self) -> int:
@@ -34,7 +37,7 @@ class GlobalRecord:
         # spelled out: dataclasses.replace costs twice as much, on every state change
         return GlobalRecord(
             self.xid, self.name, status, self.timeout_ms, self.begin_ms, updated_ms,
-            self.idempotency_key, self.request_hash,
+            self.idempotency_key, self.request_hash, self.traceparent,
         )  # fmt: skip
 
 

@@ -138,6 +138,9 @@ async def start(request: web.Request) -> web.Response:
         req.timeout_ms,
         idempotency_key=request.headers.get("Idempotency-Key"),
         request_hash=protocol.body_hash(body),
+        # the caller's trace: stored with the transaction, every later call made for it
+        # (phase two, after a restart too) belongs to it
+        traceparent=request.headers.get("traceparent"),
     )
     # timeoutMs: the timeout applied (the default when none was asked), so that the client
     # knows the transaction's deadline and keeps its own calls within it
@@ -172,6 +175,7 @@ async def register(request: web.Request) -> web.Response:
         req.application_data,
         idempotency_key=request.headers.get("Idempotency-Key"),
         request_hash=protocol.body_hash(body),
+        traceparent=request.headers.get("traceparent"),
     )
     answer: dict[str, object] = {"xid": branch.xid, "branchId": protocol.id_text(branch.branch_id)}
     deadline = request.app[ENGINE].deadline_ms(branch.xid)

@@ -17,6 +17,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, Final
 
+from sidecar import tracing
 from sidecar.config import format_duration
 from sidecar.errors import (
     BadRequest,
@@ -27,7 +28,7 @@ from sidecar.errors import (
     UpstreamUnavailable,
     XidInvalid,
 )
-from sidecar.proxy import grpc
+from sidecar.proxy import access_log, grpc
 from sidecar.proxy import headers as h
 from sidecar.proxy.branch_filter import BranchFilter
 from sidecar.proxy.txn_filter import TxnFilter
@@ -62,12 +63,14 @@ class Exchange:
         "resp_status", "keep_client", "reused", "upstream_paused", "out", "finished",
         "attempts_left", "retrying", "error_code", "stats", "txn", "xid_extra", "held",
         "held_complete", "branch", "buffering", "held_body", "trailers", "grpc_call",
+        "resp_bytes",
     )  # fmt: skip
 
     def __init__(self, conn: Downstream, head: h.RequestHead, rt: ListenerRuntime) -> None:
         self.conn = conn
         self.head = head
         self.rt = rt
+        self.resp_bytes = 0  # response body bytes from the upstream (the access log's)
         self.started = conn.loop.time()
         self.task: asyncio.Task[None] | None = None
         self.route: Route | None = None
@@ -162,13 +165,16 @@ class Exchange:
                 self, route.branch, self.xid.raw, rt.coordinator, rt.participant,
                 rt.callback_base,
             )  # fmt: skip
-            if self.body_done:
-                self.branch.register(b"".join(self.body_buf or ()))
+            if self.body_done:  # (register's tasks are about the request's trace and XID)
+                tracing.about(tracing.from_headers(head.headers), self.xid.raw).run(
+                    self.branch.register, b"".join(self.body_buf or ())
+                )
             return  # else body_complete() registers once the whole body is here
         if route.txn is not None and rt.coordinator is not None:
             self.grpc_call = grpc.request_is_grpc(head.headers)
             self.txn = TxnFilter(self, route.txn, rt.coordinator, rt.metrics)
-            self.txn.begin()  # → proceed() once the transaction exists
+            # → proceed() once the transaction exists; its calls are in the request's trace
+            tracing.about(tracing.from_headers(head.headers), None).run(self.txn.begin)
             return
         self._forward()
 
@@ -338,7 +344,9 @@ class Exchange:
             return
         branch = self.branch
         if branch is not None and branch.task is None and branch.branch_id is None:
-            branch.register(b"".join(self.body_buf or ()))
+            tracing.about(tracing.from_headers(self.head.headers), branch.xid).run(
+                branch.register, b"".join(self.body_buf or ())
+            )
             return
         if self.buffering:
             self._dispatch()
@@ -401,6 +409,7 @@ class Exchange:
         return content_length is not None or chunked
 
     def on_response_body(self, data: bytes) -> None:
+        self.resp_bytes += len(data)
         if self.held is None:
             self.conn.response_data(self, data)
         elif self.held_body is None:
@@ -661,6 +670,8 @@ class Exchange:
             stats.observe(self.resp_status, elapsed)
         if log.isEnabledFor(logging.DEBUG):
             self._log(elapsed)
+        if access_log.writer is not None:
+            access_log.writer.write(self, elapsed)
         conn.exchange_finished(self, self.keep_client and not self.resp_close)
 
     def _log(self, elapsed: float) -> None:

@@ -34,6 +34,9 @@ from sidecar.coordinator.callbacks import idempotency_key
 from sidecar.coordinator.protocol import id_value, json_object
 from sidecar.coordinator.states import BranchType
 from sidecar.errors import InvalidRequest, PayloadTooLarge, SidecarError
+from sidecar.spans import tracer
+from sidecar.tracing import TraceContext, current_trace
+from sidecar.tracing import parse as parse_traceparent
 from sidecar.txn.fence import Action, Decision, FenceState, Phase, decide
 from sidecar.txn.fence_store import FenceRow, FenceStore, now_ms
 from sidecar.txn.tries import Running, TriesInFlight, TryEnd
@@ -84,6 +87,10 @@ class BranchRule:
     #: (method, path) of the app's cancel (TCC) or compensation (Saga)
     cancel: tuple[str, str]
     phase_two_headers: tuple[tuple[str, str], ...]
+
+
+def _traceparent(trace: TraceContext | None) -> str | None:
+    return None if trace is None else trace.traceparent
 
 
 def _rule(r: TccResource | SagaResource) -> BranchRule:
@@ -292,7 +299,7 @@ class Participant:
                     await self.fence.put(
                         FenceRow(
                             xid, branch_id, resource, FenceState.TRYING, started, started,
-                            deadline,
+                            deadline, _traceparent(current_trace()),
                         )
                     )  # fmt: skip
                 except BaseException:
@@ -335,7 +342,7 @@ class Participant:
                         await self.fence.put(
                             FenceRow(
                                 xid, branch_id, row.resource, decision.next_state, now_ms(),
-                                row.try_started_ms, row.try_deadline_ms,
+                                row.try_started_ms, row.try_deadline_ms, row.traceparent,
                             ),
                             durable=False,
                         )  # fmt: skip
@@ -355,8 +362,11 @@ class Participant:
 
     # --- phase two ---------------------------------------------------------------------------
 
-    async def phase_two(self, resource: str, commit: bool, body: bytes) -> dict[str, str]:
-        """Handle one callback; returns the answer body ({"status": …})."""
+    async def phase_two(
+        self, resource: str, commit: bool, body: bytes, traceparent: str | None = None
+    ) -> dict[str, str]:
+        """Handle one callback; returns the answer body ({"status": …}). `traceparent` is
+        the callback's (the transaction's trace): the call to the app continues it."""
         rule = self.rules.by_resource.get(resource)
         if rule is None:
             raise ResourceNotFound(f"no tcc/saga resource {resource!r} is declared here")
@@ -383,7 +393,7 @@ class Participant:
                         phase, row.state if row else None, self._try_running(key, row)
                     )
                     if decision.action is not Action.WAIT:
-                        return await self._act(rule, commit, key, data, row, decision)
+                        return await self._act(rule, commit, key, data, row, decision, traceparent)
             finally:
                 self._release_lock(xid, branch_id, lock)
             # the try is still running at the app: a cancel now would find nothing to cancel
@@ -425,6 +435,7 @@ class Participant:
         data: dict[str, Any],
         row: FenceRow | None,
         decision: Decision,
+        traceparent: str | None = None,
     ) -> dict[str, str]:
         """Carry out a fence decision (the branch's lock is held)."""
         xid, branch_id = key
@@ -443,7 +454,11 @@ class Participant:
             )
             return {"status": retry, "reason": decision.reason}
         if decision.action is Action.FORWARD:
-            error = await self._call_app(rule, commit, xid, branch_id, data)
+            # the callback's trace (the transaction's), else the try's, journalled with it
+            parent = parse_traceparent(traceparent) or parse_traceparent(
+                row.traceparent if row else None
+            )
+            error = await self._call_app(rule, commit, xid, branch_id, data, parent)
             if error is not None:
                 log.warning(
                     "phase two at the app failed; the coordinator will retry",
@@ -455,6 +470,7 @@ class Participant:
             FenceRow(
                 xid, branch_id, resource, decision.next_state, now_ms(),
                 row.try_started_ms if row else 0, row.try_deadline_ms if row else 0,
+                row.traceparent if row else traceparent,
             )
         )  # fmt: skip
         return {"status": done}
@@ -487,7 +503,36 @@ class Participant:
         return f"{method} {path} answered HTTP {status}"
 
     async def _call_app(
-        self, rule: BranchRule, commit: bool, xid: str, branch_id: int, data: dict[str, Any]
+        self,
+        rule: BranchRule,
+        commit: bool,
+        xid: str,
+        branch_id: int,
+        data: dict[str, Any],
+        parent: TraceContext | None = None,
+    ) -> str | None:
+        what = "confirm" if commit else ("compensate" if rule.confirm is None else "cancel")
+        span = tracer().start(
+            f"gts {what} {rule.resource}",
+            parent,
+            kind="client",
+            attributes={"gts.xid": xid, "gts.branch_id": str(branch_id)},
+        )
+        error: str | None = "cancelled"
+        try:
+            error = await self._call_app_in(rule, commit, xid, branch_id, data, span.context)
+            return error
+        finally:
+            span.end(error)
+
+    async def _call_app_in(
+        self,
+        rule: BranchRule,
+        commit: bool,
+        xid: str,
+        branch_id: int,
+        data: dict[str, Any],
+        trace: TraceContext,
     ) -> str | None:
         target = rule.confirm if commit else rule.cancel
         assert target is not None
@@ -501,6 +546,8 @@ class Participant:
                 BRANCH_HEADER: str(branch_id),
                 PHASE_HEADER: "confirm" if commit else "cancel",
                 "Idempotency-Key": idempotency_key(xid, branch_id, phase),
+                # the transaction's trace, this call's span: the app's work on it joins
+                "traceparent": trace.traceparent,
             }
         )
         url = self.app_url + path + (f"?{query}" if query else "")

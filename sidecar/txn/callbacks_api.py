@@ -12,15 +12,23 @@ import orjson
 from aiohttp import web
 
 from sidecar.coordinator.server import BODY
+from sidecar.tracing import enter, leave
+from sidecar.tracing import parse as parse_traceparent
 from sidecar.txn.branches import CALLBACK_PREFIX, Participant
 
 PARTICIPANT: Final = web.AppKey("participant", Participant)
 
 
 async def _phase_two(request: web.Request, commit: bool) -> web.Response:
-    answer = await request.app[PARTICIPANT].phase_two(
-        request.match_info["resource"], commit, request[BODY]
-    )
+    traceparent = request.headers.get("traceparent")
+    # this handler's log lines carry the transaction's trace (and XID) ...
+    token = enter(parse_traceparent(traceparent), request.headers.get("XID"))
+    try:
+        answer = await request.app[PARTICIPANT].phase_two(
+            request.match_info["resource"], commit, request[BODY], traceparent
+        )
+    finally:
+        leave(token)  # ... and nothing after it on the same connection does
     return web.Response(body=orjson.dumps(answer), content_type="application/json")
 
 

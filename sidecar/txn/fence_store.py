@@ -41,6 +41,7 @@ _SCHEMA: Final = [
         updated_ms INTEGER NOT NULL,
         try_started_ms INTEGER NOT NULL DEFAULT 0,
         try_deadline_ms INTEGER NOT NULL DEFAULT 0,
+        traceparent TEXT,
         PRIMARY KEY (xid, branch_id)
     )
     """,
@@ -57,12 +58,14 @@ _RETIRED: Final = f"state IN ({_FINAL_SQL}) AND updated_ms < ?"
 #: WAL pages: SQLite's automatic checkpoint, at 1,000 pages, then never comes due)
 CHECKPOINT_EVERY: Final = 16
 
-_COLUMNS: Final = "xid, branch_id, resource, state, updated_ms, try_started_ms, try_deadline_ms"
+_COLUMNS: Final = (
+    "xid, branch_id, resource, state, updated_ms, try_started_ms, try_deadline_ms, traceparent"
+)
 _UPSERT: Final = (
-    f"INSERT INTO fence ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+    f"INSERT INTO fence ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (xid, branch_id) DO UPDATE SET state = excluded.state, "
     "updated_ms = excluded.updated_ms, try_started_ms = excluded.try_started_ms, "
-    "try_deadline_ms = excluded.try_deadline_ms"
+    "try_deadline_ms = excluded.try_deadline_ms, traceparent = excluded.traceparent"
 )
 
 
@@ -77,6 +80,9 @@ class FenceRow:
     #: (its start plus the app's total timeout); 0 for rows that never had one
     try_started_ms: int = 0
     try_deadline_ms: int = 0
+    #: the W3C traceparent of the phase-one request: phase two at the app belongs to its
+    #: trace when the callback carries none (sidecar/tracing.py)
+    traceparent: str | None = None
 
 
 class FenceStore(Protocol):
@@ -129,6 +135,8 @@ def _open_fence(path: str) -> sqlite3.Connection:
         for column in _ADDED_COLUMNS:
             if column not in have:
                 conn.execute(f"ALTER TABLE fence ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+        if "traceparent" not in have:
+            conn.execute("ALTER TABLE fence ADD COLUMN traceparent TEXT")
         for statement in _SCHEMA[1:]:
             conn.execute(statement)
     except BaseException:
@@ -183,13 +191,13 @@ class SqliteFenceStore:
                 raise JournalUnavailable(f"fence read failed: {exc}") from None
         if row is None:
             return None
-        return FenceRow(row[0], row[1], row[2], FenceState(row[3]), row[4], row[5], row[6])
+        return FenceRow(row[0], row[1], row[2], FenceState(row[3]), row[4], row[5], row[6], row[7])
 
     async def put(self, row: FenceRow, *, durable: bool = True) -> None:
         conn = self._db()
         values = (
             row.xid, row.branch_id, row.resource, row.state.value, row.updated_ms,
-            row.try_started_ms, row.try_deadline_ms,
+            row.try_started_ms, row.try_deadline_ms, row.traceparent,
         )  # fmt: skip
 
         def write() -> None:
