@@ -220,6 +220,10 @@ class TxnFilter:
         )
 
     async def _decide(self, success: bool) -> None:
+        if self.decided:
+            # the client left between the app's answer and this task's first step (both read
+            # in one poll): abandon() has rolled the transaction back; nothing was sent yet
+            return
         ex = self.exchange
         status = await self._finish(success)
         if ex.finished:

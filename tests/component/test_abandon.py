@@ -150,6 +150,30 @@ async def test_a_declarative_transaction_whose_caller_left_is_rolled_back(
     assert aborts(sc) == 1
 
 
+async def test_a_fin_read_with_the_apps_answer_still_rolls_back(sidecar_factory, upstream, connect):
+    """The app's answer and the client's FIN arrive in one poll, the answer first: the commit
+    had not been sent yet, so the transaction rolls back (found by the soak)."""
+    got = asyncio.Event()
+    held: dict[str, Any] = {}
+
+    async def answers_when_told(req: Received, reply: Reply) -> None:
+        held["reply"], held["xid"] = reply, req.get("XID")
+        got.set()
+        while await reply.reader.read(1 << 16):
+            pass
+
+    app = await upstream(answers_when_told)
+    sc = await sidecar_factory({"app": {"url": app.url, **PATIENT}, **ORDERS})
+    client = await connect(sc.ports["inbound"])
+    await client.send(get("/orders", method="POST", body=b"{}"))
+    await asyncio.wait_for(got.wait(), 5)
+    # no await in between: the sidecar (on this loop) reads both in its next poll
+    held["reply"].write(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+    _fin(client)
+    await rolled_back(sc, held["xid"])
+    assert aborts(sc) == 1
+
+
 async def test_a_client_that_leaves_mid_body_ends_the_upstream_body_at_once(
     sidecar_factory, upstream, connect
 ):
