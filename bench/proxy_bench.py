@@ -18,12 +18,19 @@ own nginx (the "ratio" column: plain targets against nginx-proxy, TLS ones again
 
 Two sets of wrk runs: ``-t1 -c<connections>`` (throughput: requests/s, p50, p99) and
 ``-t1 -c1`` (latency: the p50 each hop adds over ``direct``). wrk runs on CPU 1; the
-upstream and the proxies share CPU 0 ("proxy and upstream on one core").
+upstream and the proxies share CPU 0 ("proxy and upstream on one core"). Beside requests/s,
+each target's own CPU time per request (user and system, of its process group) and its RSS
+(idle after start, and the peak under load) are reported.
+
+``--rounds N`` interleaves: the servers start once, then each round runs every target once,
+in the same order (both sets), so slow drifts of a shared machine fall on every target
+alike; the report gives each figure's median with its min–max over the rounds, and each
+ratio is taken within a round (a target against its nginx of the same round).
 
 Usage (from the repo root)::
 
     .venv/bin/python bench/proxy_bench.py [--duration 10s] [--connections 50] [--quick]
-                                          [--targets direct,nginx-proxy]
+                                          [--rounds 3] [--targets direct,nginx-proxy]
 
 The markdown report goes to stdout and to bench/results/latest.md. Exit status: 0 when every
 requested target was measured cleanly, 1 when one failed (e.g. the sidecar did not start) or
@@ -45,15 +52,17 @@ import shutil
 import signal
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchkit import BenchError, command_output, cpu_model, die_with_parent
+from benchkit import BenchError, command_output, cpu_model, die_with_parent, positive_int
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -79,6 +88,8 @@ SERVER_CPU = 0  # upstream and every proxy under test
 CLIENT_CPU = 1  # wrk
 START_TIMEOUT = 30.0  # seconds a server gets to open its port / become ready
 BUSY_SHARE = 0.10  # CPU time used by others, before we start, above which we warn
+IDLE_SETTLE_S = 3.0  # after start and one request, before the idle RSS is read
+RSS_SAMPLE_S = 0.25  # RSS sampling period during a measured run (peak under load)
 
 
 # --- command line --------------------------------------------------------------------------
@@ -91,6 +102,8 @@ class Options:
     connections: int
     targets: tuple[str, ...]
     sidecar_cmd: list[str]
+    rounds: int = 1
+    output: Path = RESULTS_FILE
 
 
 def parse_seconds(text: str) -> int:
@@ -123,6 +136,20 @@ def parse_args(argv: Sequence[str]) -> Options:
         "--quick", action="store_true", help="3 s runs, overriding --duration: a smoke test"
     )
     p.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=1,
+        help="interleaved rounds, each running every target once in the same order; the "
+        "report gives median and min-max per target (1)",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS_FILE,
+        metavar="FILE",
+        help="where the markdown report is written (bench/results/latest.md)",
+    )
+    p.add_argument(
         "--sidecar-cmd",
         type=shlex.split,
         default=None,
@@ -145,6 +172,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         # report rows in the canonical order whatever order they were asked in
         targets=tuple(t for t in ALL_TARGETS if t in a.targets),
         sidecar_cmd=a.sidecar_cmd or default_sidecar_command(),
+        rounds=a.rounds,
+        output=a.output,
     )
 
 
@@ -553,11 +582,17 @@ class Target:
     path: str = "/"
     tls: bool = False
     failure: str | None = None
-    results: dict[int, WrkResult] = field(default_factory=dict)  # connections -> result
-    #: the process (group) that serves this target: its CPU time per request is measured
+    #: connections -> one result per round
+    results: dict[int, list[WrkResult]] = field(default_factory=dict)
+    #: the process (group) that serves this target: its CPU time and RSS are measured
     server: Server | None = None
-    #: CPU time (user + system) the serving process group spent per request, by connections
-    cpu_us: dict[int, float] = field(default_factory=dict)
+    #: connections -> per round, the CPU time (user, system) the serving process group spent
+    #: per request, in µs
+    cpu_us: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
+    #: VmRSS of the serving process group, KiB: idle after start, and per round the peak
+    #: sampled during the throughput set's measured run
+    rss_idle_kib: int | None = None
+    rss_load_kib: list[int] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -651,37 +686,52 @@ def reported_failure(targets: list[Target]) -> Iterator[None]:
 
 
 def measure(targets: list[Target], opts: Options, wrk: str, pin: list[str]) -> None:
-    """Both wrk sets over every live target: warm-up, then the measured run."""
-    for connections in (opts.connections, 1):
-        for target in targets:
-            if target.failure is not None:
-                continue
-            print(f"# {target.name}: c={connections} ...", file=sys.stderr, flush=True)
-            with reported_failure([target]):
-                run_wrk(pin, wrk_argv(wrk, connections, opts.warmup_s, target.url), opts.warmup_s)
-                argv = wrk_argv(wrk, connections, opts.duration_s, target.url)
-                before = group_cpu_seconds(target.server)
-                result = parse_wrk(run_wrk(pin, argv, opts.duration_s))
-                after = group_cpu_seconds(target.server)
-                target.results[connections] = result
-                if before is not None and after is not None and result.requests:
-                    target.cpu_us[connections] = (after - before) * 1e6 / result.requests
-                if result.errors:
-                    print(
-                        f"!! {target.name} c={connections}: {result.non_2xx} non-2xx, "
-                        f"{result.socket_errors} socket errors",
-                        file=sys.stderr,
-                    )
+    """Idle RSS of every live target, then `opts.rounds` rounds; in each, both wrk sets over
+    every live target in the same order: a warm-up, then the measured run."""
+    live = [t for t in targets if t.failure is None]
+    time.sleep(IDLE_SETTLE_S)  # after the check request: nothing in flight
+    for target in live:
+        target.rss_idle_kib = group_rss_kib(target.server)
+    for round_no in range(1, opts.rounds + 1):
+        for connections in (opts.connections, 1):
+            for target in targets:
+                if target.failure is not None:
+                    continue
+                print(
+                    f"# round {round_no}/{opts.rounds} {target.name}: c={connections} ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                with reported_failure([target]):
+                    measure_one(target, connections, opts, wrk, pin)
 
 
-def group_cpu_seconds(server: Server | None) -> float | None:
-    """User + system CPU seconds of every process in the server's process group (nginx's
-    master and worker; the sidecar), from /proc. Unlike requests/s, CPU time per request
-    hardly moves when other work shares the machine."""
-    if server is None:
-        return None
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+def measure_one(target: Target, connections: int, opts: Options, wrk: str, pin: list[str]) -> None:
+    run_wrk(pin, wrk_argv(wrk, connections, opts.warmup_s, target.url), opts.warmup_s)
+    argv = wrk_argv(wrk, connections, opts.duration_s, target.url)
+    before = group_cpu_seconds(target.server)
+    sampled = target.server if connections == opts.connections else None
+    with RssPeak(sampled) as peak:
+        result = parse_wrk(run_wrk(pin, argv, opts.duration_s))
+    after = group_cpu_seconds(target.server)
+    target.results.setdefault(connections, []).append(result)
+    if connections == opts.connections and peak.kib is not None:
+        target.rss_load_kib.append(peak.kib)
+    if before is not None and after is not None and result.requests:
+        per = 1e6 / result.requests
+        cpu = ((after[0] - before[0]) * per, (after[1] - before[1]) * per)
+        target.cpu_us.setdefault(connections, []).append(cpu)
+    if result.errors:
+        print(
+            f"!! {target.name} c={connections}: {result.non_2xx} non-2xx, "
+            f"{result.socket_errors} socket errors",
+            file=sys.stderr,
+        )
+
+
+def group_pids(server: Server) -> list[int]:
+    """Every process in the server's process group (nginx's master and worker; the sidecar)."""
+    pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -689,12 +739,83 @@ def group_cpu_seconds(server: Server | None) -> float | None:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
+        # after the comm: state ppid pgrp ...
+        if int(stat.rpartition(")")[2].split()[2]) == server.popen.pid:
+            pids.append(int(entry.name))
+    return pids
+
+
+def group_cpu_seconds(server: Server | None) -> tuple[float, float] | None:
+    """(user, system) CPU seconds of every process in the server's process group, from /proc.
+    Unlike requests/s, CPU time per request hardly moves when other work shares the machine."""
+    if server is None:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    user = system = 0
+    for pid in group_pids(server):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
         fields = stat.rpartition(")")[2].split()
         # after the comm: state ppid pgrp session tty tpgid flags minflt cminflt majflt
         # cmajflt utime stime
-        if int(fields[2]) == server.popen.pid:
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / tick, system / tick
+
+
+def pids_rss_kib(pids: list[int]) -> int | None:
+    """VmRSS summed over `pids`, KiB (shared pages of nginx's master and worker count twice,
+    as `ps` would show them); None when none could be read."""
+    total, seen = 0, False
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+                seen = True
+                break
+    return total if seen else None
+
+
+def group_rss_kib(server: Server | None) -> int | None:
+    return None if server is None else pids_rss_kib(group_pids(server))
+
+
+class RssPeak:
+    """Samples a server's RSS every RSS_SAMPLE_S from a thread while the block runs; `kib`
+    is the peak seen (the process group is listed once, at the start: reading only its
+    /proc/PID/status files keeps the sampler's own CPU use negligible)."""
+
+    def __init__(self, server: Server | None) -> None:
+        self.pids = group_pids(server) if server is not None else []
+        self.kib: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        kib = pids_rss_kib(self.pids)
+        if kib is not None and (self.kib is None or kib > self.kib):
+            self.kib = kib
+
+    def _run(self) -> None:
+        while not self._stop.wait(RSS_SAMPLE_S):
+            self._sample()
+
+    def __enter__(self) -> RssPeak:
+        if self.pids:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pids:
+            self._stop.set()
+            self._thread.join()
+            self._sample()
 
 
 # --- report --------------------------------------------------------------------------------
@@ -752,38 +873,80 @@ def fmt_ms(us: float) -> str:
     return f"{us / 1000:.3f}"
 
 
+def spread(values: Sequence[float], fmt: Callable[[float], str]) -> str:
+    """One figure, or over several rounds its median and (min–max)."""
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return fmt(values[0])
+    low, mid, high = fmt(min(values)), fmt(statistics.median(values)), fmt(max(values))
+    return mid if low == high else f"{mid} ({low}–{high})"
+
+
+def median(values: Sequence[float], fmt: Callable[[float], str]) -> str:
+    return fmt(statistics.median(values)) if values else "n/a"
+
+
+def _ratio(v: float) -> str:
+    return f"{v:.2f}×"
+
+
+def _mib(kib: float) -> str:
+    return f"{kib / 1024:.1f}"
+
+
 def results_table(targets: list[Target], connections: int) -> list[str]:
     by_name = {t.name: t for t in targets}
 
-    def ref_rps(name: str) -> float | None:
-        ref = by_name.get(REFERENCE.get(name, "nginx-proxy"))
-        return ref.results[connections].rps if ref and connections in ref.results else None
+    def reference(t: Target) -> Target | None:
+        return by_name.get(REFERENCE.get(t.name, "nginx-proxy"))
+
+    def per_round(
+        mine: Sequence[float], theirs: Sequence[float], f: Callable[[float, float], float]
+    ) -> list[float]:
+        # a ratio within each round: the two runs seconds apart, not rounds apart
+        return [f(a, b) for a, b in zip(mine, theirs, strict=False) if a and b]
 
     direct = by_name.get("direct")
-    direct_c1 = direct.results.get(1) if direct else None
+    direct_c1 = [r.p50_us for r in direct.results.get(1, [])] if direct else []
 
     rows = [
         "| target | rps | ratio vs its nginx | p50 (ms) | p99 (ms) "
-        "| p50 at c=1 (µs) | p50 added over direct at c=1 (µs) | CPU µs per request "
-        "| CPU ratio (its nginx's / its own) |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| p50 added over direct at c=1 (µs) | CPU µs per request = user + sys "
+        "| CPU ratio (its nginx's / its own) | RSS idle (MiB) | RSS under load (MiB) |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for t in targets:
         if t.failure is not None:
-            rows.append(f"| {t.name} | FAILED | – | – | – | – | – | – | – |")
+            rows.append(f"| {t.name} | FAILED |" + " – |" * 8)
             continue
-        tput, lat = t.results.get(connections), t.results.get(1)
-        cells = [t.name]
-        ref = ref_rps(t.name)
-        cells += [f"{tput.rps:,.0f}", f"{tput.rps / ref:.2f}×" if ref else "n/a"]
-        cells += [fmt_ms(tput.p50_us), fmt_ms(tput.p99_us)]
-        cells.append(f"{lat.p50_us:.0f}")
-        cells.append(f"{lat.p50_us - direct_c1.p50_us:+.0f}" if direct_c1 else "n/a")
-        cpu = t.cpu_us.get(connections)
-        ref_target = by_name.get(REFERENCE.get(t.name, "nginx-proxy"))
-        ref_cpu = ref_target.cpu_us.get(connections) if ref_target else None
-        cells.append(f"{cpu:.1f}" if cpu else "n/a")
-        cells.append(f"{ref_cpu / cpu:.2f}×" if cpu and ref_cpu else "n/a")
+        tput, lat = t.results.get(connections, []), t.results.get(1, [])
+        ref = reference(t)
+        ref_tput = ref.results.get(connections, []) if ref else []
+        rps = [r.rps for r in tput]
+        cells = [t.name, spread(rps, lambda v: f"{v:,.0f}")]
+        cells.append(spread(per_round(rps, [r.rps for r in ref_tput], lambda a, b: a / b), _ratio))
+        cells.append(spread([r.p50_us for r in tput], fmt_ms))
+        cells.append(spread([r.p99_us for r in tput], fmt_ms))
+        cells.append(
+            spread(
+                [a - b for a, b in zip([r.p50_us for r in lat], direct_c1, strict=False)],
+                lambda v: f"{v:+.0f}",
+            )
+        )
+        cpu = t.cpu_us.get(connections, [])
+        total = [u + k for u, k in cpu]
+        if cpu:
+            # the split as medians; the range on the total
+            one = "{:.1f}".format
+            user, system = median([u for u, _ in cpu], one), median([k for _, k in cpu], one)
+            cells.append(f"{spread(total, one)} = {user} + {system}")
+        else:
+            cells.append("n/a")
+        ref_cpu = [u + k for u, k in ref.cpu_us.get(connections, [])] if ref else []
+        cells.append(spread(per_round(total, ref_cpu, lambda a, b: b / a), _ratio))
+        cells.append(_mib(t.rss_idle_kib) if t.rss_idle_kib else "n/a")
+        cells.append(spread(t.rss_load_kib, _mib))
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 
@@ -792,29 +955,41 @@ def render_report(
     targets: list[Target], opts: Options, facts: list[tuple[str, str]], wrk: str
 ) -> str:
     c = opts.connections
+    rounds = (
+        f"{opts.rounds} interleaved rounds (each runs every target once, in this order); "
+        "each cell is the median over the rounds with its (min–max), and each ratio is "
+        "taken within a round."
+        if opts.rounds > 1
+        else "One round."
+    )
     lines = [
         "# gts-sidecar proxy benchmark",
         "",
         f'Same upstream (nginx `return 200 "ok\\n"`), every request with '
         f"`{XID_HEADER[0]}: {XID_HEADER[1]}`. Throughput set: wrk `-t1 -c{c}`; latency set: "
-        f"wrk `-t1 -c1`; {opts.duration_s} s per run after a {opts.warmup_s} s warm-up.",
-        "rps, p50 and p99 are from the throughput set; so is CPU per request: user + system "
-        "time of the target's own processes (not the upstream's, nor wrk's) over the measured "
-        "run, divided by its requests. On a busy machine rps moves with the other load; CPU "
-        "per request much less, so its ratio is the steadier comparison.",
+        f"wrk `-t1 -c1`; {opts.duration_s} s per run after a {opts.warmup_s} s warm-up. " + rounds,
+        "rps, p50 and p99 are from the throughput set; so is CPU per request: user and "
+        "system time of the target's own processes (not the upstream's, nor wrk's) over the "
+        "measured run, divided by its requests. On a busy machine rps moves with the other "
+        "load; CPU per request much less, so its ratio is the steadier comparison. RSS: VmRSS "
+        "of the target's processes (nginx: master + worker, added), idle "
+        f"{IDLE_SETTLE_S:.0f} s after start and one request, and the peak sampled every "
+        f"{RSS_SAMPLE_S * 1000:.0f} ms during the throughput run; the sidecar's two rows are "
+        "one process.",
         "",
         *results_table(targets, c),
         "",
     ]
     notes = [f"- **{t.name}** failed: {t.failure}" for t in targets if t.failure]
     for t in targets:
-        for conns, r in sorted(t.results.items(), reverse=True):
-            if r.errors:
-                notes.append(
-                    f"- **{t.name}** c={conns}: {r.non_2xx} non-2xx responses and "
-                    f"{r.socket_errors} socket errors out of {r.requests} requests "
-                    "(its figures are suspect)"
-                )
+        for conns, runs in sorted(t.results.items(), reverse=True):
+            for round_no, r in enumerate(runs, 1):
+                if r.errors:
+                    notes.append(
+                        f"- **{t.name}** c={conns} round {round_no}: {r.non_2xx} non-2xx "
+                        f"responses and {r.socket_errors} socket errors out of {r.requests} "
+                        "requests (its figures are suspect)"
+                    )
     if notes:
         lines += ["Problems:", "", *notes, ""]
     lines += ["## Machine", "", *(f"- {k}: {v}" for k, v in facts), ""]
@@ -839,9 +1014,11 @@ def render_report(
 def raw_outputs(targets: list[Target]) -> str:
     parts = ["## Raw wrk output", ""]
     for t in targets:
-        for conns, r in sorted(t.results.items(), reverse=True):
-            parts += [f"<details><summary>{t.name}, c={conns}</summary>", "", "```"]
-            parts += [r.raw.rstrip(), "```", "", "</details>", ""]
+        for conns, runs in sorted(t.results.items(), reverse=True):
+            for round_no, r in enumerate(runs, 1):
+                summary = f"{t.name}, c={conns}" + (f", round {round_no}" if len(runs) > 1 else "")
+                parts += [f"<details><summary>{summary}</summary>", "", "```"]
+                parts += [r.raw.rstrip(), "```", "", "</details>", ""]
     return "\n".join(parts)
 
 
@@ -871,11 +1048,12 @@ def run(opts: Options) -> int:
             servers.stop_all()
     report = render_report(targets, opts, machine_facts(tools, pinning, busy_before), tools["wrk"])
     print(report)
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_FILE.write_text(report + "\n" + raw_outputs(targets))
-    print(f"# written to {RESULTS_FILE.relative_to(REPO_DIR)}", file=sys.stderr)
+    opts.output.parent.mkdir(parents=True, exist_ok=True)
+    opts.output.write_text(report + "\n" + raw_outputs(targets))
+    print(f"# written to {opts.output}", file=sys.stderr)
     clean = all(
-        t.failure is None and not any(r.errors for r in t.results.values()) for t in targets
+        t.failure is None and not any(r.errors for runs in t.results.values() for r in runs)
+        for t in targets
     )
     return 0 if clean else 1
 
