@@ -22,6 +22,7 @@ from aiohttp import web
 from sidecar import tracing
 from sidecar.logs import JsonFormatter
 from sidecar.proxy import access_log
+from tests.component.h2client import H2Client
 from tests.component.otlp_receiver import OtlpReceiver
 from tests.component.servers import free_port, wait_until
 
@@ -239,3 +240,29 @@ async def test_a_transaction_begun_without_a_trace_gets_one(sidecar_factory, aio
     assert stored is not None and stored.trace_id == parsed.trace_id
     # the transaction's span is the root of its new trace
     assert stored.span_id == tracing.transaction_span_id(xid)
+
+
+async def test_http2_requests_keep_their_trace(sidecar_factory, aiohttp_server) -> None:
+    """h2c on the inbound listener: the trace context passes unchanged, and the transaction
+    the request begins confirms in its trace."""
+    sc, apps = await _stack(sidecar_factory, aiohttp_server, otlp=None, access=False)
+    apps.confirm_failures = 0
+    client = await H2Client.connect(sc.ports["inbound"])
+    try:
+        sid = await client.send_request(
+            "/orders",
+            method="POST",
+            headers=[("traceparent", f"00-{TRACE}-{CLIENT_SPAN}-01"), ("tracestate", "v=1")],
+            body=b"",
+        )
+        while not client.responses[sid].ended:
+            assert await client.pump(10)
+        assert client.responses[sid].status == 201
+    finally:
+        client.close()
+    (order,) = apps.seen["/orders"]
+    assert order["traceparent"] == f"00-{TRACE}-{CLIENT_SPAN}-01"
+    assert order["tracestate"] == "v=1"
+    await wait_until(lambda: len(apps.seen.get("/deduct/confirm", [])) == 1, 20)
+    parsed = tracing.parse(apps.seen["/deduct/confirm"][0]["traceparent"])
+    assert parsed is not None and parsed.trace_id == TRACE
