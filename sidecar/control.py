@@ -306,6 +306,20 @@ class ControlPlane:
             )
         self._start_retention()
 
+    def deadline_of(self, xid: str) -> float | None:
+        """The deadline (event-loop clock) of a transaction this process knows: one it began,
+        or one it registered a branch of; the data plane clamps calls made for it to this."""
+        coordinator = self.coordinator
+        if coordinator is None:
+            return None
+        for client in (getattr(coordinator, "local", None), getattr(coordinator, "remote", None)):
+            if client is not None:
+                deadline: float | None = client.deadline_of(xid)
+                if deadline is not None:
+                    return deadline
+        known = getattr(coordinator, "deadline_of", None)
+        return known(xid) if known is not None else None
+
     def _h2_app_call(self) -> AppCall:
         """Phase two to an HTTP/2 (h2c) app, a gRPC server, over a small pool of its own."""
         from sidecar.proxy.fetch import fetch_h2

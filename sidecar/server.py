@@ -188,6 +188,7 @@ class Sidecar:
             xid_aliases=tuple(config.xid.headers),
             on_finished=self.control.releaser.finished,
             repeats=self.control.repeats,
+            deadline_of=self.control.deadline_of,
         )
         outbound = ListenerRuntime(
             name="outbound",
@@ -203,6 +204,7 @@ class Sidecar:
             limits=lst.outbound.limits,
             timeouts=lst.outbound.timeouts,
             clients=lst.outbound.clients,
+            deadline_of=self.control.deadline_of,
             metrics=self.metrics,
         )
         return _Compiled(inbound, outbound, fresh)

@@ -63,6 +63,7 @@ class Exchange:
         "resp_status", "keep_client", "reused", "upstream_paused", "out", "finished",
         "attempts_left", "retrying", "error_code", "stats", "txn", "xid_extra", "held",
         "held_complete", "branch", "buffering", "held_body", "trailers", "grpc_call",
+        "txn_clamped",
         "resp_bytes",
     )  # fmt: skip
 
@@ -113,6 +114,8 @@ class Exchange:
         #: a gRPC call that begins a declarative transaction or is a try: its outcome is its
         #: grpc-status, known at its end
         self.grpc_call = False
+        #: the total deadline is the transaction's (shorter than the upstream's timeout)
+        self.txn_clamped = False
 
     # --- start: filters, routing, a connection --------------------------------------------
 
@@ -140,6 +143,8 @@ class Exchange:
         cluster.active_requests += 1
         self.attempts_left = cluster.retry_attempts
         self.deadline = self.started + cluster.total_timeout
+        if self.xid is not None and rt.deadline_of is not None:
+            self.clamp_to_transaction(self.xid.raw)
         self.conn.listener.watch(self)
         if route.branch is not None and rt.participant is not None:
             if self.xid is None:
@@ -178,13 +183,25 @@ class Exchange:
             return
         self._forward()
 
+    def clamp_to_transaction(self, xid: str) -> None:
+        """A call made for a transaction never outlives it: its total deadline is at most
+        the transaction's (known here when this process began it or registered a branch)."""
+        deadline_of = self.rt.deadline_of
+        deadline = deadline_of(xid) if deadline_of is not None else None
+        if deadline is not None and deadline < self.deadline:
+            self.deadline = deadline
+            self.txn_clamped = True
+
     def proceed_branch(self, extra: list[tuple[bytes, bytes]]) -> None:
         """The branch is registered and fenced: forward the request carrying its id."""
+        if self.xid is not None:
+            self.clamp_to_transaction(self.xid.raw)  # registering told us its time left
         self.xid_extra = extra
         self._forward()
 
     def proceed(self, xid: str) -> None:
         """The transaction filter began `xid`: forward the request carrying it."""
+        self.clamp_to_transaction(xid)
         self.xid_extra = self.rt.router.xid_headers(xid.encode("ascii"))
         txn = self.txn
         if self.grpc_call and txn is not None:
@@ -542,6 +559,15 @@ class Exchange:
                 RequestTimeout(
                     "request body not received within the total timeout "
                     f"({format_duration(cluster.total_timeout)})"
+                )
+            )
+        elif now >= self.deadline and self.txn_clamped:
+            self._timeout(
+                UpstreamTimeout(
+                    f"total timeout: the transaction {self.xid.raw if self.xid else ''} ran "
+                    f"out of time before upstream {cluster.name!r} answered (its time left "
+                    f"was shorter than the {format_duration(cluster.total_timeout)} timeout)",
+                    kind="total",
                 )
             )
         elif now >= self.deadline:

@@ -91,6 +91,8 @@ class ListenerRuntime:
     on_finished: Callable[[str], None] | None = None
     #: records of declared-route requests with an Idempotency-Key (a repeat never runs twice)
     repeats: Repeats | None = None
+    #: the deadline of a transaction this process knows (its calls are clamped to it)
+    deadline_of: Callable[[str], float | None] | None = None
     #: recently validated XIDs (a transaction's XID recurs on every call it makes)
     xid_cache: dict[bytes, Xid] = field(default_factory=dict)
     _stats: dict[str, RequestStats] = field(default_factory=dict)
