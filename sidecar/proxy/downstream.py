@@ -9,12 +9,16 @@ exchange calls these; it never writes bytes of a framing itself. Typing only: no
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 if TYPE_CHECKING:
     from sidecar.errors import SidecarError
     from sidecar.proxy.exchange import Exchange
     from sidecar.proxy.listener import ProxyListener
+
+
+#: the first bytes of an HTTP/2 connection with prior knowledge (RFC 9113 §3.4)
+H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 class Downstream(Protocol):

@@ -33,19 +33,20 @@ from sidecar.errors import (
     VersionNotSupported,
 )
 from sidecar.proxy import headers as h
+from sidecar.proxy.downstream import H2_PREFACE as PREFACE
 from sidecar.proxy.exchange import (
     PAUSE_PIPELINE,
     PAUSE_UPSTREAM_FULL,
     Exchange,
     body_timeout,
 )
-from sidecar.proxy.h2_downstream import PREFACE, H2Downstream
 
 if TYPE_CHECKING:
     from ssl import SSLContext
 
     from sidecar.coordinator.client import Coordinator
     from sidecar.metrics import Metrics, RequestStats
+    from sidecar.proxy.h2_downstream import H2Downstream
     from sidecar.proxy.route import Router
     from sidecar.txn.branches import Participant
     from sidecar.txn.repeats import Repeats
@@ -404,6 +405,9 @@ class ClientConnection(asyncio.Protocol):
         if self.header_timer is not None:
             self.header_timer.cancel()
             self.header_timer = None
+        # imported here: the h2 library is loaded only once a client speaks HTTP/2
+        from sidecar.proxy.h2_downstream import H2Downstream
+
         self.h2 = H2Downstream(self, self.runtime.clients.max_concurrent_streams)
         self.h2.data_received(buf)
         return True
