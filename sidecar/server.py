@@ -26,7 +26,6 @@ from sidecar.errors import ConfigError
 from sidecar.metrics import Metrics
 from sidecar.proxy import access_log
 from sidecar.proxy import headers as h
-from sidecar.proxy.h2_upstream import H2Cluster
 from sidecar.proxy.inbound import InboundRouter
 from sidecar.proxy.listener import ListenerRuntime, ProxyListener
 from sidecar.proxy.outbound import OutboundRouter
@@ -157,7 +156,12 @@ class Sidecar:
                 cluster.ssl = ctx  # files rotated (or not): new connections use this one
         else:
             server_name = cfg.tls.server_name if cfg.tls is not None else None
-            kind = H2Cluster if cfg.protocol == "h2c" else Cluster
+            kind = Cluster
+            if cfg.protocol == "h2c":
+                # imported here: the h2 library is loaded only when an upstream speaks it
+                from sidecar.proxy.h2_upstream import H2Cluster
+
+                kind = H2Cluster
             cluster = kind(name, cfg, self.metrics, ssl_context=ctx, server_name=server_name)
         fresh[key] = cluster
         return cluster

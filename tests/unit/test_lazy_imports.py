@@ -1,7 +1,7 @@
 """A config loads only the libraries it uses: each one the example config does not need costs
 the idle sidecar RSS (redis-py with aiocache and OpenTelemetry ~9 MB, PyJWT with
-`cryptography` ~11 MB, asyncpg). Checked in a fresh interpreter's sys.modules, since this test
-process has imported everything already."""
+`cryptography` ~11 MB, h2 ~1 MB, asyncpg). Checked in a fresh interpreter's sys.modules,
+since this test process has imported everything already."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ NOT_NEEDED = {
     "jwt": "coordinator.auth (token_url, verify_key_file)",
     "cryptography": "imported by PyJWT",
     "asyncpg": "local_coordinator.journal postgresql://",
+    "h2": "a client speaking HTTP/2, or an h2c app or upstream",
+    "hpack": "imported by h2",
     "hypothesis": "tests only",
     "pytest": "tests only",
     "trustme": "tests only",
@@ -114,3 +116,8 @@ def test_redis_store_loads_redis(tmp_path: Path) -> None:
     )
     assert {"redis", "aiocache"} <= loaded
     assert "jwt" not in loaded
+
+
+def test_h2c_upstream_loads_h2(tmp_path: Path) -> None:
+    loaded = _loaded_after_start(tmp_path, {"app": {"protocol": "h2c"}})
+    assert {"h2", "hpack"} <= loaded
