@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -306,19 +306,19 @@ class ControlPlane:
             )
         self._start_retention()
 
-    def deadline_of(self, xid: str) -> float | None:
-        """The deadline (event-loop clock) of a transaction this process knows: one it began,
-        or one it registered a branch of; the data plane clamps calls made for it to this."""
+    def deadline_tables(self) -> tuple[Mapping[str, float], ...]:
+        """XID → deadline (event-loop clock) of the transactions this process knows: those it
+        began, or registered a branch of. The data plane clamps calls made for them."""
         coordinator = self.coordinator
-        if coordinator is None:
-            return None
-        for client in (getattr(coordinator, "local", None), getattr(coordinator, "remote", None)):
-            if client is not None:
-                deadline: float | None = client.deadline_of(xid)
-                if deadline is not None:
-                    return deadline
-        known = getattr(coordinator, "deadline_of", None)
-        return known(xid) if known is not None else None
+        clients = (getattr(coordinator, "local", None), getattr(coordinator, "remote", None))
+        if not any(clients):
+            clients = (coordinator, None)
+        tables = []
+        for client in clients:
+            deadlines = getattr(client, "deadlines", None)
+            if deadlines is not None:
+                tables.append(deadlines.table)
+        return tuple(tables)
 
     def _h2_app_call(self) -> AppCall:
         """Phase two to an HTTP/2 (h2c) app, a gRPC server, over a small pool of its own."""

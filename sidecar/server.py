@@ -192,7 +192,7 @@ class Sidecar:
             xid_aliases=tuple(config.xid.headers),
             on_finished=self.control.releaser.finished,
             repeats=self.control.repeats,
-            deadline_of=self.control.deadline_of,
+            deadline_tables=self.control.deadline_tables(),
         )
         outbound = ListenerRuntime(
             name="outbound",
@@ -208,7 +208,7 @@ class Sidecar:
             limits=lst.outbound.limits,
             timeouts=lst.outbound.timeouts,
             clients=lst.outbound.clients,
-            deadline_of=self.control.deadline_of,
+            deadline_tables=self.control.deadline_tables(),
             metrics=self.metrics,
         )
         return _Compiled(inbound, outbound, fresh)

@@ -13,6 +13,7 @@ transaction simply gets its configured timeout, as one about an unknown transact
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Final
 
 #: transactions remembered at once (about 100 bytes each); a sidecar beginning 1,000
@@ -66,3 +67,9 @@ class Deadlines:
 
     def get(self, xid: str) -> float | None:
         return self._by_xid.get(xid)
+
+    @property
+    def table(self) -> Mapping[str, float]:
+        """The XID → deadline mapping itself, read-only, for lookups on the data plane's hot
+        path (a dict get, no call)."""
+        return self._by_xid

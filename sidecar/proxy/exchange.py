@@ -143,8 +143,14 @@ class Exchange:
         cluster.active_requests += 1
         self.attempts_left = cluster.retry_attempts
         self.deadline = self.started + cluster.total_timeout
-        if self.xid is not None and rt.deadline_of is not None:
-            self.clamp_to_transaction(self.xid.raw)
+        if self.xid is not None:
+            for table in rt.deadline_tables:
+                txn_deadline = table.get(self.xid.raw)
+                if txn_deadline is not None:
+                    if txn_deadline < self.deadline:
+                        self.deadline = txn_deadline
+                        self.txn_clamped = True
+                    break
         self.conn.listener.watch(self)
         if route.branch is not None and rt.participant is not None:
             if self.xid is None:
@@ -186,11 +192,13 @@ class Exchange:
     def clamp_to_transaction(self, xid: str) -> None:
         """A call made for a transaction never outlives it: its total deadline is at most
         the transaction's (known here when this process began it or registered a branch)."""
-        deadline_of = self.rt.deadline_of
-        deadline = deadline_of(xid) if deadline_of is not None else None
-        if deadline is not None and deadline < self.deadline:
-            self.deadline = deadline
-            self.txn_clamped = True
+        for table in self.rt.deadline_tables:
+            deadline = table.get(xid)
+            if deadline is not None:
+                if deadline < self.deadline:
+                    self.deadline = deadline
+                    self.txn_clamped = True
+                return
 
     def proceed_branch(self, extra: list[tuple[bytes, bytes]]) -> None:
         """The branch is registered and fenced: forward the request carrying its id."""

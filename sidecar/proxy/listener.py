@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -92,8 +92,9 @@ class ListenerRuntime:
     on_finished: Callable[[str], None] | None = None
     #: records of declared-route requests with an Idempotency-Key (a repeat never runs twice)
     repeats: Repeats | None = None
-    #: the deadline of a transaction this process knows (its calls are clamped to it)
-    deadline_of: Callable[[str], float | None] | None = None
+    #: XID → deadline of the transactions this process knows (calls made for one are
+    #: clamped to it): the coordinator clients' own tables, read without a call
+    deadline_tables: tuple[Mapping[str, float], ...] = ()
     #: recently validated XIDs (a transaction's XID recurs on every call it makes)
     xid_cache: dict[bytes, Xid] = field(default_factory=dict)
     _stats: dict[str, RequestStats] = field(default_factory=dict)
