@@ -22,6 +22,8 @@ from sidecar.coordinator.nonces import NonceStore
 from sidecar.coordinator.signing import WATCHED_RAW, KeyRing, verify
 from sidecar.errors import PayloadTooLarge, SignatureInvalid
 from sidecar.metrics import Metrics
+from sidecar.tracing import enter, leave
+from sidecar.tracing import parse as parse_traceparent
 from sidecar.web_errors import as_response, json_response
 from sidecar.web_routing import application
 from sidecar.xid import DEFAULT_MAX_LENGTH
@@ -110,7 +112,9 @@ XID_MAX_LENGTH: Final = web.AppKey("xid_max_length", int)
 @web.middleware
 async def signed_only(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Gate every route but health; turn our errors into the error shape
-    `{"error": {"code", "message"}}` with `x-gts-sidecar-error`."""
+    `{"error": {"code", "message"}}` with `x-gts-sidecar-error`. Log lines written while a
+    request is handled carry its trace_id and XID."""
+    token = enter(parse_traceparent(request.headers.get("traceparent")), request.headers.get("XID"))
     try:
         if request.path != "/healthz":
             if request.content_length is not None and request.content_length > MAX_BODY:
@@ -124,6 +128,8 @@ async def signed_only(request: web.Request, handler: Handler) -> web.StreamRespo
         return await handler(request)
     except Exception as exc:
         return as_response(request, exc)
+    finally:
+        leave(token)
 
 
 def _xid(request: web.Request) -> str:

@@ -32,6 +32,8 @@ from sidecar.coordinator.outbox import DecisionPending
 from sidecar.coordinator.protocol import CONTROL_CHARS, ids_as_text, json_object
 from sidecar.coordinator.states import is_final
 from sidecar.errors import InvalidRequest, PayloadTooLarge
+from sidecar.tracing import enter, leave
+from sidecar.tracing import parse as parse_traceparent
 from sidecar.web_errors import as_response, json_response, sidecar_error
 from sidecar.web_routing import application
 from sidecar.xid import DEFAULT_MAX_LENGTH
@@ -60,12 +62,17 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # the calls a handler makes (a begin: the transaction's trace) and its log lines are
+    # about the caller's trace; reset after, the connection's next request is not
+    token = enter(parse_traceparent(request.headers.get("traceparent")), None)
     try:
         return await handler(request)
     except web.HTTPRequestEntityTooLarge:
         return sidecar_error(PayloadTooLarge(f"body larger than {MAX_BODY} bytes"))
     except Exception as exc:
         return as_response(request, exc)
+    finally:
+        leave(token)
 
 
 def _xid(request: web.Request) -> str:

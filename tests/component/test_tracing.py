@@ -266,3 +266,18 @@ async def test_http2_requests_keep_their_trace(sidecar_factory, aiohttp_server) 
     await wait_until(lambda: len(apps.seen.get("/deduct/confirm", [])) == 1, 20)
     parsed = tracing.parse(apps.seen["/deduct/confirm"][0]["traceparent"])
     assert parsed is not None and parsed.trace_id == TRACE
+
+
+async def test_a_tm_api_begin_stores_the_callers_trace(sidecar_factory) -> None:
+    sc = await sidecar_factory()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            f"http://127.0.0.1:{sc.ports['api']}/v1/transactions",
+            json={"name": "manual", "timeout": "30s"},
+            headers={"traceparent": f"00-{TRACE}-{APP_SPAN}-01"},
+        ) as r:
+            assert r.status == 200, await r.text()
+            xid = (await r.json())["xid"]
+    record, _ = await sc.control.engine.get(xid)
+    assert record.traceparent == f"00-{TRACE}-{APP_SPAN}-01"
+    assert tracing.current() == (None, None)  # nothing left behind in the test's context
