@@ -669,6 +669,9 @@ class ClientConnection(asyncio.Protocol):
             raise problem
         head.method = parser.get_method()
         head.keep_alive = parser.should_keep_alive()
+        if not head.keep_alive:
+            # nothing after this request (its body aside) is read
+            self.last_request = True
         version = parser.get_http_version()
         if version != "1.1":
             if version != "1.0":  # llhttp takes 0.9 and 2.0 request lines: we do not
@@ -702,8 +705,6 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         exchange, self.parsing = self.parsing, None
-        if not self.parser.should_keep_alive():
-            self.last_request = True
         if self.feeding_body and exchange is not None and exchange.head.chunked:
             # it ended in the piece being fed: complete it once the overhead is checked
             self.ended = (exchange, self.body_bytes, self.body_overhead)
