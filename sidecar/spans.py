@@ -90,6 +90,11 @@ def tracer() -> Tracer:
     return _tracer
 
 
+def recording() -> bool:
+    """Spans are exported: worth building one that no call's traceparent needs."""
+    return not isinstance(_tracer, IdsTracer)
+
+
 def configure(cfg: TracingConfig, role: str) -> bool:
     """Export spans as the tracing section says (at start; a change needs a restart).
     True when this call set up an exporter, which `shutdown` then flushes and stops; without

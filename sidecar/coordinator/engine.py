@@ -45,7 +45,7 @@ from sidecar.errors import (
     TransactionNotActive,
     TransactionNotFound,
 )
-from sidecar.spans import tracer
+from sidecar.spans import recording, tracer
 from sidecar.tracing import (
     TraceContext,
     enter,
@@ -116,6 +116,8 @@ def _transaction_trace(record: GlobalRecord) -> TraceContext | None:
 def _end_transaction_span(record: GlobalRecord, branches: int) -> None:
     """The transaction's span, begin → final, recorded when it ends here (its id is derived
     from the XID, so the calls made before a restart already name it as their parent)."""
+    if not recording():
+        return  # nothing names this span's end: without an exporter it is not built
     stored = parse_traceparent(record.traceparent)
     if stored is None:
         return
