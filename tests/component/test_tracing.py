@@ -149,6 +149,9 @@ async def test_a_traced_order_confirms_in_its_trace_with_linked_spans(
     (order,) = apps.seen["/orders"]
     assert order["traceparent"] == f"00-{TRACE}-{CLIENT_SPAN}-01"
     assert order["tracestate"] == "vendor=a1"
+    # ... and through the outbound listener and the participant's inbound one
+    (deduct,) = apps.seen["/deduct"]
+    assert deduct["traceparent"] == f"00-{TRACE}-{APP_SPAN}-01"
 
     # the confirm (after one failed attempt) reaches the participant app in the same trace
     await wait_until(lambda: len(apps.seen.get("/deduct/confirm", [])) == 2, 20)
