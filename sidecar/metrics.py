@@ -244,6 +244,19 @@ class Metrics:
             ["listener"],
             registry=r,
         )
+        self.http2_connections = Counter(
+            "gts_sidecar_http2_connections",
+            "Client connections that spoke HTTP/2 (prior knowledge or ALPN h2), by listener",
+            ["listener"],
+            registry=r,
+        )
+        self.http2_streams = Counter(
+            "gts_sidecar_http2_streams",
+            "HTTP/2 streams (requests) from clients, by listener; they are also counted in "
+            "the request metrics like HTTP/1.1 requests",
+            ["listener"],
+            registry=r,
+        )
         self.active_connections = Gauge(
             "gts_sidecar_downstream_connections",
             "Open client connections per listener",

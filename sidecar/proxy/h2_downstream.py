@@ -270,6 +270,10 @@ class H2Downstream:
             },
         )
         self.streams: dict[int, H2Stream] = {}
+        metrics = client.runtime.metrics
+        name = client.runtime.name
+        metrics.http2_connections.labels(name).inc()
+        self.m_streams = metrics.http2_streams.labels(name)
         self.going_away = False
         self.closed = False
         self._flush_scheduled = False
@@ -403,6 +407,7 @@ class H2Downstream:
         stream = H2Stream(self, event.stream_id, grpc.is_grpc(content_type))
         self.streams[event.stream_id] = stream
         client.requests += 1
+        self.m_streams.inc()
         exchange = stream.exchange = Exchange(stream, head, runtime)
         exchange.start()
 

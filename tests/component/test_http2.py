@@ -126,6 +126,13 @@ async def test_many_streams_share_one_connection(sidecar_factory, upstream, h2):
     streams = [await client.send_request(f"/s/{i}") for i in range(20)]
     bodies = [(await client.response(s)).body for s in streams]
     assert bodies == [f"GET /s/{i}".encode() for i in range(20)]
+    assert sample(sc, "gts_sidecar_http2_connections_total", listener="inbound") == 1
+    assert sample(sc, "gts_sidecar_http2_streams_total", listener="inbound") == 20
+    # counted with the HTTP/1.1 requests too
+    requests = sample(
+        sc, "gts_sidecar_requests_total", listener="inbound", upstream="app", status="200"
+    )
+    assert requests == 20
     # and HTTP/1.1 goes on working on the same port
     assert (await request(sc.ports["inbound"], get("/h1"))).status == 200
 
