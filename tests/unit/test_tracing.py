@@ -179,3 +179,28 @@ def test_the_ids_tracer_continues_the_parent_trace() -> None:
     assert span.context.span_id != SPAN
     root = tracer.start("y", None, span_id=SPAN, trace_id=TRACE)
     assert root.context == tracing.TraceContext(TRACE, SPAN, True)
+
+
+def test_the_sdk_is_imported_only_when_spans_are_exported() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sidecar.server, sidecar.standalone, sidecar.spans; "
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_missing_sdk_is_a_clear_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.delitem(sys.modules, "sidecar.spans_otel", raising=False)
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)
+    cfg = configmod.parse({"tracing": {"otlp_endpoint": "http://otel:4318"}}, env={})
+    with pytest.raises(ConfigError) as info:
+        spans.configure(cfg.tracing, "sidecar")
+    assert "tracing.otlp_endpoint" in str(info.value)
+    assert "opentelemetry-sdk" in str(info.value)
+    assert isinstance(spans.tracer(), spans.IdsTracer)
