@@ -1354,6 +1354,7 @@ def abandoned_orders(
     returned (see the module's docstring for why that is exact)."""
     v: list[str] = []
     counts: Counter[str] = Counter()
+    cut_lags: list[float] = []  # client left → the app's request body ended (streaming)
     for req in traffic.requests:
         if req.kind != "abandon":
             continue
@@ -1373,6 +1374,7 @@ def abandoned_orders(
         left_first = answered is None or req.left_at < answered
         if rec.body_cut_at is not None:
             counts["body_cut_at_app"] += 1
+            cut_lags.append(rec.body_cut_at - req.left_at)
         if left_first and rec.cut_before_answer:
             counts["app_request_cut_before_answer"] += 1  # the sidecar ended it at once
         if status == "Committed":
@@ -1395,6 +1397,15 @@ def abandoned_orders(
                 # the app succeeded after its caller had gone: committed without the fix
                 counts["rolled_back_app_succeeded"] += 1
     info["abandoned"] = dict(counts)
+    cut_lags.sort()
+    info["body_cut_ms"] = (
+        {
+            "median": round(cut_lags[len(cut_lags) // 2] * 1000, 1),
+            "max": round(cut_lags[-1] * 1000, 1),
+        }
+        if cut_lags
+        else {}
+    )
     return v
 
 
@@ -1667,7 +1678,7 @@ def render(s: dict[str, Any], facts: list[tuple[str, str]]) -> str:
         "|---|--:|",
     ]
     lines += [f"| {k} | {c} |" for k, c in sorted(s["faults_by_kind"].items())]
-    lines += ["", *render_abandoned(info.get("abandoned", {}))]
+    lines += ["", *render_abandoned(info.get("abandoned", {}), info.get("body_cut_ms", {}))]
     lines += ["", "| branches at the apps | inventory (TCC) | travel (Saga) |", "|---|--:|--:|"]
     inv, tra = "inventory", "travel"
     lines += [
@@ -1744,9 +1755,15 @@ ABANDONED_ROWS: Final = (
 )
 
 
-def render_abandoned(counts: dict[str, int]) -> list[str]:
+def render_abandoned(counts: dict[str, int], cut_ms: dict[str, float]) -> list[str]:
     lines = ["| abandoning clients (a client timeout, then FIN or RST) | count |", "|---|--:|"]
-    return lines + [f"| {text} | {counts.get(key, 0):,} |" for key, text in ABANDONED_ROWS]
+    lines += [f"| {text} | {counts.get(key, 0):,} |" for key, text in ABANDONED_ROWS]
+    if cut_ms:
+        lines.append(
+            "| the app saw its streaming body end after the client left (information) | "
+            f"{cut_ms['median']:g} ms median, {cut_ms['max']:g} ms max |"
+        )
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
