@@ -69,8 +69,8 @@ class OtlpReceiver:
             content_type="application/x-protobuf",
         )
 
-    def named(self, prefix: str) -> list[ReceivedSpan]:
-        return [s for s in self.spans if s.name.startswith(prefix)]
+    def named(self, name: str) -> list[ReceivedSpan]:
+        return [s for s in self.spans if s.name == name]
 
     def app(self) -> web.Application:
         app = web.Application()
