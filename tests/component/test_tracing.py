@@ -284,3 +284,20 @@ async def test_a_tm_api_begin_stores_the_callers_trace(sidecar_factory) -> None:
     record, _ = await sc.control.engine.get(xid)
     assert record.traceparent == f"00-{TRACE}-{APP_SPAN}-01"
     assert tracing.current() == (None, None)  # nothing left behind in the test's context
+
+
+async def test_the_access_log_records_what_the_sidecar_answered_itself(
+    sidecar_factory, aiohttp_server, log_lines
+) -> None:
+    sc, _ = await _stack(sidecar_factory, aiohttp_server, otlp=None, access=True)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(
+            f"http://127.0.0.1:{sc.ports['inbound']}/stock?sku=1",
+            headers={"XID": "10.0.0.1:17020:", "traceparent": f"00-{TRACE}-{APP_SPAN}-01"},
+        ) as r:
+            assert r.status == 400
+    await wait_until(lambda: any(ln["logger"] == "sidecar.access" for ln in _lines(log_lines)), 5)
+    (line,) = [ln for ln in _lines(log_lines) if ln["logger"] == "sidecar.access"]
+    assert line["status"] == 400 and line["error"] == "XID_INVALID"
+    assert line["path"] == "/stock?sku=1" and line["method"] == "GET"
+    assert line["trace_id"] == TRACE and line["xid"] is None and line["upstream"] is None
