@@ -436,3 +436,4 @@ class Sidecar:
         if self._spans:  # after the engine: its last spans are sent too
             self._spans = False
             await asyncio.to_thread(spans.shutdown)
+        access_log.writer = None  # (process-wide, like the span exporter)
