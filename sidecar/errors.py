@@ -201,7 +201,6 @@ class NotOwner(JournalUnavailable):
         self.lease_lost = lease_lost
 
 
-
 class PayloadTooLarge(SidecarError):
     code = "PAYLOAD_TOO_LARGE"
     status = 413

@@ -341,6 +341,7 @@ def status_line(code: int) -> bytes:
         line = b"HTTP/1.1 %d \r\n" % code
     return line
 
+
 def response_fields(
     headers: list[tuple[bytes, bytes]],
 ) -> tuple[list[tuple[bytes, bytes]], bytes | None, bool]:
