@@ -301,3 +301,41 @@ async def test_the_access_log_records_what_the_sidecar_answered_itself(
     assert line["status"] == 400 and line["error"] == "XID_INVALID"
     assert line["path"] == "/stock?sku=1" and line["method"] == "GET"
     assert line["trace_id"] == TRACE and line["xid"] is None and line["upstream"] is None
+
+
+async def test_the_access_log_follows_a_reload_and_tracing_needs_a_restart(
+    tmp_path, aiohttp_server
+) -> None:
+    import yaml
+
+    from sidecar import config as configmod
+    from sidecar.metrics import Metrics
+    from sidecar.reload import file_digest
+    from sidecar.server import Sidecar
+    from tests.conftest import LOOPBACK_LISTENERS
+
+    app = await aiohttp_server(web.Application())
+    path = tmp_path / "sidecar.yaml"
+    data: dict[str, Any] = {
+        "listeners": LOOPBACK_LISTENERS,
+        "app": {"url": f"http://127.0.0.1:{app.port}"},
+        "local_coordinator": {"journal": "memory://"},
+    }
+    path.write_text(yaml.safe_dump(data))
+    sc = Sidecar(
+        configmod.load(str(path)), config_path=str(path), config_digest=file_digest(str(path)),
+        metrics=Metrics(), reload_interval=3600,
+    )  # fmt: skip
+    await sc.start()
+    try:
+        assert access_log.writer is None
+        data["logging"] = {"access_log": {"enabled": True, "sample_ratio": 0.5}}
+        path.write_text(yaml.safe_dump(data))
+        assert await sc.reload("SIGHUP") == "applied"
+        assert access_log.writer is not None and access_log.writer.ratio == 0.5
+        path.write_text(yaml.safe_dump({**data, "tracing": {"otlp_endpoint": "http://o:4318"}}))
+        assert await sc.reload("SIGHUP") != "applied"  # refused: needs a restart
+        assert sc.config.tracing.otlp_endpoint is None
+    finally:
+        await sc.close()
+    assert access_log.writer is None
