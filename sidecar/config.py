@@ -402,10 +402,10 @@ class ClusterConfig(_Model):
     response_limits: HeaderLimits = HeaderLimits()
     #: TLS to an https:// url (absent: the system's CAs, the url's host)
     tls: OriginTlsConfig | None = None
-    #: how to speak to it: HTTP/1.1 (keep-alive pool), or HTTP/2 with prior knowledge on an
-    #: http:// url (h2c: what a gRPC server speaks; multiplexed streams, pool.max_connections
-    #: connections)
-    protocol: Literal["http1", "h2c"] = "http1"
+    #: how to speak to it: HTTP/1.1 (keep-alive pool), or HTTP/2 (what a gRPC server speaks;
+    #: multiplexed streams over pool.max_connections connections): h2c with prior knowledge on
+    #: an http:// url, h2 through TLS (ALPN) on an https:// url
+    protocol: Literal["http1", "h2c", "h2"] = "http1"
 
     @model_validator(mode="after")
     def _timeouts_nest(self) -> ClusterConfig:
@@ -413,6 +413,8 @@ class ClusterConfig(_Model):
         problems = []
         if self.protocol == "h2c" and not self.url.startswith("http://"):
             problems.append("protocol h2c needs an http:// url (HTTP/2 without TLS)")
+        if self.protocol == "h2" and not self.url.startswith("https://"):
+            problems.append("protocol h2 needs an https:// url (HTTP/2 through TLS; h2c: without)")
         if self.tls is not None and not self.url.startswith("https://"):
             problems.append("tls applies to an https:// url only")
         if t.total <= t.response_header:

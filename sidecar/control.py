@@ -302,7 +302,7 @@ class ControlPlane:
                 cfg.app.url,
                 timeout=cfg.app.timeouts.total,
                 connect_timeout=cfg.app.timeouts.connect,
-                app_call=self._h2_app_call() if cfg.app.protocol == "h2c" else None,
+                app_call=self._h2_app_call() if cfg.app.protocol != "http1" else None,
             )
         self._start_retention()
 
@@ -325,7 +325,21 @@ class ControlPlane:
         from sidecar.proxy.fetch import fetch_h2
         from sidecar.proxy.h2_upstream import H2Cluster
 
-        cluster = H2Cluster("app_phase_two", self.config.app, self.metrics)
+        ssl_context = None
+        if self.config.app.protocol == "h2":
+            # (built at start: the phase-two pool of an h2 app takes a rotated app.tls at the
+            # next restart; the data plane's pools take it at once)
+            from sidecar.tls import H2_ALPN_PROTOCOLS, client_context
+
+            ssl_context = client_context(self.config.app.tls, H2_ALPN_PROTOCOLS)
+        server_name = self.config.app.tls.server_name if self.config.app.tls else None
+        cluster = H2Cluster(
+            "app_phase_two",
+            self.config.app,
+            self.metrics,
+            ssl_context=ssl_context,
+            server_name=server_name,
+        )
         self._phase_two_clusters.append(cluster)
 
         async def call(

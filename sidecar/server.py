@@ -157,7 +157,7 @@ class Sidecar:
         else:
             server_name = cfg.tls.server_name if cfg.tls is not None else None
             kind = Cluster
-            if cfg.protocol == "h2c":
+            if cfg.protocol != "http1":
                 # imported here: the h2 library is loaded only when an upstream speaks it
                 from sidecar.proxy.h2_upstream import H2Cluster
 

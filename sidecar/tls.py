@@ -106,12 +106,18 @@ def server_context(
     return ctx
 
 
-def client_context(cfg: OriginTlsConfig | None) -> ssl.SSLContext:
+#: what an upstream declared `protocol: h2` is offered: HTTP/2 only
+H2_ALPN_PROTOCOLS: Final = ("h2",)
+
+
+def client_context(
+    cfg: OriginTlsConfig | None, alpn: tuple[str, ...] = ALPN_PROTOCOLS
+) -> ssl.SSLContext:
     """A fresh context for https:// origination: CA (default: the system's), client
     certificate, verification."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     ctx.minimum_version = MINIMUM_VERSION
-    ctx.set_alpn_protocols(list(ALPN_PROTOCOLS))
+    ctx.set_alpn_protocols(list(alpn))
     if cfg is None:
         return ctx
     if cfg.ca_file is not None:
@@ -288,17 +294,18 @@ def _build_once(config: Config) -> TlsSet:
                 out.expiry[f"listener:{name}"] = certificate_expiry(tls.cert_file).timestamp()
             except TlsConfigError as exc:
                 problems.append(f"listeners.{name}.tls: {exc.message}")
-    clusters: list[tuple[str, str, str, OriginTlsConfig | None]] = [
-        ("app", "app.tls", config.app.url, config.app.tls),
+    clusters: list[tuple[str, str, str, OriginTlsConfig | None, str]] = [
+        ("app", "app.tls", config.app.url, config.app.tls, config.app.protocol),
         *(
-            (f"upstream:{n}", f"upstreams.{n}.tls", u.url, u.tls)
+            (f"upstream:{n}", f"upstreams.{n}.tls", u.url, u.tls, u.protocol)
             for n, u in config.upstreams.items()
         ),
     ]
-    for key, where, url, origin in clusters:
+    for key, where, url, origin, protocol in clusters:
         if url.startswith("https://"):
+            alpn = H2_ALPN_PROTOCOLS if protocol == "h2" else ALPN_PROTOCOLS
             try:
-                out.clients[key] = client_context(origin)
+                out.clients[key] = client_context(origin, alpn)
                 if origin is not None and origin.cert_file is not None:
                     out.expiry[key] = certificate_expiry(origin.cert_file).timestamp()
             except TlsConfigError as exc:

@@ -191,7 +191,7 @@ async def fetch_h2(
     HTTP/1.1 connection can, so there is nothing to repeat."""
     fields = [
         (b":method", method.encode("ascii")),
-        (b":scheme", b"http"),
+        (b":scheme", b"https" if cluster.ssl is not None else b"http"),
         (b":authority", cluster.authority),
         (b":path", path.encode("latin-1")),
     ]

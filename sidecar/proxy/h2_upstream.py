@@ -77,7 +77,7 @@ class H2UpstreamStream:
         authority = route.host or head.host or self.cluster.authority
         fields = [
             (b":method", head.method),
-            (b":scheme", b"http"),
+            (b":scheme", self.conn.scheme),
             (b":authority", authority),
             (b":path", route.target),
         ]
@@ -103,6 +103,8 @@ class H2UpstreamStream:
         self.stream_id = self.conn.open_stream(self, fields, end_stream=end_stream)
 
     def send_body(self, data: bytes, chunked: bool) -> None:
+        if not self.stream_id:
+            return  # never opened (the connection failed): lost() reports it
         if self.pending:
             self.pending.append(data)
             return
@@ -195,12 +197,26 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.counted = True
         self._closed = False
         self._flush_scheduled = False
+        #: why it can carry nothing (refused HTTP/2, broke the protocol)
+        self.failure: SidecarError | None = None
+        #: the :scheme of its requests
+        self.scheme = b"https" if cluster.ssl is not None else b"http"
         self.idle_since = 0.0
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        tls = transport.get_extra_info("ssl_object")
+        if tls is not None and tls.selected_alpn_protocol() != "h2":
+            # an https upstream declared protocol h2 that did not agree to HTTP/2
+            self._fail(
+                UpstreamUnavailable(
+                    f"upstream {self.cluster.name!r} did not choose HTTP/2 (ALPN h2) in its "
+                    "TLS handshake; declare it protocol: http1"
+                )
+            )
+            return
         self.h2.initiate_connection()
         self.flush()
 
@@ -302,6 +318,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             forget(self)
 
     def _fail(self, err: SidecarError) -> None:
+        self.failure = err
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream.lost(err)
@@ -321,6 +338,13 @@ class H2UpstreamConnection(asyncio.Protocol):
     def open_stream(
         self, stream: H2UpstreamStream, fields: list[tuple[bytes, bytes]], end_stream: bool
     ) -> int:
+        if self.failure is not None or not self.usable:
+            # (reported on the next step: the exchange is still sending)
+            err = self.failure or UpstreamUnavailable(
+                f"upstream {self.cluster.name!r} closed the connection"
+            )
+            asyncio.get_running_loop().call_soon(stream.lost, err)
+            return 0
         stream_id: int = self.h2.get_next_available_stream_id()
         self.streams[stream_id] = stream
         stream.ended = end_stream

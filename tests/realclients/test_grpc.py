@@ -350,3 +350,85 @@ async def test_a_failed_grpc_try_is_reported_failed_before_its_caller_hears(
     _, branches = await engine.get(tx.xid)
     (branch,) = branches
     assert branch.status.value == "PhaseOne_Failed"
+
+
+# --- HTTP/2 through TLS to the app (protocol: h2) -----------------------------------------------
+
+
+async def test_protocol_h2_reaches_a_grpc_server_through_tls(sidecar_factory, channel, tmp_path):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    app = App()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((_handlers(app),))
+    creds = grpc.ssl_server_credentials(
+        [(cert.private_key_pem.bytes(), b"".join(b.bytes() for b in cert.cert_chain_pems))]
+    )
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    server.start()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    try:
+        sc = await sidecar_factory(
+            {
+                "app": {
+                    "url": f"https://localhost:{port}",
+                    "protocol": "h2",
+                    "tls": {"ca_file": str(ca_file)},
+                }
+            }
+        )
+        ch = channel(sc.ports["inbound"])
+        reply = await asyncio.to_thread(
+            unary, ch, "/pkg.Svc/Echo", b"tls", metadata=[("xid", GOOD_XID)]
+        )
+        assert reply == b"echo:tls"
+        assert app.xids == [GOOD_XID]
+    finally:
+        server.stop(grace=None)
+
+
+async def test_protocol_h2_to_a_server_without_http2_is_a_clear_502(
+    sidecar_factory, channel, tmp_path
+):
+    """An https upstream that answers ALPN with http/1.1 only: UNAVAILABLE naming why."""
+    import ssl
+
+    from aiohttp import web
+
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(ctx)
+    ctx.set_alpn_protocols(["http/1.1"])
+    async def h1(request: web.Request) -> web.Response:
+        return web.Response(text="h1")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", h1)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    port = runner.addresses[0][1]
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    try:
+        sc = await sidecar_factory(
+            {
+                "app": {
+                    "url": f"https://localhost:{port}",
+                    "protocol": "h2",
+                    "tls": {"ca_file": str(ca_file)},
+                }
+            }
+        )
+        ch = channel(sc.ports["inbound"])
+        with pytest.raises(grpc.RpcError) as info:
+            await asyncio.to_thread(unary, ch, "/pkg.Svc/Echo", b"x")
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "ALPN" in (info.value.details() or "")
+    finally:
+        await runner.cleanup()
