@@ -37,7 +37,7 @@ from sidecar.proxy import grpc
 from sidecar.proxy import headers as h
 from sidecar.proxy.downstream import H2_PREFACE
 from sidecar.proxy.exchange import PAUSE_UPSTREAM_FULL, Exchange
-from sidecar.proxy.h2_upstream import PlainEncoder
+from sidecar.proxy.h2_upstream import PlainEncoder, send_within_window
 
 if TYPE_CHECKING:
     from sidecar.proxy.listener import ClientConnection, ProxyListener
@@ -481,18 +481,7 @@ class H2Downstream:
 
     def send_data(self, stream: H2Stream, data: bytes) -> int:
         """Send as much of `data` as the windows allow; how much was sent."""
-        h2c = self.h2
-        try:
-            window = h2c.local_flow_control_window(stream.stream_id)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            return len(data)  # the stream is gone: drop the rest
-        size = min(window, len(data))
-        frame = h2c.max_outbound_frame_size
-        at = 0
-        while at < size:
-            piece = data[at : min(size, at + frame)]
-            h2c.send_data(stream.stream_id, piece)
-            at += len(piece)
+        size = send_within_window(self.h2, stream.stream_id, data)
         stream.sent += size
         return size
 

@@ -353,18 +353,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         return stream_id
 
     def send_data(self, stream: H2UpstreamStream, data: bytes) -> int:
-        h2c = self.h2
-        try:
-            window = h2c.local_flow_control_window(stream.stream_id)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            return len(data)
-        size = min(window, len(data))
-        frame = h2c.max_outbound_frame_size
-        at = 0
-        while at < size:
-            piece = data[at : min(size, at + frame)]
-            h2c.send_data(stream.stream_id, piece)
-            at += len(piece)
+        size = send_within_window(self.h2, stream.stream_id, data)
         self.flush()
         return size
 
@@ -486,6 +475,24 @@ class H2Cluster(Cluster):
         for conn in list(self._conns):
             if not conn.taken:
                 conn.close()
+
+
+def send_within_window(h2c: h2.connection.H2Connection, stream_id: int, data: bytes) -> int:
+    """Queue as much of `data` on the stream as its and the connection's flow-control windows
+    allow, in frames of the peer's maximum size; how much was taken (all of it when the
+    stream is gone: there is nobody to send the rest to)."""
+    try:
+        window = h2c.local_flow_control_window(stream_id)
+    except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+        return len(data)
+    size = min(window, len(data))
+    frame = h2c.max_outbound_frame_size
+    at = 0
+    while at < size:
+        piece = data[at : min(size, at + frame)]
+        h2c.send_data(stream_id, piece)
+        at += len(piece)
+    return size
 
 
 class PlainEncoder(hpack.Encoder):

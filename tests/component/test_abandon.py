@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -67,27 +66,6 @@ class WaitsForItsClient:
             pass
         self.ended.set()
         reply.close()
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[UpstreamFactory]:
-    factory = UpstreamFactory()
-    yield factory
-    await factory.close()
-
-
-@pytest.fixture
-async def connect() -> AsyncIterator[Any]:
-    clients: list[Client] = []
-
-    async def make(port: int) -> Client:
-        client = await Client.connect(port)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
 
 
 async def _setup(sidecar_factory: Any, upstream: UpstreamFactory, *, read_body: bool = True, **cfg):

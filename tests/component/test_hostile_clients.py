@@ -4,44 +4,17 @@ floods, slow bodies and slow readers. Each case sends the exact bytes an attacke
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
-
 from tests.component.servers import (
-    Client,
     Received,
     Reply,
-    UpstreamFactory,
     error_of,
     get,
     request,
     sample,
     wait_until,
 )
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[UpstreamFactory]:
-    factory = UpstreamFactory()
-    yield factory
-    await factory.close()
-
-
-@pytest.fixture
-async def connect() -> AsyncIterator[Any]:
-    clients: list[Client] = []
-
-    async def make(port: int) -> Client:
-        client = await Client.connect(port)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
-
 
 #: an app pool of one connection: anything that holds it shows at once
 ONE_CONNECTION = {"max_connections": 1, "max_idle": 1, "max_pending": 1}

@@ -18,7 +18,6 @@ from tests.component.servers import (
     Client,
     Received,
     Reply,
-    UpstreamFactory,
     get,
     request,
     sample,
@@ -27,13 +26,6 @@ from tests.component.test_abandon import PATIENT, WaitsForItsClient
 
 GOOD_XID = "10.0.0.1:8091:2001"
 CURL = shutil.which("curl")
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[UpstreamFactory]:
-    factory = UpstreamFactory()
-    yield factory
-    await factory.close()
 
 
 @pytest.fixture

@@ -4,10 +4,7 @@ the app a second time (a caller retrying after a 503 `Unknown` must not order tw
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
-
-import pytest
 
 from sidecar.idempotency import IdempotencyStore
 from sidecar.txn.repeats import Repeats, fingerprint
@@ -23,13 +20,6 @@ from tests.component.servers import (
 from tests.component.test_abandon import ORDERS
 
 STATUS = "x-gts-transaction-status"
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[UpstreamFactory]:
-    factory = UpstreamFactory()
-    yield factory
-    await factory.close()
 
 
 def order(key: str, path: str = "/orders") -> bytes:

@@ -4,19 +4,9 @@ left), and its 504 says which ran out."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import aiohttp
-import pytest
 
-from tests.component.servers import UpstreamFactory, error_of, get, request, stall_forever
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[UpstreamFactory]:
-    factory = UpstreamFactory()
-    yield factory
-    await factory.close()
+from tests.component.servers import error_of, get, request, stall_forever
 
 
 async def test_an_outbound_call_for_a_transaction_ends_with_the_transaction(
