@@ -244,14 +244,18 @@ class RemoteCoordinator:
         sent = asyncio.get_running_loop().time()
         if timeout_ms is not None:
             body["timeoutMs"] = timeout_ms
+        started: list[TraceContext] = []
         data = await self._call(
             "start", "POST", f"{protocol.API}/transaction/start", orjson.dumps(body),
             idempotency_key=idempotency_key or uuid.uuid4().hex,
             # the begin itself must not outlive the transaction it makes
             deadline=None if timeout_ms is None else sent + timeout_ms / 1000,
+            span_out=started,
         )  # fmt: skip
         xid = data["xid"]
-        trace = current_trace()
+        # the decision is made in the same trace: the request's, or (a begin made outside
+        # any trace) the one the begin call's span started
+        trace = current_trace() or (started[0] if started else None)
         if trace is not None:
             self._traces[xid] = trace
             if len(self._traces) > _MAX_TRACES:
@@ -386,9 +390,11 @@ class RemoteCoordinator:
         xid: str | None = None,
         idempotency_key: str | None = None,
         deadline: float | None = None,
+        span_out: list[TraceContext] | None = None,
     ) -> dict[str, Any]:
         """One call, failing over between endpoints within the request timeout, or within
-        `deadline` (loop time: the transaction's) when that comes first."""
+        `deadline` (loop time: the transaction's) when that comes first. `span_out` is given
+        the call's span position."""
         if not self.breaker.allow():
             self._count(call, "breaker_open")
             raise CoordinatorUnavailable(
@@ -407,6 +413,8 @@ class RemoteCoordinator:
             kind="client",
             attributes={"gts.call": call} if xid is None else {"gts.call": call, "gts.xid": xid},
         )
+        if span_out is not None:
+            span_out.append(span.context)
         error: str | None = "cancelled"
         try:
             result = await self._try_endpoints(
