@@ -5,6 +5,7 @@ the XID travels as the metadata key `xid`."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
@@ -13,6 +14,8 @@ from typing import Any
 
 import grpc
 import pytest
+import trustme
+from aiohttp import web
 
 from tests.component.servers import sample, wait_until
 
@@ -355,30 +358,26 @@ async def test_a_failed_grpc_try_is_reported_failed_before_its_caller_hears(
 # --- HTTP/2 through TLS to the app (protocol: h2) -----------------------------------------------
 
 
+async def _sidecar_to_h2_tls_app(sidecar_factory: Any, port: int, ca: Any, tmp: Any) -> Any:
+    """A sidecar whose app is https://localhost:PORT with protocol h2, trusting `ca`."""
+    ca_file = tmp / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    app = {"url": f"https://localhost:{port}", "protocol": "h2", "tls": {"ca_file": str(ca_file)}}
+    return await sidecar_factory({"app": app})
+
+
 async def test_protocol_h2_reaches_a_grpc_server_through_tls(sidecar_factory, channel, tmp_path):
-    trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
     cert = ca.issue_cert("localhost")
     app = App()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     server.add_generic_rpc_handlers((_handlers(app),))
-    creds = grpc.ssl_server_credentials(
-        [(cert.private_key_pem.bytes(), b"".join(b.bytes() for b in cert.cert_chain_pems))]
-    )
+    chain = b"".join(b.bytes() for b in cert.cert_chain_pems)
+    creds = grpc.ssl_server_credentials([(cert.private_key_pem.bytes(), chain)])
     port = server.add_secure_port("127.0.0.1:0", creds)
     server.start()
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
     try:
-        sc = await sidecar_factory(
-            {
-                "app": {
-                    "url": f"https://localhost:{port}",
-                    "protocol": "h2",
-                    "tls": {"ca_file": str(ca_file)},
-                }
-            }
-        )
+        sc = await _sidecar_to_h2_tls_app(sidecar_factory, port, ca, tmp_path)
         ch = channel(sc.ports["inbound"])
         reply = await asyncio.to_thread(
             unary, ch, "/pkg.Svc/Echo", b"tls", metadata=[("xid", GOOD_XID)]
@@ -393,16 +392,11 @@ async def test_protocol_h2_to_a_server_without_http2_is_a_clear_502(
     sidecar_factory, channel, tmp_path
 ):
     """An https upstream that answers ALPN with http/1.1 only: UNAVAILABLE naming why."""
-    import ssl
-
-    from aiohttp import web
-
-    trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
-    cert = ca.issue_cert("localhost")
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(ctx)
+    ca.issue_cert("localhost").configure_cert(ctx)
     ctx.set_alpn_protocols(["http/1.1"])
+
     async def h1(request: web.Request) -> web.Response:
         return web.Response(text="h1")
 
@@ -410,21 +404,9 @@ async def test_protocol_h2_to_a_server_without_http2_is_a_clear_502(
     app.router.add_route("*", "/{tail:.*}", h1)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
-    await site.start()
-    port = runner.addresses[0][1]
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx).start()
     try:
-        sc = await sidecar_factory(
-            {
-                "app": {
-                    "url": f"https://localhost:{port}",
-                    "protocol": "h2",
-                    "tls": {"ca_file": str(ca_file)},
-                }
-            }
-        )
+        sc = await _sidecar_to_h2_tls_app(sidecar_factory, runner.addresses[0][1], ca, tmp_path)
         ch = channel(sc.ports["inbound"])
         with pytest.raises(grpc.RpcError) as info:
             await asyncio.to_thread(unary, ch, "/pkg.Svc/Echo", b"x")
