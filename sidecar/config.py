@@ -448,7 +448,7 @@ class UpstreamConfig(ClusterConfig):
     @field_validator("xid_headers")
     @classmethod
     def _unique(cls, v: list[str] | None) -> list[str] | None:
-        # a header written twice is a repeated XID header, which receivers refuse (DESIGN §3)
+        # a header written twice is a repeated XID header, which receivers refuse
         if v is not None and len({h.lower() for h in v}) != len(v):
             raise ValueError("names a header twice (header names are case-insensitive)")
         return v
@@ -515,7 +515,7 @@ class SigningKey(_Model):
 
 
 class SigningConfig(_Model):
-    """HMAC-SHA256 request signing (DESIGN §2). Without a key the sidecar makes up a random
+    """HMAC-SHA256 request signing (docs/signing.md). Without a key the sidecar makes up a random
     one at start: it then signs and verifies only its own calls (one pod, development)."""
 
     key_id: str | None = Field(
@@ -732,7 +732,7 @@ class TransactionMatch(_Model):
 
 
 class DegradedConfig(_Model):
-    """When the coordinator cluster is unreachable (DESIGN §1, "degraded local coordinator")."""
+    """When the coordinator cluster is unreachable (README, "Degraded mode")."""
 
     #: a branch registration for a cluster-owned XID while the cluster is unreachable:
     #: reject (503 COORDINATOR_UNAVAILABLE + Retry-After; the try is not forwarded, so the

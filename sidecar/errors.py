@@ -1,8 +1,9 @@
 """One error tree for everything the sidecar itself answers with.
 
 Each error knows its stable upper-case code and its HTTP status; `error_body` is the one
-place that turns an error into the JSON body of DESIGN §6. Only listeners turn errors into
-responses; adapters translate foreign exceptions into these.
+place that turns an error into the JSON error body (README, "Errors the sidecar itself
+answers"). Only listeners turn errors into responses; adapters translate foreign exceptions
+into these.
 """
 
 from __future__ import annotations

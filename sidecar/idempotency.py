@@ -1,5 +1,6 @@
 """The idempotency store (an `Idempotency-Key` → the first answer) and the shared replay cache
-of signed requests: in this process, or in a Redis shared by a service's replicas (DESIGN §2, §4).
+of signed requests: in this process, or in a Redis shared by a service's replicas
+(docs/signing.md; README, Configuration).
 
 Both are "first writer wins": `put_if_absent` and `RedisNonceStore.seen` check and record in one
 atomic step (Redis `SET NX PX`; in memory, no await between the check and the write), so two
@@ -324,7 +325,7 @@ class IdempotencyStore:
 
 class RedisNonceStore:
     """`sidecar.coordinator.nonces.NonceStore` in Redis: replicas sharing a signing key share
-    replay protection, so a request is accepted once by the whole service (DESIGN §2)."""
+    replay protection, so a request is accepted once by the whole service (docs/signing.md)."""
 
     def __init__(
         self,

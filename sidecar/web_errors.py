@@ -1,4 +1,4 @@
-"""The control plane's JSON responses: answers, errors in the DESIGN shape with
+"""The control plane's JSON responses: answers, errors in the one JSON shape with
 `x-gts-sidecar-error` — aiohttp's own refusals (no route, wrong method, body too large) and
 unexpected failures included, like every other error."""
 
@@ -60,7 +60,7 @@ def sidecar_error(err: SidecarError) -> web.Response:
 
 
 def as_response(request: web.Request, exc: Exception) -> web.Response:
-    """Any exception out of a control-plane handler, as the DESIGN error response (HTTP
+    """Any exception out of a control-plane handler, as the JSON error response (HTTP
     exceptions below 400 — redirects — are re-raised for aiohttp to send)."""
     if isinstance(exc, SidecarError):
         return sidecar_error(exc)

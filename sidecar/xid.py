@@ -1,4 +1,4 @@
-"""The global transaction id (XID): parse, validate and generate. DESIGN §3.
+"""The global transaction id (XID): parse, validate and generate (README, "The XID").
 
 Rules: pure. No I/O, no sockets, no clock of its own (generation takes an injected clock), so
 every function is tested directly and with property tests.

@@ -1,4 +1,4 @@
-"""Bearer JWTs for the coordinator protocol (DESIGN §2): fetched and refreshed on the client
+"""Bearer JWTs for the coordinator protocol (docs/protocol.md): fetched and refreshed on the client
 side (`TokenSource`), verified on the server side (`verify_bearer`).
 
 The client cannot verify a token's signature (it does not hold the issuer's key), so it

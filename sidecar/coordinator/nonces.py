@@ -1,4 +1,4 @@
-"""The replay cache of signed requests (DESIGN §2): a nonce is accepted once per key id.
+"""The replay cache of signed requests (docs/signing.md): a nonce is accepted once per key id.
 
 The receiver calls `check_replay` after `signing.verify` succeeded and before it parses the
 body. `MemoryNonceStore` serves one process; replicas that share a signing key need a shared

@@ -1,4 +1,4 @@
-"""HMAC-SHA256 request signing, "GTS REST v1" (DESIGN §2): canonical string, sign, verify.
+"""HMAC-SHA256 request signing, "GTS REST v1" (docs/signing.md): canonical string, sign, verify.
 
 Rules: pure. No I/O, no aiohttp, no clock of its own: the caller passes `now_ms` in. Randomness
 (`secrets`) is the only outside input, for nonces and the ephemeral key. The replay check is

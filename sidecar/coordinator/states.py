@@ -1,4 +1,4 @@
-"""Global and branch statuses, and the global state machine as a table. DESIGN §2.
+"""Global and branch statuses, and the global state machine as a table (docs/protocol.md).
 
 Rules: pure. A transition is looked up in `TRANSITIONS`; an event that has no entry for the
 current status raises `IllegalTransition` naming both, and the caller's state is unchanged

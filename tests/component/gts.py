@@ -73,7 +73,7 @@ class Reply:
 
     @property
     def error(self) -> dict[str, Any]:
-        """The sidecar's own error: DESIGN §6 shape and the marker header, checked."""
+        """The sidecar's own error: the JSON error shape and the marker header, checked."""
         assert self.headers.get("Content-Type", "").startswith("application/json"), self.raw
         body = self.json()
         assert set(body) == {"error"}, body

@@ -1,5 +1,5 @@
 """GTS REST v1 on the peer listener over real sockets: the routes, their body checks, and the
-signature gate in front of them (DESIGN §2). The sidecar runs its local coordinator on a
+signature gate in front of them (docs/signing.md). The sidecar runs its local coordinator on a
 memory journal with a configured key (k1); branches are a real HTTP server that answers the
 signed phase-two callbacks."""
 

@@ -1,6 +1,6 @@
 """The outbound listener over real loopback sockets: the app → named upstreams.
 
-Routing (DESIGN §6): `/{upstream}/{rest}` prefix, a `Host:` equal to an upstream's name, or
+Routing (README, "Outbound"): `/{upstream}/{rest}` prefix, a `Host:` equal to an upstream's name, or
 an absolute-form request line (the app uses the sidecar as HTTP_PROXY). The XID is written
 under each upstream's `xid_headers`; Host becomes the upstream's authority.
 """

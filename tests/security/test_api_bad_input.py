@@ -3,7 +3,7 @@
 One sidecar per test, over real loopback sockets: the TM API and the locks API (`api`
 listener), GTS REST v1 and the phase-two callbacks of a declared TCC resource (`peer`
 listener, every request properly signed so that the body checks are what is exercised), and
-the admin listener with its token. Each bad request must get a clear 4xx in the DESIGN error
+the admin listener with its token. Each bad request must get a clear 4xx in the JSON error
 shape (`{"error": {"code", "message"}}` + `x-gts-sidecar-error`), never a 5xx, and change
 nothing: no transaction, branch, lock or fence row appears, and the app is never called.
 """
@@ -142,7 +142,7 @@ async def plane(sidecar_factory, tmp_path, session, upstream) -> Plane:
 
 
 def refused(reply: Reply, *codes: str, status: int | None = None) -> dict[str, Any]:
-    """A clear 4xx in the DESIGN shape, with one of `codes`."""
+    """A clear 4xx in the JSON error shape, with one of `codes`."""
     assert 400 <= reply.status < 500, (reply.status, reply.raw)
     if status is not None:
         assert reply.status == status, reply.raw
@@ -571,7 +571,7 @@ async def test_random_json_never_gets_a_5xx(plane: Plane, endpoint: Endpoint, va
     reply = await plane.send(endpoint.listener, "POST", endpoint.path, _dumps(value))
     assert reply.status < 500, reply.raw
     if reply.status >= 400:
-        reply.error  # noqa: B018 - the DESIGN shape, checked by the property
+        reply.error  # noqa: B018 - the JSON error shape, checked by the property
 
 
 # --- admin ----------------------------------------------------------------------------------------

@@ -274,7 +274,8 @@ async def test_outbound_routes_to_exactly_one_upstream_with_its_own_authority(
 async def test_outbound_host_header_beats_the_path_prefix_and_reaches_one_upstream(
     sidecar_factory, upstream
 ):
-    """DESIGN §6 order: a Host equal to an upstream's name routes before the path prefix;
+    """The routing order (README, "Outbound"): a Host equal to an upstream's name routes
+    before the path prefix;
     either way exactly one upstream gets exactly one request."""
     sc, up, other, port = await start(sidecar_factory, upstream, "outbound")
     async with await Client.connect(port) as client:

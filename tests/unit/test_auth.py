@@ -1,4 +1,4 @@
-"""Unit tests for the server side of sidecar/coordinator/auth.py: `verify_bearer` (DESIGN §2)."""
+"""Unit tests for the server side of sidecar/coordinator/auth.py: `verify_bearer`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Unit tests for sidecar/config.py: schema, defaults, substitution, secrets, errors (DESIGN §4)."""
+"""Unit tests for sidecar/config.py: schema, defaults, substitution, secrets, errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Unit and property tests for sidecar/coordinator/signing.py and nonces.py (DESIGN §2)."""
+"""Unit and property tests for sidecar/coordinator/signing.py and nonces.py (docs/signing.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Unit and property tests for sidecar/xid.py: parse, validate, generate (DESIGN §3)."""
+"""Unit and property tests for sidecar/xid.py: parse, validate, generate (README, "The XID")."""
 
 from __future__ import annotations
 
