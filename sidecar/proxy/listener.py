@@ -362,7 +362,7 @@ class ClientConnection(asyncio.Protocol):
             self._feed_from_head(data, 0)
         elif self.parsing is not None:
             self._feed_body(data, 0)
-        elif self.requests == 0 and data[:1] == b"P" and self._maybe_h2(data):
+        elif self.requests == 0 and (self.h2_buf or data[:1] == b"P") and self._maybe_h2(data):
             return
         elif data.find(b"\r\n\r\n") == len(data) - 4:
             # the usual read: one whole head and nothing after it, so nothing to split

@@ -209,3 +209,17 @@ async def test_a_frame_that_breaks_http2_is_a_goaway_and_a_close(sidecar_factory
     assert app.requests == []
     errors = sample(sc, "gts_sidecar_client_errors_total", listener="inbound", reason="h2_protocol")
     assert errors == 1
+
+
+async def test_a_preface_split_across_reads_still_opens_http2(sidecar_factory, upstream):
+    app = await upstream()
+    sc = await sidecar_factory({"app": {"url": app.url}})
+    async with await Client.connect(sc.ports["inbound"]) as client:
+        await client.send(PREFACE[:7])
+        for _ in range(5):  # let the sidecar (on this loop) read the first piece alone
+            await asyncio.sleep(0)
+        await client.send(PREFACE[7:] + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        head = await client.reader.readexactly(9)
+    # the server's SETTINGS frame: it speaks HTTP/2
+    assert head[3] == 0x4
+    assert sample(sc, "gts_sidecar_http2_connections_total", listener="inbound") == 1
