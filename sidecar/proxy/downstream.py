@@ -28,6 +28,9 @@ class Downstream(Protocol):
     peer_ip: bytes
     #: no further request will be read from this client (the exchange's answer says so)
     closing: bool
+    #: the request is a stream both sides talk on (a gRPC call: client-streaming and bidi
+    #: calls wait for answers before sending more), so its body is never held back whole
+    streaming: bool
 
     @property
     def write_paused(self) -> bool:

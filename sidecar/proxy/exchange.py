@@ -244,7 +244,11 @@ class Exchange:
                 head.content_length,
                 head.chunked,
             )
-        if not self.body_done and self.body_buffered < self.rt.clients.request_buffer:
+        if (
+            not self.body_done
+            and not self.conn.streaming
+            and self.body_buffered < self.rt.clients.request_buffer
+        ):
             # no upstream connection until the body is in (or the buffer is full): a slow
             # client must not hold a pooled connection while it dribbles its body
             self.buffering = True

@@ -62,6 +62,7 @@ class H2Stream:
         self.peer_ip = conn.client.peer_ip
         self.closing = False
         self.grpc = grpc
+        self.streaming = grpc
         self.exchange: Exchange | None = None
         self.paused = 0
         #: request bytes received but not yet acknowledged (held back while paused)

@@ -259,6 +259,9 @@ def _piece(data: bytes, at: int, end: int) -> bytes | memoryview:
 class ClientConnection(asyncio.Protocol):
     """One downstream connection: parsing, limits, and exchanges in order."""
 
+    #: (see downstream.Downstream) an HTTP/1.1 request body is never a conversation
+    streaming = False
+
     def __init__(self, listener: ProxyListener) -> None:
         self.listener = listener
         self.loop = listener.loop

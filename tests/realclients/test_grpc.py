@@ -5,6 +5,7 @@ the XID travels as the metadata key `xid`."""
 from __future__ import annotations
 
 import asyncio
+import queue
 import ssl
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -49,6 +50,11 @@ def _handlers(app: App) -> grpc.GenericRpcHandler:
         for i in range(int(request)):
             yield b"%d" % i
 
+    def chat(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        app.calls += 1
+        for message in requests:
+            yield b"re:" + message
+
     def fail(request: bytes, context: grpc.ServicerContext) -> bytes:
         app.calls += 1
         app.xids.append(_metadata(context).get("xid"))
@@ -71,6 +77,7 @@ def _handlers(app: App) -> grpc.GenericRpcHandler:
         {
             "Echo": grpc.unary_unary_rpc_method_handler(echo),
             "Count": grpc.unary_stream_rpc_method_handler(count),
+            "Chat": grpc.stream_stream_rpc_method_handler(chat),
             "Fail": grpc.unary_unary_rpc_method_handler(fail),
             "Slow": grpc.unary_unary_rpc_method_handler(slow),
         },
@@ -155,6 +162,30 @@ async def test_a_server_streaming_call_passes_through(sidecar_factory, grpc_app,
         return list(ch.unary_stream("/pkg.Svc/Count")(b"5", timeout=10))
 
     assert await asyncio.to_thread(stream) == [b"0", b"1", b"2", b"3", b"4"]
+
+
+async def test_a_bidi_stream_converses_through_the_sidecar(sidecar_factory, grpc_app, channel):
+    """Each message is answered before the client sends the next: the sidecar must pass the
+    request stream on as it comes, never hold it back whole."""
+    app, port = grpc_app
+    sc = await sidecar_factory({"app": {"url": f"http://127.0.0.1:{port}", "protocol": "h2c"}})
+    ch = channel(sc.ports["inbound"])
+
+    def converse() -> list[bytes]:
+        outbox: queue.Queue[bytes | None] = queue.Queue()
+        outbox.put(b"1")
+
+        def requests() -> Iterator[bytes]:
+            while (message := outbox.get(timeout=10)) is not None:
+                yield message
+
+        got = []
+        for reply in ch.stream_stream("/pkg.Svc/Chat")(requests(), timeout=10):
+            got.append(reply)
+            outbox.put(b"%d" % (len(got) + 1) if len(got) < 3 else None)
+        return got
+
+    assert await asyncio.to_thread(converse) == [b"re:1", b"re:2", b"re:3"]
 
 
 async def test_a_client_cancel_reaches_the_app_as_a_cancelled_context(
