@@ -53,12 +53,15 @@ the order sidecar degrades to its local coordinator and hands back), or one side
   timeout passes with not one byte of the answer received; or a stall mid-body, then FIN or
   RST (a small body the sidecar buffers, or a 200 KiB one that streams to the app). The
   order app is slow for some of these orders (a delay after its steps, around the client's
-  timeout). The rule checked: an abandoned order (nothing received when the client closed)
+  timeout), and answers some 0-4 ms before the client's deadline, so that the answer and
+  the FIN reach the sidecar together. The rule checked: an abandoned order (nothing received
+  when the client closed)
   is a violation if it is Committed and the order app had not answered it (not begun
   writing its answer) when the client's close() or reset returned. Both times are read on
   one monotonic clock in this one thread, so the FIN or RST was in the sidecar's socket
   before the app's answer could be in its upstream socket; the sidecar decides only once it
-  has read that answer, and eof/reset are handled as they are read. A commit the sidecar
+  has read that answer, and reads its sockets in the order the kernel made them ready (an
+  eof or reset is handled as it is read). A commit the sidecar
   decided before the client left (the app answered before the close) is legitimate, and
   counted. Also: a Committed transaction must be one the order app answered 201 (a client
   that left during the begin or mid-body leaves a transaction the app never saw, which must
