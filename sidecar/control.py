@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from sidecar.config import Config, parse_bind
+from sidecar.config import Config, format_duration, parse_bind
 from sidecar.coordinator.auth import TokenSource
 from sidecar.coordinator.callbacks import HttpBranchCaller
 from sidecar.coordinator.client import Coordinator, LocalCoordinator, RemoteCoordinator
@@ -28,7 +28,7 @@ from sidecar.coordinator.protocol import render_branch
 from sidecar.coordinator.records import BranchRecord, GlobalRecord, Journal
 from sidecar.coordinator.retention import Retention
 from sidecar.coordinator.router import RoutingCoordinator
-from sidecar.coordinator.server import SignatureGate, build_peer_app
+from sidecar.coordinator.server import DECISION_WAIT, SignatureGate, build_peer_app
 from sidecar.coordinator.signing import KeyRing
 from sidecar.coordinator.states import GlobalStatus
 from sidecar.errors import ConfigError, JournalUnavailable
@@ -266,6 +266,16 @@ class ControlPlane:
             if self.replica is not None:
                 self.replica.start()
         if cfg.coordinator.endpoints:
+            if cfg.coordinator.timeouts.request <= DECISION_WAIT:
+                # found by the soak: a decision whose phase two waits (a slow try) is answered
+                # after up to DECISION_WAIT; a shorter call timeout turns it into Unknown
+                log.warning(
+                    "coordinator.timeouts.request (%s) does not exceed the %s a coordinator "
+                    "may wait for phase two before answering a commit or rollback: such "
+                    "decisions will time out here and be re-sent as Unknown",
+                    format_duration(cfg.coordinator.timeouts.request),
+                    format_duration(DECISION_WAIT),
+                )
             tokens = TokenSource.from_config(cfg.coordinator.auth, aiohttp.ClientSession)
             self.remote = RemoteCoordinator(cfg.coordinator, self.ring, self.metrics, tokens=tokens)
             if self.engine is not None:
