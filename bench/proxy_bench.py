@@ -853,6 +853,16 @@ def check_idle() -> str:
     return f"{busy:.0%}"
 
 
+def wrk_version(wrk: str) -> str:
+    """`wrk -v` prints its version but exits 1 (it wants a URL): read it anyway."""
+    try:
+        done = subprocess.run([wrk, "-v"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    first = (done.stdout or done.stderr).strip().splitlines()
+    return first[0].split(" Copyright")[0].strip() if first else "unknown"
+
+
 def machine_facts(tools: dict[str, str], pinning: str, busy_before: str) -> list[tuple[str, str]]:
     commit = command_output(["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"])
     return [
@@ -862,7 +872,7 @@ def machine_facts(tools: dict[str, str], pinning: str, busy_before: str) -> list
         ("kernel", f"{platform.system()} {platform.release()}"),
         ("python", f"{platform.python_implementation()} {platform.python_version()}"),
         ("nginx", command_output([tools["nginx"], "-v"])),
-        ("wrk", command_output([tools["wrk"], "-v"]).split(" Copyright")[0]),
+        ("wrk", wrk_version(tools["wrk"])),
         ("pinning", pinning),
         ("CPU busy before start (all CPUs, 1 s)", busy_before),
         ("repo commit", commit + " (plus any uncommitted changes)"),
