@@ -37,7 +37,7 @@ from sidecar.proxy import grpc
 from sidecar.proxy import headers as h
 from sidecar.proxy.downstream import H2_PREFACE
 from sidecar.proxy.exchange import PAUSE_UPSTREAM_FULL, Exchange
-from sidecar.proxy.h2_upstream import PlainEncoder, send_within_window
+from sidecar.proxy.h2_upstream import PlainEncoder, send_pending, send_within_window
 
 if TYPE_CHECKING:
     from sidecar.proxy.listener import ClientConnection, ProxyListener
@@ -142,13 +142,8 @@ class H2Stream:
 
     def window_opened(self) -> None:
         """WINDOW_UPDATE or SETTINGS: send what waits, then let the upstream flow again."""
-        while self.pending:
-            data = self.pending[0]
-            sent = self.conn.send_data(self, data)
-            if sent < len(data):
-                self.pending[0] = data[sent:]
-                return
-            self.pending.pop(0)
+        if not send_pending(self.pending, lambda data: self.conn.send_data(self, data)):
+            return
         end, self.pending_end = self.pending_end, False
         if end is not False:
             self._end(end if isinstance(end, list) else None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import h2.config
@@ -122,13 +123,8 @@ class H2UpstreamStream:
             self.conn.end_stream(self)
 
     def window_opened(self) -> None:
-        while self.pending:
-            data = self.pending[0]
-            sent = self.conn.send_data(self, data)
-            if sent < len(data):
-                self.pending[0] = data[sent:]
-                return
-            self.pending.pop(0)
+        if not send_pending(self.pending, lambda data: self.conn.send_data(self, data)):
+            return
         if self.pending_end:
             self.pending_end = False
             self.ended = True
@@ -493,6 +489,19 @@ def send_within_window(h2c: h2.connection.H2Connection, stream_id: int, data: by
         h2c.send_data(stream_id, piece)
         at += len(piece)
     return size
+
+
+def send_pending(pending: list[bytes], send: Callable[[bytes], int]) -> bool:
+    """Send what waits for a window, in order, as far as `send` (how much it took) goes;
+    True when nothing is left waiting."""
+    while pending:
+        data = pending[0]
+        sent = send(data)
+        if sent < len(data):
+            pending[0] = data[sent:]
+            return False
+        pending.pop(0)
+    return True
 
 
 class PlainEncoder(hpack.Encoder):
