@@ -15,7 +15,7 @@ import aiohttp
 
 from tests.faults.procs import start_sidecar, write_config
 from tests.faults.test_storm import raise_nofile
-from tests.faults.util import metric, scrape
+from tests.faults.util import metric, scrape, wait_until
 
 FLOOD = 20_000
 FLOODERS = 2  # each holds FLOOD / FLOODERS sockets: one process's limit is 20,000 here
@@ -74,10 +74,9 @@ async def test_an_idle_flood_leaves_health_checks_and_the_tm_api_answering(
                     >= FLOOD - 10_000 - 100
                 )
 
-            deadline = asyncio.get_running_loop().time() + 120
-            while not await refused_enough():
-                assert asyncio.get_running_loop().time() < deadline, texts[-1][-3000:]
-                await asyncio.sleep(0.2)
+            await wait_until(
+                refused_enough, timeout=120, interval=0.2, what=lambda: texts[-1][-3000:]
+            )
             held = metric(texts[-1], "gts_sidecar_downstream_connections", listener="inbound")
             assert held <= 10_000
             # the admin and api listeners still accept and answer
@@ -93,7 +92,15 @@ async def test_an_idle_flood_leaves_health_checks_and_the_tm_api_answering(
             await proc.wait()
         # once the flood is gone, inbound serves again (no app behind it: 502, not refused)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
-            await wait_until_inbound(s, port)
+            statuses: list[int] = []
+
+            async def served() -> bool:
+                async with s.get(f"http://127.0.0.1:{port}/after") as r:
+                    statuses.append(r.status)
+                return r.status != 503
+
+            await wait_until(served, timeout=10, interval=0.1, what=lambda: statuses)
+            assert statuses[-1] == 502, statuses
         assert sc.proc.returncode is None
     finally:
         for proc in flooders:
@@ -101,18 +108,3 @@ async def test_an_idle_flood_leaves_health_checks_and_the_tm_api_answering(
                 proc.kill()
                 await proc.wait()
         await sc.stop()
-
-
-async def wait_until_inbound(s: aiohttp.ClientSession, port: int) -> None:
-    statuses: list[int] = []
-
-    async def probe() -> None:
-        async with s.get(f"http://127.0.0.1:{port}/after") as r:
-            statuses.append(r.status)
-
-    for _ in range(100):
-        await probe()
-        if statuses[-1] != 503:
-            break
-        await asyncio.sleep(0.1)
-    assert statuses[-1] == 502, statuses
