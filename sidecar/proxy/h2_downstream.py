@@ -35,7 +35,6 @@ import h2.settings
 from sidecar.errors import BadRequest, SidecarError
 from sidecar.proxy import grpc
 from sidecar.proxy import headers as h
-from sidecar.proxy.downstream import H2_PREFACE
 from sidecar.proxy.exchange import PAUSE_UPSTREAM_FULL, Exchange
 from sidecar.proxy.h2_upstream import PlainEncoder, send_pending, send_within_window
 
@@ -44,7 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.proxy")
 
-PREFACE: Final = H2_PREFACE
 #: the window over which floods are counted, and what one may hold of control frames
 #: (PING, SETTINGS, PRIORITY, empty DATA); gRPC keepalives send a PING every few seconds
 FLOOD_WINDOW: Final = 10.0

@@ -4,7 +4,7 @@ every filter accepted the request.
 Real clients give up with a FIN, not a reset: Go's net/http when its Timeout fires or its
 context is cancelled, curl at --max-time, Python's clients on a timeout. So each case is
 tried with a FIN (shutdown of the write side, the socket still open for reading), with a
-reset, and with real clients (curl; Go in tests/integration/test_go_client.py).
+reset, and with real clients (curl; Go in tests/realclients/test_go_net_http.py).
 """
 
 from __future__ import annotations

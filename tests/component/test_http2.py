@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.proxy.h2_downstream import PREFACE
+from sidecar.proxy.downstream import H2_PREFACE as PREFACE
 from tests.component.h2client import H2Client
 from tests.component.servers import (
     Client,

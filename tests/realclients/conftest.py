@@ -1,4 +1,5 @@
-"""Real clients, built from source by the tests: Go's net/http (Debian's golang-go)."""
+"""Real clients, built from source by the tests: Go's net/http and encoding/json (Debian's
+golang-go)."""
 
 from __future__ import annotations
 
@@ -12,22 +13,31 @@ import pytest
 HERE = Path(__file__).parent
 
 
-@pytest.fixture(scope="session")
-def go_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The path of a compiled tests/realclients/goclient.go."""
+def build_go(tmp_path_factory: pytest.TempPathFactory, source: str) -> Path:
+    """Compile tests/realclients/`source` (standard library only) and return the binary.
+    Without Go the test skips, or fails under CI=true."""
     go = shutil.which("go")
     if go is None:
         message = "Go is not installed (scripts/system-deps.sh installs golang-go)"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-    out = tmp_path_factory.mktemp("go") / "goclient"
+    out = tmp_path_factory.mktemp("go") / Path(source).stem
     env = {**os.environ, "GO111MODULE": "off", "GOPROXY": "off", "GOFLAGS": "", "CGO_ENABLED": "0"}
     env.setdefault("GOCACHE", str(tmp_path_factory.getbasetemp() / "gocache"))
     subprocess.run(
-        [go, "build", "-o", str(out), str(HERE / "goclient.go")],
-        check=True,
-        env=env,
-        timeout=300,
+        [go, "build", "-o", str(out), str(HERE / source)], check=True, env=env, timeout=300
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def go_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Go net/http client as services use it (goclient.go)."""
+    return build_go(tmp_path_factory, "goclient.go")
+
+
+@pytest.fixture(scope="session")
+def go_decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Go program that decodes JSON into map[string]any (godecode.go)."""
+    return build_go(tmp_path_factory, "godecode.go")

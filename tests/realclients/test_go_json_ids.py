@@ -12,34 +12,13 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
-import os
-import shutil
 import subprocess
 import threading
 from pathlib import Path
 
-import pytest
-
 from sidecar.coordinator.states import BranchStatus, BranchType
 
 HERE = Path(__file__).parent
-
-
-@pytest.fixture(scope="session")
-def go_decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    go = shutil.which("go")
-    if go is None:
-        message = "Go is not installed (scripts/system-deps.sh installs golang-go)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    out = tmp_path_factory.mktemp("go") / "godecode"
-    env = {**os.environ, "GO111MODULE": "off", "GOPROXY": "off", "GOFLAGS": "", "CGO_ENABLED": "0"}
-    env.setdefault("GOCACHE", str(tmp_path_factory.getbasetemp() / "gocache"))
-    subprocess.run(
-        [go, "build", "-o", str(out), str(HERE / "godecode.go")], check=True, env=env, timeout=300
-    )
-    return out
 
 
 async def go_reads(decoder: Path, url: str) -> str:

@@ -17,7 +17,7 @@ import hpack
 import pytest
 from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, PingFrame, SettingsFrame
 
-from sidecar.proxy.h2_downstream import PREFACE
+from sidecar.proxy.downstream import H2_PREFACE as PREFACE
 from tests.component.h2client import H2Client
 from tests.component.servers import (
     Client,
