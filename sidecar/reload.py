@@ -29,11 +29,11 @@ from pydantic import BaseModel
 
 from sidecar.config import Config, Secret, load
 from sidecar.errors import ConfigError
+from sidecar.files import StatKey, stat_key
 from sidecar.metrics import Metrics
 
 log = logging.getLogger("sidecar.reload")
 
-StatKey = tuple[int, int, int, int] | None
 
 #: the sections whose change needs a restart, except for the keys listed for each, which
 #: apply live (below: what each live change does)
@@ -147,16 +147,8 @@ class ConfigWatcher:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
-    @staticmethod
-    def _one_stat(path: str) -> StatKey:
-        try:
-            st = os.stat(path)  # through the symlinks: a swapped ..data shows as a new inode
-        except OSError:
-            return None
-        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-
     def _stat_key(self) -> tuple[StatKey, ...]:
-        return tuple(self._one_stat(p) for p in [self.path, *self._files()])
+        return tuple(stat_key(p) for p in [self.path, *self._files()])
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._poll(), name="config-watcher")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from aiohttp import web
 
 from sidecar.config import Config, ListenerTlsConfig, OriginTlsConfig
 from sidecar.errors import ConfigError
+from sidecar.files import StatKey, stat_key
 from sidecar.tls_cert import pem_validity
 
 log = logging.getLogger("sidecar.tls")
@@ -398,16 +398,8 @@ class TlsFileWatcher:
         self._stat = self._stat_key()
         self._task: asyncio.Task[None] | None = None
 
-    def _stat_key(self) -> tuple[tuple[int, int, int, int] | None, ...]:
-        keys: list[tuple[int, int, int, int] | None] = []
-        for _, path in tls_files(self.config):
-            try:
-                st = os.stat(path)  # through symlinks: a Secret's ..data swap is a new inode
-            except OSError:
-                keys.append(None)
-                continue
-            keys.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
-        return tuple(keys)
+    def _stat_key(self) -> tuple[StatKey, ...]:
+        return tuple(stat_key(path) for _, path in tls_files(self.config))
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._poll(), name="tls-watcher")
