@@ -1,4 +1,5 @@
-"""app.protocol / upstreams.NAME.protocol: http1, h2c (http:// only), h2 (https:// only)."""
+"""app.protocol / upstreams.NAME.protocol (http1, h2c on http://, h2 on https://) and the
+proxy listeners' clients limits: bad values are refused with their key path."""
 
 from __future__ import annotations
 
@@ -31,3 +32,24 @@ def test_a_protocol_that_does_not_fit_the_url_is_refused_with_its_key_path(url, 
 def test_protocols_that_fit_are_accepted(url, protocol):
     cfg = configmod.parse({"app": {"url": url, "protocol": protocol}}, env={})
     assert cfg.app.protocol == protocol
+
+
+@pytest.mark.parametrize(
+    ("clients", "key"),
+    [
+        ({"max_connections": 0}, "listeners.inbound.clients.max_connections"),
+        (
+            {"max_connections_per_client": -1},
+            "listeners.inbound.clients.max_connections_per_client",
+        ),
+        ({"request_buffer": "lots"}, "listeners.inbound.clients.request_buffer"),
+        ({"min_rate_window": "soon"}, "listeners.inbound.clients.min_rate_window"),
+        ({"max_concurrent_streams": 0}, "listeners.inbound.clients.max_concurrent_streams"),
+        ({"max_conections": 5}, "listeners.inbound.clients.max_conections"),
+    ],
+)
+def test_bad_client_limits_are_refused_with_their_key_path(clients, key):
+    with pytest.raises(ConfigError) as info:
+        configmod.parse({"listeners": {"inbound": {"clients": clients}}}, env={})
+    path = f"listeners.inbound.clients.{key}"
+    assert any(p.startswith(path) for p in info.value.problems), info.value.problems
