@@ -1,5 +1,5 @@
-"""Real clients, built from source by the tests: Go's net/http and encoding/json (Debian's
-golang-go)."""
+"""Real clients, built from source by the tests: Go's net/http (HTTP/1.1, and HTTP/2 over
+TLS) and encoding/json (Debian's golang-go)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.component.conftest import upstream  # noqa: F401  (the apps the clients reach)
 
 HERE = Path(__file__).parent
 
@@ -41,3 +43,9 @@ def go_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def go_decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Go program that decodes JSON into map[string]any (godecode.go)."""
     return build_go(tmp_path_factory, "godecode.go")
+
+
+@pytest.fixture(scope="session")
+def go_h2_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Go net/http client speaking HTTP/2 over TLS, several requests at once (goh2client.go)."""
+    return build_go(tmp_path_factory, "goh2client.go")

@@ -8,21 +8,11 @@ declarative transaction the request began must roll back, never commit.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.component.servers import Received, Reply, UpstreamFactory, sample, wait_until
 from tests.component.test_abandon import ORDERS, PATIENT, WaitsForItsClient, rolled_back
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[UpstreamFactory]:
-    factory = UpstreamFactory()
-    yield factory
-    await factory.close()
 
 
 async def go(client: Path, *args: str) -> str:
