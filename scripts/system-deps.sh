@@ -17,6 +17,9 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
 # tests/realclients: Go's net/http as a real client (built from source by the tests)
 command -v go >/dev/null 2>&1 || need+=(golang-go)
+# tests/realclients: @grpc/grpc-js (Node's HTTP/2) as a second real gRPC client
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 [ -n "${GTS_NEED_REDIS:-1}" ] && ! command -v redis-server >/dev/null 2>&1 && need+=(redis-server)
 [ ${#need[@]} -eq 0 ] && exit 0
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.component.conftest import upstream  # noqa: F401  (the apps the clients reach)
+from tests.realclients.grpcapp import grpc_app  # noqa: F401
 
 HERE = Path(__file__).parent
 
@@ -49,3 +50,31 @@ def go_decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def go_h2_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Go net/http client speaking HTTP/2 over TLS, several requests at once (goh2client.go)."""
     return build_go(tmp_path_factory, "goh2client.go")
+
+
+def _need(tool: str, package: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        message = f"{tool} is not installed (scripts/system-deps.sh installs {package})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def grpc_js_client() -> list[str]:
+    """The command line of a real @grpc/grpc-js client (node/grpcclient.js); its package is
+    installed from the npm registry at the version package-lock.json pins, once."""
+    node = _need("node", "nodejs")
+    npm = _need("npm", "npm")
+    folder = HERE / "node"
+    if not (folder / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
+            cwd=folder,
+            check=True,
+            timeout=600,
+            stdout=subprocess.DEVNULL,
+        )
+    return [node, str(folder / "grpcclient.js")]
