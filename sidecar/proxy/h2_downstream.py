@@ -36,7 +36,7 @@ from sidecar.errors import BadRequest, SidecarError
 from sidecar.proxy import grpc
 from sidecar.proxy import headers as h
 from sidecar.proxy.exchange import PAUSE_UPSTREAM_FULL, Exchange
-from sidecar.proxy.h2_upstream import PlainEncoder, send_pending, send_within_window
+from sidecar.proxy.h2_upstream import install_hpack_cache, send_pending, send_within_window
 
 if TYPE_CHECKING:
     from sidecar.proxy.listener import ClientConnection, ProxyListener
@@ -253,7 +253,7 @@ class H2Downstream:
             normalize_outbound_headers=False,
         )
         self.h2 = h2.connection.H2Connection(config=config)
-        self.h2.encoder = PlainEncoder()
+        install_hpack_cache(self.h2)
         limits = client.runtime.limits
         self.h2.local_settings = h2.settings.Settings(
             client=False,

@@ -26,9 +26,9 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
-import hpack
 
 from sidecar.errors import SidecarError, UpstreamUnavailable
+from sidecar.proxy.hpack_cache import CachingDecoder, CachingEncoder
 from sidecar.proxy.upstream import Cluster
 
 if TYPE_CHECKING:
@@ -185,7 +185,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             validate_inbound_headers=False,
         )
         self.h2 = h2.connection.H2Connection(config=config)
-        self.h2.encoder = PlainEncoder()
+        install_hpack_cache(self.h2)
         self.streams: dict[int, H2UpstreamStream] = {}
         #: streams handed out and not yet released (opened or about to be)
         self.taken = 0
@@ -504,9 +504,8 @@ def send_pending(pending: list[bytes], send: Callable[[bytes], int]) -> bool:
     return True
 
 
-class PlainEncoder(hpack.Encoder):
-    """HPACK without Huffman coding: a header block a few bytes longer on the pod's loopback,
-    for a tenth of a proxied call's CPU (pure-Python Huffman coding is the encoder's cost)."""
-
-    def encode(self, headers: Any, huffman: bool = True) -> bytes:
-        return super().encode(headers, huffman=False)
+def install_hpack_cache(conn: h2.connection.H2Connection) -> None:
+    """HPACK that encodes and decodes a repeated header block once (see hpack_cache), in
+    place of the connection's own coders (before any frame: their tables are still empty)."""
+    conn.encoder = CachingEncoder()
+    conn.decoder = CachingDecoder(conn.decoder.max_header_list_size)
