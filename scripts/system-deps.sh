@@ -20,6 +20,8 @@ command -v go >/dev/null 2>&1 || need+=(golang-go)
 # tests/realclients: @grpc/grpc-js (Node's HTTP/2) as a second real gRPC client
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
+# tests/realclients: Java's HttpClient, which offers HTTP/2 (Upgrade: h2c) by default
+command -v javac >/dev/null 2>&1 || need+=(default-jdk-headless)
 [ -n "${GTS_NEED_REDIS:-1}" ] && ! command -v redis-server >/dev/null 2>&1 && need+=(redis-server)
 [ ${#need[@]} -eq 0 ] && exit 0
 

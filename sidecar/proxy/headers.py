@@ -53,6 +53,8 @@ XFP: Final = 9
 GTS: Final = 10
 #: `Idempotency-Key` (any spelling): recorded on the head; inbound strips the client's
 IDEMPOTENCY_KEY: Final = 11
+#: `Upgrade`: hop-by-hop (never forwarded), but recorded so an HTTP/2 offer can be told apart
+UPGRADE: Final = 12
 
 _GTS_PREFIX: Final = b"x-gts-"
 _IDEMPOTENCY_KEY: Final = b"idempotency-key"
@@ -105,6 +107,7 @@ def build_classifier(xid_aliases: Sequence[str], app_headers: Sequence[str] = ()
     table[b"x-forwarded-for"] = XFF
     table[b"x-forwarded-proto"] = XFP
     table[_IDEMPOTENCY_KEY] = IDEMPOTENCY_KEY
+    table[b"upgrade"] = UPGRADE
     table[b"x-gts-branch-id"] = GTS
     table[b"x-gts-phase"] = GTS
     aliases = {fold(a.lower().encode("latin-1")) for a in xid_aliases}
@@ -192,6 +195,8 @@ class RequestHead:
     chunked: bool = False
     connection_tokens: list[bytes] | None = None
     expect_continue: bool = False
+    #: the Upgrade field's protocols, lower-cased (the field itself is never forwarded)
+    upgrade: list[bytes] | None = None
     forwarded_for: bytes | None = None
     forwarded_proto: bytes | None = None
     keep_alive: bool = True
@@ -272,6 +277,9 @@ class RequestHead:
                     self.idempotency_key = value
                 else:
                     self.idempotency_key_repeated = True
+        elif kind == UPGRADE:
+            protocols = [t.strip().lower() for t in value.split(b",") if t.strip()]
+            self.upgrade = protocols if self.upgrade is None else self.upgrade + protocols
         # DROP: hop-by-hop and underscore framing headers vanish here
 
     def strip_connection_listed(self) -> None:
@@ -281,6 +289,13 @@ class RequestHead:
         listed = {t for t in self.connection_tokens if t not in (b"close", b"keep-alive")}
         if listed:
             self.headers = [(n, v) for n, v in self.headers if n.lower() not in listed]
+
+    @property
+    def offers_h2c(self) -> bool:
+        """An HTTP/2 upgrade offer (`Upgrade: h2c`), which Java's HttpClient, Spring's
+        RestClient, Ktor and `curl --http2` send on plain-text requests. A server may ignore
+        an Upgrade and answer in HTTP/1.1 (RFC 9110 §7.8), as nginx and Envoy do."""
+        return self.upgrade is not None and all(p == b"h2c" for p in self.upgrade)
 
     @property
     def has_body(self) -> bool:

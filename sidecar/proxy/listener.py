@@ -256,6 +256,21 @@ def _piece(data: bytes, at: int, end: int) -> bytes | memoryview:
     return data if at == 0 and end == len(data) else memoryview(data)[at:end]
 
 
+class _OfferBody:
+    """llhttp callbacks for the body of a request that offered HTTP/2: the body goes to the
+    connection as any body does, and once it is complete the connection's own parser (at
+    the start of the next request) takes over again."""
+
+    def __init__(self, conn: ClientConnection, resume: httptools.HttpRequestParser) -> None:
+        self.conn = conn
+        self.resume = resume
+        self.on_body = conn.on_body
+
+    def on_message_complete(self) -> None:
+        self.conn.parser = self.resume
+        self.conn.on_message_complete()
+
+
 class ClientConnection(asyncio.Protocol):
     """One downstream connection: parsing, limits, and exchanges in order."""
 
@@ -308,6 +323,10 @@ class ClientConnection(asyncio.Protocol):
         #: bytes and earlier overhead), whose body_complete waits for the overhead check
         self.feeding_body = False
         self.ended: tuple[Exchange, int, int] | None = None
+        #: the request being parsed offered HTTP/2 (`Upgrade: h2c`), and its exchange when
+        #: a body follows (see _serve_h2c_offer)
+        self.h2c_offer = False
+        self.h2c_body: Exchange | None = None
         #: a request was refused: the connection ends with a lingering close
         self.refused = False
         #: a refusal that waits for the requests received before it to be answered
@@ -513,6 +532,9 @@ class ClientConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
+            if self.h2c_offer:
+                self._serve_h2c_offer()
+                return True
             self._refuse(
                 NotImplementedByProxy(
                     "protocol upgrades (WebSocket) and CONNECT are not supported by this listener"
@@ -532,6 +554,26 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(BadRequest(f"malformed HTTP request: {exc}"), "malformed")
             return False
         return True
+
+    def _serve_h2c_offer(self) -> None:
+        """After the head of an ignored HTTP/2 upgrade offer. httptools has already resumed
+        its parser, which expects the next request; a body (Java's RestClient sends
+        `Upgrade: h2c` on POSTs, often chunked) is parsed by a parser of its own, given the
+        same framing, until it completes (uvicorn and httptools#124 lost such bodies)."""
+        self.h2c_offer = False
+        exchange, self.h2c_body = self.h2c_body, None
+        if exchange is None:
+            return
+        head = exchange.head
+        framing = (
+            b"Transfer-Encoding: chunked\r\n"
+            if head.chunked
+            else b"Content-Length: %s\r\n" % (head.content_length or b"0")
+        )
+        body_parser = httptools.HttpRequestParser(_OfferBody(self, self.parser))
+        body_parser.feed_data(b"POST / HTTP/1.1\r\nHost: h2c\r\n" + framing + b"\r\n")
+        self.parser = body_parser
+        self.parsing = exchange
 
     def eof_received(self) -> bool | None:
         if self.h2 is not None:
@@ -667,7 +709,13 @@ class ClientConnection(asyncio.Protocol):
             self.header_timer = None
         parser = self.parser
         if parser.should_upgrade():
-            return  # feed_data raises HttpParserUpgrade next: refused there
+            if not head.offers_h2c or parser.get_method() == b"CONNECT":
+                return  # feed_data raises HttpParserUpgrade next: refused there
+            # An HTTP/2 upgrade offer: served as HTTP/1.1, the offer ignored (never
+            # forwarded: Upgrade and the Connection-listed HTTP2-Settings are hop-by-hop).
+            # llhttp skips the body of an upgrade and raises next: _serve_h2c_offer
+            # parses the body then.
+            self.h2c_offer = True
         if head.unsupported_te is not None and (problem := head.te_problem()) is not None:
             raise problem
         head.method = parser.get_method()
@@ -692,7 +740,10 @@ class ClientConnection(asyncio.Protocol):
         self.requests += 1
         exchange = Exchange(self, head, self.runtime)
         if head.has_body:
-            self.parsing = exchange
+            if self.h2c_offer:
+                self.h2c_body = exchange  # its body is parsed once llhttp lets go
+            else:
+                self.parsing = exchange
         if self.active is None:
             self.active = exchange
             exchange.start()

@@ -78,3 +78,13 @@ def grpc_js_client() -> list[str]:
             stdout=subprocess.DEVNULL,
         )
     return [node, str(folder / "grpcclient.js")]
+
+
+@pytest.fixture(scope="session")
+def java_client(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The command line of JavaClient.java (java.net.http.HttpClient), compiled once."""
+    javac = _need("javac", "default-jdk-headless")
+    java = _need("java", "default-jdk-headless")
+    out = tmp_path_factory.mktemp("java")
+    subprocess.run([javac, "-d", str(out), str(HERE / "JavaClient.java")], check=True, timeout=300)
+    return [java, "-cp", str(out), "JavaClient"]
