@@ -8,10 +8,14 @@ and serve the next request on the same connection.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 from tests.component.servers import Received, Reply, UpstreamFactory
 from tests.component.test_abandon import ORDERS, PATIENT
+from tests.component.tlsfiles import Pki
 
 
 async def java(client: list[str], *args: str) -> list[list[str]]:
@@ -50,3 +54,46 @@ async def test_a_java_order_is_committed_each_time(
     xids = [xid for _, _, _, xid, _, _ in lines]
     assert [r.get("XID") for r in app.requests] == xids
     assert len(set(xids)) == 2
+
+
+async def test_java_speaks_http2_to_a_tls_listener(
+    sidecar_factory: Any, upstream: UpstreamFactory, java_client: list[str], tmp_path: Path
+) -> None:
+    """Over TLS, Java's HttpClient negotiates h2 by ALPN: its own HTTP/2 implementation (strict
+    about SETTINGS, flow control and pseudo-headers) against the sidecar's."""
+
+    async def echo(req: Received, reply: Reply) -> None:
+        await reply.send(200, b"got:" + req.body)
+
+    app = await upstream(echo)
+    pki = Pki(tmp_path)
+    pair = pki.issue()
+    sc = await sidecar_factory(
+        {
+            "app": {"url": app.url},
+            "listeners": {
+                "inbound": {
+                    "bind": "127.0.0.1:0",
+                    "tls": {"cert_file": pair.cert, "key_file": pair.key},
+                }
+            },
+        }
+    )
+    store = tmp_path / "trust.p12"
+    keytool = shutil.which("keytool")
+    assert keytool is not None
+    subprocess.run(
+        [keytool, "-importcert", "-noprompt", "-file", pki.ca_file, "-alias", "ca",
+         "-keystore", str(store), "-storetype", "PKCS12", "-storepass", "changeit"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    java_tls = [
+        java_client[0],
+        f"-Djavax.net.ssl.trustStore={store}",
+        "-Djavax.net.ssl.trustStorePassword=changeit",
+        *java_client[1:],
+    ]
+    url = f"https://localhost:{sc.ports['inbound']}/items"
+    lines = await java(java_tls, "POST", url, '{"sku":"A-1"}')
+    assert lines == [["STATUS", "200", "HTTP_2", "-", "-", 'got:{"sku":"A-1"}']] * 2
+    assert [r.body for r in app.requests] == [b'{"sku":"A-1"}'] * 2
