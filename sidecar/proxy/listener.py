@@ -843,6 +843,9 @@ class ClientConnection(asyncio.Protocol):
         ):
             exchange.resp_close = True
             out.append(b"connection: close\r\n")
+        elif head.http_minor == 0:
+            # HTTP/1.0 keep-alive (ab -k): the client closes unless told the connection stays
+            out.append(b"connection: keep-alive\r\n")
         out.append(_CRLF)
         self.out = [b"".join(out)]
 
@@ -1035,6 +1038,8 @@ class ClientConnection(asyncio.Protocol):
             parts += [name, b": ", value, _CRLF]
         if close:
             parts.append(b"connection: close\r\n")
+        elif (active := self.active) is not None and active.head.http_minor == 0:
+            parts.append(b"connection: keep-alive\r\n")
         parts += [_CRLF, body]
         self.write(b"".join(parts))
 
