@@ -103,9 +103,12 @@ class PgCluster:
         )  # fmt: skip
         pwfile.unlink()
 
-    def start(self) -> None:
+    def start(self, **settings: str) -> None:
+        """Start the server; `settings` are extra server settings (`-c name=value`), e.g.
+        the benchmark's shared_preload_libraries."""
         # TCP on loopback only; the Unix socket in our own directory (never /var/run)
         options = f"-h 127.0.0.1 -p {self.port} -k {self.root} -c max_connections=200"
+        options += "".join(f" -c {name}={value}" for name, value in settings.items())
         result = self._run(
             self.bindir / "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options,
             "-w", "-t", str(int(START_TIMEOUT)), "start", check=False,
