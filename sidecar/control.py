@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from sidecar import web_lean
 from sidecar.config import Config, format_duration, parse_bind
 from sidecar.coordinator.auth import TokenSource
 from sidecar.coordinator.callbacks import HttpBranchCaller
@@ -118,9 +119,9 @@ async def serve_app(
     ssl_handshake_timeout: float | None = None,
 ) -> tuple[web.AppRunner, int]:
     """Run one control-plane app on `bind` (with TLS when given a context); returns its
-    runner and the port bound."""
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
+    runner and the port bound. The api and peer apps' own routes take the lean path
+    (web_lean.py); no access log."""
+    runner = await web_lean.setup(app)
     host, port = parse_bind(bind)
     site = TlsSite(
         runner,

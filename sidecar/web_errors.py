@@ -45,7 +45,7 @@ def from_http_exception(exc: web.HTTPException) -> web.Response:
     return error_response(exc.status, code, message, {"Allow": allow} if allow else None)
 
 
-def internal_error(request: web.Request, exc: Exception) -> web.Response:
+def internal_error(request: web.BaseRequest, exc: Exception) -> web.Response:
     log.error("unexpected error", exc_info=exc, extra={"path": request.path})
     return error_response(500, "INTERNAL", f"internal error: {type(exc).__name__}")
 
@@ -59,7 +59,7 @@ def sidecar_error(err: SidecarError) -> web.Response:
     )
 
 
-def as_response(request: web.Request, exc: Exception) -> web.Response:
+def as_response(request: web.BaseRequest, exc: Exception) -> web.Response:
     """Any exception out of a control-plane handler, as the JSON error response (HTTP
     exceptions below 400 — redirects — are re-raised for aiohttp to send)."""
     if isinstance(exc, SidecarError):

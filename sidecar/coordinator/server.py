@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Final
 
 from aiohttp import web
@@ -25,6 +25,7 @@ from sidecar.metrics import Metrics
 from sidecar.tracing import enter, leave
 from sidecar.tracing import parse as parse_traceparent
 from sidecar.web_errors import as_response, json_response
+from sidecar.web_lean import LEAN, Guard, LeanHandler, LeanRoutes, middleware
 from sidecar.web_routing import application
 from sidecar.xid import DEFAULT_MAX_LENGTH
 
@@ -34,8 +35,6 @@ log = logging.getLogger("sidecar.coordinator")
 MAX_BODY: Final = 256 * 1024
 #: how long commit/rollback waits for phase two before answering with the current status
 DECISION_WAIT: Final = 1.0
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _now_ms() -> int:
@@ -67,7 +66,7 @@ class SignatureGate:
         self.bearer_audience = bearer_audience
         self._clock_ms = clock_ms
 
-    async def check(self, request: web.Request, body: bytes) -> None:
+    async def check(self, request: web.BaseRequest, body: bytes) -> None:
         raw_path, _, raw_query = request.raw_path.partition("?")
         try:
             verified = verify(
@@ -101,134 +100,152 @@ class SignatureGate:
             )
 
 
-GATE: Final = web.AppKey("gate", SignatureGate)
 #: the request body, read once by the gate (signed bytes) and parsed by the handler
 BODY: Final = web.RequestKey("body", bytes)
-ENGINE: Final = web.AppKey("engine", Engine)
-#: xid.max_length: XIDs in paths and bodies are held to the same limit as on the data plane
-XID_MAX_LENGTH: Final = web.AppKey("xid_max_length", int)
 
 
-@web.middleware
-async def signed_only(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Gate every route but health; turn our errors into the error shape
-    `{"error": {"code", "message"}}` with `x-gts-sidecar-error`. Log lines written while a
-    request is handled carry its trace_id and XID."""
-    token = enter(parse_traceparent(request.headers.get("traceparent")), request.headers.get("XID"))
-    try:
-        if request.path != "/healthz":
-            if request.content_length is not None and request.content_length > MAX_BODY:
-                raise PayloadTooLarge(f"body larger than {MAX_BODY} bytes")
-            try:
-                body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                raise PayloadTooLarge(f"body larger than {MAX_BODY} bytes") from None
-            await request.app[GATE].check(request, body)
-            request[BODY] = body
-        return await handler(request)
-    except Exception as exc:
-        return as_response(request, exc)
-    finally:
-        leave(token)
+def signed_only(gate: SignatureGate) -> Guard:
+    """The peer listener's guard: every route but health passes the gate before its body is
+    parsed; our errors become the error shape `{"error": {"code", "message"}}` with
+    `x-gts-sidecar-error`. Log lines written while a request is handled carry its trace_id
+    and XID."""
+
+    async def guard(
+        request: web.BaseRequest, handler: LeanHandler, param: str
+    ) -> web.StreamResponse:
+        headers = request.headers
+        token = enter(parse_traceparent(headers.get("traceparent")), headers.get("XID"))
+        try:
+            if request.path != "/healthz":
+                length = request.content_length
+                if length is not None and length > MAX_BODY:
+                    raise PayloadTooLarge(f"body larger than {MAX_BODY} bytes")
+                try:
+                    body = await request.read()
+                except web.HTTPRequestEntityTooLarge:
+                    raise PayloadTooLarge(f"body larger than {MAX_BODY} bytes") from None
+                await gate.check(request, body)
+                request[BODY] = body
+            return await handler(request, param)
+        except Exception as exc:
+            return as_response(request, exc)
+        finally:
+            leave(token)
+
+    return guard
 
 
-def _xid(request: web.Request) -> str:
-    return protocol.xid_field(request.match_info["xid"], max_length=request.app[XID_MAX_LENGTH])
+class GtsRoutes:
+    """GTS REST v1's handlers on one engine. (A handler runs once the gate has passed.)"""
 
+    def __init__(self, engine: Engine, xid_max_length: int = DEFAULT_MAX_LENGTH) -> None:
+        self.engine = engine
+        #: xid.max_length: XIDs in paths and bodies are held to the same limit as on the
+        #: data plane
+        self.xid_max_length = xid_max_length
 
-async def start(request: web.Request) -> web.Response:
-    body = request[BODY]
-    req = protocol.parse_start(body)
-    record = await request.app[ENGINE].begin(
-        req.name,
-        req.timeout_ms,
-        idempotency_key=request.headers.get("Idempotency-Key"),
-        request_hash=protocol.body_hash(body),
-        # the caller's trace: stored with the transaction, every later call made for it
-        # (phase two, after a restart too) belongs to it
-        traceparent=request.headers.get("traceparent"),
-    )
-    # timeoutMs: the timeout applied (the default when none was asked), so that the client
-    # knows the transaction's deadline and keeps its own calls within it
-    return json_response(
-        {"xid": record.xid, "status": record.status.value, "timeoutMs": record.timeout_ms}
-    )
+    def _xid(self, value: str) -> str:
+        return protocol.xid_field(value, max_length=self.xid_max_length)
 
+    async def start(self, request: web.BaseRequest, _: str) -> web.Response:
+        body = request[BODY]
+        req = protocol.parse_start(body)
+        headers = request.headers
+        record = await self.engine.begin(
+            req.name,
+            req.timeout_ms,
+            idempotency_key=headers.get("Idempotency-Key"),
+            request_hash=protocol.body_hash(body),
+            # the caller's trace: stored with the transaction, every later call made for it
+            # (phase two, after a restart too) belongs to it
+            traceparent=headers.get("traceparent"),
+        )
+        # timeoutMs: the timeout applied (the default when none was asked), so that the
+        # client knows the transaction's deadline and keeps its own calls within it
+        return json_response(
+            {"xid": record.xid, "status": record.status.value, "timeoutMs": record.timeout_ms}
+        )
 
-async def commit(request: web.Request) -> web.Response:
-    record = await request.app[ENGINE].commit(_xid(request), wait=DECISION_WAIT)
-    return json_response({"xid": record.xid, "status": record.status.value})
+    async def commit(self, request: web.BaseRequest, xid: str) -> web.Response:
+        record = await self.engine.commit(self._xid(xid), wait=DECISION_WAIT)
+        return json_response({"xid": record.xid, "status": record.status.value})
 
+    async def rollback(self, request: web.BaseRequest, xid: str) -> web.Response:
+        record = await self.engine.rollback(self._xid(xid), wait=DECISION_WAIT)
+        return json_response({"xid": record.xid, "status": record.status.value})
 
-async def rollback(request: web.Request) -> web.Response:
-    record = await request.app[ENGINE].rollback(_xid(request), wait=DECISION_WAIT)
-    return json_response({"xid": record.xid, "status": record.status.value})
+    async def status(self, request: web.BaseRequest, xid: str) -> web.Response:
+        record, branches = await self.engine.get(self._xid(xid))
+        return json_response(protocol.render_global(record, branches))
 
-
-async def status(request: web.Request) -> web.Response:
-    record, branches = await request.app[ENGINE].get(_xid(request))
-    return json_response(protocol.render_global(record, branches))
-
-
-async def register(request: web.Request) -> web.Response:
-    body = request[BODY]
-    req = protocol.parse_register(body, request.app[XID_MAX_LENGTH])
-    branch = await request.app[ENGINE].register(
-        req.xid,
-        req.branch_type,
-        req.resource_id,
-        req.callback_url,
-        req.application_data,
-        idempotency_key=request.headers.get("Idempotency-Key"),
-        request_hash=protocol.body_hash(body),
-        traceparent=request.headers.get("traceparent"),
-    )
-    answer: dict[str, object] = {"xid": branch.xid, "branchId": protocol.id_text(branch.branch_id)}
-    deadline = request.app[ENGINE].deadline_ms(branch.xid)
-    if deadline is not None:
-        # how long the transaction has left: the branch's sidecar keeps its calls (and the
-        # try it forwards) within it, though it did not begin the transaction
-        answer["timeLeftMs"] = max(0, deadline - _now_ms())
-    return json_response(answer)
-
-
-async def report(request: web.Request) -> web.Response:
-    req = protocol.parse_report(request[BODY], request.app[XID_MAX_LENGTH])
-    branch = await request.app[ENGINE].report(req.xid, req.branch_id, req.status)
-    return json_response(
-        {
+    async def register(self, request: web.BaseRequest, _: str) -> web.Response:
+        body = request[BODY]
+        req = protocol.parse_register(body, self.xid_max_length)
+        headers = request.headers
+        engine = self.engine
+        branch = await engine.register(
+            req.xid,
+            req.branch_type,
+            req.resource_id,
+            req.callback_url,
+            req.application_data,
+            idempotency_key=headers.get("Idempotency-Key"),
+            request_hash=protocol.body_hash(body),
+            traceparent=headers.get("traceparent"),
+        )
+        answer: dict[str, object] = {
             "xid": branch.xid,
             "branchId": protocol.id_text(branch.branch_id),
-            "status": branch.status.value,
         }
-    )
+        deadline = engine.deadline_ms(branch.xid)
+        if deadline is not None:
+            # how long the transaction has left: the branch's sidecar keeps its calls (and
+            # the try it forwards) within it, though it did not begin the transaction
+            answer["timeLeftMs"] = max(0, deadline - _now_ms())
+        return json_response(answer)
+
+    async def report(self, request: web.BaseRequest, _: str) -> web.Response:
+        req = protocol.parse_report(request[BODY], self.xid_max_length)
+        branch = await self.engine.report(req.xid, req.branch_id, req.status)
+        return json_response(
+            {
+                "xid": branch.xid,
+                "branchId": protocol.id_text(branch.branch_id),
+                "status": branch.status.value,
+            }
+        )
 
 
-async def healthz(request: web.Request) -> web.Response:
+async def healthz(request: web.BaseRequest, _: str) -> web.Response:
     return json_response({"status": "ok"})
 
 
 def add_gts_routes(
     app: web.Application, engine: Engine, *, xid_max_length: int = DEFAULT_MAX_LENGTH
 ) -> None:
-    app[ENGINE] = engine
-    app[XID_MAX_LENGTH] = xid_max_length
+    """GTS REST v1 on `app` (a peer app: its lean routes are in `app[LEAN]`)."""
+    gts = GtsRoutes(engine, xid_max_length)
+    routes = app[LEAN]
     api = protocol.API
-    app.router.add_post(f"{api}/transaction/start", start)
-    app.router.add_post(f"{api}/transaction/{{xid}}/commit", commit)
-    app.router.add_post(f"{api}/transaction/{{xid}}/rollback", rollback)
-    app.router.add_get(f"{api}/transaction/{{xid}}", status)
-    app.router.add_post(f"{api}/branch/register", register)
-    app.router.add_post(f"{api}/branch/report", report)
+    routes.add(app, "POST", f"{api}/transaction/start", gts.start)
+    routes.add(app, "POST", f"{api}/transaction/{{xid}}/commit", gts.commit)
+    routes.add(app, "POST", f"{api}/transaction/{{xid}}/rollback", gts.rollback)
+    routes.add(app, "GET", f"{api}/transaction/{{xid}}", gts.status)
+    routes.add(app, "POST", f"{api}/branch/register", gts.register)
+    routes.add(app, "POST", f"{api}/branch/report", gts.report)
 
 
 def build_peer_app(
     gate: SignatureGate, engine: Engine | None, *, xid_max_length: int = DEFAULT_MAX_LENGTH
 ) -> web.Application:
-    """The peer listener: health, and (when this process coordinates) GTS REST v1."""
-    app = application(middlewares=[signed_only], client_max_size=MAX_BODY)
-    app[GATE] = gate
-    app.router.add_get("/healthz", healthz)
+    """The peer listener: health, and (when this process coordinates) GTS REST v1. Its own
+    routes are lean (web_lean.py: served by `web_lean.setup`, they skip aiohttp's router and
+    middleware chain); routes added later (phase-two callbacks) take aiohttp's path, behind
+    the same gate."""
+    guard = signed_only(gate)
+    app = application(middlewares=[middleware(guard)], client_max_size=MAX_BODY)
+    routes = app[LEAN] = LeanRoutes(guard)
+    routes.add(app, "GET", "/healthz", healthz)
     if engine is not None:
         add_gts_routes(app, engine, xid_max_length=xid_max_length)
     return app
