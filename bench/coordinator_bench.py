@@ -464,10 +464,10 @@ def python_pid(root: int) -> int:
     return pid
 
 
-def cpu_seconds(pid: int) -> dict[int, float] | None:
-    """utime + stime of each thread of a process, in seconds, by thread id."""
+def cpu_seconds(pid: int) -> dict[int, tuple[float, float]] | None:
+    """(utime, stime) of each thread of a process, in seconds, by thread id."""
     tick = os.sysconf("SC_CLK_TCK")
-    out: dict[int, float] = {}
+    out: dict[int, tuple[float, float]] = {}
     try:
         tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
     except OSError:
@@ -475,16 +475,34 @@ def cpu_seconds(pid: int) -> dict[int, float] | None:
     for tid in tids:
         with contextlib.suppress(OSError, IndexError, ValueError):
             fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-            out[tid] = (int(fields[11]) + int(fields[12])) / tick
+            out[tid] = (int(fields[11]) / tick, int(fields[12]) / tick)
     return out
 
 
-def thread_cpu(pid: int, before: dict[int, float], after: dict[int, float]) -> tuple[float, float]:
-    """CPU seconds between two samples: (the main thread, i.e. the event loop; every other
-    thread, i.e. essentially the journal's writer thread)."""
-    main = after.get(pid, 0.0) - before.get(pid, 0.0)
-    rest = sum(v - before.get(tid, 0.0) for tid, v in after.items() if tid != pid)
-    return main, rest
+@dataclass
+class CoordinatorCpu:
+    """CPU seconds of the system under test between two samples."""
+
+    main: float  # the main thread, i.e. the event loop
+    rest: float  # every other thread, i.e. essentially the journal's writer thread
+    user: float  # all threads, in user space
+    system: float  # all threads, in the kernel (socket calls, fsync, thread wake-ups)
+
+
+def thread_cpu(
+    pid: int, before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]]
+) -> CoordinatorCpu:
+    out = CoordinatorCpu(0.0, 0.0, 0.0, 0.0)
+    for tid, (user, system) in after.items():
+        user0, system0 = before.get(tid, (0.0, 0.0))
+        spent = (user - user0) + (system - system0)
+        if tid == pid:
+            out.main += spent
+        else:
+            out.rest += spent
+        out.user += user - user0
+        out.system += system - system0
+    return out
 
 
 def committed_metric(admin_port: int) -> int | None:
@@ -774,7 +792,7 @@ def render(
     results: list[dict[str, Any]],
     facts: list[tuple[str, str]],
     *,
-    coord_cpu: tuple[float, float] | None,
+    coord_cpu: CoordinatorCpu | None,
     committed: tuple[int | None, int | None],
     fsyncs: Fsyncs | None,
     flushes: int | None,
@@ -830,7 +848,7 @@ def render(
     ]
     coord_total = None
     if coord_cpu is not None:
-        main, rest = coord_cpu
+        main, rest = coord_cpu.main, coord_cpu.rest
         coord_total = main + rest
         per_tx = 1e6 / max(count, 1)
         lines.append(
@@ -838,7 +856,8 @@ def render(
             f"({coord_total / args.duration:.0%} of one CPU), "
             f"{coord_total * per_tx:.0f} µs per transaction: event-loop thread {main:.2f} s "
             f"({main * per_tx:.0f} µs/tx), other threads (journal writer) {rest:.2f} s "
-            f"({rest * per_tx:.0f} µs/tx) |"
+            f"({rest * per_tx:.0f} µs/tx); user {coord_cpu.user * per_tx:.0f} + "
+            f"system {coord_cpu.system * per_tx:.0f} µs/tx |"
         )
     lines.append(
         f"| client CPU (all client processes) | {client_cpu:.2f} s "
