@@ -87,7 +87,7 @@ class StandaloneCoordinator:
         self._origin_tls(tls.coordinator)
         self._tls_watcher.start()
         try:
-            for name, app in (("peer", self.control.peer_app()), ("admin", build_admin_app(self))):
+            for name, app in (("peer", self._peer_app()), ("admin", build_admin_app(self))):
                 lt = listeners.get(name)
                 runner, self.ports[name] = await serve_app(
                     app,
@@ -111,6 +111,23 @@ class StandaloneCoordinator:
                 "ports": self.ports,
             },
         )
+
+    def _peer_app(self) -> web.Application:
+        """GTS REST v1; replicas on PostgreSQL also serve the global locks they share
+        (`/api/v1/locks`, signed like every peer call: coordinator/pg_locks.py)."""
+        app = self.control.peer_app()
+        if self.control.replica is not None:
+            from sidecar.coordinator.pg_locks import PgLocks
+            from sidecar.coordinator.protocol import API
+            from sidecar.txn.locks_api import add_lock_routes
+
+            add_lock_routes(
+                app,
+                PgLocks(self.control.replica.journal),
+                xid_max_length=self._config.xid.max_length,
+                prefix=API,
+            )
+        return app
 
     def _origin_tls(self, context: ssl.SSLContext | None) -> None:
         """Phase-two callbacks to https:// participants: coordinator.tls (rotated files too)."""

@@ -478,17 +478,22 @@ class PgJournal:
 
     async def _fetchrow(self, sql: str, *args: Any) -> Any:
         """One statement, no explicit transaction (one round trip)."""
-        pool = self._check_open("read")
+        return await self.run("journal read failed", lambda conn: conn.fetchrow(sql, *args))
+
+    async def run(self, what: str, fn: Callable[[Any], Any]) -> Any:
+        """`fn(conn)` on a pooled connection without an explicit transaction (each statement
+        commits by itself: one round trip for one statement); errors translated."""
+        pool = self._check_open("read" if "read" in what else "write")
         try:
             async with pool.acquire(timeout=self.statement_timeout) as conn:
-                return await conn.fetchrow(sql, *args)
+                return await fn(conn)
         except BaseException as exc:
-            raise _translate("journal read failed", exc) from None
+            raise _translate(what, exc) from None
 
     async def compact(self, finished_before_ms: int) -> int:
         """Delete finished transactions last updated before the time (their branches by
-        cascade) and expired nonces, in small batches; one replica at a time (the others
-        find the advisory lock taken and return 0)."""
+        cascade), expired nonces and expired global locks, in small batches; one replica
+        at a time (the others find the advisory lock taken and return 0)."""
         removed = 0
         while True:
 
@@ -505,6 +510,13 @@ class PgJournal:
                     "DELETE FROM gts_nonces WHERE ctid IN (SELECT ctid FROM gts_nonces "
                     "WHERE expires_at < now() LIMIT $1)",
                     _COMPACT_BATCH * 4,
+                )
+                # global locks whose timeout passed (those of finished transactions went
+                # with their final state)
+                await conn.execute(
+                    "DELETE FROM gts_locks WHERE key IN (SELECT key FROM gts_locks "
+                    "WHERE expires_at < now() LIMIT $1)",
+                    _COMPACT_BATCH,
                 )
                 return int(status.split()[-1])
 

@@ -45,9 +45,19 @@ def _sets(cols: str, key: str) -> str:
 #: Arguments: the writer's token, every xid the batch touches, then the globals' and the
 #: branches' columns as arrays. Returns the xids the writer does not own (their rows are
 #: skipped), or NULL when the writer's replica row is gone (nothing written).
-def _write_function(global_cols: str, trace: bool) -> str:
+def _write_function(global_cols: str, trace: bool, release_locks: bool = False) -> str:
     g_trace = ", g_trace text[]" if trace else ""
     g_trace_arg = ", g_trace" if trace else ""
+    # version 4: a transaction's global locks go in the same commit as its final state,
+    # whichever replica writes it (the one that took it over too); nothing to call after
+    release = (
+        f"""
+    DELETE FROM gts_locks WHERE xid = ANY(ARRAY(
+        SELECT u.xid FROM unnest(g_xid, g_status) AS u(xid, status)
+        WHERE u.status IN ({FINISHED_SQL}) AND NOT (u.xid = ANY(moved))));"""
+        if release_locks
+        else ""
+    )
     return f"""
 CREATE FUNCTION gts_write(
     me bigint, xids text[],
@@ -83,7 +93,7 @@ BEGIN
                                b_hash)
             AS u({BRANCH_COLS})
         WHERE NOT (u.xid = ANY(moved))
-        ON CONFLICT (branch_id) DO UPDATE SET {_sets(BRANCH_COLS, "branch_id")};
+        ON CONFLICT (branch_id) DO UPDATE SET {_sets(BRANCH_COLS, "branch_id")};{release}
     RETURN moved;
 END
 $$"""
@@ -92,12 +102,73 @@ $$"""
 WRITE_FUNCTION: Final = _write_function(_GLOBAL_COLS_V2, trace=False)
 #: version 3: the same with the transactions' traceparent
 WRITE_FUNCTION_V3: Final = _write_function(GLOBAL_COLS, trace=True)
+#: version 4: the same, releasing the global locks of the transactions it finishes
+WRITE_FUNCTION_V4: Final = _write_function(GLOBAL_COLS, trace=True, release_locks=True)
+#: Version 4: acquire global locks for a transaction, all or nothing, in one statement.
+#: The transaction's row is locked FOR SHARE first: a concurrent final write (gts_write
+#: locks it FOR UPDATE) waits for the acquire's commit and then releases the new locks too,
+#: and an acquire after the final write finds the transaction finished. Keys are inserted
+#: in sorted order, so two acquirers of overlapping keys wait in one order (no deadlock); a
+#: key held by another transaction whose TTL has passed is taken over. Returns a NULL
+#: reason when every key is now held; ('not_found', NULL) or ('not_active', status) when the
+#: transaction is unknown or not in Begin; a conflict raises SQLSTATE GT001 with the holder
+#: as DETAIL and the key as HINT, and undoes the statement (nothing changed).
+LOCK_FUNCTION: Final = """
+CREATE FUNCTION gts_lock(x text, ks text[], ttl float8, OUT reason text, OUT detail text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    st text;
+    lock_key text;
+    expiry timestamptz;
+    taken integer;
+BEGIN
+    SELECT status INTO st FROM gts_globals WHERE xid = x FOR SHARE;
+    IF NOT FOUND THEN
+        reason := 'not_found';
+        RETURN;
+    END IF;
+    IF st <> 'Begin' THEN
+        reason := 'not_active';
+        detail := st;
+        RETURN;
+    END IF;
+    -- every key of a transaction shares one expiry: an acquire with a TTL sets it for all,
+    -- one without keeps the current one (none: held until the transaction ends)
+    IF ttl IS NOT NULL THEN
+        expiry := now() + ttl * interval '1 second';
+    ELSE
+        SELECT l.expires_at INTO expiry FROM gts_locks l WHERE l.xid = x LIMIT 1;
+    END IF;
+    WITH got AS (
+        INSERT INTO gts_locks AS l (key, xid, expires_at)
+            SELECT k, x, expiry FROM unnest(ks) AS k ORDER BY k
+        ON CONFLICT (key) DO UPDATE SET xid = excluded.xid, expires_at = excluded.expires_at
+            WHERE l.xid = excluded.xid OR l.expires_at <= now()
+        RETURNING 1
+    ) SELECT count(*) INTO taken FROM got;
+    IF taken < cardinality(ks) THEN
+        SELECT l.xid, l.key INTO detail, lock_key FROM gts_locks l
+            WHERE l.key = ANY(ks) AND l.xid <> x ORDER BY l.key LIMIT 1;
+        -- all or nothing: the error undoes this statement's inserts
+        RAISE EXCEPTION 'gts lock conflict' USING ERRCODE = 'GT001', DETAIL = detail,
+            HINT = lock_key;
+    END IF;
+    IF ttl IS NOT NULL THEN
+        UPDATE gts_locks SET expires_at = expiry
+            WHERE xid = x AND expires_at IS DISTINCT FROM expiry;
+    END IF;
+END
+$$"""
 _V2_SIGNATURE: Final = (
     "bigint, text[], text[], text[], text[], bigint[], bigint[], bigint[], text[], text[], "
     "bigint[], text[], integer[], text[], text[], text[], bytea[], text[], integer[], "
     "boolean[], bigint[], text[], text[], text[]"
 )
-
+_V3_SIGNATURE: Final = (
+    "bigint, text[], text[], text[], text[], bigint[], bigint[], bigint[], text[], text[], "
+    "text[], bigint[], text[], integer[], text[], text[], text[], bytea[], text[], integer[], "
+    "boolean[], bigint[], text[], text[], text[]"
+)
 MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
     (
         1,
@@ -160,6 +231,23 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
             "ALTER TABLE gts_globals ADD COLUMN traceparent text",
             f"DROP FUNCTION gts_write({_V2_SIGNATURE})",
             WRITE_FUNCTION_V3,
+        ),
+    ),
+    (
+        4,
+        (
+            # global locks shared by the replicas: a lock taken through one is seen by all,
+            # released in the commit of its transaction's final state (or by DELETE)
+            """CREATE TABLE gts_locks (
+                key text PRIMARY KEY,
+                xid text NOT NULL,
+                expires_at timestamptz
+            )""",
+            "CREATE INDEX gts_locks_xid ON gts_locks (xid)",
+            "CREATE INDEX gts_locks_expiry ON gts_locks (expires_at) WHERE expires_at IS NOT NULL",
+            LOCK_FUNCTION,
+            f"DROP FUNCTION gts_write({_V3_SIGNATURE})",
+            WRITE_FUNCTION_V4,
         ),
     ),
 )

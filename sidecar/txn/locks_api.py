@@ -74,9 +74,14 @@ def _ttl(value: object) -> float | None:
 
 
 def add_lock_routes(
-    app: web.Application, locks: LockManager, *, xid_max_length: int = DEFAULT_MAX_LENGTH
+    app: web.Application,
+    locks: LockManager,
+    *,
+    xid_max_length: int = DEFAULT_MAX_LENGTH,
+    prefix: str = "/v1",
 ) -> None:
-    """Add the lock routes to `app` (the api listener's application)."""
+    """Add the lock routes to `app` under `prefix`: the api listener's application
+    (`/v1/locks`), or a replicated coordinator's peer listener (`/api/v1/locks`, signed)."""
 
     def xid_of(value: object) -> str:
         if not isinstance(value, str):
@@ -103,7 +108,7 @@ def add_lock_routes(
         key = check_key(request.match_info["key"])
         return json_response({"key": key, "holder": await locks.holder(key)})
 
-    app.router.add_post("/v1/locks", _answering_errors(acquire))
-    app.router.add_delete("/v1/locks/{xid}", _answering_errors(release))
+    app.router.add_post(f"{prefix}/locks", _answering_errors(acquire))
+    app.router.add_delete(f"{prefix}/locks/{{xid}}", _answering_errors(release))
     # keys may hold '/', so the key is the whole rest of the path
-    app.router.add_get("/v1/locks/{key:.+}", _answering_errors(holder))
+    app.router.add_get(f"{prefix}/locks/{{key:.+}}", _answering_errors(holder))
