@@ -14,9 +14,10 @@ takes it, so a slow upstream closes the client's window; response DATA is sent w
 stream's and the connection's windows, the rest kept per stream while the upstream's reading
 is paused, and resumed on WINDOW_UPDATE.
 
-The h2 library enforces the protocol's rules on what arrives (connection-specific fields,
-uppercase names, pseudo-header order, content-length against DATA, stream limits); a
-violation of the connection ends it with GOAWAY.
+The protocol's rules on what arrives are enforced by the h2 library (framing, content-length
+against DATA, stream limits) and, for request heads, by h2_fields (connection-specific
+fields, uppercase names, CR/LF/NUL, pseudo-header order); a violation ends the connection
+with GOAWAY.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from sidecar.errors import BadRequest, SidecarError
 from sidecar.proxy import grpc
 from sidecar.proxy import headers as h
 from sidecar.proxy.exchange import PAUSE_UPSTREAM_FULL, Exchange
+from sidecar.proxy.h2_fields import request_error
 from sidecar.proxy.h2_upstream import install_hpack_cache, send_pending, send_within_window
 
 if TYPE_CHECKING:
@@ -243,12 +245,13 @@ class H2Downstream:
         self.client = client
         self.loop = client.loop
         self.listener = client.listener
-        # what arrives is validated (the client's fields are the attack surface); what we
-        # send is built here from validated fields, so h2's outbound checks are skipped
+        # what arrives is validated (the client's fields are the attack surface), by
+        # h2_fields in one pass rather than h2's chain of generators; what we send is built
+        # here from validated fields, so h2's outbound checks are skipped
         config = h2.config.H2Configuration(
             client_side=False,
             header_encoding=None,
-            validate_inbound_headers=True,
+            validate_inbound_headers=False,
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
         )
@@ -304,6 +307,14 @@ class H2Downstream:
                 self._calm_down("a header block or frame that never ends")
                 return
         for event in events:
+            # a malformed head ends the connection before anything it came with is acted
+            # on, as h2's own validation does (it raises from receive_data)
+            if type(event) is h2.events.RequestReceived:
+                why = request_error(event.headers or ())
+                if why is not None:
+                    self._malformed(why)
+                    return
+        for event in events:
             handler = _HANDLERS.get(type(event))
             if handler is not None:
                 handler(self, event)
@@ -344,6 +355,15 @@ class H2Downstream:
         """PING, SETTINGS, PRIORITY, empty DATA: each answered or ignored cheaply, but a
         flood of them (CVE-2019-9512/9515/9518) is refused."""
         self._budget("control frames", CONTROL_FRAMES_PER_WINDOW)
+
+    def _malformed(self, why: str) -> None:
+        """A request head HTTP/2 forbids (see h2_fields): GOAWAY(PROTOCOL_ERROR), as h2
+        answers the protocol errors it finds itself."""
+        try:
+            self.h2.close_connection(error_code=h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._protocol_error(h2.exceptions.ProtocolError(why))
 
     def _protocol_error(self, exc: Exception) -> None:
         """The client broke HTTP/2 (the library has queued a GOAWAY saying how): abandon its
