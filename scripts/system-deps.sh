@@ -17,6 +17,8 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
 # tests/realclients: Go's net/http as a real client (built from source by the tests)
 command -v go >/dev/null 2>&1 || need+=(golang-go)
+# tests/realclients: grpc-go, the gRPC client of the Go services the sidecar serves
+[ -d /usr/share/gocode/src/google.golang.org/grpc ] || need+=(golang-google-grpc-dev)
 # tests/realclients: @grpc/grpc-js (Node's HTTP/2) as a second real gRPC client
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)

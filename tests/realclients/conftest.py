@@ -16,9 +16,12 @@ from tests.realclients.grpcapp import grpc_app  # noqa: F401
 HERE = Path(__file__).parent
 
 
-def build_go(tmp_path_factory: pytest.TempPathFactory, source: str) -> Path:
-    """Compile tests/realclients/`source` (standard library only) and return the binary.
-    Without Go the test skips, or fails under CI=true."""
+def build_go(
+    tmp_path_factory: pytest.TempPathFactory, source: str, gopath: str | None = None
+) -> Path:
+    """Compile tests/realclients/`source` (standard library only, or packages Debian installs
+    under `gopath`) and return the binary. Without Go the test skips, or fails under
+    CI=true."""
     go = shutil.which("go")
     if go is None:
         message = "Go is not installed (scripts/system-deps.sh installs golang-go)"
@@ -28,6 +31,8 @@ def build_go(tmp_path_factory: pytest.TempPathFactory, source: str) -> Path:
     out = tmp_path_factory.mktemp("go") / Path(source).stem
     env = {**os.environ, "GO111MODULE": "off", "GOPROXY": "off", "GOFLAGS": "", "CGO_ENABLED": "0"}
     env.setdefault("GOCACHE", str(tmp_path_factory.getbasetemp() / "gocache"))
+    if gopath is not None:
+        env["GOPATH"] = gopath
     subprocess.run(
         [go, "build", "-o", str(out), str(HERE / source)], check=True, env=env, timeout=300
     )
@@ -88,3 +93,29 @@ def java_client(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     out = tmp_path_factory.mktemp("java")
     subprocess.run([javac, "-d", str(out), str(HERE / "JavaClient.java")], check=True, timeout=300)
     return [java, "-cp", str(out), "JavaClient"]
+
+
+#: where Debian's golang-google-grpc-dev puts grpc-go and what it needs (GOPATH mode)
+DEBIAN_GOPATH = "/usr/share/gocode"
+
+
+@pytest.fixture(scope="session")
+def grpc_go_client(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The command line of a real grpc-go client (grpcgo.go), built against Debian's
+    golang-google-grpc-dev."""
+    if not Path(DEBIAN_GOPATH, "src/google.golang.org/grpc").is_dir():
+        message = (
+            "grpc-go is not installed (scripts/system-deps.sh installs golang-google-grpc-dev)"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return [str(build_go(tmp_path_factory, "grpcgo.go", gopath=DEBIAN_GOPATH))]
+
+
+@pytest.fixture(params=["grpc-js", "grpc-go"])
+def grpc_client(request: pytest.FixtureRequest) -> list[str]:
+    """Each real gRPC client that is not grpcio: @grpc/grpc-js and grpc-go."""
+    name = "grpc_js_client" if request.param == "grpc-js" else "grpc_go_client"
+    client: list[str] = request.getfixturevalue(name)
+    return client

@@ -1,6 +1,8 @@
-"""gRPC through the sidecar from @grpc/grpc-js, Node's gRPC client on Node's own HTTP/2
-stack: a second real client beside grpcio's C core, with its own header order, metadata
-encoding, deadlines and cancellation. The app is the same grpcio server as in test_grpc.py.
+"""gRPC through the sidecar from the real clients that are not grpcio: grpc-go (what the
+Go services the sidecar is for use, from Debian's golang-google-grpc-dev) and @grpc/grpc-js
+(Node's own HTTP/2 stack). Each has its own header order, metadata encoding, deadlines and
+cancellation. The app is the same grpcio server as in test_grpc.py; every test runs with
+each client (`grpc_client`).
 """
 
 from __future__ import annotations
@@ -29,25 +31,21 @@ def _app(port: int, **extra: Any) -> dict[str, Any]:
     return {"app": {"url": f"http://127.0.0.1:{port}", "protocol": "h2c", **extra}}
 
 
-async def test_a_unary_call_from_grpc_js_reaches_the_app_with_its_xid(
-    sidecar_factory, grpc_app, grpc_js_client
-):
+async def test_a_unary_call_reaches_the_app_with_its_xid(sidecar_factory, grpc_app, grpc_client):
     app, port = grpc_app
     sc = await sidecar_factory(_app(port))
-    result = await call(
-        grpc_js_client, sc.ports["inbound"], "unary", "/pkg.Svc/Echo", "hi", GOOD_XID
-    )
+    result = await call(grpc_client, sc.ports["inbound"], "unary", "/pkg.Svc/Echo", "hi", GOOD_XID)
     assert (result["code"], result["replies"]) == (OK, ["echo:hi"])
     assert app.xids == [GOOD_XID]
 
 
-async def test_a_truncated_xid_from_grpc_js_is_invalid_argument_before_the_app(
-    sidecar_factory, grpc_app, grpc_js_client
+async def test_a_truncated_xid_is_invalid_argument_before_the_app(
+    sidecar_factory, grpc_app, grpc_client
 ):
     app, port = grpc_app
     sc = await sidecar_factory(_app(port))
     result = await call(
-        grpc_js_client, sc.ports["inbound"], "unary", "/pkg.Svc/Echo", "hi", "10.0.0.1:8091:"
+        grpc_client, sc.ports["inbound"], "unary", "/pkg.Svc/Echo", "hi", "10.0.0.1:8091:"
     )
     assert result["code"] == INVALID_ARGUMENT
     assert "XID" in result["details"]
@@ -55,26 +53,26 @@ async def test_a_truncated_xid_from_grpc_js_is_invalid_argument_before_the_app(
     assert app.calls == 0
 
 
-async def test_an_app_error_status_reaches_grpc_js(sidecar_factory, grpc_app, grpc_js_client):
+async def test_an_app_error_status_reaches_the_client(sidecar_factory, grpc_app, grpc_client):
     app, port = grpc_app
     sc = await sidecar_factory(_app(port))
-    result = await call(grpc_js_client, sc.ports["inbound"], "unary", "/pkg.Svc/Fail", "x")
+    result = await call(grpc_client, sc.ports["inbound"], "unary", "/pkg.Svc/Fail", "x")
     assert (result["code"], result["details"]) == (FAILED_PRECONDITION, "out of stock")
 
 
-async def test_a_server_stream_reaches_grpc_js(sidecar_factory, grpc_app, grpc_js_client):
+async def test_a_server_stream_reaches_the_client(sidecar_factory, grpc_app, grpc_client):
     app, port = grpc_app
     sc = await sidecar_factory(_app(port))
-    result = await call(grpc_js_client, sc.ports["inbound"], "stream", "/pkg.Svc/Count", "4")
+    result = await call(grpc_client, sc.ports["inbound"], "stream", "/pkg.Svc/Count", "4")
     assert (result["code"], result["replies"]) == (OK, ["0", "1", "2", "3"])
 
 
-async def test_a_grpc_js_call_declared_as_a_transaction_commits_on_ok(
-    sidecar_factory, grpc_app, grpc_js_client
+async def test_a_call_declared_as_a_transaction_commits_on_ok(
+    sidecar_factory, grpc_app, grpc_client
 ):
     app, port = grpc_app
     sc = await sidecar_factory({**_app(port), **TXN_RULES})
-    result = await call(grpc_js_client, sc.ports["inbound"], "unary", "/pkg.Svc/Echo", "order")
+    result = await call(grpc_client, sc.ports["inbound"], "unary", "/pkg.Svc/Echo", "order")
     assert result["code"] == OK
     xid = result["headers"]["xid"]
     assert app.xids == [xid]
@@ -82,12 +80,12 @@ async def test_a_grpc_js_call_declared_as_a_transaction_commits_on_ok(
     assert (await sc.control.engine.get(xid))[0].status.value == "Committed"
 
 
-async def test_a_grpc_js_call_declared_as_a_transaction_rolls_back_on_an_error_status(
-    sidecar_factory, grpc_app, grpc_js_client
+async def test_a_call_declared_as_a_transaction_rolls_back_on_an_error_status(
+    sidecar_factory, grpc_app, grpc_client
 ):
     app, port = grpc_app
     sc = await sidecar_factory({**_app(port), **TXN_RULES})
-    result = await call(grpc_js_client, sc.ports["inbound"], "unary", "/pkg.Svc/Fail", "order")
+    result = await call(grpc_client, sc.ports["inbound"], "unary", "/pkg.Svc/Fail", "order")
     assert result["code"] == FAILED_PRECONDITION
     (xid,) = app.xids
     assert result["trailers"]["xid"] == xid
@@ -95,20 +93,33 @@ async def test_a_grpc_js_call_declared_as_a_transaction_rolls_back_on_an_error_s
     assert (await sc.control.engine.get(xid))[0].status.value == "Rollbacked"
 
 
-async def test_a_grpc_js_deadline_reaches_the_app_and_its_expiry_cancels_the_call(
-    sidecar_factory, grpc_app, grpc_js_client
+async def test_a_deadline_reaches_the_app_and_its_expiry_cancels_the_call(
+    sidecar_factory, grpc_app, grpc_client
 ):
-    """grpc-js sends its deadline as grpc-timeout and, when it passes, resets the stream: the
+    """The client sends its deadline as grpc-timeout and, when it passes, resets the stream: the
     app's context must be cancelled then (RST_STREAM through the sidecar), not at the
     sidecar's own 60 s timeout."""
     app, port = grpc_app
     sc = await sidecar_factory(_app(port, timeouts={"response_header": "50s", "total": "60s"}))
-    result = await call(
-        grpc_js_client, sc.ports["inbound"], "unary", "/pkg.Svc/Slow", "x", "", "1500"
-    )
+    result = await call(grpc_client, sc.ports["inbound"], "unary", "/pkg.Svc/Slow", "x", "", "1500")
     assert result["code"] == DEADLINE_EXCEEDED
     assert await asyncio.to_thread(app.cancelled.wait, 10)
     # the deadline travelled as grpc-timeout: the app saw at most the 1.5 s it was given
     (left,) = app.time_left
     assert left is not None and left <= 1.5
     await wait_until(lambda: sample(sc, "gts_sidecar_client_aborts_total", listener="inbound") == 1)
+
+
+async def test_the_outbound_listener_routes_by_authority(sidecar_factory, grpc_app, grpc_go_client):
+    """grpc-go pointed at the outbound listener with the upstream's name as its authority
+    (`grpc.WithAuthority("inventory")`, as the README tells Go teams to do)."""
+    app, port = grpc_app
+    sc = await sidecar_factory(
+        {"upstreams": {"inventory": {"url": f"http://127.0.0.1:{port}", "protocol": "h2c"}}}
+    )
+    result = await call(
+        grpc_go_client, sc.ports["outbound"], "unary", "/pkg.Svc/Echo", "out", GOOD_XID, "",
+        "inventory",
+    )  # fmt: skip
+    assert (result["code"], result["replies"]) == (OK, ["echo:out"])
+    assert app.xids == [GOOD_XID]

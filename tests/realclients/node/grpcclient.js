@@ -10,7 +10,6 @@ const identity = (b) => b;
 const client = new grpc.Client(target, grpc.credentials.createInsecure());
 const metadata = new grpc.Metadata();
 if (xid) metadata.set('xid', xid);
-const options = deadlineMs ? { deadline: Date.now() + Number(deadlineMs) } : {};
 
 const result = { code: null, details: null, replies: [], headers: {}, trailers: {} };
 const plain = (md) => Object.fromEntries(
@@ -24,18 +23,29 @@ const finish = (status) => {
   client.close();
 };
 
-let call;
-if (kind === 'unary') {
-  call = client.makeUnaryRequest(method, identity, identity, Buffer.from(message), metadata,
-    options, (err, reply) => { if (!err) result.replies.push(reply.toString()); });
-} else if (kind === 'stream') {
-  call = client.makeServerStreamRequest(method, identity, identity, Buffer.from(message),
-    metadata, options);
-  call.on('data', (reply) => result.replies.push(reply.toString()));
-  call.on('error', () => {});
-} else {
-  process.stderr.write('unknown kind ' + kind + '\n');
-  process.exit(2);
+// connect first, so that a deadline given counts from the call, not from the connection
+client.waitForReady(Date.now() + 10000, (error) => {
+  if (error) {
+    finish({ code: -1, details: 'not connected: ' + error.message, metadata: new grpc.Metadata() });
+    return;
+  }
+  start(deadlineMs ? { deadline: Date.now() + Number(deadlineMs) } : {});
+});
+
+function start(options) {
+  let call;
+  if (kind === 'unary') {
+    call = client.makeUnaryRequest(method, identity, identity, Buffer.from(message), metadata,
+      options, (err, reply) => { if (!err) result.replies.push(reply.toString()); });
+  } else if (kind === 'stream') {
+    call = client.makeServerStreamRequest(method, identity, identity, Buffer.from(message),
+      metadata, options);
+    call.on('data', (reply) => result.replies.push(reply.toString()));
+    call.on('error', () => {});
+  } else {
+    process.stderr.write('unknown kind ' + kind + '\n');
+    process.exit(2);
+  }
+  call.on('metadata', (md) => { result.headers = plain(md); });
+  call.on('status', finish);
 }
-call.on('metadata', (md) => { result.headers = plain(md); });
-call.on('status', finish);
