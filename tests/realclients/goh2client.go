@@ -3,6 +3,7 @@
 // connection. Usage: goh2client CAFILE URL TIMEOUT N METHOD [BODY]. Sends N requests at once,
 // each with the header "XID: <the XID env var>" when that is set, and prints one line per
 // request: "STATUS <proto> <code> <xid> <status>" or "ERR <error>". Exits 0 either way.
+// With the COOKIE env var set, each request carries that Cookie header.
 package main
 
 import (
@@ -61,6 +62,9 @@ func main() {
 			}
 			if xid := os.Getenv("XID"); xid != "" {
 				req.Header.Set("XID", xid)
+			}
+			if cookie := os.Getenv("COOKIE"); cookie != "" {
+				req.Header.Set("Cookie", cookie) // Go's HTTP/2 transport sends it in crumbs
 			}
 			resp, err := client.Do(req)
 			if err != nil {

@@ -18,8 +18,12 @@ from tests.component.tlsfiles import Pki
 GOOD_XID = "10.0.0.1:8091:2001"
 
 
-async def go(client: Path, ca: str, url: str, *args: str, xid: str | None = None) -> list[str]:
+async def go(
+    client: Path, ca: str, url: str, *args: str, xid: str | None = None, cookie: str | None = None
+) -> list[str]:
     env = {"XID": xid} if xid else {}
+    if cookie:
+        env["COOKIE"] = cookie
     proc = await asyncio.create_subprocess_exec(
         str(client), ca, url, *args, stdout=asyncio.subprocess.PIPE, env=env
     )
@@ -106,3 +110,24 @@ async def test_a_go_http2_client_that_times_out_rolls_its_order_back(
     assert xid is not None
     await rolled_back(sc, xid)
     await wait_until(lambda: sample(sc, "gts_sidecar_client_aborts_total", listener="inbound") == 1)
+
+
+async def test_cookie_crumbs_from_go_reach_an_http11_app_as_one_field(
+    sidecar_factory: Any, upstream: UpstreamFactory, go_h2_client: Path, tmp_path: Path
+) -> None:
+    """Go's HTTP/2 transport splits a Cookie into one field per crumb (as browsers do); an
+    HTTP/1.1 app gets them joined by "; " in one field (RFC 9113 §8.2.3): many servers
+    (aiohttp's request.cookies, CGI-style gateways) read only the first Cookie field."""
+
+    async def ok(req: Received, reply: Reply) -> None:
+        await reply.send(200, b"ok")
+
+    app = await upstream(ok)
+    pki = Pki(tmp_path)
+    sc = await _tls_sidecar(sidecar_factory, pki, app.url)
+    url = f"https://localhost:{sc.ports['inbound']}/items"
+    cookie = "session=abc; theme=dark; lang=en"
+    (line,) = await go(go_h2_client, pki.ca_file, url, "10s", "1", "GET", cookie=cookie)
+    assert line.split()[:3] == ["STATUS", "HTTP/2.0", "200"]
+    (req,) = app.requests
+    assert req.get_all("Cookie") == [cookie]
