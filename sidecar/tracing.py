@@ -19,6 +19,7 @@ import contextvars
 import hashlib
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Final
 
@@ -73,16 +74,39 @@ def parse(value: str | bytes | None) -> TraceContext | None:
     return TraceContext(trace_id, span_id, bool(int(flags, 16) & 1))
 
 
+class _RandomPool:
+    """Random bytes from the OS CSPRNG in 4 KiB reads: one getrandom call per few hundred
+    ids instead of one each (a begin and every phase-two call make one)."""
+
+    _READ: Final = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # OTLP export threads may ask too
+        self._pool = b""
+        self._at = 0
+
+    def hex(self, size: int) -> str:
+        with self._lock:
+            if self._at + size > len(self._pool):
+                self._pool, self._at = os.urandom(self._READ), 0
+            at = self._at
+            self._at = at + size
+            return self._pool[at : at + size].hex()
+
+
+_random: Final = _RandomPool()
+
+
 def new_trace_id() -> str:
     while True:
-        value = os.urandom(16).hex()
+        value = _random.hex(16)
         if value != _ZERO_TRACE:
             return value
 
 
 def new_span_id() -> str:
     while True:
-        value = os.urandom(8).hex()
+        value = _random.hex(8)
         if value != _ZERO_SPAN:
             return value
 

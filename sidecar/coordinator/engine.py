@@ -567,20 +567,27 @@ class Engine:
                 idempotency_key=idempotency_key,
                 request_hash=request_hash,
             )
-            span = tracer().start(
-                "gts register branch",
-                parse_traceparent(traceparent) or _transaction_trace(live.record),
-                attributes={
-                    "gts.xid": xid,
-                    "gts.branch_id": str(branch.branch_id),
-                    "gts.resource_id": resource_id,
-                    "gts.branch_type": branch_type.value,
-                },
+            # the registration's span names nothing (no call carries its id): without an
+            # exporter it is not built at all (two parses, a hash and a random id each)
+            span = (
+                tracer().start(
+                    "gts register branch",
+                    parse_traceparent(traceparent) or _transaction_trace(live.record),
+                    attributes={
+                        "gts.xid": xid,
+                        "gts.branch_id": str(branch.branch_id),
+                        "gts.resource_id": resource_id,
+                        "gts.branch_type": branch_type.value,
+                    },
+                )
+                if recording()
+                else None
             )
             try:
                 await self._write(branches=[branch])
             except DuplicateKey:
-                span.end("idempotency key of another transaction")
+                if span is not None:
+                    span.end("idempotency key of another transaction")
                 # the key is a branch's of another transaction (this one's are in memory):
                 # found by the journal's unique index rather than a read before every write
                 assert idempotency_key is not None
@@ -589,9 +596,11 @@ class Engine:
                     raise
                 return self._repeated(found, xid, request_hash)
             except BaseException as exc:
-                span.end(f"{type(exc).__name__}: {exc}")
+                if span is not None:
+                    span.end(f"{type(exc).__name__}: {exc}")
                 raise
-            span.end()
+            if span is not None:
+                span.end()
             live.branches.append(branch)
             return branch
 

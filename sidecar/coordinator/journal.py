@@ -609,11 +609,18 @@ class SqliteJournal:
 
     @staticmethod
     def _apply(conn: sqlite3.Connection, writes: Iterable[_Write]) -> None:
+        # one statement run per table for the whole batch, not two per write: every global
+        # row before every branch row (a branch's transaction exists first), each table's
+        # rows in queue order (a later upsert of the same row wins, as it would alone)
+        globals_: list[_GlobalRow] = []
+        branches: list[_BranchRow] = []
         for w in writes:
-            if w.globals_:
-                conn.executemany(_UPSERT_GLOBAL, w.globals_)
-            if w.branches:
-                conn.executemany(_UPSERT_BRANCH, w.branches)
+            globals_ += w.globals_
+            branches += w.branches
+        if globals_:
+            conn.executemany(_UPSERT_GLOBAL, globals_)
+        if branches:
+            conn.executemany(_UPSERT_BRANCH, branches)
 
     def _run_call(self, conn: sqlite3.Connection, job: _Call) -> _Outcome:
         try:
