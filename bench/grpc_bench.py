@@ -5,7 +5,10 @@ Upstream: nghttpd (h2c, C) answering every POST /pkg.Svc/Echo with a gRPC messag
 `grpc-status: 0` in trailers, so the upstream costs next to nothing and the figure is the
 proxy's. Load: h2load (C) with gRPC framing and headers, `-c` connections of `-m` concurrent
 streams. Pinning as in proxy_bench.py: upstream and proxy on CPU 0, h2load on CPU 1. Each
-target gets a warm-up, then a timed run; rounds interleave the targets.
+target gets a warm-up, then a timed run; rounds interleave the targets. Latency percentiles
+come from h2load's per-request log; CPU per call is the utime + stime of the process under
+test (nghttpd direct, nghttpx, the sidecar: each with its children) over the timed run, which
+hardly moves when other work shares the machine, unlike calls/s.
 
     .venv/bin/python bench/grpc_bench.py [--duration 10s] [--rounds 3]
 
@@ -83,29 +86,60 @@ class Result:
     p99_us: float
     ok: int
     failed: int
+    #: CPU (user + system) of the process under test per call, µs
+    cpu_us: float = 0.0
 
 
-def parse_h2load(text: str) -> Result:
+def parse_h2load(text: str, latencies_us: list[int], cpu_seconds: float) -> Result:
     rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", text)
     counts = re.search(
         r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", text
     )
     if rps is None or counts is None:
         raise BenchError(f"unexpected h2load output:\n{text}")
-    # latency percentiles need --latency-percentiles? h2load prints min/max/mean/sd; take the
-    # "time for request" mean and max as p50/p99 stand-ins unless the percentiles are there
-    p50 = p99 = 0.0
-    line = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", text)
-    if line:
-        p50, p99 = _us(line.group(3)), _us(line.group(2))
-    return Result(float(rps.group(1)), p50, p99, int(counts.group(1)), int(counts.group(2)))
+    if not latencies_us:
+        raise BenchError(f"h2load logged no request:\n{text}")
+    ok = int(counts.group(1))
+    return Result(
+        float(rps.group(1)),
+        percentile(latencies_us, 0.50),
+        percentile(latencies_us, 0.99),
+        ok,
+        int(counts.group(2)),
+        cpu_seconds * 1e6 / ok if ok else 0.0,
+    )
 
 
-def _us(value: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s)", value)
-    if m is None:
-        return 0.0
-    return float(m.group(1)) * {"us": 1.0, "ms": 1e3, "s": 1e6}[m.group(2)]
+def percentile(values: list[int], q: float) -> float:
+    ordered = sorted(values)
+    return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))])
+
+
+def read_latencies(log: Path) -> list[int]:
+    """The third column of h2load's --log-file: microseconds until the end of the response."""
+    out = []
+    for line in log.read_text().splitlines():
+        cols = line.split("\t")
+        if len(cols) >= 3 and cols[2].isdigit():
+            out.append(int(cols[2]))
+    return out
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """utime + stime, seconds, of every live process in process group `pgid` (each server is
+    started in a session of its own: nghttpx's worker is counted with its master)."""
+    ticks = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        # after the comm: state ppid pgrp ... utime (12th) stime (13th)
+        if int(fields[2]) == pgid:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class Rig:
@@ -115,6 +149,8 @@ class Rig:
         self.tools = tools
         self.work = work
         self.procs: list[subprocess.Popen[bytes]] = []
+        #: the process under test of each target
+        self.servers: dict[str, subprocess.Popen[bytes]] = {}
         taskset = shutil.which("taskset")
         self.server_pin = [taskset, "-c", SERVER_CPU] if taskset else []
         self.client_pin = [taskset, "-c", CLIENT_CPU] if taskset else []
@@ -124,7 +160,7 @@ class Rig:
         log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115 (kept open for the child)
         proc = subprocess.Popen(
             [*self.server_pin, *argv], stdout=log, stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent, cwd=self.work,
+            preexec_fn=die_with_parent, cwd=self.work, start_new_session=True,
         )  # fmt: skip
         self.procs.append(proc)
         return proc
@@ -134,14 +170,14 @@ class Rig:
         docs.mkdir(parents=True)
         (docs / "Echo").write_bytes(b"\x00\x00\x00\x00\x02ok")
         up = self.ports["upstream"]
-        proc = self.spawn(
+        proc = self.servers["direct"] = self.spawn(
             [self.tools["nghttpd"], "--no-tls", "-d", str(self.work / "docs"),
              "--trailer=grpc-status: 0", str(up)],
             "nghttpd",
         )  # fmt: skip
         wait_port(up, proc, "nghttpd")
         px = self.ports["nghttpx"]
-        proc = self.spawn(
+        proc = self.servers["nghttpx"] = self.spawn(
             [self.tools["nghttpx"], f"--frontend=127.0.0.1,{px};no-tls",
              f"--backend=127.0.0.1,{up};;proto=h2", "--workers=1", "--no-ocsp",
              "--conf=/dev/null", "--errorlog-file=" + str(self.work / "nghttpx.err")],
@@ -159,7 +195,9 @@ class Rig:
         cmd = [str(REPO_DIR / ".venv" / "bin" / "gts-sidecar")]
         if not Path(cmd[0]).exists():
             cmd = [venv_python(), "-m", "sidecar"]
-        proc = self.spawn([*cmd, "run", "--config", str(config)], "sidecar")
+        proc = self.servers["sidecar-inbound"] = self.spawn(
+            [*cmd, "run", "--config", str(config)], "sidecar"
+        )
         wait_port(self.ports["sidecar"], proc, "gts-sidecar")
 
     def url(self, target: str) -> str:
@@ -169,16 +207,21 @@ class Rig:
     def load(self, target: str, seconds: float, connections: int, streams: int) -> Result:
         request = self.work / "request.bin"
         request.write_bytes(b"\x00\x00\x00\x00\x02hi")
+        log = self.work / "h2load.log"
         argv = [
             *self.client_pin, self.tools["h2load"], f"-D{max(1, round(seconds))}",
             f"-c{connections}", f"-m{streams}", "-t1", "-d", str(request),
+            f"--log-file={log}",
             "-H", "content-type: application/grpc", "-H", "te: trailers",
             "-H", f"xid: {XID}", self.url(target),
         ]  # fmt: skip
+        pgid = self.servers[target].pid
+        before = group_cpu_seconds(pgid)
         done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+        cpu = group_cpu_seconds(pgid) - before
         if done.returncode != 0:
             raise BenchError(f"h2load failed on {target}:\n{done.stdout}\n{done.stderr}")
-        return parse_h2load(done.stdout)
+        return parse_h2load(done.stdout, read_latencies(log), cpu)
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -250,11 +293,14 @@ def render(
         f"Unary gRPC calls (POST /pkg.Svc/Echo, 5-byte messages, an `xid` on each) by h2load: "
         f"{args.connections} connections × {args.streams} streams, {args.duration:g} s per run, "
         f"{args.rounds} round(s) interleaved; upstream nghttpd (h2c) with `grpc-status: 0` "
-        "trailers. Upstream and proxy pinned to CPU 0, h2load to CPU 1.",
+        "trailers. Upstream and proxy pinned to CPU 0, h2load to CPU 1. p50/p99: medians over "
+        "the rounds of each run's percentiles (h2load's per-request log). CPU per call: user + "
+        "system CPU of the process under test (nghttpd for direct; nghttpx; the sidecar) over "
+        "the timed run, divided by the calls that succeeded.",
         "",
-        "| target | calls/s (median, min–max) | × nghttpx | mean latency (µs) | max (µs) "
-        "| failed |",
-        "|---|--:|--:|--:|--:|--:|",
+        "| target | calls/s (median, min–max) | × nghttpx | p50 (µs) | p99 (µs) "
+        "| CPU per call (µs) | failed |",
+        "|---|--:|--:|--:|--:|--:|--:|",
     ]
     for target in TARGETS:
         runs = results[target]
@@ -263,7 +309,8 @@ def render(
         lines.append(
             f"| {target} | {med:,.0f} ({min(rps):,.0f}–{max(rps):,.0f}) | {med / nghttpx:.2f}× | "
             f"{statistics.median(r.p50_us for r in runs):,.0f} | "
-            f"{statistics.median(r.p99_us for r in runs):,.0f} | {sum(r.failed for r in runs)} |"
+            f"{statistics.median(r.p99_us for r in runs):,.0f} | "
+            f"{statistics.median(r.cpu_us for r in runs):,.1f} | {sum(r.failed for r in runs)} |"
         )
     lines += [
         "",
@@ -278,7 +325,7 @@ def render(
         "## Command",
         "",
         "```",
-        "   ".join(["python bench/grpc_bench.py", *sys.argv[1:]]),
+        " ".join(["python bench/grpc_bench.py", *sys.argv[1:]]),
         "```",
         "",
     ]
