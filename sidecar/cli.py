@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from sidecar import __version__, logs
+from sidecar import __version__, compiled, logs
 from sidecar.config import Config, load, parse_duration
 from sidecar.errors import ConfigError
 from sidecar.reload import file_digest
@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="A distributed-transaction sidecar: XID propagation, pools and timeouts, "
         "GTS coordination for any HTTP service.",
     )
-    parser.add_argument("--version", action="version", version=f"gts-sidecar {__version__}")
+    # the build too: "compiled" (the request path built by mypyc) or "pure" (sidecar/compiled.py)
+    version = f"gts-sidecar {__version__} ({compiled.build()})"
+    parser.add_argument("--version", action="version", version=version)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", parents=[common], help="run the sidecar")

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from sidecar.compiled import mypyc_attr
 from sidecar.config import ClusterConfig, HeaderLimits, format_duration
 from sidecar.errors import PoolExhausted, SidecarError, UpstreamTimeout, UpstreamUnavailable
 
@@ -337,6 +338,31 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
 
+@mypyc_attr(native_class=False)
+class PoolGauge:
+    """A cluster as metrics.pools sees it. That collector holds pools by weak reference, which
+    a class compiled by mypyc cannot take, so the cluster is represented there by this
+    ordinary one, which it keeps (a cycle: the garbage collector frees the two together)."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.name = cluster.name
+
+    @property
+    def in_use(self) -> int:
+        return self.cluster.in_use
+
+    @property
+    def idle_count(self) -> int:
+        return self.cluster.idle_count
+
+    @property
+    def waiting(self) -> int:
+        return self.cluster.waiting
+
+
+# h2_upstream.H2Cluster extends it (interpreted, when this module is compiled)
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Cluster:
     """A pool of keep-alive connections to one upstream host."""
 
@@ -386,7 +412,8 @@ class Cluster:
         self.active_retries = 0
         self._closed = False
         self._sweeper: asyncio.TimerHandle | None = None
-        metrics.pools.add(self)
+        self._gauge = PoolGauge(self)
+        metrics.pools.add(self._gauge)
         self.m_exhausted = metrics.pool_exhausted.labels(name)
         self.m_retries = metrics.upstream_retries.labels(name)
         self._schedule_sweep()

@@ -1,0 +1,80 @@
+"""A proxy listener's runtime: what it needs from config, compiled once per config version.
+
+A module of its own so that it stays an ordinary Python class when listener.py is compiled
+by mypyc (setup.py): its annotations name types imported for the type checker only, which a
+compiled dataclass would need at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sidecar.config import ClientLimits, HeaderLimits, ProxyListenerTimeouts
+
+if TYPE_CHECKING:
+    from sidecar.coordinator.client import Coordinator
+    from sidecar.metrics import Metrics, RequestStats
+    from sidecar.proxy.route import Router
+    from sidecar.txn.branches import Participant
+    from sidecar.txn.repeats import Repeats
+    from sidecar.xid import Xid
+
+
+@dataclass(slots=True)
+class ListenerRuntime:
+    """Everything a listener needs that comes from config, compiled once per config version.
+    A request keeps the runtime it began with, so a reload never changes it mid-flight."""
+
+    name: str
+    router: Router
+    classifier: dict[bytes, int]
+    xid_max_length: int
+    limits: HeaderLimits
+    timeouts: ProxyListenerTimeouts
+    metrics: Metrics
+    clients: ClientLimits = field(default_factory=ClientLimits)
+    #: where declarative transactions begin and end (None: no rules, or no coordinator)
+    coordinator: Coordinator | None = None
+    #: the fence and phase-two caller of declared TCC/Saga resources
+    participant: Participant | None = None
+    #: http://advertised-address:peer-port/v1/resources: branches' callback URLs start here
+    callback_base: str = ""
+    #: the XID header names accepted, for error messages
+    xid_aliases: tuple[str, ...] = ()
+    #: told the XID of each declarative transaction seen finish (releases its global locks)
+    on_finished: Callable[[str], None] | None = None
+    #: records of declared-route requests with an Idempotency-Key (a repeat never runs twice)
+    repeats: Repeats | None = None
+    #: XID → deadline of the transactions this process knows (calls made for one are
+    #: clamped to it): the coordinator clients' own tables, read without a call
+    deadline_tables: tuple[Mapping[str, float], ...] = ()
+    #: recently validated XIDs (a transaction's XID recurs on every call it makes)
+    xid_cache: dict[bytes, Xid] = field(default_factory=dict)
+    _stats: dict[str, RequestStats] = field(default_factory=dict)
+    _timeouts: dict[tuple[str, str], Any] = field(default_factory=dict)
+    _xid_rejects: dict[str, Any] = field(default_factory=dict)
+
+    def stats(self, upstream: str) -> RequestStats:
+        st = self._stats.get(upstream)
+        if st is None:
+            st = self._stats[upstream] = self.metrics.proxy.stats(self.name, upstream)
+        return st
+
+    def count_timeout(self, upstream: str, kind: str) -> None:
+        key = (upstream, kind)
+        child = self._timeouts.get(key)
+        if child is None:
+            child = self._timeouts[key] = self.metrics.upstream_timeouts.labels(
+                self.name, upstream, kind
+            )
+        child.inc()
+
+    def count_xid_rejection(self, reason: str) -> None:
+        child = self._xid_rejects.get(reason)
+        if child is None:
+            child = self._xid_rejects[reason] = self.metrics.xid_rejections.labels(
+                self.name, reason
+            )
+        child.inc()
