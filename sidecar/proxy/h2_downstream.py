@@ -37,8 +37,9 @@ from sidecar.errors import BadRequest, SidecarError
 from sidecar.proxy import grpc
 from sidecar.proxy import headers as h
 from sidecar.proxy.exchange import PAUSE_UPSTREAM_FULL, Exchange
+from sidecar.proxy.h2_conn import H2Connection
 from sidecar.proxy.h2_fields import request_error
-from sidecar.proxy.h2_upstream import install_hpack_cache, send_pending, send_within_window
+from sidecar.proxy.h2_upstream import send_pending, send_within_window
 
 if TYPE_CHECKING:
     from sidecar.proxy.listener import ClientConnection, ProxyListener
@@ -255,8 +256,7 @@ class H2Downstream:
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
         )
-        self.h2 = h2.connection.H2Connection(config=config)
-        install_hpack_cache(self.h2)
+        self.h2 = H2Connection(config)
         limits = client.runtime.limits
         self.h2.local_settings = h2.settings.Settings(
             client=False,

@@ -28,7 +28,7 @@ import h2.events
 import h2.exceptions
 
 from sidecar.errors import SidecarError, UpstreamUnavailable
-from sidecar.proxy.hpack_cache import CachingDecoder, CachingEncoder
+from sidecar.proxy.h2_conn import H2Connection
 from sidecar.proxy.upstream import Cluster
 
 if TYPE_CHECKING:
@@ -184,8 +184,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             normalize_outbound_headers=False,
             validate_inbound_headers=False,
         )
-        self.h2 = h2.connection.H2Connection(config=config)
-        install_hpack_cache(self.h2)
+        self.h2 = H2Connection(config)
         self.streams: dict[int, H2UpstreamStream] = {}
         #: streams handed out and not yet released (opened or about to be)
         self.taken = 0
@@ -502,10 +501,3 @@ def send_pending(pending: list[bytes], send: Callable[[bytes], int]) -> bool:
             return False
         pending.pop(0)
     return True
-
-
-def install_hpack_cache(conn: h2.connection.H2Connection) -> None:
-    """HPACK that encodes and decodes a repeated header block once (see hpack_cache), in
-    place of the connection's own coders (before any frame: their tables are still empty)."""
-    conn.encoder = CachingEncoder()
-    conn.decoder = CachingDecoder(conn.decoder.max_header_list_size)
