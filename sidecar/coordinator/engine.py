@@ -155,8 +155,30 @@ class _Live:
     timer: asyncio.TimerHandle | None = None
     driver: asyncio.Task[None] | None = None
     finished: bool = False
-    #: made only when someone waits for the outcome (most decisions return it directly)
-    waiter: asyncio.Future[None] | None = None
+    #: one per call waiting for the outcome (each with its own timeout), answered at the
+    #: end; made only when someone waits (most decisions return the outcome directly)
+    waiters: list[asyncio.Future[None]] | None = None
+
+
+def _release(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def _wait_finished(live: _Live, timeout: float) -> None:
+    """Until the transaction is finished, or `timeout` seconds. (A future and a timer of its
+    own: asyncio.wait's sets, callbacks and second future cost more, once per decision.)"""
+    waiter = asyncio.get_running_loop().create_future()
+    if live.waiters is None:
+        live.waiters = []
+    live.waiters.append(waiter)
+    timer = asyncio.get_running_loop().call_later(timeout, _release, waiter)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        if live.waiters is not None and not live.finished:
+            live.waiters.remove(waiter)  # timed out (or cancelled): not kept till the end
 
 
 def _index(branches: Sequence[BranchRecord], branch_id: int) -> int:
@@ -478,10 +500,7 @@ class Engine:
                     extra={"xid": xid, "status": status.value, "event": event.value},
                 )
         if wait > 0 and not live.finished:
-            if live.waiter is None:
-                live.waiter = asyncio.get_running_loop().create_future()
-            # asyncio.wait: no task wrapped around the waiter, and it is never cancelled
-            await asyncio.wait((live.waiter,), timeout=wait)
+            await _wait_finished(live, wait)
         return live.record
 
     async def get(self, xid: str) -> tuple[GlobalRecord, list[BranchRecord]]:
@@ -848,8 +867,11 @@ class Engine:
         while len(self._finished) > _FINISHED_CACHE:
             self._finished.popitem(last=False)
         live.finished = True
-        if live.waiter is not None and not live.waiter.done():
-            live.waiter.set_result(None)
+        if live.waiters is not None:
+            for waiter in live.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            live.waiters = None
         self._events.finished(live.record)
         _end_transaction_span(live.record, len(live.branches))
 

@@ -15,12 +15,19 @@ BranchRow = tuple[
     int, str, int, str, str, str, bytes, str, int, int, int, str | None, str | None, str | None
 ]
 
+# member (or its value) -> plain value: a dict lookup instead of an Enum call and a property
+# per column (four of them on every journal write); anything else still goes through the
+# Enum, which raises ValueError for a value it does not know
+_GLOBAL_STATUS: dict[str, str] = {s: s.value for s in GlobalStatus}
+_BRANCH_STATUS: dict[str, str] = {s: s.value for s in BranchStatus}
+_BRANCH_TYPE: dict[str, str] = {t: t.value for t in BranchType}
+
 
 def global_row(g: GlobalRecord) -> GlobalRow:
     return (
         g.xid,
         g.name,
-        GlobalStatus(g.status).value,
+        _GLOBAL_STATUS.get(g.status) or GlobalStatus(g.status).value,
         g.timeout_ms,
         g.begin_ms,
         g.updated_ms,
@@ -35,11 +42,11 @@ def branch_row(b: BranchRecord) -> BranchRow:
         b.branch_id,
         b.xid,
         b.seq,
-        BranchType(b.branch_type).value,
+        _BRANCH_TYPE.get(b.branch_type) or BranchType(b.branch_type).value,
         b.resource_id,
         b.callback_url,
         bytes(b.application_data),
-        BranchStatus(b.status).value,
+        _BRANCH_STATUS.get(b.status) or BranchStatus(b.status).value,
         b.attempts,
         int(b.stuck),
         b.updated_ms,
