@@ -267,6 +267,8 @@ class H2Downstream:
             },
         )
         self.streams: dict[int, H2Stream] = {}
+        #: request fields whose bytes passed h2_fields' checks (see request_error)
+        self.known_fields: set[tuple[bytes, bytes]] = set()
         metrics = client.runtime.metrics
         name = client.runtime.name
         metrics.http2_connections.labels(name).inc()
@@ -310,7 +312,7 @@ class H2Downstream:
             # a malformed head ends the connection before anything it came with is acted
             # on, as h2's own validation does (it raises from receive_data)
             if type(event) is h2.events.RequestReceived:
-                why = request_error(event.headers or ())
+                why = request_error(event.headers or (), self.known_fields)
                 if why is not None:
                     self._malformed(why)
                     return

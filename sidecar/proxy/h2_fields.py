@@ -14,6 +14,11 @@ them as seven chained generators over every field (a twentieth of a proxied gRPC
 - an :authority or a Host, one Host at most, and the two equal when both are there.
 A head that breaks one is malformed: the caller ends the connection with PROTOCOL_ERROR, as h2
 does. (The content-length against the DATA is still h2's: it does not depend on this switch.)
+
+The checks of a field's bytes depend on the field alone, and a client repeats most of its
+fields call after call (the same objects, when hpack_cache answered the block): a connection
+keeps the fields that passed in a small set (`known`, emptied when full) and checks only the
+others' bytes. The rules on the head as a whole run every time.
 """
 
 from __future__ import annotations
@@ -28,18 +33,39 @@ _CONNECTION_SPECIFIC: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
 _PSEUDO: Final = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
+#: fields a connection remembers as checked, and the longest value remembered (a client
+#: must not make the sidecar hold its large fields)
+MAX_KNOWN: Final = 64
+MAX_KNOWN_VALUE: Final = 256
 
 
-def request_error(fields: Iterable[tuple[bytes, bytes]]) -> str | None:
-    """Why this request head is malformed, or None when it is not."""
+def field_bytes_error(name: bytes, value: bytes) -> str | None:
+    """Why this field's bytes are not allowed in an HTTP/2 field, or None."""
+    if not name or _BAD_NAME.search(name):
+        return f"invalid header name {name!r}"
+    if value and _BAD_VALUE.search(value):
+        return f"invalid value in header {name!r}"
+    return None
+
+
+def request_error(
+    fields: Iterable[tuple[bytes, bytes]], known: set[tuple[bytes, bytes]] | None = None
+) -> str | None:
+    """Why this request head is malformed, or None when it is not; `known` holds fields whose
+    bytes passed before (those that pass now are added)."""
     seen: set[bytes] = set()
     regular = False
     method = authority = host = None
-    for name, value in fields:
-        if not name or _BAD_NAME.search(name):
-            return f"invalid header name {name!r}"
-        if value and _BAD_VALUE.search(value):
-            return f"invalid value in header {name!r}"
+    for field in fields:
+        name, value = field
+        if known is None or field not in known:
+            why = field_bytes_error(name, value)
+            if why is not None:
+                return why
+            if known is not None and len(value) <= MAX_KNOWN_VALUE:
+                if len(known) >= MAX_KNOWN:
+                    known.clear()
+                known.add(field)
         if name[0] == 0x3A:  # ':'
             if regular:
                 return f"pseudo-header field {name!r} after a regular field"

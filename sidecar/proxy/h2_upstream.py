@@ -29,6 +29,7 @@ import h2.exceptions
 
 from sidecar.errors import SidecarError, UpstreamUnavailable
 from sidecar.proxy.h2_conn import H2Connection
+from sidecar.proxy.h2_fields import MAX_KNOWN, MAX_KNOWN_VALUE
 from sidecar.proxy.upstream import Cluster
 
 if TYPE_CHECKING:
@@ -40,8 +41,10 @@ log = logging.getLogger("sidecar.proxy")
 #: streams per connection until the server's SETTINGS say otherwise (RFC 9113 recommends
 #: that a server allow at least 100)
 DEFAULT_MAX_STREAMS: Final = 100
-#: what must never reach a client in a field (an HTTP/1.1 client would read CR/LF as framing)
+#: what must never reach a client in a field (an HTTP/1.1 client would read CR/LF as framing,
+#: a colon in a name as the end of the name)
 _UNSAFE: Final = re.compile(rb"[\r\n\x00]")
+_UNSAFE_NAME: Final = re.compile(rb"[\r\n\x00:]")
 #: request fields HTTP/2 forbids (connection-specific), beyond the hop-by-hop ones the
 #: listener already dropped
 _FORBIDDEN: Final = frozenset({b"host", b"connection", b"keep-alive", b"proxy-connection",
@@ -186,6 +189,8 @@ class H2UpstreamConnection(asyncio.Protocol):
         )
         self.h2 = H2Connection(config)
         self.streams: dict[int, H2UpstreamStream] = {}
+        #: response fields found safe to relay (an upstream repeats most of them)
+        self.known_fields: set[tuple[bytes, bytes]] = set()
         #: streams handed out and not yet released (opened or about to be)
         self.taken = 0
         self.goaway = False
@@ -273,11 +278,16 @@ class H2UpstreamConnection(asyncio.Protocol):
     def _head(self, stream: H2UpstreamStream, raw: Any) -> None:
         status = 0
         fields: list[tuple[bytes, bytes]] = []
-        for name, value in raw:
+        known = self.known_fields
+        for field in raw:
+            name, value = field
             if name == b":status":
                 status = int(value) if value.isdigit() else 0
             elif name[:1] != b":":
-                if _UNSAFE.search(name) or _UNSAFE.search(value):
+                if field in known:
+                    fields.append(field)
+                    continue
+                if _UNSAFE_NAME.search(name) or _UNSAFE.search(value):
                     stream.lost(
                         UpstreamUnavailable(
                             f"upstream {self.cluster.name!r} sent a header field with CR, LF, "
@@ -286,7 +296,11 @@ class H2UpstreamConnection(asyncio.Protocol):
                     )
                     self.reset(stream)
                     return
-                fields.append((bytes(name), bytes(value)))
+                if len(value) <= MAX_KNOWN_VALUE:
+                    if len(known) >= MAX_KNOWN:
+                        known.clear()
+                    known.add(field)
+                fields.append(field)
         if not 100 <= status <= 599:
             stream.lost(UpstreamUnavailable(f"upstream {self.cluster.name!r}: invalid :status"))
             self.reset(stream)

@@ -10,7 +10,7 @@ from h2.utilities import HeaderValidationFlags, validate_headers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.proxy.h2_fields import request_error
+from sidecar.proxy.h2_fields import MAX_KNOWN, MAX_KNOWN_VALUE, request_error
 
 REQUEST = HeaderValidationFlags(
     is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False
@@ -61,9 +61,22 @@ def test_a_grpc_head_is_well_formed() -> None:
 
 def test_every_single_field_in_every_place_is_judged_as_h2_judges_it() -> None:
     with_host = [*GOOD[:2], (b":path", b"/x"), (b"host", b"a")]
+    known: set[tuple[bytes, bytes]] = set()
     for good, name, value in itertools.product([GOOD, with_host], NAMES, VALUES):
         for at in range(len(good) + 1):
             for drop in (None, *range(len(good))):
                 base = [f for i, f in enumerate(good) if i != drop]
                 fields = [*base[:at], (name, value), *base[at:]]
-                assert (request_error(fields) is not None) == h2_refuses(fields), fields
+                refused = h2_refuses(fields)
+                assert (request_error(fields) is not None) == refused, fields
+                # and with the fields a connection remembers from the heads before it
+                assert (request_error(fields, known) is not None) == refused, fields
+    assert 0 < len(known) <= MAX_KNOWN
+
+
+def test_a_connection_remembers_few_short_fields() -> None:
+    known: set[tuple[bytes, bytes]] = set()
+    for i in range(3 * MAX_KNOWN):
+        assert request_error([*GOOD, (b"x-n", b"%d" % i), (b"x-big", b"v" * 300)], known) is None
+        assert len(known) <= MAX_KNOWN
+    assert all(len(value) <= MAX_KNOWN_VALUE for _, value in known)
