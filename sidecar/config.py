@@ -897,8 +897,9 @@ class LocksConfig(_Model):
     """Global locks (`POST /v1/locks`, seed §3.3): per resource key, held by XIDs."""
 
     #: journal (SQLite beside local_coordinator.journal: one replica, survives restarts),
-    #: memory (this process only: lost on restart), or redis://host[:port][/db] (rediss://
-    #: for TLS), shared by every replica
+    #: memory (this process only: lost on restart), redis://host[:port][/db] (rediss://
+    #: for TLS), shared by every replica, or coordinator (the coordinator cluster's, shared
+    #: by its replicas on PostgreSQL and released with each transaction's end)
     backend: str = "journal"
     #: the Redis AUTH password, from a secret file
     password_file: SecretFile | None = None
@@ -906,7 +907,7 @@ class LocksConfig(_Model):
     @field_validator("backend")
     @classmethod
     def _backend(cls, v: str) -> str:
-        return v if v == "journal" else IdempotencyConfig.check_store(v)
+        return v if v in ("journal", "coordinator") else IdempotencyConfig.check_store(v)
 
 
 _UPSTREAM_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
@@ -931,6 +932,15 @@ class Config(_Model):
     saga: list[SagaResource] = Field(default_factory=list)
     idempotency: IdempotencyConfig = IdempotencyConfig()
     locks: LocksConfig = LocksConfig()
+
+    @model_validator(mode="after")
+    def _coordinator_locks(self) -> Config:
+        if self.locks.backend == "coordinator" and not self.coordinator.endpoints:
+            raise ValueError(
+                "locks.backend: coordinator keeps the locks in the coordinator cluster, "
+                "which needs coordinator.endpoints"
+            )
+        return self
 
     @model_validator(mode="after")
     def _resources_unique(self) -> Config:

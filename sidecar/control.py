@@ -43,6 +43,7 @@ from sidecar.txn.fence_store import FenceStore, open_fence_store
 from sidecar.txn.journal_locks import JournalLocks
 from sidecar.txn.locks import LockManager, MemoryLocks, RedisLocks, ReleaseOnFinish
 from sidecar.txn.locks_api import add_lock_routes
+from sidecar.txn.locks_remote import CoordinatorLocks
 from sidecar.txn.repeats import Repeats
 from sidecar.txn.sqlite_file import file_bytes
 from sidecar.xid import format_owner
@@ -183,6 +184,8 @@ class ControlPlane:
         elif lk.backend == "journal":
             assert locks_path is not None
             self.locks = JournalLocks(locks_path, default_ttl=safety)
+        elif lk.backend == "coordinator":  # the cluster's (its client is set in start)
+            self.locks = CoordinatorLocks(default_ttl=safety)
         else:
             self.locks = RedisLocks.from_url(lk.backend, password=password, default_ttl=safety)
         self.releaser = ReleaseOnFinish(self.locks)
@@ -279,6 +282,8 @@ class ControlPlane:
                 )
             tokens = TokenSource.from_config(cfg.coordinator.auth, aiohttp.ClientSession)
             self.remote = RemoteCoordinator(cfg.coordinator, self.ring, self.metrics, tokens=tokens)
+            if isinstance(self.locks, CoordinatorLocks):
+                self.locks.client = self.remote
             if self.engine is not None:
                 # degraded mode: the local engine stands in while the cluster is unreachable
                 self.router = RoutingCoordinator(

@@ -45,6 +45,7 @@ from sidecar.errors import (
     CoordinatorUnavailable,
     IdempotencyConflict,
     InvalidRequest,
+    LockConflict,
     SidecarError,
     TransactionNotActive,
     TransactionNotFound,
@@ -380,6 +381,13 @@ class RemoteCoordinator:
             order.sort(key=lambda e: e in self._down)  # stable: affinity kept among equals
         return order
 
+    async def call_json(
+        self, call: str, method: str, path: str, body: bytes = b"", *, xid: str | None = None
+    ) -> dict[str, Any]:
+        """Another signed call of the cluster's API (its global locks: txn/locks_remote.py),
+        with the same failover, breaker and error translation."""
+        return await self._call(call, method, path, body, xid=xid)
+
     async def _call(
         self,
         call: str,
@@ -567,6 +575,8 @@ class RemoteCoordinator:
         cls = _REMOTE_ERRORS.get(code)
         if cls is not None:
             return cls(f"coordinator: {message}")
+        if code == "LOCK_CONFLICT":  # the app is told the holder and the key, as locally
+            return LockConflict(str(err.get("key", "")), str(err.get("holder", "")))
         if code in ("SIGNATURE_INVALID", "UNAUTHORIZED"):
             return CoordinatorAuthFailed(
                 f"the coordinator refused this sidecar's credentials ({message}); check "
