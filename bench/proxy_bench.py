@@ -8,6 +8,11 @@ the SAME wrk settings, every request carrying a valid XID header:
   nginx-proxy       nginx, 1 worker, reverse proxy with upstream keep-alive
   sidecar-inbound   ``gts-sidecar run``: inbound listener -> ``app.url`` = the upstream
   sidecar-outbound  the same sidecar: ``/up/`` on the outbound listener -> upstream ``up``
+  sidecar-inbound-compiled, sidecar-outbound-compiled
+                    the same two, from a second sidecar whose request path is compiled by
+                    mypyc (``GTS_SIDECAR_COMPILE=1 setup.py build_ext --inplace`` in a copy of
+                    the tree, made by the benchmark: ~1 min, needs a C compiler); it must
+                    report itself compiled (``--version``) or the two rows fail
   nginx-tls         nginx, 1 worker, terminating TLS (ECDSA P-256, TLS 1.3) and proxying
   sidecar-inbound-tls  a second sidecar whose inbound listener terminates TLS with the SAME
                     certificate and key (``listeners.inbound.tls``)
@@ -75,10 +80,13 @@ ALL_TARGETS = (
     "nginx-proxy",
     "sidecar-inbound",
     "sidecar-outbound",
+    "sidecar-inbound-compiled",
+    "sidecar-outbound-compiled",
     "nginx-tls",
     "sidecar-inbound-tls",
 )
 SIDECAR_TARGETS = ("sidecar-inbound", "sidecar-outbound")
+COMPILED_TARGETS = ("sidecar-inbound-compiled", "sidecar-outbound-compiled")
 #: the nginx each target's ratio is taken against
 REFERENCE = {"nginx-tls": "nginx-tls", "sidecar-inbound-tls": "nginx-tls"}
 TOOL_PACKAGES = {"nginx": "nginx-light", "wrk": "wrk"}
@@ -348,7 +356,9 @@ class Servers:
         self.pin = pin
         self.started: list[Server] = []
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Server:
+    def start(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None, cwd: Path = REPO_DIR
+    ) -> Server:
         err_path = self.workdir / f"{name}.stderr.log"
         with open(self.workdir / f"{name}.stdout.log", "wb") as out, open(err_path, "wb") as err:
             popen = subprocess.Popen(
@@ -356,7 +366,7 @@ class Servers:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
-                cwd=REPO_DIR,
+                cwd=cwd,
                 env=env,
                 start_new_session=True,  # Ctrl-C reaches us; we stop them in order
                 preexec_fn=die_with_parent,
@@ -488,20 +498,50 @@ def start_sidecar(
     ports: dict[str, int],
     name: str = "sidecar",
     tls: tuple[str, str] | None = None,
+    tree: Path = REPO_DIR,
 ) -> Server:
     """Run `gts-sidecar run --config` on a generated config; wait for admin /readyz = 200.
-    With `tls` (certificate, key), its inbound listener terminates TLS."""
+    With `tls` (certificate, key), its inbound listener terminates TLS. `tree`: where the
+    `sidecar` package is imported from (a compiled copy: build_compiled)."""
     config = servers.workdir / f"{name}.yaml"
     inbound_tls = f", tls: {{cert_file: {tls[0]}, key_file: {tls[1]}}}" if tls else ""
     config.write_text(SIDECAR_YAML.format(**ports, inbound_tls=inbound_tls))
     # `python -m sidecar` needs the repo on the path when the package is not installed
-    pythonpath = [str(REPO_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]
+    pythonpath = [str(tree), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)}
-    server = servers.start(name, [*command, "run", "--config", str(config)], env)
+    server = servers.start(name, [*command, "run", "--config", str(config)], env, cwd=tree)
     wait_until(lambda: http_ok(ports["admin"], "/readyz"), server, "admin /readyz")
     for listener in ("inbound", "outbound"):
         wait_until(lambda p=ports[listener]: port_open(p), server, f"{listener} listener")
     return server
+
+
+def build_compiled(workdir: Path) -> Path:
+    """A copy of the package with its request path compiled by mypyc (setup.py), as the
+    image and scripts/test.sh build it; its `python -m sidecar --version` must say so."""
+    tree = workdir / "compiled"
+    tree.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy2(REPO_DIR / name, tree / name)
+    shutil.copytree(
+        REPO_DIR / "sidecar", tree / "sidecar", ignore=shutil.ignore_patterns("__pycache__", "*.so")
+    )
+    env = {**os.environ, "GTS_SIDECAR_COMPILE": "1"}
+    argv = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]
+    done = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-20:])
+        raise BenchError(f"the compiled build failed (a C compiler? mypy?):\n{tail}")
+    version = subprocess.run(
+        [sys.executable, "-m", "sidecar", "--version"],
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        capture_output=True,
+        text=True,
+    ).stdout
+    if "(compiled)" not in version:
+        raise BenchError(f"the compiled copy does not run compiled: {version.strip()!r}")
+    return tree
 
 
 # --- wrk -----------------------------------------------------------------------------------
@@ -618,8 +658,10 @@ def start_targets(servers: Servers, tools: dict[str, str], opts: Options) -> lis
     wanted = opts.targets
     names = ("upstream", "proxy", "inbound", "outbound", "api", "peer", "admin")
     tls_names = ("nginx-tls", "tls-inbound", "tls-outbound", "tls-api", "tls-peer", "tls-admin")
-    all_ports = free_ports(len(names) + len(tls_names))
-    ports = dict(zip(names + tls_names, all_ports, strict=True))
+    listeners = ("inbound", "outbound", "api", "peer", "admin")
+    c_names = tuple(f"c-{k}" for k in listeners)
+    all_ports = free_ports(len(names) + len(tls_names) + len(c_names))
+    ports = dict(zip(names + tls_names + c_names, all_ports, strict=True))
     upstream_http = NGINX_UPSTREAM_HTTP.format(port=ports["upstream"])
     upstream = start_nginx(servers, tools["nginx"], "upstream", upstream_http, ports["upstream"])
 
@@ -628,6 +670,10 @@ def start_targets(servers: Servers, tools: dict[str, str], opts: Options) -> lis
         "nginx-proxy": Target("nginx-proxy", ports["proxy"]),
         "sidecar-inbound": Target("sidecar-inbound", ports["inbound"]),
         "sidecar-outbound": Target("sidecar-outbound", ports["outbound"], "/up/"),
+        "sidecar-inbound-compiled": Target("sidecar-inbound-compiled", ports["c-inbound"]),
+        "sidecar-outbound-compiled": Target(
+            "sidecar-outbound-compiled", ports["c-outbound"], "/up/"
+        ),
         "nginx-tls": Target("nginx-tls", ports["nginx-tls"], tls=True),
         "sidecar-inbound-tls": Target("sidecar-inbound-tls", ports["tls-inbound"], tls=True),
     }
@@ -664,6 +710,17 @@ def start_targets(servers: Servers, tools: dict[str, str], opts: Options) -> lis
             sidecar = start_sidecar(servers, opts.sidecar_cmd, sidecar_ports)
             for target in sidecar_targets:
                 target.server = sidecar
+    compiled_targets = [targets[t] for t in COMPILED_TARGETS if t in wanted]
+    if compiled_targets:
+        c_ports = {k: ports[f"c-{k}"] for k in listeners}
+        c_ports["upstream"] = ports["upstream"]
+        with reported_failure(compiled_targets):
+            tree = build_compiled(servers.workdir)
+            compiled = start_sidecar(
+                servers, [sys.executable, "-m", "sidecar"], c_ports, "sidecar-compiled", tree=tree
+            )
+            for target in compiled_targets:
+                target.server = compiled
 
     targets["direct"].server = upstream
     chosen = [targets[t] for t in wanted]
