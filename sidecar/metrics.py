@@ -257,6 +257,13 @@ class Metrics:
             ["listener"],
             registry=r,
         )
+        self.grpc_calls = Counter(
+            "gts_sidecar_grpc_calls",
+            "gRPC calls answered to clients, by listener, upstream and grpc-status (a failed "
+            "call is HTTP 200 in gts_sidecar_requests_total): 0-16, other, or missing",
+            ["listener", "upstream", "grpc_status"],
+            registry=r,
+        )
         self.active_connections = Gauge(
             "gts_sidecar_downstream_connections",
             "Open client connections per listener",

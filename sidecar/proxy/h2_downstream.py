@@ -131,6 +131,8 @@ class H2Stream:
 
     def _end(self, trailers: list[tuple[bytes, bytes]] | None) -> None:
         self.ended = True
+        if self.grpc:
+            self.conn.count_grpc(self, grpc.call_status(trailers, self.head_fields))
         if self.head_fields is not None and not trailers:
             fields, self.head_fields = self.head_fields, None
             self.conn.send_headers(self, fields, end_stream=True)
@@ -175,6 +177,7 @@ class H2Stream:
             ]
             fields += [(n.lower(), v) for n, v in extra or ()]
             self.head_sent = self.ended = True
+            self.conn.count_grpc(self, grpc.status_of(err))
             self.conn.send_headers(self, fields, end_stream=True)
         else:
             body = err.body()
@@ -273,6 +276,8 @@ class H2Downstream:
         name = client.runtime.name
         metrics.http2_connections.labels(name).inc()
         self.m_streams = metrics.http2_streams.labels(name)
+        #: gts_sidecar_grpc_calls_total's children, by (upstream, grpc-status)
+        self.m_grpc: dict[tuple[str, int | None], Any] = {}
         self.going_away = False
         self.closed = False
         self._flush_scheduled = False
@@ -500,6 +505,19 @@ class H2Downstream:
         size = send_within_window(self.h2, stream.stream_id, data)
         stream.sent += size
         return size
+
+    def count_grpc(self, stream: H2Stream, status: int | None) -> None:
+        """A gRPC call answered: count it by its grpc-status (None: the answer had none)."""
+        exchange = stream.exchange
+        cluster = exchange.cluster if exchange is not None else None
+        key = (cluster.name if cluster is not None else "-", status)
+        child = self.m_grpc.get(key)
+        if child is None:
+            label = "missing" if status is None else str(status) if status <= 16 else "other"
+            child = self.m_grpc[key] = self.client.runtime.metrics.grpc_calls.labels(
+                self.client.runtime.name, key[0], label
+            )
+        child.inc()
 
     def watch_stall(self) -> None:
         clients = self.client.runtime.clients
