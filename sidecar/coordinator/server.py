@@ -216,8 +216,12 @@ class GtsRoutes:
         )
 
 
+#: the health answer, rendered once
+_HEALTHY: Final = b'{"status":"ok"}'
+
+
 async def healthz(request: web.BaseRequest, _: str) -> web.Response:
-    return json_response({"status": "ok"})
+    return json_response(_HEALTHY)
 
 
 def add_gts_routes(

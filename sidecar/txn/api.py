@@ -202,8 +202,12 @@ def _pending(err: DecisionPending) -> web.Response:
     return response
 
 
+#: the health answer, rendered once
+_HEALTHY: Final = b'{"status":"ok"}'
+
+
 async def healthz(request: web.BaseRequest, _: str) -> web.Response:
-    return json_response({"status": "ok"})
+    return json_response(_HEALTHY)
 
 
 def build_api_app(
