@@ -10,7 +10,9 @@
 # Plain instructions only, so every builder builds it the same way: no parser directive (a
 # `# syntax=` line makes BuildKit fetch a frontend image) and no RUN --mount (not in the
 # classic builder). Every dependency is installed as a wheel, checked against the lock's
-# hashes: nothing compiles, so there are no compilers anywhere.
+# hashes. The one thing compiled is gts-sidecar's own request path (mypyc, setup.py with
+# GTS_SIDECAR_COMPILE=1), in the build stage, the only one with a C compiler; the image
+# runs that compiled build (`gts-sidecar --version` says "compiled"), with no compiler.
 # Kubernetes: deploy/k8s (the config comes from a ConfigMap at /etc/gts-sidecar, the journal
 # directory from a volume at /var/lib/gts-sidecar).
 
@@ -29,19 +31,35 @@ ARG PIP_INDEX_URL=https://pypi.org/simple
 ARG PIP_CERT=
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
-RUN python3 -m venv /opt/gts-sidecar
-# the lock first: its layer is reused until the lock changes
-COPY requirements.lock /tmp/requirements.lock
+# mypyc's C compiler (and Python's headers where the base has none: a Debian python3 base;
+# python:3.11-slim ships them), for this stage only
+RUN apt-get update -qq \
+ && apt-get install -y -qq --no-install-recommends gcc libc6-dev \
+ && { python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+      || apt-get install -y -qq --no-install-recommends python3-dev; } \
+ && rm -rf /var/lib/apt/lists/*
+# the environment the image runs, and the compiler's own (mypy, setuptools), apart
+RUN python3 -m venv /opt/gts-sidecar && python3 -m venv /opt/gts-build
+# the locks first: their layers are reused until a lock changes
+COPY requirements.lock requirements-build.lock /tmp/
 # --only-binary: a dependency without a wheel for this platform fails the build instead of
 # quietly needing a compiler; --require-hashes: exactly the files the lock names
 RUN /opt/gts-sidecar/bin/pip install --require-hashes --only-binary=:all: --no-deps \
       -r /tmp/requirements.lock
-COPY pyproject.toml README.md /src/
+RUN /opt/gts-build/bin/pip install --require-hashes --only-binary=:all: --no-deps \
+      -r /tmp/requirements-build.lock
+COPY pyproject.toml setup.py README.md /src/
 COPY sidecar /src/sidecar
-# gts-sidecar itself: pure Python, built by the locked setuptools, nothing fetched; then the
-# installers leave the environment (the image never installs anything at run time)
-RUN /opt/gts-sidecar/bin/pip install --no-deps --no-build-isolation --no-index /src \
+# gts-sidecar itself, its request path compiled by mypyc (which type-checks it against the
+# dependencies installed above: PYTHONPATH), built by the locked setuptools, nothing
+# fetched; the build must say "compiled" or it fails. Then the installers leave the
+# environment (the image never installs anything at run time).
+RUN cd /src \
+ && GTS_SIDECAR_COMPILE=1 PYTHONPATH=/opt/gts-sidecar/lib/python3.11/site-packages \
+      /opt/gts-build/bin/pip wheel --no-deps --no-build-isolation --no-index -w /tmp/wheels . \
+ && /opt/gts-sidecar/bin/pip install --no-deps --no-index /tmp/wheels/gts_sidecar-*.whl \
  && /opt/gts-sidecar/bin/pip check \
+ && /opt/gts-sidecar/bin/gts-sidecar --version | grep -F '(compiled)' \
  && /opt/gts-sidecar/bin/pip uninstall --yes setuptools pip \
  && /opt/gts-sidecar/bin/python -m compileall -q /opt/gts-sidecar
 

@@ -13,7 +13,9 @@
 #   scripts/image.sh lock         update requirements.lock from pyproject.toml (uv pip
 #                                 compile): the one command that changes what the image
 #                                 installs; pins still allowed are kept (`lock --upgrade`:
-#                                 the newest of everything)
+#                                 the newest of everything); and requirements-build.lock,
+#                                 what the build stage compiles the request path with (mypy,
+#                                 pinned in setup.py, and setuptools), never in the image
 #
 # Environment: CONTEXT (head: the committed tree, the default; worktree: the working tree
 # with its uncommitted edits), IMAGE (default localhost/gts-sidecar:VERSION), BASE_IMAGE (default
@@ -328,7 +330,18 @@ lock() {
       .venv/bin/uv pip compile --quiet "$@" --universal --python-version 3.11 \
       --generate-hashes --no-emit-index-url --index-url https://pypi.org/simple \
       --output-file requirements.lock pyproject.toml -
-  log "requirements.lock updated: review the diff, then rebuild"
+  # the compiler's lock: mypy as setup.py pins it, PyYAML's stubs (mypyc type-checks the
+  # compiled modules' imports), the lock's setuptools; the build stage builds gts-sidecar
+  # from a second venv holding only these
+  local mypy_pin
+  mypy_pin=$(sed -n 's/.*"\(mypy==[^"]*\)".*/\1/p' setup.py | head -1)
+  printf '%s\ntypes-PyYAML\nsetuptools\n' "$mypy_pin" |
+    env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT UV_NO_CONFIG=1 \
+      UV_CUSTOM_COMPILE_COMMAND="scripts/image.sh lock" \
+      .venv/bin/uv pip compile --quiet --universal --python-version 3.11 \
+      --generate-hashes --no-emit-index-url --index-url https://pypi.org/simple \
+      --constraint requirements.lock --output-file requirements-build.lock -
+  log "requirements.lock and requirements-build.lock updated: review the diff, then rebuild"
 }
 
 case "${1:-all}" in

@@ -10,6 +10,7 @@ import re
 import shlex
 import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 from packaging.requirements import Requirement
@@ -106,22 +107,28 @@ def test_multi_stage_build_with_a_slim_final_stage() -> None:
     assert FINAL.base == build.base == "python:3.11-slim"
 
 
-def test_no_compilers_anywhere_and_dependencies_only_as_locked_wheels() -> None:
-    for stage in STAGES:
-        text = stage.text()
-        assert not COMPILERS.search(text), (stage.name, COMPILERS.search(text))
+def test_a_compiler_in_the_build_stage_only_and_dependencies_only_as_locked_wheels() -> None:
+    """The build stage compiles gts-sidecar's request path (mypyc) and nothing else: every
+    dependency, and the compiler's own (requirements-build.lock), comes as a locked wheel.
+    The final stage has no compiler."""
+    assert not COMPILERS.search(FINAL.text()), COMPILERS.search(FINAL.text())
+    assert COMPILERS.search(STAGES[0].text()), "the build stage compiles the request path"
     installs = [r for r in STAGES[0].all("RUN") if "pip install" in r and " -r " in r]
-    assert len(installs) == 1, "one install from the lock"
-    run = installs[0]
-    for flag in ("--require-hashes", "--only-binary=:all:", "--no-deps"):
-        assert flag in run, f"{flag}: exactly the locked wheels, nothing compiled"
-    assert "/tmp/requirements.lock" in run
-    assert any(shlex.split(c)[0] == "requirements.lock" for c in STAGES[0].all("COPY"))
-    project = [r for r in STAGES[0].all("RUN") if "pip install" in r and "/src" in r]
+    locks = {"/tmp/requirements.lock": "/opt/gts-sidecar/", "/tmp/requirements-build.lock": ""}
+    assert len(installs) == len(locks), "one install from each lock"
+    for lock, venv in locks.items():
+        (run,) = [r for r in installs if lock in r]
+        assert venv in run, f"{lock} goes into {venv}"
+        for flag in ("--require-hashes", "--only-binary=:all:", "--no-deps"):
+            assert flag in run, f"{flag}: exactly the locked wheels, nothing compiled"
+    copies = [shlex.split(c) for c in STAGES[0].all("COPY")]
+    assert ["requirements.lock", "requirements-build.lock", "/tmp/"] in copies
+    project = [r for r in STAGES[0].all("RUN") if "pip wheel" in r and "/src" in r]
     assert len(project) == 1
-    for flag in ("--no-deps", "--no-build-isolation", "--no-index"):
-        assert flag in project[0], f"{flag}: gts-sidecar built with the locked backend only"
+    for flag in ("--no-deps", "--no-build-isolation", "--no-index", "GTS_SIDECAR_COMPILE=1"):
+        assert flag in project[0], f"{flag}: gts-sidecar built with the locked tools only"
     assert "pip check" in project[0], "the lock satisfies every requirement on this Python"
+    assert "--version | grep -F '(compiled)'" in project[0], "the image ships the compiled build"
 
 
 def test_final_stage_copies_the_built_environment_and_installs_nothing() -> None:
@@ -145,17 +152,33 @@ def _requirement(line: str) -> tuple[str, str]:
     return re.sub(r"[-_.]+", "-", name.strip()).lower(), rest
 
 
-def test_the_lock_pins_every_dependency_with_hashes() -> None:
-    text = LOCK.read_text(encoding="utf-8")
+def _pins(lock: Path) -> dict[str, str]:
+    """name → "version[ ; markers]" of a lock, every entry checked to be pinned with hashes."""
+    text = lock.read_text(encoding="utf-8")
     assert "scripts/image.sh lock" in text.splitlines()[1], "says how to update it"
-    entries = " ".join(text.split("\\\n")).splitlines()  # one line per requirement
     pinned: dict[str, str] = {}
-    for entry in entries:
+    for entry in " ".join(text.split("\\\n")).splitlines():  # one line per requirement
         if not entry.strip() or entry.lstrip().startswith("#"):
             continue
         assert "==" in entry and "--hash=sha256:" in entry, f"not pinned with hashes: {entry}"
         name, rest = _requirement(entry.split(" --hash")[0])
         pinned[name] = rest
+    return pinned
+
+
+def test_the_build_lock_pins_the_compiler_setup_py_asks_for() -> None:
+    """requirements-build.lock: mypy as setup.py pins it, and the same setuptools and shared
+    packages as requirements.lock (the compile type-checks against the image's packages)."""
+    build, image = _pins(ROOT / "requirements-build.lock"), _pins(LOCK)
+    pin = re.search(r'"mypy==([^"]+)"', (ROOT / "setup.py").read_text(encoding="utf-8"))
+    assert pin is not None
+    assert build["mypy"].split(";")[0].strip() == pin.group(1)
+    for name in build.keys() & image.keys():
+        assert build[name] == image[name], f"{name}: the two locks differ"
+
+
+def test_the_lock_pins_every_dependency_with_hashes() -> None:
+    pinned = _pins(LOCK)
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     wanted = project["project"]["dependencies"] + project["build-system"]["requires"]
     for line in wanted:
@@ -243,7 +266,7 @@ def test_build_context_holds_what_the_build_copies() -> None:
             for source in words[:-1]:
                 assert (ROOT / source).exists(), source
                 assert included(source), f"{source} is excluded by .dockerignore"
-    for path in ("sidecar/cli.py", "pyproject.toml", "README.md", "requirements.lock"):
+    for path in ("sidecar/cli.py", "pyproject.toml", "setup.py", "README.md", "requirements.lock"):
         assert included(path)
     for path in (".venv/bin/python", "tests/conftest.py", ".git/config", "var/journal.db"):
         assert not included(path), f"{path} should stay out of the build context"
