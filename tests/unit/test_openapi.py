@@ -25,6 +25,8 @@ from sidecar.coordinator.signing import SIGNED_HEADERS, KeyRing
 from sidecar.coordinator.states import BranchStatus, BranchType, GlobalStatus
 from sidecar.errors import ERROR_HEADER, SidecarError
 from sidecar.metrics import Metrics
+from sidecar.txn.locks import MemoryLocks
+from sidecar.txn.locks_api import add_lock_routes
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
 HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
@@ -41,6 +43,8 @@ def served_routes() -> set[tuple[str, str]]:
     """(method, path template) of every route on the peer listener of a coordinator."""
     gate = SignatureGate(KeyRing(None), MemoryNonceStore(), 300.0, Metrics())
     app = build_peer_app(gate, engine=object())  # type: ignore[arg-type]  # never called
+    # replicas on PostgreSQL also serve the global locks they share (standalone.py)
+    add_lock_routes(app, MemoryLocks(), prefix=protocol.API)
     routes: set[tuple[str, str]] = set()
     for route in app.router.routes():
         assert route.resource is not None
