@@ -25,7 +25,12 @@ KUBERNETES_KEYS = [
 ]
 COPIES = {
     BASE / "sidecar.yaml": KUBERNETES_KEYS,
-    OVERLAYS / "coordinator" / "sidecar.yaml": [*KUBERNETES_KEYS, "coordinator.endpoints"],
+    # the sidecars' locks are the replicated coordinator's (shared through its PostgreSQL)
+    OVERLAYS / "coordinator" / "sidecar.yaml": [
+        *KUBERNETES_KEYS,
+        "coordinator.endpoints",
+        "locks.backend",
+    ],
     # the injected sidecars' config: the app's port comes from the pod's annotation
     K8S / "injector" / "app-namespace" / "sidecar.yaml": [*KUBERNETES_KEYS, "app.url"],
 }
