@@ -13,7 +13,10 @@ if TYPE_CHECKING:
     from sidecar.xid import Xid
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though nothing assigns to a Route once routing made it: a frozen dataclass's
+# __init__ sets each field through object.__setattr__, about three times the cost of this
+# one (~1 µs against ~0.3 µs), on every request
+@dataclass(slots=True)
 class Route:
     cluster: Cluster
     #: origin-form target sent upstream
