@@ -515,7 +515,7 @@ class PgJournal:
                 # with their final state)
                 await conn.execute(
                     "DELETE FROM gts_locks WHERE key IN (SELECT key FROM gts_locks "
-                    "WHERE expires_at < now() LIMIT $1)",
+                    "WHERE expires_at < now() ORDER BY key LIMIT $1 FOR UPDATE SKIP LOCKED)",
                     _COMPACT_BATCH,
                 )
                 return int(status.split()[-1])

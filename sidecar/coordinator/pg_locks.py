@@ -14,9 +14,10 @@ one replica is seen by every other. Same rules as txn/locks.py (read them there)
   taken by another transaction, and compaction deletes it. Without one, a lock lasts until
   its transaction ends.
 
-Each acquire is one statement (the gts_lock function: the transaction's row locked FOR
-SHARE, the keys inserted in sorted order, all or nothing), committed durably before it is
-acknowledged.
+Each acquire is one statement (the gts_lock function: the transaction's row locked, the
+keys inserted in sorted order, all or nothing), committed durably before it is
+acknowledged. Every statement that changes lock rows takes them in key order, so two never
+wait for each other in a cycle.
 """
 
 from __future__ import annotations
@@ -75,7 +76,12 @@ class PgLocks:
         xid = parse_xid(xid, max_length=_XID_MAX).raw
 
         async def delete(conn: Any) -> int:
-            status = await conn.execute("DELETE FROM gts_locks WHERE xid = $1", xid)
+            # key rows locked in key order, as acquires and final writes take them
+            status = await conn.execute(
+                "DELETE FROM gts_locks WHERE key IN (SELECT key FROM gts_locks "
+                "WHERE xid = $1 ORDER BY key FOR UPDATE)",
+                xid,
+            )
             return int(status.split()[-1])
 
         return int(await self._journal.run("lock release failed", delete))

@@ -49,12 +49,15 @@ def _write_function(global_cols: str, trace: bool, release_locks: bool = False) 
     g_trace = ", g_trace text[]" if trace else ""
     g_trace_arg = ", g_trace" if trace else ""
     # version 4: a transaction's global locks go in the same commit as its final state,
-    # whichever replica writes it (the one that took it over too); nothing to call after
+    # whichever replica writes it (the one that took it over too); nothing to call after.
+    # Key rows are locked in key order, as gts_lock takes them: the two never deadlock
     release = (
         f"""
-    DELETE FROM gts_locks WHERE xid = ANY(ARRAY(
-        SELECT u.xid FROM unnest(g_xid, g_status) AS u(xid, status)
-        WHERE u.status IN ({FINISHED_SQL}) AND NOT (u.xid = ANY(moved))));"""
+    DELETE FROM gts_locks WHERE key IN (
+        SELECT l.key FROM gts_locks l WHERE l.xid = ANY(ARRAY(
+            SELECT u.xid FROM unnest(g_xid, g_status) AS u(xid, status)
+            WHERE u.status IN ({FINISHED_SQL}) AND NOT (u.xid = ANY(moved))))
+        ORDER BY l.key FOR UPDATE);"""
         if release_locks
         else ""
     )
@@ -105,10 +108,11 @@ WRITE_FUNCTION_V3: Final = _write_function(GLOBAL_COLS, trace=True)
 #: version 4: the same, releasing the global locks of the transactions it finishes
 WRITE_FUNCTION_V4: Final = _write_function(GLOBAL_COLS, trace=True, release_locks=True)
 #: Version 4: acquire global locks for a transaction, all or nothing, in one statement.
-#: The transaction's row is locked FOR SHARE first: a concurrent final write (gts_write
-#: locks it FOR UPDATE) waits for the acquire's commit and then releases the new locks too,
-#: and an acquire after the final write finds the transaction finished. Keys are inserted
-#: in sorted order, so two acquirers of overlapping keys wait in one order (no deadlock); a
+#: The transaction's row is locked first (FOR NO KEY UPDATE: acquires for one transaction
+#: take turns, branch inserts are not held up): a concurrent final write (gts_write locks it
+#: FOR UPDATE) waits for the acquire's commit and then releases the new locks too, and an
+#: acquire after the final write finds the transaction finished. Keys are inserted in
+#: sorted order, so two acquirers of overlapping keys wait in one order (no deadlock); a
 #: key held by another transaction whose TTL has passed is taken over. Returns a NULL
 #: reason when every key is now held; ('not_found', NULL) or ('not_active', status) when the
 #: transaction is unknown or not in Begin; a conflict raises SQLSTATE GT001 with the holder
@@ -122,7 +126,7 @@ DECLARE
     expiry timestamptz;
     taken integer;
 BEGIN
-    SELECT status INTO st FROM gts_globals WHERE xid = x FOR SHARE;
+    SELECT status INTO st FROM gts_globals WHERE xid = x FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         reason := 'not_found';
         RETURN;

@@ -141,3 +141,27 @@ async def test_a_timeout_lets_another_transaction_take_the_key_and_compaction_dr
     async with ja._pool.acquire() as conn:  # noqa: SLF001
         left = await conn.fetch("SELECT key, xid FROM gts_locks ORDER BY key")
     assert [(r[0], r[1]) for r in left] == [("orders:1", B)]
+
+
+async def test_acquires_racing_the_final_write_never_deadlock(
+    two: tuple[PgJournal, PgJournal],
+) -> None:
+    """An acquire of a finishing transaction's keys, at the same moment as the final write
+    that releases them, either conflicts or gets them: both take key rows in key order, so
+    neither waits for the other in a cycle (a deadlock would surface as a failed write)."""
+    ja, jb = two
+    outcomes = set()
+    for round_ in range(20):
+        x, z = f"10.0.0.1:17020:{300 + round_}", f"10.0.0.1:17020:{400 + round_}"
+        keys = [f"stock:{round_}-{n}" for n in range(6)]
+        record = begun(x)
+        await ja.write([record, begun(z)])
+        await PgLocks(ja).acquire(x, list(reversed(keys)))
+        final = record.with_status(GlobalStatus.COMMITTED, T0 + 1)
+        results = await asyncio.gather(
+            ja.write([final]), PgLocks(jb).acquire(z, keys), return_exceptions=True
+        )
+        assert results[0] is None, results
+        assert results[1] is None or isinstance(results[1], LockConflict), results
+        outcomes.add(type(results[1]).__name__)
+        assert await PgLocks(jb).holder(keys[0]) in (None, z)
