@@ -90,12 +90,12 @@ def _config(directory: Path, app_port: int) -> tuple[Path, dict[str, int]]:
 
 
 def _memory(pid: int) -> dict[str, float]:
-    """VmRSS, RssAnon, RssFile of `pid`, MB (10^6 bytes)."""
+    """VmRSS, RssAnon, RssFile of `pid`, MiB (the kernel's "kB" are KiB)."""
     values: dict[str, float] = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         name, _, rest = line.partition(":")
         if name in FIELDS:
-            values[name] = int(rest.split()[0]) * 1024 / 1e6
+            values[name] = int(rest.split()[0]) / 1024
     return values
 
 
@@ -148,7 +148,7 @@ def _exercise(ports: dict[str, int]) -> dict[str, int]:
 
 def child_env(extra: dict[str, str]) -> dict[str, str]:
     """The sidecar's environment: ours without PYTHONDONTWRITEBYTECODE (a process that
-    compiles its modules from source holds ~1.4 MB more than one loading `.pyc` files, as an
+    compiles its modules from source holds ~1.4 MiB more than one loading `.pyc` files, as an
     installed package does), plus `--env` settings."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     return {**env, **extra}
@@ -228,7 +228,7 @@ def rss():
     for line in open("/proc/self/status"):
         name, _, rest = line.partition(":")
         if name in ("VmRSS", "RssAnon", "RssFile"):
-            values[name] = int(rest.split()[0]) * 1024 / 1e6
+            values[name] = int(rest.split()[0]) / 1024
     return values
 for code in json.loads(sys.argv[1]):
     exec(code)
@@ -236,11 +236,21 @@ for code in json.loads(sys.argv[1]):
 """
 
 
-def ladder(python: str, env: dict[str, str]) -> list[dict[str, float]]:
-    """VmRSS after each LADDER step, in one fresh interpreter (run from a temp dir)."""
+#: the LADDER steps that are third-party libraries (by index): each is also left out in turn,
+#: to show what it costs given all the others (shared dependencies counted once)
+LIBRARY_STEPS = (2, 3, 4, 5)
+LIBRARIES_END = 6  # LADDER[:6]: the interpreter and the libraries, none of the sidecar's code
+
+
+def ladder(
+    python: str, env: dict[str, str], steps: list[str] | None = None
+) -> list[dict[str, float]]:
+    """VmRSS after each step (LADDER's by default), in one fresh interpreter run from a
+    temp dir."""
+    codes = steps if steps is not None else [code for _, code in LADDER]
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run(
-            [python, "-c", _LADDER_CHILD, json.dumps([code for _, code in LADDER])],
+            [python, "-c", _LADDER_CHILD, json.dumps(codes)],
             env=env,
             cwd=tmp,
             capture_output=True,
@@ -252,7 +262,7 @@ def ladder(python: str, env: dict[str, str]) -> list[dict[str, float]]:
 
 def print_ladder(runs: list[list[dict[str, float]]], rounds: list[dict[str, object]]) -> None:
     """A markdown table: median VmRSS per step and what each step added (anon / file)."""
-    print("| imported | VmRSS MB | added | of which RssAnon / RssFile |")
+    print("| imported | VmRSS MiB | added | of which RssAnon / RssFile |")
     print("|---|--:|--:|--:|")
     rows = [
         (label, {f: statistics.median(run[i][f] for run in runs) for f in FIELDS})
@@ -277,6 +287,20 @@ def print_ladder(runs: list[list[dict[str, float]]], rounds: list[dict[str, obje
             )
         print(f"| {label} | {values['VmRSS']:.1f} | {added or ' | '} |")
         previous = values
+
+
+def leave_one_out(python: str, env: dict[str, str], rounds: int) -> None:
+    """A markdown table: each library's cost given all the others (the libraries imported
+    with and without it, in fresh interpreters, medians over `rounds`)."""
+    libraries = [code for _, code in LADDER[:LIBRARIES_END]]
+    full = statistics.median(ladder(python, env, libraries)[-1]["VmRSS"] for _ in range(rounds))
+    print(f"all the libraries (LADDER up to pydantic): VmRSS {full:.1f} MiB")
+    print("| left out | VmRSS MiB without it | what it costs given the others |")
+    print("|---|--:|--:|")
+    for index in LIBRARY_STEPS:
+        steps = [code for i, code in enumerate(libraries) if i != index]
+        without = statistics.median(ladder(python, env, steps)[-1]["VmRSS"] for _ in range(rounds))
+        print(f"| {LADDER[index][0]} | {without:.1f} | {full - without:.1f} |")
 
 
 def main() -> int:
@@ -304,7 +328,7 @@ def main() -> int:
         for r in rounds:
             print(json.dumps(r))
     print(f"statuses: {rounds[-1]['statuses']}")
-    print(f"{'MB (min / median / max)':<24}" + "".join(f"{f:>24}" for f in FIELDS))
+    print(f"{'MiB (min / median / max)':<24}" + "".join(f"{f:>24}" for f in FIELDS))
     for phase in ("idle", "served"):
         cells = []
         for field in FIELDS:
@@ -314,6 +338,7 @@ def main() -> int:
     if args.ladder:
         python = str(REPO_DIR / ".venv" / "bin" / "python")
         print_ladder([ladder(python, env) for _ in range(args.rounds)], rounds)
+        leave_one_out(python, env, args.rounds)
     return 0
 
 
