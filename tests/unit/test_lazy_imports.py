@@ -81,8 +81,11 @@ from sidecar.server import Sidecar
 example, journal = sys.argv[1], sys.argv[2]
 
 async def app(reader, writer):
-    while await reader.readuntil(b"\\r\\n\\r\\n"):
-        writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 3\\r\\n\\r\\nok\\n")
+    try:
+        while await reader.readuntil(b"\\r\\n\\r\\n"):
+            writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 3\\r\\n\\r\\nok\\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        writer.close()  # the sidecar closed it (pool, or the readiness probe's connect)
 
 async def call(port, method, path, body=b""):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
