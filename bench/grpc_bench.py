@@ -208,6 +208,7 @@ class Rig:
         request = self.work / "request.bin"
         request.write_bytes(b"\x00\x00\x00\x00\x02hi")
         log = self.work / "h2load.log"
+        log.unlink(missing_ok=True)  # h2load writes into an existing file without truncating it
         argv = [
             *self.client_pin, self.tools["h2load"], f"-D{max(1, round(seconds))}",
             f"-c{connections}", f"-m{streams}", "-t1", "-d", str(request),
