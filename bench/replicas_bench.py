@@ -189,9 +189,12 @@ async def _worker(args: argparse.Namespace) -> dict[str, Any]:
                     errors[code] = errors.get(code, 0) + 1
                     if len(first_errors) < 3:
                         first_errors.append(str(exc))
-                    if conn._closed:  # noqa: SLF001 - reconnect after a dropped connection
-                        conn = await ClientConnection.open(host, int(port))
                     await asyncio.sleep(0.01)
+                    if conn._closed:  # noqa: SLF001 - reconnect after a dropped connection
+                        try:
+                            conn = await ClientConnection.open(host, int(port))
+                        except OSError as err:  # counted; tried again until the end
+                            errors[type(err).__name__] = errors.get(type(err).__name__, 0) + 1
                     continue
                 if args.start_at <= time.time() < args.end_at:
                     latencies.append(int((time.perf_counter() - t0) * 1_000_000))
@@ -251,6 +254,15 @@ class Replica:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
+
+
+def replicas_tail(procs: Sequence[Replica]) -> str:
+    """The end of each replica's log, and how it exited, for a failed run's report."""
+    out = []
+    for i, p in enumerate(procs):
+        text = p.log.read_text(errors="replace") if p.log.exists() else ""
+        out.append(f"--- replica {i} (exit {p.popen.poll()}):\n{text[-1500:]}")
+    return "\n".join(out)
 
 
 def cpu_seconds(pids: Sequence[int]) -> float:
@@ -379,14 +391,21 @@ def scenario(
         latencies: list[int] = []
         errors: dict[str, int] = {}
         for popen, result in workers:
-            if popen.wait(args.warmup + args.duration + 120) != 0:
-                raise BenchError(f"a client process exited with {popen.returncode}")
+            try:
+                code = popen.wait(args.warmup + args.duration + 120)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                code = popen.wait()
+            if code != 0:
+                raise BenchError(f"a client process exited with {code}", replicas_tail(procs))
             data = json.loads(result.read_text())
             latencies += data["latencies_us"]
             for line in data.get("first_errors", []):
                 print(f"   client error: {line}", file=sys.stderr)
-            for code, n in data["errors"].items():
-                errors[code] = errors.get(code, 0) + n
+            for error, n in data["errors"].items():
+                errors[error] = errors.get(error, 0) + n
+        if any(p.popen.poll() is not None for p in procs):
+            raise BenchError("a replica exited during the run", replicas_tail(procs))
         latencies.sort()
 
         def pct(q: float) -> float:
