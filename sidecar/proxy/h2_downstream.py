@@ -27,7 +27,6 @@ import logging
 from typing import TYPE_CHECKING, Any, Final
 
 import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
