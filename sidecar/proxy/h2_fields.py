@@ -33,10 +33,10 @@ _CONNECTION_SPECIFIC: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
 _PSEUDO: Final = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
-#: fields a connection remembers as checked, and the longest value remembered (a client
-#: must not make the sidecar hold its large fields)
+#: fields a connection remembers as checked, and the longest remembered (name and value: a
+#: client must not make the sidecar hold its large fields)
 MAX_KNOWN: Final = 64
-MAX_KNOWN_VALUE: Final = 256
+MAX_KNOWN_FIELD: Final = 256
 
 
 def field_bytes_error(name: bytes, value: bytes) -> str | None:
@@ -62,7 +62,7 @@ def request_error(
             why = field_bytes_error(name, value)
             if why is not None:
                 return why
-            if known is not None and len(value) <= MAX_KNOWN_VALUE:
+            if known is not None and len(name) + len(value) <= MAX_KNOWN_FIELD:
                 if len(known) >= MAX_KNOWN:
                     known.clear()
                 known.add(field)

@@ -29,7 +29,7 @@ import h2.exceptions
 
 from sidecar.errors import SidecarError, UpstreamUnavailable
 from sidecar.proxy.h2_conn import H2Connection
-from sidecar.proxy.h2_fields import MAX_KNOWN, MAX_KNOWN_VALUE
+from sidecar.proxy.h2_fields import MAX_KNOWN, MAX_KNOWN_FIELD
 from sidecar.proxy.upstream import Cluster
 
 if TYPE_CHECKING:
@@ -296,7 +296,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                     )
                     self.reset(stream)
                     return
-                if len(value) <= MAX_KNOWN_VALUE:
+                if len(name) + len(value) <= MAX_KNOWN_FIELD:
                     if len(known) >= MAX_KNOWN:
                         known.clear()
                     known.add(field)

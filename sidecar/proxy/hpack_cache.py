@@ -12,8 +12,10 @@ a change of generation forgets everything kept. The limits that can change witho
 table (SETTINGS_MAX_HEADER_LIST_SIZE, the table size the peer must stay within) are checked
 again on every hit, so an HPACK bomb is refused exactly as plain hpack refuses it.
 
-Installed on an h2 connection as `conn.encoder` / `conn.decoder` (see h2_upstream,
-h2_downstream); per connection, so bounded by `MAX_ENTRIES` small entries each.
+Installed on an h2 connection as `conn.encoder` / `conn.decoder` (see h2_conn); per
+connection, so what is kept is bounded by a budget of `BUDGET` bytes per coder, counting the
+block and `FIELD_COST` per field (a small block of indexed references can stand for hundreds
+of fields): a client cannot make the sidecar hold more than that per connection.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ from typing import Any, Final
 import hpack
 from hpack.table import HeaderTable
 
-#: entries kept per connection and direction (a client's distinct calls, each a few hundred
-#: bytes), and the largest block or encoded list kept
-MAX_ENTRIES: Final = 32
-MAX_BLOCK: Final = 1024
+#: what each coder may keep, in bytes: a block's length plus FIELD_COST per field (roughly
+#: what its tuples take); an entry over a quarter of it is never kept. A gRPC call's blocks
+#: are a few dozen bytes and about ten fields: about 700 each
+BUDGET: Final = 8192
+FIELD_COST: Final = 64
+#: the largest block (or encoded list) kept
+MAX_BLOCK: Final = 512
 #: the size HPACK counts per field (RFC 7541 section 4.1)
 _ENTRY_OVERHEAD: Final = 32
 
@@ -56,9 +61,10 @@ class CachingDecoder(hpack.Decoder):
     def __init__(self, max_header_list_size: int = hpack.hpack.DEFAULT_MAX_HEADER_LIST_SIZE):
         super().__init__(max_header_list_size)
         self.header_table = CountingTable()
-        #: block -> (fields, their HPACK size), valid for `_generation`
+        #: block -> (fields, their HPACK size), valid for `_generation`, and its cost
         self._kept: dict[bytes, tuple[tuple[hpack.HeaderTuple, ...], int]] = {}
         self._generation = 0
+        self._spent = 0
 
     def decode(self, data: bytes, raw: bool = False) -> Any:
         if not raw or len(data) > MAX_BLOCK:
@@ -69,6 +75,7 @@ class CachingDecoder(hpack.Decoder):
         generation = table.generation  # type: ignore[attr-defined]
         if generation != self._generation:
             self._kept.clear()
+            self._spent = 0
             self._generation = generation
         kept = self._kept.get(data)
         if kept is not None and kept[1] <= self.max_header_list_size:
@@ -77,10 +84,15 @@ class CachingDecoder(hpack.Decoder):
         # (a hit over a lowered limit falls through: the full decode raises as it should)
         headers = super().decode(data, raw)
         if table.generation == generation:  # type: ignore[attr-defined]
-            if len(self._kept) >= MAX_ENTRIES:
-                self._kept.clear()
-            size = sum(_ENTRY_OVERHEAD + len(n) + len(v) for n, v in headers)
-            self._kept[data] = (tuple(headers), size)
+            fields = tuple(headers)
+            cost = len(data) + FIELD_COST * len(fields)
+            if cost <= BUDGET // 4:
+                if self._spent + cost > BUDGET:
+                    self._kept.clear()
+                    self._spent = 0
+                size = sum(_ENTRY_OVERHEAD + len(n) + len(v) for n, v in fields)
+                self._kept[data] = (fields, size)
+                self._spent += cost
         return headers
 
 
@@ -96,12 +108,14 @@ class CachingEncoder(hpack.Encoder):
         self.header_table = CountingTable()
         self._kept: dict[tuple[Any, ...], bytes] = {}
         self._generation = 0
+        self._spent = 0
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
         table = self.header_table
         generation = table.generation  # type: ignore[attr-defined]
         if generation != self._generation:
             self._kept.clear()
+            self._spent = 0
             self._generation = generation
         # (h2 passes a list of (name, value) byte pairs.) A list is kept only when it holds
         # plain tuples (a never-indexed HeaderTuple compares equal to one, and is not
@@ -118,14 +132,19 @@ class CachingEncoder(hpack.Encoder):
                 return kept
             resized = table.resized
             encoded = super().encode(key, huffman=False)
+            # the list's own bytes are held too (they are the key): counted in full
+            cost = len(encoded) + sum(FIELD_COST + len(n) + len(v) for n, v, *_ in key)
             if (
                 not resized
                 and table.generation == generation  # type: ignore[attr-defined]
                 and len(encoded) <= MAX_BLOCK
+                and cost <= BUDGET // 4
                 and all(type(f) is tuple for f in key)
             ):
-                if len(self._kept) >= MAX_ENTRIES:
+                if self._spent + cost > BUDGET:
                     self._kept.clear()
+                    self._spent = 0
                 self._kept[key] = encoded
+                self._spent += cost
             return encoded
         return super().encode(headers, huffman=False)

@@ -10,7 +10,7 @@ from h2.utilities import HeaderValidationFlags, validate_headers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.proxy.h2_fields import MAX_KNOWN, MAX_KNOWN_VALUE, request_error
+from sidecar.proxy.h2_fields import MAX_KNOWN, MAX_KNOWN_FIELD, request_error
 
 REQUEST = HeaderValidationFlags(
     is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False
@@ -77,6 +77,12 @@ def test_every_single_field_in_every_place_is_judged_as_h2_judges_it() -> None:
 def test_a_connection_remembers_few_short_fields() -> None:
     known: set[tuple[bytes, bytes]] = set()
     for i in range(3 * MAX_KNOWN):
-        assert request_error([*GOOD, (b"x-n", b"%d" % i), (b"x-big", b"v" * 300)], known) is None
+        assert (
+            request_error(
+                [*GOOD, (b"x-n", b"%d" % i), (b"x-big", b"v" * 300), (b"x-" + b"n" * 300, b"1")],
+                known,
+            )
+            is None
+        )
         assert len(known) <= MAX_KNOWN
-    assert all(len(value) <= MAX_KNOWN_VALUE for _, value in known)
+    assert all(len(name) + len(value) <= MAX_KNOWN_FIELD for name, value in known)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.proxy.hpack_cache import CachingDecoder, CachingEncoder
+from sidecar.proxy.hpack_cache import BUDGET, FIELD_COST, CachingDecoder, CachingEncoder
 
 # a small pool, so that lists repeat, entries are found again and the table fills and evicts
 NAMES = [b":method", b":path", b"content-type", b"grpc-timeout", b"xid", b"x-a", b"x-long"]
@@ -175,3 +175,32 @@ def test_a_never_indexed_field_is_encoded_as_plain_hpack_would() -> None:
                       [(*fields[0], True), (b"x-a", b"2", True)]):  # fmt: skip
         assert caching.encode(list(sensitive)) == plain.encode(list(sensitive), huffman=False)
         assert table_state(caching) == table_state(plain)
+
+
+def test_what_a_connection_keeps_stays_within_its_budget() -> None:
+    """Blocks of indexed references standing for many fields (a few bytes for hundreds of
+    fields), and many distinct ones: what is kept never exceeds the budget."""
+    peer = hpack.Encoder()
+    decoder = CachingDecoder()
+    for i in range(40):
+        decoder.decode(peer.encode([(b"x-%d" % i, b"v")]), raw=True)
+    for i in range(200):
+        fields = [(b"x-%d" % (i % 40), b"v")] * (1 + i % 120)
+        block = peer.encode(fields)
+        assert decoder.decode(block, raw=True) == fields
+        assert decoder.decode(block, raw=True) == fields
+        kept = decoder._kept
+        assert sum(len(k) + FIELD_COST * len(v[0]) for k, v in kept.items()) <= BUDGET
+    encoder = CachingEncoder()
+    for i in range(200):
+        fields = [(b"x-a", b"v" * (i % 300))] * (1 + i % 50)
+        encoder.encode(list(fields))
+        encoder.encode(list(fields))
+        kept_lists = encoder._kept
+        assert (
+            sum(
+                len(out) + sum(FIELD_COST + len(n) + len(v) for n, v in key)
+                for key, out in kept_lists.items()
+            )
+            <= BUDGET
+        )
