@@ -214,14 +214,14 @@ _SUFFIXES: Final = {
     "counter": ("_total", "_created"),
     "histogram": ("_bucket", "_count", "_sum", "_created"),
     "info": ("_info",),
-    "gauge": ("",),
 }
 
 
 def _series_names(collector: Collector) -> set[str]:
     names = set()
     for metric in collector.describe():
-        for suffix in _SUFFIXES.get(metric.type, ("",)):
+        names.add(metric.name)
+        for suffix in _SUFFIXES.get(metric.type, ()):
             names.add(metric.name + suffix)
     return names
 

@@ -157,6 +157,8 @@ def test_registry_refuses_a_name_twice_and_finds_samples() -> None:
     counter = prom.Counter("t_once", "d", ["k"], registry=registry)
     with pytest.raises(ValueError, match="Duplicated"):
         prom.Gauge("t_once_total", "d", registry=registry)
+    with pytest.raises(ValueError, match="Duplicated"):
+        prom.Gauge("t_once", "d", registry=registry)  # as prometheus_client: the bare name too
     counter.labels("v").inc(2)
     assert registry.get_sample_value("t_once_total", {"k": "v"}) == 2
     assert registry.get_sample_value("t_once_total", {"k": "w"}) is None
