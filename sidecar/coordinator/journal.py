@@ -233,6 +233,22 @@ def _post(outcomes: list[_Outcome]) -> None:
             pass
 
 
+def _batch_scheduling() -> None:
+    """Linux: this thread (the writer) does not preempt the event loop when woken. Without
+    it, every hand-over woke the writer on the loop's CPU, where it only found the loop
+    holding the GIL and slept again: two context switches for nothing, per batch. Now it runs
+    once the loop waits or its time slice ends, and the writes queued meanwhile join its
+    batch (measured in degraded mode: the writer's CPU per transaction 56-69 -> 47-52 us).
+    A thread asleep on an idle CPU is still woken at once; elsewhere this does nothing."""
+    policy = getattr(os, "SCHED_BATCH", None)
+    if policy is None:
+        return
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))  # 0: the calling thread
+    except OSError:
+        pass
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -470,6 +486,7 @@ class SqliteJournal:
     # --- the writer thread -----------------------------------------------------------------
 
     def _main(self, jobs: queue.SimpleQueue[list[_Job]], ready: asyncio.Future[None]) -> None:
+        _batch_scheduling()
         try:
             conn = self._connect()
         except BaseException as exc:
