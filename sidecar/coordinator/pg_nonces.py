@@ -71,10 +71,15 @@ class PgNonceStore:
             checks = list(first.values())
             try:
                 fresh = await self._insert(checks)
-            except JournalUnavailable as exc:
+            except Exception as exc:  # JournalUnavailable, or a bug: never leave a check waiting
+                failure = (
+                    exc
+                    if isinstance(exc, JournalUnavailable)
+                    else JournalUnavailable(f"nonce check failed: {type(exc).__name__}: {exc}")
+                )
                 for c in checks:
                     if not c.future.done():
-                        c.future.set_exception(exc)
+                        c.future.set_exception(failure)
                 continue
             for c in checks:
                 if not c.future.done():
