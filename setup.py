@@ -27,6 +27,9 @@ COMPILED = [
     "sidecar/proxy/exchange.py",
     "sidecar/proxy/upstream.py",
     "sidecar/proxy/headers.py",
+    "sidecar/proxy/route.py",
+    "sidecar/proxy/inbound.py",
+    "sidecar/proxy/outbound.py",
 ]
 
 MODE = os.environ.get("GTS_SIDECAR_COMPILE", "0").strip().lower()

@@ -16,7 +16,7 @@ of the path (sidecar.paths); the target itself is forwarded as sent.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -86,7 +86,9 @@ class InboundRouter(Router):
                 # absolute-form: reduce it to origin-form once, and route and match on that
                 # (so a rule or the app's base path cannot be sidestepped)
                 try:
-                    parsed = httptools.parse_url(url)
+                    # Any: httptools' stub says host is bytes and port int, but either may be
+                    # None, and compiled code would check the stub's types on every read
+                    parsed: Any = httptools.parse_url(url)
                 except httptools.HttpParserInvalidURLError:
                     raise BadRequest("invalid request target") from None
                 authority = (parsed.host or b"") + (b":%d" % parsed.port if parsed.port else b"")

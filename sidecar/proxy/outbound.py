@@ -10,7 +10,7 @@ The XID is written under the upstream's `xid_headers`; Host becomes the upstream
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -68,7 +68,9 @@ class OutboundRouter(Router):
         cluster: Cluster | None = None
         if url[:1] != b"/":
             try:
-                parsed = httptools.parse_url(url)
+                # Any: httptools' stub says host is bytes and port int, but either may be
+                # None, and compiled code would check the stub's types on every read
+                parsed: Any = httptools.parse_url(url)
             except httptools.HttpParserInvalidURLError:
                 raise BadRequest("invalid request target") from None
             if parsed.schema not in (b"http", None) or not parsed.host:

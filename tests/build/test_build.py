@@ -20,6 +20,9 @@ REQUEST_PATH = (
     "sidecar.proxy.exchange",
     "sidecar.proxy.upstream",
     "sidecar.proxy.headers",
+    "sidecar.proxy.route",
+    "sidecar.proxy.inbound",
+    "sidecar.proxy.outbound",
 )
 EXPECTED = os.environ.get("GTS_SIDECAR_BUILD", "")
 
