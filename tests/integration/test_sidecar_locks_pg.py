@@ -1,12 +1,14 @@
 """`locks.backend: coordinator`: two real sidecars whose global locks are those of a real
 replicated coordinator (three `gts-sidecar coordinator` processes on one real PostgreSQL).
 An app locks keys through its sidecar A; another app's transaction, through sidecar B, is
-refused with the holder; the cluster releases the locks when the transaction commits
-(decided through A's TM API, whichever replica ends it), and B then gets them. A lock for
+refused with the holder; the replica that began the transaction is SIGKILLed, and the
+cluster releases the locks when the transaction commits (decided through A's TM API, the
+sidecar failing over to another replica, which ends it), and B then gets them. A lock for
 an XID the cluster does not coordinate is refused, never taken locally."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,11 @@ async def test_sidecars_share_the_clusters_locks(tmp_path: Path, pg_server: PgCl
                 status, seen = await call(s, b, "GET", "/v1/locks/orders:1")
                 assert (status, seen) == (200, {"key": "orders:1", "holder": xid})
 
+                # the replica that began the transaction dies: the sidecars fail over, the
+                # commit is decided through another replica, which releases the locks
+                assert await rs.coordinators[rs.owner_of(xid)].kill(signal.SIGKILL) is not None
+                status, seen = await call(s, a, "GET", "/v1/locks/stock:sku-42")
+                assert (status, seen["holder"]) == (200, xid)
                 status, done = await call(s, a, "POST", f"/v1/transactions/{xid}/commit")
                 assert status == 200 and done["status"] == "Committed", done
                 status, seen = await call(s, b, "GET", "/v1/locks/orders:1")
