@@ -492,39 +492,49 @@ class PgJournal:
 
     async def compact(self, finished_before_ms: int) -> int:
         """Delete finished transactions last updated before the time (their branches by
-        cascade), expired nonces and expired global locks, in small batches; one replica
-        at a time (the others find the advisory lock taken and return 0)."""
+        cascade), expired nonces and expired global locks, in small batches, until none is
+        left (each kind on its own: a busy cluster makes several nonces per transaction);
+        one replica at a time (the others find the advisory lock taken and return 0).
+        Returns the transactions removed."""
         removed = 0
         while True:
 
-            async def delete(conn: Any) -> int:
+            async def delete(conn: Any) -> tuple[int, bool] | None:
                 if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _COMPACT_LOCK):
-                    return -1
+                    return None
                 status = await conn.execute(
                     "DELETE FROM gts_globals WHERE xid IN (SELECT xid FROM gts_globals "
                     f"WHERE status IN ({FINISHED_SQL}) AND updated_ms < $1 LIMIT $2)",
                     finished_before_ms,
                     _COMPACT_BATCH,
                 )
-                await conn.execute(
+                nonces = await conn.execute(
                     "DELETE FROM gts_nonces WHERE ctid IN (SELECT ctid FROM gts_nonces "
                     "WHERE expires_at < now() LIMIT $1)",
                     _COMPACT_BATCH * 4,
                 )
                 # global locks whose timeout passed (those of finished transactions went
                 # with their final state)
-                await conn.execute(
+                locks = await conn.execute(
                     "DELETE FROM gts_locks WHERE key IN (SELECT key FROM gts_locks "
                     "WHERE expires_at < now() ORDER BY key LIMIT $1 FOR UPDATE SKIP LOCKED)",
                     _COMPACT_BATCH,
                 )
-                return int(status.split()[-1])
+                n = int(status.split()[-1])
+                more = (
+                    n >= _COMPACT_BATCH
+                    or int(nonces.split()[-1]) >= _COMPACT_BATCH * 4
+                    or int(locks.split()[-1]) >= _COMPACT_BATCH
+                )
+                return n, more
 
-            n = int(await self.transaction("journal compaction failed", delete))
-            if n < 0:
+            done: tuple[int, bool] | None = await self.transaction(
+                "journal compaction failed", delete
+            )
+            if done is None:
                 return removed
-            removed += n
-            if n < _COMPACT_BATCH:
+            removed += done[0]
+            if not done[1]:
                 return removed
 
     async def fetch_unflushed(self, what: str, sql: str, *args: Any) -> list[Any]:

@@ -165,3 +165,28 @@ async def test_acquires_racing_the_final_write_never_deadlock(
         assert results[1] is None or isinstance(results[1], LockConflict), results
         outcomes.add(type(results[1]).__name__)
         assert await PgLocks(jb).holder(keys[0]) in (None, z)
+
+
+async def test_compaction_deletes_every_expired_nonce_and_lock(
+    two: tuple[PgJournal, PgJournal],
+) -> None:
+    """Expired nonces and locks go however many there are, not one batch per run (a busy
+    cluster makes several nonces per transaction, more than compaction's batch ratio)."""
+    ja, _ = two
+    async with ja._pool.acquire() as conn:  # noqa: SLF001
+        await conn.execute(
+            "INSERT INTO gts_nonces (key_id, nonce, expires_at) SELECT 'k1', "
+            "md5(n::text), now() - interval '1 second' FROM generate_series(1, 4500) n"
+        )
+        await conn.execute(
+            "INSERT INTO gts_locks (key, xid, expires_at) SELECT 'stock:' || n, "
+            "'10.0.0.1:17020:1', now() - interval '1 second' FROM generate_series(1, 1200) n"
+        )
+        await conn.execute(
+            "INSERT INTO gts_nonces (key_id, nonce, expires_at) VALUES "
+            "('k1', 'fresh', now() + interval '10 minutes')"
+        )
+    assert await ja.compact(0) == 0
+    async with ja._pool.acquire() as conn:  # noqa: SLF001
+        assert await conn.fetchval("SELECT count(*) FROM gts_nonces") == 1
+        assert await conn.fetchval("SELECT count(*) FROM gts_locks") == 0
