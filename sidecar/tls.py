@@ -292,6 +292,18 @@ def build(config: Config) -> TlsSet:
 def _build_once(config: Config) -> TlsSet:
     out = TlsSet()
     problems: list[str] = []
+    # origins asking for the same context share one: each context made without a ca_file
+    # parses the system's CA bundle (~1.3 MiB), and nothing changes a context once built
+    shared: dict[tuple[object, ...], ssl.SSLContext] = {}
+
+    def client(origin: OriginTlsConfig | None, alpn: tuple[str, ...]) -> ssl.SSLContext:
+        key: tuple[object, ...] = (alpn, None, None, None, True)  # no tls: the defaults
+        if origin is not None:
+            key = (alpn, origin.ca_file, origin.cert_file, origin.key_file, origin.verify)
+        if key not in shared:
+            shared[key] = client_context(origin, alpn)
+        return shared[key]
+
     for name in LISTENERS:
         tls = getattr(config.listeners, name).tls
         if tls is not None:
@@ -311,14 +323,14 @@ def _build_once(config: Config) -> TlsSet:
         if url.startswith("https://"):
             alpn = H2_ALPN_PROTOCOLS if protocol == "h2" else ALPN_PROTOCOLS
             try:
-                out.clients[key] = client_context(origin, alpn)
+                out.clients[key] = client(origin, alpn)
                 if origin is not None and origin.cert_file is not None:
                     out.expiry[key] = certificate_expiry(origin.cert_file).timestamp()
             except TlsConfigError as exc:
                 problems.append(f"{where}: {exc.message}")
     origin = config.coordinator.tls
     try:
-        out.coordinator = client_context(origin)
+        out.coordinator = client(origin, ALPN_PROTOCOLS)
         if origin is not None and origin.cert_file is not None:
             out.expiry["coordinator"] = certificate_expiry(origin.cert_file).timestamp()
     except TlsConfigError as exc:

@@ -2,7 +2,7 @@
 certificate chains only to a CA of the system store is refused, and the system bundle is not
 loaded into such a context at all (it costs ~1.3 MiB per context). The "system store" here is
 one CA of the test's own, put there with SSL_CERT_FILE, which OpenSSL reads when the default
-paths are loaded."""
+paths are loaded. And origins asking for the same context share one."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import trustme
+import yaml
 
+from sidecar import config as configmod
 from sidecar.config import OriginTlsConfig
-from sidecar.tls import client_context
+from sidecar.tls import TlsConfigError, build, client_context
 
 
 @pytest.fixture
@@ -71,7 +73,41 @@ async def test_without_ca_file_the_system_cas_are_trusted(
 
 
 def test_a_missing_ca_file_is_a_config_error(tmp_path: Path) -> None:
-    from sidecar.tls import TlsConfigError
-
     with pytest.raises(TlsConfigError, match="ca_file .* does not exist"):
         client_context(OriginTlsConfig.model_construct(ca_file=str(tmp_path / "nope.pem")))
+
+
+def test_origins_asking_for_the_same_context_share_one(
+    cas: tuple[trustme.CA, trustme.CA, Path],
+) -> None:
+    """Each context without a ca_file parses the system's CA bundle (~1.3 MiB): https
+    upstreams with the same TLS settings, and the coordinator's context, are one object;
+    another ca_file or another ALPN list is another context."""
+    _, _, private_file = cas
+    data = yaml.safe_load((Path(__file__).parents[2] / "config" / "sidecar.yaml").read_text())
+    data["app"]["url"] = "https://app.internal:8443"
+    data["app"]["protocol"] = "h2"  # offers h2 only: a context of its own
+    data["upstreams"] = {
+        "a": {"url": "https://a.internal"},
+        "b": {"url": "https://b.internal:8443"},
+        "c": {"url": "https://c.internal", "tls": {"server_name": "c.example"}},
+        "private": {"url": "https://p.internal", "tls": {"ca_file": str(private_file)}},
+        "private2": {"url": "https://q.internal", "tls": {"ca_file": str(private_file)}},
+        "plain": {"url": "http://plain.internal"},
+    }
+    tls = build(configmod.parse(data, env={}))
+    clients = tls.clients
+    assert set(clients) == {
+        "app",
+        "upstream:a",
+        "upstream:b",
+        "upstream:c",
+        "upstream:private",
+        "upstream:private2",
+    }
+    assert clients["upstream:a"] is clients["upstream:b"] is clients["upstream:c"]
+    assert clients["upstream:a"] is tls.coordinator
+    assert clients["upstream:private"] is clients["upstream:private2"]
+    assert clients["upstream:private"] is not clients["upstream:a"]
+    assert clients["app"] is not clients["upstream:a"]
+    assert clients["app"].cert_store_stats() == clients["upstream:a"].cert_store_stats()
