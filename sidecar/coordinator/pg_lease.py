@@ -93,6 +93,7 @@ class Replica:
         """Start renewing and reaping (after the engine started)."""
         self._task = asyncio.ensure_future(self._run())
         self._task.set_name("replica-lease")
+        self.nonces.start_sweeping(self.lease)
 
     async def stop(self) -> None:
         """Stop renewing; expire the lease so another replica takes over at once."""
@@ -100,6 +101,7 @@ class Replica:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        await self.nonces.stop()
         try:
             await self.journal.leave()
         except JournalUnavailable as exc:
