@@ -10,7 +10,7 @@ timestamp still bounds it), and it saves a WAL flush per signed request. Expired
 swept every `interval` (the replica's lease) in short statements (SKIP LOCKED: replicas
 sweeping at once split the rows), so the table holds about one replay window of nonces
 rather than everything since the journal's last compaction (up to an hour: at 2,000
-transactions a second, millions of rows that every insert's index search walks).
+transactions a second, millions of rows, whose indexes every insert updates).
 """
 
 from __future__ import annotations
