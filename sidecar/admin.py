@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.admin_outbox import add_outbox_routes
 from sidecar.config import Config
@@ -20,7 +21,6 @@ from sidecar.coordinator.engine import Engine
 from sidecar.coordinator.protocol import id_value, render_branch
 from sidecar.errors import InvalidRequest, SidecarError
 from sidecar.metrics import Metrics
-from sidecar.prom import CONTENT_TYPE_LATEST, generate_latest
 from sidecar.web_errors import as_response, error_response, json_response
 
 

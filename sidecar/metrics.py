@@ -13,21 +13,23 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-from sidecar.prom import (
-    Collector,
+from prometheus_client import (
     CollectorRegistry,
     Counter,
-    CounterMetricFamily,
     Gauge,
-    GaugeMetricFamily,
     GCCollector,
     Histogram,
-    HistogramMetricFamily,
     Info,
-    Metric,
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
 # a global transaction, begin to final: a confirm round trip up to its timeout and beyond
 _TX_BUCKETS = (
@@ -198,7 +200,7 @@ class Metrics:
         r = self.registry
         self.build_info = Info("gts_sidecar_build", "Version of the running sidecar", registry=r)
         #: requests and their durations: counted in plain ints on the hot path and turned
-        #: into metric families only when scraped (the metric objects take a
+        #: into metric families only when scraped (prometheus-client's own objects take a
         #: lock per update)
         self.proxy = ProxyStats()
         r.register(self.proxy)

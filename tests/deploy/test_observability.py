@@ -9,10 +9,11 @@ import re
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.metrics import Metrics
-from sidecar.prom import MetricWrapperBase, generate_latest
 
 from .kube import DEPLOY, Query, label_values_query, one, render
 

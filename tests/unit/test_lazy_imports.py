@@ -1,8 +1,7 @@
 """A config loads only the libraries it uses: each one the example config does not need costs
 the idle sidecar RSS (redis-py with aiocache and OpenTelemetry ~9 MB, PyJWT with
-`cryptography` ~11 MB, h2 ~1 MB, asyncpg; prometheus_client, 1.2 MiB, is not needed at all).
-Checked in a fresh interpreter's sys.modules, since this test process has imported
-everything already."""
+`cryptography` ~11 MB, h2 ~1 MB, asyncpg). Checked in a fresh interpreter's sys.modules,
+since this test process has imported everything already."""
 
 from __future__ import annotations
 
@@ -26,7 +25,6 @@ NOT_NEEDED = {
     "cryptography": "imported by PyJWT",
     "asyncpg": "local_coordinator.journal postgresql://",
     "h2": "a client speaking HTTP/2, or an h2c app or upstream",
-    "prometheus_client": "tests only (sidecar/prom.py exports the metrics)",
     "hpack": "imported by h2",
     "hypothesis": "tests only",
     "pytest": "tests only",
