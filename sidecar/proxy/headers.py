@@ -336,8 +336,21 @@ _HOST_RE: Final = re.compile(
 )
 
 
+#: Host values already found valid: a client sends the same one on every request, so the
+#: regex runs once per value, not per request. Bounded: emptied when full.
+_VALID_HOSTS: Final[set[bytes]] = set()
+VALID_HOSTS_MAX: Final = 1024
+
+
 def valid_host(value: bytes) -> bool:
-    return _HOST_RE.fullmatch(value) is not None
+    if value in _VALID_HOSTS:
+        return True
+    if _HOST_RE.fullmatch(value) is None:
+        return False
+    if len(_VALID_HOSTS) >= VALID_HOSTS_MAX:
+        _VALID_HOSTS.clear()
+    _VALID_HOSTS.add(value)
+    return True
 
 
 def split_target(url: bytes) -> tuple[bytes, bytes]:
@@ -385,6 +398,37 @@ def status_line(code: int) -> bytes:
     return line
 
 
+# what response_fields does with a response field, by its name
+_R_KEEP: Final = 0
+_R_DROP: Final = 1
+_R_CONTENT_LENGTH: Final = 2
+_R_TRANSFER_ENCODING: Final = 3
+_R_CONNECTION: Final = 4
+#: that decision by the name as received: an upstream spells its fields the same way on
+#: every response, so each spelling is lower-cased and looked up once. Bounded (names
+#: are the upstream's to choose): emptied when full.
+_RESPONSE_KIND: Final[dict[bytes, int]] = {}
+RESPONSE_KIND_MAX: Final = 1024
+
+
+def _response_kind(name: bytes) -> int:
+    lname = name.lower()
+    if lname == b"content-length":
+        kind = _R_CONTENT_LENGTH
+    elif lname == b"transfer-encoding":
+        kind = _R_TRANSFER_ENCODING
+    elif lname == b"connection":
+        kind = _R_CONNECTION
+    elif lname in HOP_BY_HOP or lname in FRAMING:
+        kind = _R_DROP
+    else:
+        kind = _R_KEEP
+    if len(_RESPONSE_KIND) >= RESPONSE_KIND_MAX:
+        _RESPONSE_KIND.clear()
+    _RESPONSE_KIND[name] = kind
+    return kind
+
+
 def response_fields(
     headers: list[tuple[bytes, bytes]],
 ) -> tuple[list[tuple[bytes, bytes]], bytes | None, bool]:
@@ -395,18 +439,20 @@ def response_fields(
     listed: set[bytes] | None = None
     content_length: bytes | None = None
     chunked = False
+    kinds = _RESPONSE_KIND
     for name, value in headers:
-        lname = name.lower()
-        if lname in HOP_BY_HOP or lname in FRAMING:
-            if lname == b"content-length":
-                content_length = value
-            elif lname == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-            elif lname == b"connection":
-                tokens = {t.strip().lower() for t in value.split(b",")}
-                listed = tokens - {b"close", b"keep-alive"}
-            continue
-        kept.append((name, value))
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _response_kind(name)
+        if kind == _R_KEEP:
+            kept.append((name, value))
+        elif kind == _R_CONTENT_LENGTH:
+            content_length = value
+        elif kind == _R_TRANSFER_ENCODING:
+            chunked = b"chunked" in value.lower()
+        elif kind == _R_CONNECTION:
+            tokens = {t.strip().lower() for t in value.split(b",")}
+            listed = tokens - {b"close", b"keep-alive"}
     if listed:
         kept = [(n, v) for n, v in kept if n.lower() not in listed]
     return kept, content_length, chunked
