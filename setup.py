@@ -30,6 +30,7 @@ COMPILED = [
     "sidecar/proxy/route.py",
     "sidecar/proxy/inbound.py",
     "sidecar/proxy/outbound.py",
+    "sidecar/proxy/runtime.py",
 ]
 
 MODE = os.environ.get("GTS_SIDECAR_COMPILE", "0").strip().lower()

@@ -1,14 +1,13 @@
 """A proxy listener's runtime: what it needs from config, compiled once per config version.
 
-A module of its own so that it stays an ordinary Python class when listener.py is compiled
-by mypyc (setup.py): its annotations name types imported for the type checker only, which a
-compiled dataclass would need at run time.
+A plain class with its __init__ written out, not a dataclass: its annotations name types
+imported for the type checker only, which a dataclass compiled by mypyc (setup.py) would
+need at run time, and the request path calls its methods (stats) on every request.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sidecar.config import ClientLimits, HeaderLimits, ProxyListenerTimeouts
@@ -22,7 +21,6 @@ if TYPE_CHECKING:
     from sidecar.xid import Xid
 
 
-@dataclass(slots=True)
 class ListenerRuntime:
     """Everything a listener needs that comes from config, compiled once per config version.
     A request keeps the runtime it began with, so a reload never changes it mid-flight."""
@@ -34,27 +32,63 @@ class ListenerRuntime:
     limits: HeaderLimits
     timeouts: ProxyListenerTimeouts
     metrics: Metrics
-    clients: ClientLimits = field(default_factory=ClientLimits)
+    clients: ClientLimits
     #: where declarative transactions begin and end (None: no rules, or no coordinator)
-    coordinator: Coordinator | None = None
+    coordinator: Coordinator | None
     #: the fence and phase-two caller of declared TCC/Saga resources
-    participant: Participant | None = None
+    participant: Participant | None
     #: http://advertised-address:peer-port/v1/resources: branches' callback URLs start here
-    callback_base: str = ""
+    callback_base: str
     #: the XID header names accepted, for error messages
-    xid_aliases: tuple[str, ...] = ()
+    xid_aliases: tuple[str, ...]
     #: told the XID of each declarative transaction seen finish (releases its global locks)
-    on_finished: Callable[[str], None] | None = None
+    on_finished: Callable[[str], None] | None
     #: records of declared-route requests with an Idempotency-Key (a repeat never runs twice)
-    repeats: Repeats | None = None
+    repeats: Repeats | None
     #: XID → deadline of the transactions this process knows (calls made for one are
     #: clamped to it): the coordinator clients' own tables, read without a call
-    deadline_tables: tuple[Mapping[str, float], ...] = ()
+    deadline_tables: tuple[Mapping[str, float], ...]
     #: recently validated XIDs (a transaction's XID recurs on every call it makes)
-    xid_cache: dict[bytes, Xid] = field(default_factory=dict)
-    _stats: dict[str, RequestStats] = field(default_factory=dict)
-    _timeouts: dict[tuple[str, str], Any] = field(default_factory=dict)
-    _xid_rejects: dict[str, Any] = field(default_factory=dict)
+    xid_cache: dict[bytes, Xid]
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        router: Router,
+        classifier: dict[bytes, int],
+        xid_max_length: int,
+        limits: HeaderLimits,
+        timeouts: ProxyListenerTimeouts,
+        metrics: Metrics,
+        clients: ClientLimits | None = None,
+        coordinator: Coordinator | None = None,
+        participant: Participant | None = None,
+        callback_base: str = "",
+        xid_aliases: tuple[str, ...] = (),
+        on_finished: Callable[[str], None] | None = None,
+        repeats: Repeats | None = None,
+        deadline_tables: tuple[Mapping[str, float], ...] = (),
+    ) -> None:
+        self.name = name
+        self.router = router
+        self.classifier = classifier
+        self.xid_max_length = xid_max_length
+        self.limits = limits
+        self.timeouts = timeouts
+        self.metrics = metrics
+        self.clients = clients if clients is not None else ClientLimits()
+        self.coordinator = coordinator
+        self.participant = participant
+        self.callback_base = callback_base
+        self.xid_aliases = xid_aliases
+        self.on_finished = on_finished
+        self.repeats = repeats
+        self.deadline_tables = deadline_tables
+        self.xid_cache = {}
+        self._stats: dict[str, RequestStats] = {}
+        self._timeouts: dict[tuple[str, str], Any] = {}
+        self._xid_rejects: dict[str, Any] = {}
 
     def stats(self, upstream: str) -> RequestStats:
         st = self._stats.get(upstream)

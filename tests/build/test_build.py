@@ -23,6 +23,7 @@ REQUEST_PATH = (
     "sidecar.proxy.route",
     "sidecar.proxy.inbound",
     "sidecar.proxy.outbound",
+    "sidecar.proxy.runtime",
 )
 EXPECTED = os.environ.get("GTS_SIDECAR_BUILD", "")
 
