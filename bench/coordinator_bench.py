@@ -83,8 +83,9 @@ START_TIMEOUT = 30.0
 #: seconds the worker processes get to import and connect before the warm-up starts
 WORKER_STARTUP = 2.0
 KEY_ID = "bench-1"
-#: the target of the issue on a 2-vCPU machine
+#: the targets on a 2-vCPU machine: a standalone coordinator, a degraded sidecar (issue 17)
 TARGET_TPS = 2000
+DEGRADED_TARGET_TPS = 3000
 STARTED_MSG = "gts-sidecar coordinator started"
 
 
@@ -812,7 +813,8 @@ def render(
     completed = sum(r["completed"] for r in results)
     client_cpu = sum(r["cpu_seconds"] for r in results)
     ms = [percentile(lat, q) / 1000 for q in (0.5, 0.9, 0.99, 1.0)]
-    verdict = "meets" if tps >= TARGET_TPS else "is BELOW"
+    target = DEGRADED_TARGET_TPS if args.degraded else TARGET_TPS
+    verdict = "meets" if tps >= target else "is BELOW"
     if args.degraded:
         title = (
             "# Degraded-mode benchmark: begin + register + commit through a sidecar whose "
@@ -834,7 +836,7 @@ def render(
         title,
         "",
         f"{count} transactions committed in the measured {args.duration:g} s: "
-        f"**{tps:,.0f} transactions/s**, which {verdict} the target of {TARGET_TPS:,}/s.",
+        f"**{tps:,.0f} transactions/s**, which {verdict} the target of {target:,}/s.",
         "",
         "| tx/s | p50 (ms) | p90 (ms) | p99 (ms) | max (ms) | concurrency | client processes |",
         "|--:|--:|--:|--:|--:|--:|--:|",
