@@ -5,6 +5,13 @@
 set -uo pipefail
 need=()
 command -v strace >/dev/null 2>&1 || need+=(strace)
+# scripts/test.sh's second run: the request path compiled by mypyc needs a C compiler and the
+# headers of the Python that runs the tests
+command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+"$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null ||
+  need+=(python3-dev)
 # tests/faults: slow headers/body clients, clock skew, write/fsync failure injection
 command -v slowhttptest >/dev/null 2>&1 || need+=(slowhttptest)
 command -v faketime >/dev/null 2>&1 || need+=(faketime)
