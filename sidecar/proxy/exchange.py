@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from sidecar.proxy.downstream import Downstream
     from sidecar.proxy.listener import ListenerRuntime
     from sidecar.proxy.route import Route
-    from sidecar.proxy.upstream import Cluster, UpstreamConnection
+    from sidecar.proxy.upstream import Cluster, Upstream
     from sidecar.txn.branches import BranchRule
     from sidecar.xid import Xid
 
@@ -76,7 +76,7 @@ class Exchange:
         self.task: asyncio.Task[None] | None = None
         self.route: Route | None = None
         self.cluster: Cluster | None = None
-        self.upstream: UpstreamConnection | None = None
+        self.upstream: Upstream | None = None
         self.xid: Xid | None = None
         self.request_head = b""
         self.body_buf: list[bytes] | None = None
@@ -299,7 +299,7 @@ class Exchange:
             return
         self._send(up, reused)
 
-    def _send(self, up: UpstreamConnection, reused: bool) -> None:
+    def _send(self, up: Upstream, reused: bool) -> None:
         self.upstream = up
         self.reused = reused
         up.attach(self, self.head.method == b"HEAD")

@@ -154,7 +154,7 @@ async def fetch(
         future: asyncio.Future[Response] = loop.create_future()
         timer = loop.call_at(deadline, _timed_out, future, cluster, timeout)
         conn.attach(_Collector(future, max_body), method == "HEAD")
-        conn.write(request)
+        conn.write(request)  # type: ignore[attr-defined]  # an HTTP/1.1 cluster's connection
         try:
             response = await future
         except _NothingBack as exc:

@@ -65,6 +65,24 @@ class ResponseSink(Protocol):
     def on_upstream_resume_writing(self) -> None: ...
 
 
+class Upstream(Protocol):
+    """What an exchange holds for one attempt: an HTTP/1.1 `UpstreamConnection`, or a stream
+    of an HTTP/2 connection (h2_upstream.H2UpstreamStream). A Protocol, not the HTTP/1.1
+    class: when this module is compiled by mypyc, values typed with a class are checked at
+    run time, and H2Cluster hands out its streams through the same Cluster methods."""
+
+    cluster: Cluster
+    response_done: bool
+
+    def attach(self, sink: ResponseSink, head_request: bool) -> None: ...
+    def send_request(self, exchange: Exchange, body: list[bytes] | None) -> None: ...
+    def send_body(self, data: bytes, chunked: bool) -> None: ...
+    def end_body(self, chunked: bool) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def abort(self) -> None: ...
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One connection to an upstream host, carrying one exchange at a time."""
 
@@ -407,7 +425,7 @@ class Cluster:
         self._idle: deque[UpstreamConnection] = deque()
         self._open = 0  # connected or connecting
         self._in_use = 0
-        self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
+        self._waiters: deque[asyncio.Future[Upstream | None]] = deque()
         self.active_requests = 0
         self.active_retries = 0
         self._closed = False
@@ -420,7 +438,7 @@ class Cluster:
 
     # --- pool bookkeeping (synchronous) -------------------------------------------------------
 
-    def take_idle(self) -> UpstreamConnection | None:
+    def take_idle(self) -> Upstream | None:
         now = self._loop.time()
         while self._idle:
             conn = self._idle.pop()  # most recently used first: likeliest still alive
@@ -430,8 +448,9 @@ class Cluster:
             conn.close()
         return None
 
-    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+    def release(self, upstream: Upstream, reusable: bool) -> None:
         """Give a connection back after an exchange; reuse it only if it is clean."""
+        conn = cast(UpstreamConnection, upstream)  # (H2Cluster overrides this)
         self._in_use -= 1
         conn.sink = None
         if not (reusable and conn.reusable and conn.usable) or self._closed:
@@ -449,8 +468,9 @@ class Cluster:
         conn.idle_since = self._loop.time()
         self._idle.append(conn)
 
-    def _forget(self, conn: UpstreamConnection) -> None:
-        """Called once per connection, from connection_lost."""
+    def _forget(self, conn: Any) -> None:
+        """Called once per connection, from connection_lost. Any: H2Cluster passes its own
+        connections here (typed, a compiled build would refuse them)."""
         if not conn.counted:
             return
         conn.counted = False
@@ -488,9 +508,7 @@ class Cluster:
 
     # --- acquisition --------------------------------------------------------------------------
 
-    async def acquire(
-        self, waiter_slot: list[asyncio.Future[Any] | None]
-    ) -> tuple[UpstreamConnection, bool]:
+    async def acquire(self, waiter_slot: list[asyncio.Future[Any] | None]) -> tuple[Upstream, bool]:
         """A connection for one attempt: (conn, reused). `waiter_slot[0]` is set to whatever
         this call is waiting on, so the exchange's timers can fail it."""
         while True:
@@ -505,7 +523,7 @@ class Cluster:
                     f"upstream {self.name!r}: all {self.max_connections} connections busy "
                     f"and {self.max_pending} requests already waiting"
                 )
-            fut: asyncio.Future[UpstreamConnection | None] = self._loop.create_future()
+            fut: asyncio.Future[Upstream | None] = self._loop.create_future()
             self._waiters.append(fut)
             waiter_slot[0] = fut
             try:
