@@ -31,6 +31,7 @@ COMPILED = [
     "sidecar/proxy/inbound.py",
     "sidecar/proxy/outbound.py",
     "sidecar/proxy/runtime.py",
+    "sidecar/request_stats.py",
 ]
 
 MODE = os.environ.get("GTS_SIDECAR_COMPILE", "0").strip().lower()

@@ -9,7 +9,6 @@ read at scrape time (`ProxyStats`).
 from __future__ import annotations
 
 import weakref
-from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -31,33 +30,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from sidecar.request_stats import REQUEST_BUCKETS as _BUCKETS
+from sidecar.request_stats import RequestStats
+
 # a global transaction, begin to final: a confirm round trip up to its timeout and beyond
 _TX_BUCKETS = (
     *(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
     *(2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0),
 )
-# request-duration buckets (seconds): loopback proxying sits in the first few
-_BUCKETS = (
-    *(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05),
-    *(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
-)
-
-
-class RequestStats:
-    """Requests of one (listener, upstream): counts by status and a duration histogram."""
-
-    __slots__ = ("by_status", "buckets", "total_seconds")
-
-    def __init__(self) -> None:
-        self.by_status: dict[int, int] = {}
-        self.buckets = [0] * (len(_BUCKETS) + 1)  # per bucket, not cumulative; last is +Inf
-        self.total_seconds = 0.0
-
-    def observe(self, status: int, seconds: float) -> None:
-        by_status = self.by_status
-        by_status[status] = by_status.get(status, 0) + 1
-        self.buckets[bisect_left(_BUCKETS, seconds)] += 1
-        self.total_seconds += seconds
 
 
 class ProxyStats(Collector):

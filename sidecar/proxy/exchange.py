@@ -36,11 +36,11 @@ from sidecar.proxy.upstream import is_idempotent
 from sidecar.txn.branches import XidRequired
 
 if TYPE_CHECKING:
-    from sidecar.metrics import RequestStats
     from sidecar.proxy.downstream import Downstream
     from sidecar.proxy.listener import ListenerRuntime
     from sidecar.proxy.route import Route
     from sidecar.proxy.upstream import Cluster, Upstream
+    from sidecar.request_stats import RequestStats
     from sidecar.txn.branches import BranchRule
     from sidecar.xid import Xid
 

@@ -14,8 +14,9 @@ from sidecar.config import ClientLimits, HeaderLimits, ProxyListenerTimeouts
 
 if TYPE_CHECKING:
     from sidecar.coordinator.client import Coordinator
-    from sidecar.metrics import Metrics, RequestStats
+    from sidecar.metrics import Metrics
     from sidecar.proxy.route import Router
+    from sidecar.request_stats import RequestStats
     from sidecar.txn.branches import Participant
     from sidecar.txn.repeats import Repeats
     from sidecar.xid import Xid

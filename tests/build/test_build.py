@@ -24,6 +24,7 @@ REQUEST_PATH = (
     "sidecar.proxy.inbound",
     "sidecar.proxy.outbound",
     "sidecar.proxy.runtime",
+    "sidecar.request_stats",
 )
 EXPECTED = os.environ.get("GTS_SIDECAR_BUILD", "")
 

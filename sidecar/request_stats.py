@@ -1,0 +1,33 @@
+"""The proxy listeners' request counters, updated once per proxied request.
+
+A module of its own so that mypyc compiles it with the request path (setup.py): the exchange
+calls `observe` on every request, and from compiled code an interpreted method call is one
+of the last Python frames per request. sidecar/metrics.py exports the counters.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Final
+
+#: request-duration buckets (seconds): loopback proxying sits in the first few
+REQUEST_BUCKETS: Final = (
+    *(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05),
+    *(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+
+
+class RequestStats:
+    """Requests of one (listener, upstream): counts by status and a duration histogram."""
+
+    def __init__(self) -> None:
+        self.by_status: dict[int, int] = {}
+        #: per bucket, not cumulative; the last is +Inf
+        self.buckets: list[int] = [0] * (len(REQUEST_BUCKETS) + 1)
+        self.total_seconds = 0.0
+
+    def observe(self, status: int, seconds: float) -> None:
+        by_status = self.by_status
+        by_status[status] = by_status.get(status, 0) + 1
+        self.buckets[bisect_left(REQUEST_BUCKETS, seconds)] += 1
+        self.total_seconds += seconds
