@@ -16,7 +16,7 @@ sidecar's own coordinator when no cluster is configured. 64-bit ids in answers a
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 from aiohttp import web
@@ -27,7 +27,7 @@ from sidecar.config import (
     format_duration,
     parse_duration,
 )
-from sidecar.coordinator.client import Coordinator
+from sidecar.coordinator.client import Coordinator, TxState
 from sidecar.coordinator.outbox import DecisionPending
 from sidecar.coordinator.protocol import CONTROL_CHARS, ids_as_text, json_object
 from sidecar.coordinator.states import is_final
@@ -171,16 +171,16 @@ class TmApi:
         return json_response({"xid": state.xid, "status": state.status})
 
     async def commit(self, request: web.BaseRequest, xid: str) -> web.Response:
-        try:
-            state = await self.coordinator.commit(self._xid(xid))
-        except DecisionPending as err:
-            return _pending(err)
-        self._maybe_finished(state.xid, state.status)
-        return json_response({"xid": state.xid, "status": state.status})
+        return await self._decide(self.coordinator.commit, xid)
 
     async def rollback(self, request: web.BaseRequest, xid: str) -> web.Response:
+        return await self._decide(self.coordinator.rollback, xid)
+
+    async def _decide(
+        self, decision: Callable[[str], Awaitable[TxState]], xid: str
+    ) -> web.Response:
         try:
-            state = await self.coordinator.rollback(self._xid(xid))
+            state = await decision(self._xid(xid))
         except DecisionPending as err:
             return _pending(err)
         self._maybe_finished(state.xid, state.status)
