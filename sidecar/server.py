@@ -424,9 +424,15 @@ class Sidecar:
     async def close(self) -> None:
         if self._watcher is not None:
             self._watcher.stop()
-        for lst in (self.inbound, self.outbound):
-            if lst is not None and lst.server is not None:
+        listeners = [lst for lst in (self.inbound, self.outbound) if lst is not None]
+        for lst in listeners:
+            if lst.server is not None:
                 lst.server.close()
+            # a server's close leaves the connections it accepted open (until Python 3.13's
+            # close_clients); after a drain none is left, after a hard stop these end now
+            lst.abort_all()
+        if any(lst.connections for lst in listeners):
+            await asyncio.sleep(0)  # the transports report their loss on the next turn
         for cluster in self._clusters.values():
             cluster.close()
         for runner in self._runners:
