@@ -31,6 +31,9 @@ command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 # tests/realclients: Java's HttpClient, which offers HTTP/2 (Upgrade: h2c) by default
 command -v javac >/dev/null 2>&1 || need+=(default-jdk-headless)
+# tests/realpeers: nginx as an ingress in front of the sidecar and as a server behind it (and
+# bench/proxy_bench.py's reference); it lives in /usr/sbin, often not on PATH
+{ [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1; } || need+=(nginx-light)
 [ -n "${GTS_NEED_REDIS:-1}" ] && ! command -v redis-server >/dev/null 2>&1 && need+=(redis-server)
 [ ${#need[@]} -eq 0 ] && exit 0
 
