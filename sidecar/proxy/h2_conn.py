@@ -8,6 +8,12 @@ does nothing with it, a twentieth of a proxied gRPC call. The rest of the method
 the letter, so its error handling (a frame on a reset stream answered with RST_STREAM, on a
 stream closed by END_STREAM a connection error) is unchanged; tests/unit/test_h2_conn.py
 holds the copy to h2's current source, so an h2 upgrade that changes the method is seen.
+
+A graceful GOAWAY (NO_ERROR) received by the client side leaves the connection open: the
+streams up to its last stream id still complete (RFC 9113 section 6.8). h2 closes its state
+machine on any GOAWAY and drops what is queued to send, so the answers a server sends after
+its GOAWAY (nginx after `keepalive_requests`, grpc-go at its MaxConnectionAge) were refused
+as a protocol error. The upstream connection opens no stream after the GOAWAY.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 import h2.config
 import h2.connection
 from h2.errors import ErrorCodes
+from h2.events import ConnectionTerminated
 from h2.exceptions import StreamClosedError, StreamIDTooLowError
 from hyperframe.frame import RstStreamFrame
 
@@ -58,3 +65,13 @@ class H2Connection(h2.connection.H2Connection):
         else:
             self._prepare_for_sending(frames)
         return events
+
+    def _receive_goaway_frame(self, frame: Any) -> Any:
+        if not self.config.client_side or frame.error_code != ErrorCodes.NO_ERROR:
+            return super()._receive_goaway_frame(frame)
+        # (see the module's rules) h2's event, without its move to CLOSED
+        event = ConnectionTerminated()
+        event.error_code = ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]

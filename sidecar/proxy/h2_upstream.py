@@ -347,8 +347,9 @@ class H2UpstreamConnection(asyncio.Protocol):
     def open_stream(
         self, stream: H2UpstreamStream, fields: list[tuple[bytes, bytes]], end_stream: bool
     ) -> int:
-        if self.failure is not None or not self.usable:
-            # (reported on the next step: the exchange is still sending)
+        if self.failure is not None or not self.usable or self.goaway:
+            # (reported on the next step: the exchange is still sending; after a GOAWAY, h2
+            # would let a stream open that the server then ignores, see h2_conn)
             err = self.failure or UpstreamUnavailable(
                 f"upstream {self.cluster.name!r} closed the connection"
             )
