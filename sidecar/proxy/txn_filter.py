@@ -310,6 +310,7 @@ class TxnFilter:
             try:
                 state = await self.coordinator.rollback(xid)
                 await self._record_outcome(state.status)
+                self.metrics.declarative.labels(self.rule.name, state.status).inc()
             except SidecarError as exc:
                 log.warning(
                     "rollback of an abandoned transaction failed; its timeout will roll it back",

@@ -101,6 +101,14 @@ def retries(sc: Any, upstream: str = "app") -> float:
     return sample(sc, "gts_sidecar_upstream_retries_total", upstream=upstream)
 
 
+def declarative(sc: Any, name: str, status: str) -> float:
+    labels = {"name": name, "status": status}
+    value = sc.metrics.registry.get_sample_value(
+        "gts_sidecar_declarative_transactions_total", labels
+    )
+    return 0.0 if value is None else float(value)
+
+
 def idle(sc: Any, upstream: str = "app") -> float:
     return sample(sc, "gts_sidecar_pool_connections_idle", upstream=upstream)
 
@@ -199,6 +207,7 @@ async def test_a_client_that_leaves_nginx_rolls_its_transaction_back(
     await asyncio.wait_for(handler.ended.wait(), 10)
     await rolled_back(sc, xid)
     await wait_until(lambda: sample(sc, "gts_sidecar_client_aborts_total", listener="inbound") == 1)
+    await wait_until(lambda: declarative(sc, "create-order", "Rollbacked") == 1)
     (line,) = await ingress.wait_log_lines(1)
     assert fields(line)["status"] == "499"  # nginx's "client closed request"
     assert len(app.requests) == 1
@@ -278,6 +287,35 @@ async def test_a_grpc_transaction_through_nginx_commits_on_ok(
     assert app.xids == [initial["xid"]]
     assert initial["x-gts-transaction-status"] == "Committed"
     assert (await sc.control.engine.get(initial["xid"]))[0].status.value == "Committed"
+
+
+async def test_a_grpc_client_that_cancels_through_nginx_rolls_its_transaction_back(
+    sidecar_factory, grpc_app, nginx, grpc_channel
+):
+    """The client cancels; nginx ends its upstream stream (or connection) to the sidecar:
+    the app's context is cancelled and the transaction the call began rolls back."""
+    rules = [
+        {"match": {"method": "POST", "path": "/pkg.Svc/Slow"}, "name": "slow", "timeout": "90s"}
+    ]
+    app, port = grpc_app
+    patient = {"timeouts": {"response_header": "50s", "total": "60s"}}
+    sc = await sidecar_factory(
+        {
+            "app": {"url": f"http://127.0.0.1:{port}", "protocol": "h2c", **patient},
+            "transactions": rules,
+        }
+    )
+    ingress = await nginx(GRPC_INGRESS, inbound=sc.ports["inbound"])
+    channel = grpc_channel(ingress.port)
+    future = channel.unary_unary("/pkg.Svc/Slow").future(b"x", timeout=30)
+    assert await asyncio.to_thread(app.started.wait, 10)
+    future.cancel()
+    assert await asyncio.to_thread(app.cancelled.wait, 10)
+    await wait_until(lambda: sample(sc, "gts_sidecar_client_aborts_total", listener="inbound") == 1)
+    await wait_until(lambda: declarative(sc, "slow", "Rollbacked") == 1)
+    assert declarative(sc, "slow", "Committed") == 0
+    (line,) = await ingress.wait_log_lines(1)
+    assert fields(line)["status"] == "499"
 
 
 # --- 4. nginx as the app behind the sidecar -------------------------------------------------------
