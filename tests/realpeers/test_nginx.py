@@ -12,6 +12,7 @@ keep-alive connections on its own schedule (`keepalive_timeout`, and after
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -46,6 +47,35 @@ INGRESS = """\
             proxy_pass http://sidecar;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+        }}
+    }}"""
+
+#: nginx's proxy_pass as it comes: HTTP/1.0 to the sidecar, `Connection: close`, a new
+#: connection per request
+INGRESS_HTTP10 = """\
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://127.0.0.1:{inbound};
+        }}
+    }}"""
+
+#: an ingress that streams both ways: the request body goes on as it comes (chunked, the
+#: length unknown to nginx's upstream side), the answer is passed on unbuffered
+INGRESS_STREAMING = """\
+    upstream sidecar {{
+        server 127.0.0.1:{inbound};
+        keepalive 8;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 0;
+        location / {{
+            proxy_pass http://sidecar;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_request_buffering off;
+            proxy_buffering off;
         }}
     }}"""
 
@@ -180,6 +210,78 @@ async def test_a_declarative_transaction_through_nginx_ends_by_the_apps_status(
     assert (await sc.control.engine.get(xid))[0].status.value == outcome
 
 
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+async def test_nginx_proxying_in_http10_gets_whole_answers_with_the_xid_delivered(
+    sidecar_factory, upstream, connect, nginx, framing
+):
+    """nginx's default proxy_pass speaks HTTP/1.0: an app's chunked answer (or one delimited
+    by its close) must reach it in a framing HTTP/1.0 has, whole."""
+    pieces = [b"%05d" % i * 100 for i in range(50)]
+
+    async def streams(req: Received, reply: Reply) -> None:
+        if framing == "chunked":
+            reply.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for piece in pieces:
+                reply.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await reply.drain()
+            reply.write(b"0\r\n\r\n")
+        else:
+            reply.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+            for piece in pieces:
+                reply.write(piece)
+                await reply.drain()
+            reply.close()
+
+    app = await upstream(streams)
+    sc = await sidecar_factory({"app": {"url": app.url}})
+    ingress = await nginx(INGRESS_HTTP10, inbound=sc.ports["inbound"])
+    client = await connect(ingress.port)
+    for i in range(3):
+        await client.send(get(f"/report/{i}", f"XID: {xid(i)}"))
+        resp = await client.response()
+        assert resp.status == 200, resp.raw_head
+        assert resp.body == b"".join(pieces)
+    assert [r.get("XID") for r in app.requests] == [xid(i) for i in range(3)]
+    lines = [fields(line) for line in await ingress.wait_log_lines(3)]
+    assert [line["up"] for line in lines] == ["200"] * 3
+
+
+async def test_large_bodies_stream_through_nginx_and_the_sidecar_both_ways(
+    sidecar_factory, upstream, connect, nginx
+):
+    """8 MiB up in chunks, passed on by nginx as they come (chunked: the length is known to
+    nobody), and 8 MiB down, unbuffered: the checksums agree at each end."""
+    size = 8 << 20
+    down = bytes(range(256)) * (size // 256)
+
+    async def echo_size_then_data(req: Received, reply: Reply) -> None:
+        head = f"HTTP/1.1 200 OK\r\nX-Got: {req.body_size} {req.body_sha256}\r\n"
+        reply.write(head.encode() + b"Content-Length: %d\r\n\r\n" % size)
+        for at in range(0, size, 1 << 18):
+            reply.write(down[at : at + (1 << 18)])
+            await reply.drain()
+
+    app = await upstream(echo_size_then_data, keep=0)
+    sc = await sidecar_factory({"app": {"url": app.url}})
+    ingress = await nginx(INGRESS_STREAMING, inbound=sc.ports["inbound"])
+    up = hashlib.sha256()
+    client = await connect(ingress.port)
+    head = f"POST /upload HTTP/1.1\r\nHost: a\r\nXID: {GOOD_XID}\r\n"
+    await client.send(head.encode() + b"Transfer-Encoding: chunked\r\n\r\n")
+    for at in range(0, size, 1 << 18):
+        piece = bytes([at >> 18 & 0xFF]) * (1 << 18)
+        up.update(piece)
+        await client.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+    await client.send(b"0\r\n\r\n")
+    resp = await client.response(timeout=30)
+    assert resp.status == 200, resp.raw_head
+    assert resp.get("x-got") == f"{size} {up.hexdigest()}"
+    assert resp.body_size == size and resp.body_sha256 == hashlib.sha256(down).hexdigest()
+    (seen,) = app.requests
+    assert seen.framing == "chunked"
+    assert seen.get("XID") == GOOD_XID
+
+
 # --- 2. the client gives up on nginx ------------------------------------------------------------
 
 
@@ -271,6 +373,18 @@ async def test_a_truncated_xid_through_nginx_is_invalid_argument_before_the_app(
     trailing = dict(info.value.trailing_metadata() or ())
     assert trailing.get("x-gts-sidecar-error") == "XID_INVALID"
     assert app.calls == 0
+
+
+async def test_a_server_streaming_call_passes_through_nginx(
+    sidecar_factory, grpc_app, nginx, grpc_channel
+):
+    app, sc, ingress = await grpc_through_nginx(sidecar_factory, grpc_app, nginx)
+    channel = grpc_channel(ingress.port)
+
+    def stream() -> list[bytes]:
+        return list(channel.unary_stream("/pkg.Svc/Count")(b"50", timeout=20))
+
+    assert await asyncio.to_thread(stream) == [b"%d" % i for i in range(50)]
 
 
 async def test_a_grpc_transaction_through_nginx_commits_on_ok(
