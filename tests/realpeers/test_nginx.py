@@ -87,6 +87,7 @@ GRPC_INGRESS = """\
     }}
     server {{
         listen 127.0.0.1:{port} http2;
+        client_max_body_size 0;
         location / {{
             grpc_pass grpc://sidecar;
         }}
@@ -385,6 +386,23 @@ async def test_a_server_streaming_call_passes_through_nginx(
         return list(channel.unary_stream("/pkg.Svc/Count")(b"50", timeout=20))
 
     assert await asyncio.to_thread(stream) == [b"%d" % i for i in range(50)]
+
+
+async def test_large_grpc_messages_and_many_calls_pass_through_nginx(
+    sidecar_factory, grpc_app, nginx, grpc_channel
+):
+    """3 MiB each way (far past HTTP/2's 64 KiB initial windows: nginx's and the sidecar's
+    flow control must keep each other going), then 60 calls, several at once (nginx carries
+    one call at a time on each of its upstream connections to the sidecar)."""
+    app, sc, ingress = await grpc_through_nginx(sidecar_factory, grpc_app, nginx)
+    channel = grpc_channel(ingress.port)
+    message = bytes(range(256)) * (3 << 12)
+    reply, _ = await asyncio.to_thread(unary, channel, "/pkg.Svc/Echo", message)
+    assert reply == b"echo:" + message
+    replies = await asyncio.gather(
+        *(asyncio.to_thread(unary, channel, "/pkg.Svc/Echo", b"%d" % i) for i in range(60))
+    )
+    assert sorted(reply for reply, _ in replies) == sorted(b"echo:%d" % i for i in range(60))
 
 
 async def test_a_grpc_transaction_through_nginx_commits_on_ok(
