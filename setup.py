@@ -31,6 +31,7 @@ COMPILED = [
     "sidecar/proxy/inbound.py",
     "sidecar/proxy/outbound.py",
     "sidecar/proxy/runtime.py",
+    "sidecar/proxy/limits.py",
     "sidecar/request_stats.py",
 ]
 

@@ -662,7 +662,14 @@ class ClientConnection(asyncio.Protocol):
         if not head.keep_alive:
             # nothing after this request (its body aside) is read
             self.last_request = True
-        version = parser.get_http_version()
+        if head.keep_alive and head.connection_tokens is None:
+            # llhttp keeps a connection alive without a Connection header asking for it only
+            # for a version with a major and a minor above 0, and the only such version it
+            # accepts is 1.1: the version string (built by str.format on every call, 4% of a
+            # request's instructions) is needed only otherwise
+            version = "1.1"
+        else:
+            version = parser.get_http_version()
         if version != "1.1":
             if version != "1.0":  # llhttp takes 0.9 and 2.0 request lines: we do not
                 raise VersionNotSupported(f"HTTP/{version} is not supported (1.1 and 1.0 are)")

