@@ -104,6 +104,17 @@ SERVER = """\
         }}
     }}"""
 
+#: the same over HTTP/2 with prior knowledge (h2c)
+H2_SERVER = """\
+    server {{
+        listen 127.0.0.1:{port} http2;
+        keepalive_timeout {keepalive_timeout};
+        keepalive_requests {keepalive_requests};
+        location / {{
+            return 200 "ok\\n";
+        }}
+    }}"""
+
 
 def connections_to(port: int) -> set[int]:
     """The local ports of every IPv4 TCP socket on this host whose peer is 127.0.0.1:`port`,
@@ -557,17 +568,23 @@ async def test_the_outbound_listener_forwards_the_xid_to_nginx(sidecar_factory, 
     assert len({line["conn"] for line in lines}) == 1
 
 
-# --- 6. nginx as an HTTP/2 (h2c) app ------------------------------------------------------------
+async def test_the_outbound_listener_forwards_the_xid_to_an_h2c_nginx_across_its_goaways(
+    sidecar_factory, connect, nginx
+):
+    server = await nginx(H2_SERVER, keepalive_timeout="75s", keepalive_requests=2)
+    sc = await sidecar_factory({"upstreams": {"orders": {"url": server.url, "protocol": "h2c"}}})
+    client = await connect(sc.ports["outbound"])
+    for i in range(5):
+        await client.send(get(f"/orders/items/{i}", f"XID: {xid(i)}"))
+        resp = await client.response()
+        assert resp.status == 200 and resp.body == b"ok\n", resp.body
+    lines = [fields(line) for line in await server.wait_log_lines(5)]
+    assert [line["xid"] for line in lines] == [xid(i) for i in range(5)]
+    assert [line["n"] for line in lines] == ["1", "2", "1", "2", "1"]
+    assert retries(sc, "orders") == 0
 
-H2_SERVER = """\
-    server {{
-        listen 127.0.0.1:{port} http2;
-        keepalive_timeout {keepalive_timeout};
-        keepalive_requests {keepalive_requests};
-        location / {{
-            return 200 "ok\\n";
-        }}
-    }}"""
+
+# --- 6. nginx as an HTTP/2 (h2c) app ------------------------------------------------------------
 
 
 async def h2c_nginx_app(
