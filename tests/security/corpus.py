@@ -280,6 +280,22 @@ CASES: list[Case] = [
         statuses=(400, 505),
         code=None,
     ),
+    # a kept-alive request is taken for HTTP/1.1 without asking llhttp for its version only
+    # when no Connection header asked for keep-alive: one that did is still refused
+    _refuse(
+        "http-2.0-keep-alive-in-http1",
+        b"GET {P}/ HTTP/2.0\r\nHost: t\r\nConnection: keep-alive\r\n\r\n",
+        "sidecar",
+        statuses=(400, 505),
+        code=None,
+    ),
+    _refuse(
+        "http-0.9-version-keep-alive",
+        b"GET {P}/ HTTP/0.9\r\nHost: t\r\nConnection: keep-alive\r\n\r\n",
+        "sidecar",
+        statuses=(400, 505),
+        code=None,
+    ),
     # (the HTTP/2 preface opens an HTTP/2 connection now: tests/component/test_http2.py)
     # --- Host -------------------------------------------------------------------------------------
     _refuse(
