@@ -435,8 +435,8 @@ async def test_a_grpc_transaction_through_nginx_commits_on_ok(
 async def test_a_grpc_client_that_cancels_through_nginx_rolls_its_transaction_back(
     sidecar_factory, grpc_app, nginx, grpc_channel
 ):
-    """The client cancels; nginx ends its upstream stream (or connection) to the sidecar:
-    the app's context is cancelled and the transaction the call began rolls back."""
+    """The client cancels; nginx closes its upstream connection to the sidecar (it sends no
+    RST_STREAM): the app's call is cancelled and the transaction it began rolls back."""
     rules = [
         {"match": {"method": "POST", "path": "/pkg.Svc/Slow"}, "name": "slow", "timeout": "90s"}
     ]
