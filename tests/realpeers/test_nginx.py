@@ -705,6 +705,23 @@ async def test_posts_refused_by_an_nginx_goaway_are_retried_on_a_new_connection(
     assert [resp.status for resp in answers] == [200] * 10, [r.body for r in answers]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="requests that find no HTTP/2 connection with room each open one, also while a "
+    "connection that will have room (nginx allows 128 streams) is still being opened",
+)
+async def test_concurrent_first_requests_to_an_h2c_nginx_share_one_connection(
+    sidecar_factory, connect, nginx
+):
+    sc, server = await h2c_nginx_app(sidecar_factory, nginx, keepalive_requests=1000)
+    clients = [await connect(sc.ports["inbound"]) for _ in range(10)]
+    for i, client in enumerate(clients):
+        await client.send(get("/r", f"X-Req: {i}"))
+    assert [(await client.response()).status for client in clients] == [200] * 10
+    lines = [fields(line) for line in await server.wait_log_lines(10)]
+    assert len({line["conn"] for line in lines}) == 1
+
+
 async def test_an_h2c_connection_nginx_closed_idle_leaves_the_pool(sidecar_factory, connect, nginx):
     """`keepalive_timeout 1s` on HTTP/2: nginx sends GOAWAY and closes the idle connection;
     the pool drops it, and the next request goes on a new one without a retry."""
