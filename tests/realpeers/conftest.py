@@ -1,5 +1,5 @@
-"""nginx as a real peer of the sidecar: an ingress in front of the inbound listener, a gRPC
-proxy in front of it, and an app or an outbound upstream behind it.
+"""Real servers and proxies as peers of the sidecar. The nginx fixture: nginx as an ingress in
+front of the inbound listener (HTTP/1.1 or gRPC), and as an app or outbound upstream behind it.
 
 Each nginx runs from its own prefix under the test's tmp_path, in the foreground, one worker,
 on free loopback ports, with an access log whose lines the tests read. nginx comes from
