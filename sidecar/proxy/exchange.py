@@ -32,7 +32,7 @@ from sidecar.proxy import access_log, grpc
 from sidecar.proxy import headers as h
 from sidecar.proxy.branch_filter import BranchFilter
 from sidecar.proxy.txn_filter import TxnFilter
-from sidecar.proxy.upstream import is_idempotent
+from sidecar.proxy.upstream import StreamRefused, is_idempotent
 from sidecar.txn.branches import XidRequired
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class Exchange:
         "attempts_left", "retrying", "error_code", "stats", "txn", "xid_extra", "held",
         "held_complete", "branch", "buffering", "held_body", "trailers", "grpc_call",
         "txn_clamped",
-        "resp_bytes",
+        "resp_bytes", "sent_body", "sent_size",
     )  # fmt: skip
 
     def __init__(self, conn: Downstream, head: h.RequestHead, rt: ListenerRuntime) -> None:
@@ -81,6 +81,11 @@ class Exchange:
         self.request_head = b""
         self.body_buf: list[bytes] | None = None
         self.body_buffered = 0
+        #: to an HTTP/2 upstream, the request body sent so far, kept until the answer begins
+        #: so that a stream the upstream refused unprocessed can go again (None: not kept,
+        #: or grown past clients.request_buffer), and its size
+        self.sent_body: list[bytes] | None = None
+        self.sent_size = 0
         self.body_done = not head.has_body
         self.body_sent = False
         self.deadline = 0.0
@@ -306,6 +311,12 @@ class Exchange:
         if self.conn.write_paused:
             self.pause_upstream_reading()
         buf = self.body_buf
+        if up.cluster.h2:
+            # kept for a replay (see on_upstream_lost); HTTP/1.1 upstreams never say that a
+            # request went unprocessed
+            kept = self.body_buffered <= self.rt.clients.request_buffer
+            self.sent_body = None if not kept else buf if buf is not None else []
+            self.sent_size = self.body_buffered
         if buf:
             self.body_buf = None
             self.body_buffered = 0
@@ -348,6 +359,13 @@ class Exchange:
         up = self.upstream
         if up is not None:
             up.send_body(data, self.head.chunked)
+            kept = self.sent_body
+            if kept is not None:
+                self.sent_size += len(data)
+                if self.sent_size <= self.rt.clients.request_buffer:
+                    kept.append(data)
+                else:
+                    self.sent_body = None
             return
         if self.body_buf is None:
             self.body_buf = []
@@ -396,6 +414,7 @@ class Exchange:
 
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
         self.header_deadline = 0.0
+        self.sent_body = None
         self.resp_status = status
         self.resp_started = True
         branch = self.branch
@@ -527,7 +546,22 @@ class Exchange:
         if isinstance(exc, SidecarError):
             self._fail(exc)
             return
-        if not got_bytes and not self.resp_started and not self.head.has_body:
+        if isinstance(exc, StreamRefused) and not self.resp_started:
+            # never processed upstream: it goes again whatever its method, with the body
+            # sent so far (the rest follows as it comes). The attempt counts (retries.attempts,
+            # outside the retry budget: the upstream did no work for it), so that an upstream
+            # refusing every stream on a connection it keeps open is not asked forever.
+            body = self.sent_body
+            if body is not None and self.attempts_left > 0:
+                self.sent_body = None
+                self.body_buf = body
+                self.body_buffered = self.sent_size
+                self._retry()
+                return
+            why = "its body is past clients.request_buffer" if body is None else "no attempt left"
+            self._fail(UpstreamUnavailable(f"{exc}; not sent again: {why}"))
+            return
+        elif not got_bytes and not self.resp_started and not self.head.has_body:
             if self.reused and is_idempotent(self.head.method):
                 # a pooled keep-alive connection the upstream had already closed: the request
                 # never reached it, so try again on a fresh connection (not counted as an

@@ -30,7 +30,7 @@ import h2.exceptions
 from sidecar.errors import SidecarError, UpstreamUnavailable
 from sidecar.proxy.h2_conn import H2Connection
 from sidecar.proxy.h2_fields import MAX_KNOWN, MAX_KNOWN_FIELD
-from sidecar.proxy.upstream import Cluster
+from sidecar.proxy.upstream import Cluster, StreamRefused
 
 if TYPE_CHECKING:
     from sidecar.proxy.exchange import Exchange
@@ -252,12 +252,20 @@ class H2UpstreamConnection(asyncio.Protocol):
             elif isinstance(event, h2.events.StreamReset) and stream is not None:
                 self.streams.pop(stream_id, None)
                 stream.response_done = False
-                stream.lost(
-                    UpstreamUnavailable(
-                        f"upstream {self.cluster.name!r} reset the stream "
-                        f"({_error_name(event.error_code)})"
+                if event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM:
+                    stream.lost(
+                        StreamRefused(
+                            f"upstream {self.cluster.name!r} refused the stream unprocessed "
+                            "(REFUSED_STREAM)"
+                        )
                     )
-                )
+                else:
+                    stream.lost(
+                        UpstreamUnavailable(
+                            f"upstream {self.cluster.name!r} reset the stream "
+                            f"({_error_name(event.error_code)})"
+                        )
+                    )
             elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
                 targets = [stream] if stream is not None else list(self.streams.values())
                 for target in targets:
@@ -267,9 +275,14 @@ class H2UpstreamConnection(asyncio.Protocol):
                 self.goaway = True
                 last = event.last_stream_id or 0
                 for sid in [s for s in self.streams if s > last]:
-                    # never processed by the server: safe to say so (retryable)
+                    # never processed by the server: safe to send again, whatever the method
                     lost = self.streams.pop(sid)
-                    lost.lost(None)
+                    lost.lost(
+                        StreamRefused(
+                            f"upstream {self.cluster.name!r} ended the connection (GOAWAY, "
+                            f"last stream {last}) before taking the request"
+                        )
+                    )
         for stream in touched:
             if stream.sink is not None:
                 stream.sink.flush()

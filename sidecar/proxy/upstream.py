@@ -50,6 +50,14 @@ def is_idempotent(method: bytes) -> bool:
     return method in _IDEMPOTENT
 
 
+class StreamRefused(Exception):
+    """The upstream said it never processed the request: an HTTP/2 GOAWAY whose last stream
+    id is below the request's stream, or a REFUSED_STREAM reset. Such a request may be sent
+    again whatever its method (RFC 9113 section 8.7), unlike one lost on a connection that
+    closed, which the upstream may have acted on. Not a SidecarError: the exchange decides
+    whether it can go again (its body must still be at hand) before it becomes a 502."""
+
+
 class ResponseSink(Protocol):
     """What an upstream connection reports to the exchange that owns it."""
 
