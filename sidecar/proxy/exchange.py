@@ -548,15 +548,17 @@ class Exchange:
             return
         if isinstance(exc, StreamRefused) and not self.resp_started:
             # never processed upstream: it goes again whatever its method, with the body
-            # sent so far (the rest follows as it comes). The attempt counts (retries.attempts,
-            # outside the retry budget: the upstream did no work for it), so that an upstream
-            # refusing every stream on a connection it keeps open is not asked forever.
+            # sent so far (the rest follows as it comes). Outside the retry budget (the
+            # upstream did no work for it); an attempt counts (retries.attempts) unless the
+            # connection served others before refusing it (a per-connection limit, such as
+            # nginx's keepalive_requests), so an upstream refusing everything is not asked
+            # forever while one rolling its connections loses no request
             body = self.sent_body
-            if body is not None and self.attempts_left > 0:
+            if body is not None and (exc.progress or self.attempts_left > 0):
                 self.sent_body = None
                 self.body_buf = body
                 self.body_buffered = self.sent_size
-                self._retry()
+                self._retry(counted=not exc.progress)
                 return
             why = "its body is past clients.request_buffer" if body is None else "no attempt left"
             self._fail(UpstreamUnavailable(f"{exc}; not sent again: {why}"))

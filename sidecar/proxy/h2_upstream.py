@@ -27,7 +27,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
-from sidecar.errors import SidecarError, UpstreamUnavailable
+from sidecar.errors import SidecarError, UpstreamTimeout, UpstreamUnavailable
 from sidecar.proxy.h2_conn import H2Connection
 from sidecar.proxy.h2_fields import MAX_KNOWN, MAX_KNOWN_FIELD
 from sidecar.proxy.upstream import Cluster, StreamRefused
@@ -202,6 +202,8 @@ class H2UpstreamConnection(asyncio.Protocol):
         #: the :scheme of its requests
         self.scheme = b"https" if cluster.ssl is not None else b"http"
         self.idle_since = 0.0
+        #: requests waiting for this connection to open (none once it is open)
+        self.openers: list[asyncio.Future[None]] = []
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -280,7 +282,8 @@ class H2UpstreamConnection(asyncio.Protocol):
                     lost.lost(
                         StreamRefused(
                             f"upstream {self.cluster.name!r} ended the connection (GOAWAY, "
-                            f"last stream {last}) before taking the request"
+                            f"last stream {last}) before taking the request",
+                            progress=last > 0,
                         )
                     )
         for stream in touched:
@@ -425,6 +428,17 @@ class H2UpstreamConnection(asyncio.Protocol):
             self.transport.close()
 
 
+def _shared_failure(exc: BaseException) -> SidecarError | None:
+    """What requests waiting for a connection that failed to open are told: the same failure
+    when it was the connection's (refused, TLS, its connect timeout), a new instance each;
+    None when it was the opener's own (its exchange's timer, its client gone)."""
+    if isinstance(exc, UpstreamTimeout):
+        return UpstreamTimeout(str(exc), kind=exc.kind) if exc.kind == "connect" else None
+    if isinstance(exc, UpstreamUnavailable):
+        return UpstreamUnavailable(str(exc))
+    return None
+
+
 def _error_name(code: Any) -> str:
     try:
         return h2.errors.ErrorCodes(code).name
@@ -440,6 +454,8 @@ class H2Cluster(Cluster):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._conns: list[H2UpstreamConnection] = []
+        #: connections being opened (requests may wait for them: acquire)
+        self._opening: list[H2UpstreamConnection] = []
 
     def _new_connection(self) -> Any:
         return H2UpstreamConnection(self)
@@ -469,10 +485,68 @@ class H2Cluster(Cluster):
         if owner.has_room:
             self._wake_one()
 
-    async def _connect(self, waiter_slot: list[asyncio.Future[Any] | None]) -> Any:
-        conn: H2UpstreamConnection = await super()._connect(waiter_slot)
+    async def acquire(self, waiter_slot: list[asyncio.Future[Any] | None]) -> tuple[Any, bool]:
+        """A stream for one attempt. A request that finds no connection with room waits for
+        one being opened, up to the streams it will surely take (DEFAULT_MAX_STREAMS until
+        the server's SETTINGS say), instead of opening a connection of its own: a burst of
+        first requests, or of requests moved off a connection that got a GOAWAY, shares one
+        new connection (as Envoy queues them on a connecting connection)."""
+        while True:
+            stream = self.take_idle()
+            if stream is not None:
+                return stream, True
+            opening = next(
+                (c for c in self._opening if len(c.openers) < DEFAULT_MAX_STREAMS - 1), None
+            )
+            if opening is None:
+                return await super().acquire(waiter_slot)
+            stream = await self._share(opening, waiter_slot)
+            if stream is not None:
+                return stream, False
+
+    async def _share(
+        self, conn: H2UpstreamConnection, waiter_slot: list[asyncio.Future[Any] | None]
+    ) -> H2UpstreamStream | None:
+        """Wait for `conn` to open and take a stream on it; None when it could not (it did
+        not open, or filled up): the caller looks again."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+        conn.openers.append(fut)
+        waiter_slot[0] = fut  # (the exchange's timers fail it)
+        try:
+            await fut  # raises the connection's own failure (refused, TLS, connect timeout)
+        finally:
+            waiter_slot[0] = None
+        if conn in self._conns and conn.has_room:
+            conn.taken += 1
+            self._in_use += 1
+            return H2UpstreamStream(conn)
+        return None
+
+    async def _connect(
+        self, waiter_slot: list[asyncio.Future[Any] | None], conn: Any = None
+    ) -> Any:
+        conn = H2UpstreamConnection(self)
+        self._opening.append(conn)
+        try:
+            await super()._connect(waiter_slot, conn)
+        except BaseException as exc:
+            self._opening.remove(conn)
+            for fut in conn.openers:
+                if not fut.done():
+                    failure = _shared_failure(exc)
+                    if failure is not None:
+                        fut.set_exception(failure)
+                    else:  # the opener's own matter (its client left): the others go on
+                        fut.set_result(None)
+            conn.openers = []
+            raise
+        self._opening.remove(conn)
         self._conns.append(conn)
         conn.taken += 1
+        for fut in conn.openers:
+            if not fut.done():
+                fut.set_result(None)
+        conn.openers = []
         return H2UpstreamStream(conn)
 
     def _forget(self, conn: Any) -> None:

@@ -57,6 +57,13 @@ class StreamRefused(Exception):
     closed, which the upstream may have acted on. Not a SidecarError: the exchange decides
     whether it can go again (its body must still be at hand) before it becomes a 502."""
 
+    def __init__(self, message: str, *, progress: bool = False) -> None:
+        super().__init__(message)
+        #: the connection served other streams before it refused this one (a GOAWAY at a
+        #: server's per-connection limit): going again costs no attempt, as every such
+        #: refusal comes with requests served
+        self.progress = progress
+
 
 class ResponseSink(Protocol):
     """What an upstream connection reports to the exchange that owns it."""
@@ -566,9 +573,13 @@ class Cluster:
     def _new_connection(self) -> Any:
         return UpstreamConnection(self)
 
-    async def _connect(self, waiter_slot: list[asyncio.Future[Any] | None]) -> Any:
+    async def _connect(
+        self, waiter_slot: list[asyncio.Future[Any] | None], conn: Any = None
+    ) -> Any:
+        """Open a connection (`conn`, or a new one) and count it in; it comes back taken."""
         self._open += 1
-        conn = self._new_connection()
+        if conn is None:
+            conn = self._new_connection()
         fut = self._loop.create_future()
         waiter_slot[0] = fut
         handle = self._loop.call_later(

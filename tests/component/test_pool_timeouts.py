@@ -7,10 +7,8 @@ until it holds or an upper bound at least ten times the timeout under test.
 from __future__ import annotations
 
 import asyncio
-import select
-import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -291,32 +289,6 @@ async def test_total_timeout_after_the_head_was_sent_aborts_the_client(sidecar_f
         metric(sc, "upstream_timeouts_total", listener="outbound", upstream="orders", kind="total")
         == 1
     )
-
-
-@pytest.fixture
-def unaccepting_port() -> Iterator[int]:
-    """A listening socket whose accept backlog is full: connects to it hang (SYNs dropped)."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    port = server.getsockname()[1]
-    fillers: list[socket.socket] = []
-    try:
-        for _ in range(16):
-            c = socket.socket()
-            c.setblocking(False)
-            c.connect_ex(("127.0.0.1", port))
-            fillers.append(c)
-            _, writable, _ = select.select([], [c], [], 0.1)
-            if not writable:
-                break  # this one hangs: the backlog is full
-        else:
-            pytest.skip("cannot fill a listen backlog on this kernel")
-        yield port
-    finally:
-        for c in fillers:
-            c.close()
-        server.close()
 
 
 async def test_a_hung_connect_is_cut_off_by_the_connect_timeout(sidecar_factory, unaccepting_port):

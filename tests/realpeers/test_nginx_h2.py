@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from tests.component.servers import get, wait_until
 from tests.realpeers.conftest import Nginx
 from tests.realpeers.peers import GOOD_XID, H2_SERVER, fields, idle, retries, xid
@@ -101,14 +99,11 @@ async def test_posts_refused_by_an_nginx_goaway_are_retried_on_a_new_connection(
     assert sorted(line["req"] for line in lines[1:]) == sorted(str(i) for i in range(10))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="requests that find no HTTP/2 connection with room each open one, also while a "
-    "connection that will have room (nginx allows 128 streams) is still being opened",
-)
 async def test_concurrent_first_requests_to_an_h2c_nginx_share_one_connection(
     sidecar_factory, connect, nginx
 ):
+    """Requests that find no HTTP/2 connection with room wait for the one being opened (it
+    will have room: nginx allows 128 streams) instead of each opening its own."""
     sc, server = await h2c_nginx_app(sidecar_factory, nginx, keepalive_requests=1000)
     clients = [await connect(sc.ports["inbound"]) for _ in range(10)]
     for i, client in enumerate(clients):
