@@ -290,6 +290,8 @@ class H2UpstreamConnection(asyncio.Protocol):
             if stream.sink is not None:
                 stream.sink.flush()
         self.flush()
+        if self.goaway and not self.taken:
+            self.close()  # ended by the server, its streams done (or refused): nothing left
 
     def _head(self, stream: H2UpstreamStream, raw: Any) -> None:
         status = 0
@@ -479,7 +481,9 @@ class H2Cluster(Cluster):
         owner.streams.pop(stream.stream_id, None)
         if not owner.taken:
             owner.idle_since = self._loop.time()
-        if self._closed and not owner.taken:
+        if (self._closed or owner.goaway) and not owner.taken:
+            # (after a GOAWAY the connection only finishes its streams: the last one done,
+            # it is closed here rather than left in the pool until the server closes it)
             owner.close()
             return
         if owner.has_room:

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.component.servers import Client, closed_port, error_of, get
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+
+from tests.component.servers import Client, closed_port, error_of, get, request, sample, wait_until
 from tests.component.test_h2_upstream_fields import RawH2Upstream
 
 
@@ -89,3 +94,50 @@ async def test_requests_waiting_for_a_hung_connect_all_get_its_connect_timeout(
             client.close()
     assert [resp.status for resp in answers] == [504] * 5
     assert all("connect timeout" in error_of(resp)["message"] for resp in answers)
+
+
+class GoawayAfterEachAnswer(RawH2Upstream):
+    """Answers, then sends a graceful GOAWAY (NO_ERROR, last stream = the one answered) and
+    leaves the connection open, as a server at its per-connection limit may do while other
+    streams finish; records when the sidecar hangs up."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda path: [])
+        self.connections = 0
+        self.hung_up = 0
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        try:
+            while data := await reader.read(65536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        self.paths.append(dict(event.headers)[b":path"].decode())
+                        conn.send_headers(event.stream_id, [(b":status", b"200")])
+                        conn.send_data(event.stream_id, b"ok", end_stream=True)
+                        conn.close_connection(last_stream_id=event.stream_id)
+                writer.write(conn.data_to_send())
+            self.hung_up += 1
+        except (ConnectionError, h2.exceptions.ProtocolError):
+            self.hung_up += 1
+        finally:
+            writer.close()
+
+
+async def test_a_connection_ended_by_goaway_is_closed_once_its_streams_are_done(sidecar_factory):
+    up = GoawayAfterEachAnswer()
+    try:
+        sc = await sidecar_factory({"app": {"url": await up.start(), "protocol": "h2c"}})
+        port = sc.ports["inbound"]
+        assert (await request(port, get("/one"))).status == 200
+        await wait_until(lambda: up.hung_up == 1)
+        assert sample(sc, "gts_sidecar_pool_connections_idle", upstream="app") == 0
+        assert (await request(port, get("/two"))).status == 200
+        assert up.connections == 2
+    finally:
+        await up.close()
