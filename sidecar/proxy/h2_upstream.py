@@ -451,10 +451,9 @@ def _error_name(code: Any) -> str:
 class H2Cluster(Cluster):
     """A pool of HTTP/2 connections to one upstream, handing out streams."""
 
-    h2 = True
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.h2 = True
         self._conns: list[H2UpstreamConnection] = []
         #: connections being opened (requests may wait for them: acquire)
         self._opening: list[H2UpstreamConnection] = []

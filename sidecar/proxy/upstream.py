@@ -407,8 +407,10 @@ class PoolGauge:
 class Cluster:
     """A pool of keep-alive connections to one upstream host."""
 
-    #: speaks HTTP/2 (h2_upstream.H2Cluster): the exchange sends fields, not an HTTP/1 head
-    h2 = False
+    #: speaks HTTP/2 (h2_upstream.H2Cluster): the exchange sends fields, not an HTTP/1 head.
+    #: An instance attribute, set in __init__: compiled code reads a native class's
+    #: attributes from the instance, where a subclass's class attribute is never seen
+    h2: bool
 
     def __init__(
         self,
@@ -421,6 +423,7 @@ class Cluster:
         server_name: str | None = None,
     ) -> None:
         self.name = name
+        self.h2 = False
         self.cfg = cfg
         self._loop = loop or asyncio.get_running_loop()
         parts = urlsplit(cfg.url)
