@@ -7,23 +7,12 @@ from __future__ import annotations
 
 import asyncio
 
-import h2.config
-import h2.connection
 import h2.events
 import h2.exceptions
 
+from tests.component.h2server import H2TestServer, server_connection
 from tests.component.servers import Client, closed_port, error_of, get, request, sample, wait_until
 from tests.component.test_h2_upstream_fields import RawH2Upstream
-
-
-class CountingH2Upstream(RawH2Upstream):
-    def __init__(self) -> None:
-        super().__init__(lambda path: [])
-        self.connections = 0
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        await super()._serve(reader, writer)
 
 
 async def burst(port: int, n: int) -> list[int]:
@@ -39,7 +28,7 @@ async def burst(port: int, n: int) -> list[int]:
 
 
 async def test_a_burst_of_first_requests_shares_one_new_connection(sidecar_factory):
-    up = CountingH2Upstream()
+    up = RawH2Upstream(lambda path: [])
     try:
         sc = await sidecar_factory({"app": {"url": await up.start(), "protocol": "h2c"}})
         assert await burst(sc.ports["inbound"], 12) == [200] * 12
@@ -96,23 +85,18 @@ async def test_requests_waiting_for_a_hung_connect_all_get_its_connect_timeout(
     assert all("connect timeout" in error_of(resp)["message"] for resp in answers)
 
 
-class GoawayAfterEachAnswer(RawH2Upstream):
+class GoawayAfterEachAnswer(H2TestServer):
     """Answers, then sends a graceful GOAWAY (NO_ERROR, last stream = the one answered) and
     leaves the connection open, as a server at its per-connection limit may do while other
     streams finish; records when the sidecar hangs up."""
 
     def __init__(self) -> None:
-        super().__init__(lambda path: [])
-        self.connections = 0
+        super().__init__()
+        self.paths: list[str] = []
         self.hung_up = 0
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding=None)
-        )
-        conn.initiate_connection()
-        writer.write(conn.data_to_send())
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = server_connection(writer)
         try:
             while data := await reader.read(65536):
                 for event in conn.receive_data(data):
@@ -125,8 +109,6 @@ class GoawayAfterEachAnswer(RawH2Upstream):
             self.hung_up += 1
         except (ConnectionError, h2.exceptions.ProtocolError):
             self.hung_up += 1
-        finally:
-            writer.close()
 
 
 async def test_a_connection_ended_by_goaway_is_closed_once_its_streams_are_done(sidecar_factory):

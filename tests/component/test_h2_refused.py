@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
-import h2.config
-import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
 import pytest
 
 from tests.component.h2client import H2Client
+from tests.component.h2server import H2TestServer, server_connection
 from tests.component.servers import error_of, get, request, sample
 
 #: what the upstream does with the n-th request it receives (0-based): "serve",
@@ -23,26 +23,16 @@ from tests.component.servers import error_of, get, request, sample
 Policy = Callable[[int], str]
 
 
-class RefusingH2Upstream:
+class RefusingH2Upstream(H2TestServer):
     def __init__(self, policy: Policy) -> None:
+        super().__init__()
         self.policy = policy
         self.received = 0
-        self.connections = 0
         #: bodies of the requests it processed (answered 200)
         self.served: list[bytes] = []
-        self.server: asyncio.Server | None = None
 
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding=None)
-        )
-        conn.initiate_connection()
-        writer.write(conn.data_to_send())
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = server_connection(writer)
         bodies: dict[int, bytearray] = {}
         verdicts: dict[int, str] = {}
         try:
@@ -72,13 +62,6 @@ class RefusingH2Upstream:
                     break
         except (ConnectionError, h2.exceptions.ProtocolError):
             pass
-        finally:
-            writer.close()
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
 
 @pytest.fixture

@@ -9,38 +9,26 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
-import h2.config
-import h2.connection
 import h2.events
 import pytest
 
+from tests.component.h2server import H2TestServer, server_connection
 from tests.component.servers import get, request
 
 Fields = list[tuple[bytes, bytes]]
 
 
-class RawH2Upstream:
+class RawH2Upstream(H2TestServer):
     """An h2c server answering each request with `answer(path)`'s fields and a short body,
     h2's outbound checks off so that any bytes go out."""
 
     def __init__(self, answer: Callable[[str], Fields]) -> None:
+        super().__init__()
         self.answer = answer
-        self.server: asyncio.Server | None = None
         self.paths: list[str] = []
 
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self.server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        config = h2.config.H2Configuration(
-            client_side=False, header_encoding=None, validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )  # fmt: skip
-        conn = h2.connection.H2Connection(config)
-        conn.initiate_connection()
-        writer.write(conn.data_to_send())
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = server_connection(writer, validate=False)
         try:
             while data := await reader.read(65536):
                 for event in conn.receive_data(data):
@@ -53,13 +41,6 @@ class RawH2Upstream:
                 writer.write(conn.data_to_send())
         except ConnectionError:
             pass
-        finally:
-            writer.close()
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
 
 @pytest.fixture
