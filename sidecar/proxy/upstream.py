@@ -112,6 +112,7 @@ class UpstreamConnection(asyncio.Protocol):
         "got_bytes",
         "_headers",
         "_te_seen",
+        "_fresh_parser",
         "_closed",
         "expect_no_body",
         "response_done",
@@ -153,6 +154,8 @@ class UpstreamConnection(asyncio.Protocol):
         #: the response head being parsed has a Transfer-Encoding field (checked once the
         #: head is complete; most responses have none, and then nothing is scanned)
         self._te_seen = False
+        #: a HEAD answer's head was parsed: the next answer starts on a new parser
+        self._fresh_parser = False
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -184,6 +187,11 @@ class UpstreamConnection(asyncio.Protocol):
                 sink, "a protocol switch (Upgrade/CONNECT), which this proxy does not carry"
             )
             return
+        if self._fresh_parser:
+            # llhttp, not knowing the request was HEAD, waits for the body its
+            # Content-Length announced; the connection's next answer is parsed afresh
+            self._fresh_parser = False
+            self.parser = httptools.HttpResponseParser(self)
         if self._in_head and self._head_read > self.cluster.response_limits.header_bytes:
             # one endless field: llhttp accumulates it before calling on_header
             self._refuse(
@@ -307,13 +315,16 @@ class UpstreamConnection(asyncio.Protocol):
         if self._eof_body:
             self.reusable = False
         if self.expect_no_body and not self.response_done:
-            self.reusable = False
+            self._fresh_parser = True
             self.response_done = True
             self._complete_pending = True
 
     def on_body(self, body: bytes) -> None:
         if self.sink is not None and not self.response_done:
             self.sink.on_response_body(body)
+        elif self.expect_no_body:
+            # bytes after a HEAD answer's head: where its next answer begins is unknown
+            self.reusable = False
 
     def on_message_complete(self) -> None:
         if 100 <= self.parser.get_status_code() < 200:

@@ -1,0 +1,47 @@
+"""An upstream connection that answered a HEAD request is reused: llhttp reads the answer's
+Content-Length as a body to come (it is not told the request was HEAD), so the connection's
+next answer is parsed on a new parser. Before, every HEAD (a health check, say) cost a new
+upstream connection. An upstream that sends bytes after a HEAD answer's head is not reused."""
+
+from __future__ import annotations
+
+from tests.component.servers import Received, Reply, get, request
+
+
+async def test_the_connection_that_answered_a_head_serves_the_next_request(
+    sidecar_factory, upstream
+):
+    async def answer(req: Received, reply: Reply) -> None:
+        if req.method == "HEAD":
+            reply.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+            await reply.drain()
+        else:
+            await reply.send(200, b"hello")
+
+    app = await upstream(answer)
+    sc = await sidecar_factory({"app": {"url": app.url}})
+    port = sc.ports["inbound"]
+    first = await request(port, get("/h", method="HEAD"), method="HEAD")
+    assert first.status == 200 and first.get("content-length") == "5" and first.body == b""
+    second = await request(port, get("/g"))
+    assert second.status == 200 and second.body == b"hello"
+    assert await request(port, get("/h", method="HEAD"), method="HEAD")
+    assert [r.method for r in app.requests] == ["HEAD", "GET", "HEAD"]
+    assert len({r.conn_id for r in app.requests}) == 1
+
+
+async def test_bytes_after_a_head_answer_keep_the_connection_from_reuse(sidecar_factory, upstream):
+    async def answer(req: Received, reply: Reply) -> None:
+        if req.method == "HEAD":  # a broken upstream: the body a HEAD answer must not have
+            await reply.send(200, b"hello")
+        else:
+            await reply.send(200, b"fine")
+
+    app = await upstream(answer)
+    sc = await sidecar_factory({"app": {"url": app.url}})
+    port = sc.ports["inbound"]
+    first = await request(port, get("/h", method="HEAD"), method="HEAD")
+    assert first.status == 200 and first.body == b""
+    second = await request(port, get("/g"))
+    assert second.status == 200 and second.body == b"fine"
+    assert app.requests[0].conn_id != app.requests[1].conn_id
