@@ -162,7 +162,9 @@ def _loaded_by_import(module: str, cwd: Path) -> set[str]:
     return {name.split(".")[0] for name in json.loads(out.stdout)}
 
 
-@pytest.mark.parametrize("module", ["sidecar.server", "sidecar.cli", "sidecar.control"])
+@pytest.mark.parametrize(
+    "module", ["sidecar.server", "sidecar.cli", "sidecar.control", "sidecar.injector_server"]
+)
 def test_import_loads_no_optional_library(module: str, tmp_path: Path) -> None:
     loaded = _loaded_by_import(module, tmp_path)
     unwanted = {name: why for name, why in NOT_NEEDED.items() if name in loaded}
