@@ -210,10 +210,9 @@ LADDER = (
         "import aiohttp.web",
     ),
     (
-        "pydantic, one model built (its schema machinery loads on first use)",
-        "import pydantic\nclass _M(pydantic.BaseModel):\n    x: int",
+        "sidecar.config (its schemas, on sidecar/schema.py: dataclasses and typing)",
+        "import sidecar.config",
     ),
-    ("sidecar.config (its models: validators and serializers)", "import sidecar.config"),
     (
         "the rest of the sidecar's modules (sidecar.cli, sidecar.server)",
         "import sidecar.cli, sidecar.server",
@@ -237,8 +236,8 @@ for code in json.loads(sys.argv[1]):
 
 #: the LADDER steps that are third-party libraries (by index): each is also left out in turn,
 #: to show what it costs given all the others (shared dependencies counted once)
-LIBRARY_STEPS = (2, 3, 4)
-LIBRARIES_END = 5  # LADDER[:5]: the interpreter and the libraries, none of the sidecar's code
+LIBRARY_STEPS = (2, 3)
+LIBRARIES_END = 4  # LADDER[:4]: the interpreter and the libraries, none of the sidecar's code
 
 
 def ladder(
@@ -293,7 +292,7 @@ def leave_one_out(python: str, env: dict[str, str], rounds: int) -> None:
     with and without it, in fresh interpreters, medians over `rounds`)."""
     libraries = [code for _, code in LADDER[:LIBRARIES_END]]
     full = statistics.median(ladder(python, env, libraries)[-1]["VmRSS"] for _ in range(rounds))
-    print(f"all the libraries (LADDER up to pydantic): VmRSS {full:.1f} MiB")
+    print(f"all the libraries (LADDER up to aiohttp.web): VmRSS {full:.1f} MiB")
     print("| left out | VmRSS MiB without it | what it costs given the others |")
     print("|---|--:|--:|")
     for index in LIBRARY_STEPS:

@@ -13,22 +13,30 @@ import os
 import re
 import stat
 from collections.abc import Mapping
+from dataclasses import field
 from typing import Annotated, Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    PlainSerializer,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
 
 from sidecar.errors import ConfigError
+from sidecar.schema import (
+    After,
+    Alias,
+    Before,
+    Dump,
+    Ge,
+    Gt,
+    Invalid,
+    Le,
+    Len,
+    Model,
+    Pattern,
+    check,
+    dump,
+    model,
+    validate,
+)
 
 # --- scalar types --------------------------------------------------------------------------
 
@@ -83,12 +91,8 @@ def parse_positive_duration(value: object) -> float:
     return seconds
 
 
-Duration = Annotated[
-    float,
-    BeforeValidator(parse_positive_duration),
-    PlainSerializer(format_duration, return_type=str),
-]
-Size = Annotated[int, BeforeValidator(parse_size)]
+Duration = Annotated[float, Before(parse_positive_duration), Dump(format_duration)]
+Size = Annotated[int, Before(parse_size)]
 
 
 class Secret:
@@ -144,11 +148,11 @@ def _read_secret(value: object) -> Secret:
     return Secret(text, value)
 
 
-SecretFile = Annotated[
-    Secret,
-    BeforeValidator(_read_secret),
-    PlainSerializer(lambda s: f"<redacted: {s.path}>", return_type=str),
-]
+def _redacted(secret: Secret) -> str:
+    return f"<redacted: {secret.path}>"
+
+
+SecretFile = Annotated[Secret, Before(_read_secret), Dump(_redacted)]
 
 _TOKEN_RE: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # \Z: "$" allows a final \n
 
@@ -159,7 +163,7 @@ def _header_name(value: str) -> str:
     return value
 
 
-HeaderName = Annotated[str, BeforeValidator(lambda v: _header_name(v) if isinstance(v, str) else v)]
+HeaderName = Annotated[str, Before(lambda v: _header_name(v) if isinstance(v, str) else v)]
 
 
 _BIND_HOST_RE: Final = re.compile(r"^[A-Za-z0-9._-]+\Z")
@@ -191,7 +195,7 @@ def _bind(value: object) -> object:
     return value
 
 
-Bind = Annotated[str, BeforeValidator(_bind)]
+Bind = Annotated[str, Before(_bind)]
 
 
 _URL_UNSAFE_RE: Final = re.compile(r"[\x00-\x20\x7f]")
@@ -214,18 +218,14 @@ def _http_url(value: object) -> object:
     return value
 
 
-HttpUrl = Annotated[str, BeforeValidator(_http_url)]
-
-
-class _Model(BaseModel):
-    # Unknown keys are errors: a typo must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+HttpUrl = Annotated[str, Before(_http_url)]
 
 
 # --- sections ------------------------------------------------------------------------------
 
 
-class NodeConfig(_Model):
+@model
+class NodeConfig(Model):
     #: the address peers and coordinators reach this sidecar at (Kubernetes: the pod IP)
     advertise_address: str = "127.0.0.1"
 
@@ -238,10 +238,11 @@ def _file_path(value: object) -> object:
     return value
 
 
-FilePath = Annotated[str, BeforeValidator(_file_path)]
+FilePath = Annotated[str, Before(_file_path)]
 
 
-class ListenerTlsConfig(_Model):
+@model
+class ListenerTlsConfig(Model):
     """TLS terminated on a listener: TLS 1.2 and later only, the standard library's secure
     defaults; mutual TLS when `client_ca_file` is given. The files are re-read when they
     change (a renewed certificate is served to the next connection)."""
@@ -255,17 +256,17 @@ class ListenerTlsConfig(_Model):
     #: a client must complete its handshake within this (a slow handshake is a slowloris)
     handshake_timeout: Duration = 10.0
 
-    @model_validator(mode="after")
-    def _client_ca(self) -> ListenerTlsConfig:
+    @check
+    def _client_ca(self) -> None:
         if self.require_client_cert and self.client_ca_file is None:
             raise ValueError(
                 "require_client_cert needs client_ca_file (the CA client certificates must "
                 "chain to)"
             )
-        return self
 
 
-class OriginTlsConfig(_Model):
+@model
+class OriginTlsConfig(Model):
     """TLS this process originates to an https:// URL: the CA to trust (default: the
     system's), an optional client certificate (mutual TLS), the name to verify."""
 
@@ -273,32 +274,34 @@ class OriginTlsConfig(_Model):
     cert_file: FilePath | None = None
     key_file: FilePath | None = None
     #: the name sent as SNI and verified in the certificate (default: the URL's host)
-    server_name: str | None = Field(default=None, min_length=1, max_length=253)
+    server_name: Annotated[str, Len(1, 253)] | None = None
     #: false turns certificate and name checks off (tests only: anyone can then pose as it)
     verify: bool = True
 
-    @model_validator(mode="after")
-    def _pairs(self) -> OriginTlsConfig:
+    @check
+    def _pairs(self) -> None:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together")
-        return self
 
 
-class ListenerConfig(_Model):
+@model
+class ListenerConfig(Model):
     bind: Bind
     #: TLS on this listener (absent: plain HTTP)
     tls: ListenerTlsConfig | None = None
 
 
-class HeaderLimits(_Model):
+@model
+class HeaderLimits(Model):
     request_line: Size = 8 * 1024
     header_field: Size = 16 * 1024
-    header_count: int = Field(default=100, ge=1)
+    header_count: Annotated[int, Ge(1)] = 100
     #: total bytes of the request head (request line + all headers)
     header_bytes: Size = 64 * 1024
 
 
-class ProxyListenerTimeouts(_Model):
+@model
+class ProxyListenerTimeouts(Model):
     #: a client must finish sending its request head within this (slowloris)
     header_read: Duration = 10.0
     #: a request body that stalls this long is cut off
@@ -307,15 +310,16 @@ class ProxyListenerTimeouts(_Model):
     keepalive: Duration = 60.0
 
 
-class ClientLimits(_Model):
+@model
+class ClientLimits(Model):
     """What a proxy listener grants each client, so that slow or idle clients cannot take
     the capacity (connections, file descriptors, pooled upstream connections) others need."""
 
     #: open client connections on this listener; past it a new one gets 503 and is closed
-    max_connections: int = Field(default=10_000, ge=1)
+    max_connections: Annotated[int, Ge(1)] = 10_000
     #: open connections from one client address (0: no cap of its own; behind a mesh proxy
     #: every client is 127.0.0.1, so only set it where clients connect directly)
-    max_connections_per_client: int = Field(default=0, ge=0)
+    max_connections_per_client: Annotated[int, Ge(0)] = 0
     #: request-body bytes held before an upstream connection is taken: a body that fits is
     #: sent whole once it is in, so a slow client never holds a pooled connection for it;
     #: a larger one streams once this much has arrived
@@ -326,9 +330,10 @@ class ClientLimits(_Model):
     min_rate_bytes: Size = 1024
     min_rate_window: Duration = 5.0
     #: HTTP/2: streams one client connection may have open at once (SETTINGS)
-    max_concurrent_streams: int = Field(default=100, ge=1, le=10_000)
+    max_concurrent_streams: Annotated[int, Ge(1), Le(10_000)] = 100
 
 
+@model
 class ProxyListenerConfig(ListenerConfig):
     limits: HeaderLimits = HeaderLimits()
     timeouts: ProxyListenerTimeouts = ProxyListenerTimeouts()
@@ -344,17 +349,16 @@ _DEFAULT_BINDS: Final = {
 }
 
 
-class ListenersConfig(_Model):
-    @model_validator(mode="before")
+@model
+class ListenersConfig(Model):
     @classmethod
-    def _default_binds(cls, data: Any) -> Any:
+    def _before(cls, data: Mapping[Any, Any]) -> Mapping[Any, Any]:
         # a listener given in part (say, only its limits) keeps its default bind
-        if isinstance(data, dict):
-            data = dict(data)
-            for name, bind in _DEFAULT_BINDS.items():
-                section = data.get(name)
-                if isinstance(section, dict) and "bind" not in section:
-                    data[name] = {**section, "bind": bind}
+        data = dict(data)
+        for name, bind in _DEFAULT_BINDS.items():
+            section = data.get(name)
+            if isinstance(section, dict) and "bind" not in section:
+                data[name] = {**section, "bind": bind}
         return data
 
     inbound: ProxyListenerConfig = ProxyListenerConfig(bind="0.0.0.0:17006")
@@ -367,7 +371,8 @@ class ListenersConfig(_Model):
     require_c_parser: bool = True
 
 
-class UpstreamTimeouts(_Model):
+@model
+class UpstreamTimeouts(Model):
     connect: Duration = 1.0
     #: from the request head sent to the response head received
     response_header: Duration = 8.0
@@ -375,22 +380,25 @@ class UpstreamTimeouts(_Model):
     total: Duration = 12.0
 
 
-class PoolConfig(_Model):
-    max_connections: int = Field(default=100, ge=1)
-    max_idle: int = Field(default=100, ge=0)
+@model
+class PoolConfig(Model):
+    max_connections: Annotated[int, Ge(1)] = 100
+    max_idle: Annotated[int, Ge(0)] = 100
     idle_timeout: Duration = 30.0
     #: requests allowed to wait for a connection; past it → 503 POOL_EXHAUSTED at once
-    max_pending: int = Field(default=1024, ge=0)
+    max_pending: Annotated[int, Ge(0)] = 1024
 
 
-class RetryConfig(_Model):
+@model
+class RetryConfig(Model):
     #: extra attempts for idempotent requests that cannot have reached the upstream
-    attempts: int = Field(default=1, ge=0, le=10)
+    attempts: Annotated[int, Ge(0), Le(10)] = 1
     #: retries in flight may be at most this share of requests in flight (min 3)
-    budget_ratio: float = Field(default=0.2, ge=0.0, le=1.0)
+    budget_ratio: Annotated[float, Ge(0.0), Le(1.0)] = 0.2
 
 
-class ClusterConfig(_Model):
+@model
+class ClusterConfig(Model):
     """A pool of one upstream host: the app behind the inbound listener, or a named upstream."""
 
     url: HttpUrl
@@ -407,8 +415,8 @@ class ClusterConfig(_Model):
     #: an http:// url, h2 through TLS (ALPN) on an https:// url
     protocol: Literal["http1", "h2c", "h2"] = "http1"
 
-    @model_validator(mode="after")
-    def _timeouts_nest(self) -> ClusterConfig:
+    @check
+    def _timeouts_nest(self) -> None:
         t = self.timeouts
         problems = []
         if self.protocol == "h2c" and not self.url.startswith("http://"):
@@ -431,62 +439,66 @@ class ClusterConfig(_Model):
             problems.append("pool.max_idle must not exceed pool.max_connections")
         if problems:
             raise ValueError("; ".join(problems))
-        return self
 
 
+@model
 class AppConfig(ClusterConfig):
     url: HttpUrl = "http://127.0.0.1:8080"
     #: routes on which the app receives the client's own Idempotency-Key (the inbound
     #: listener strips it everywhere else, and always on declared TCC/Saga tries)
-    idempotency_key_routes: list[TransactionMatch] = Field(default_factory=list)
+    idempotency_key_routes: list[TransactionMatch] = field(default_factory=list)
 
 
+def _unique_headers(v: list[str]) -> list[str]:
+    # a header written twice is a repeated XID header, which receivers refuse
+    if len({h.lower() for h in v}) != len(v):
+        raise ValueError("names a header twice (header names are case-insensitive)")
+    return v
+
+
+def _header_list(v: list[str]) -> list[str]:
+    if not v:
+        raise ValueError("must name at least one header")
+    return _unique_headers(v)
+
+
+@model
 class UpstreamConfig(ClusterConfig):
     #: header names the XID is written under for this upstream (None: xid.app_headers)
-    xid_headers: list[HeaderName] | None = None
-
-    @field_validator("xid_headers")
-    @classmethod
-    def _unique(cls, v: list[str] | None) -> list[str] | None:
-        # a header written twice is a repeated XID header, which receivers refuse
-        if v is not None and len({h.lower() for h in v}) != len(v):
-            raise ValueError("names a header twice (header names are case-insensitive)")
-        return v
+    xid_headers: Annotated[list[HeaderName], After(_unique_headers)] | None = None
 
 
-class XidConfig(_Model):
+#: a non-empty list of header names, none twice
+HeaderList = Annotated[list[HeaderName], After(_header_list)]
+
+
+@model
+class XidConfig(Model):
     #: aliases accepted on incoming requests
-    headers: list[HeaderName] = Field(default_factory=lambda: ["XID", "X-GTS-XID", "TX_XID"])
+    headers: HeaderList = field(default_factory=lambda: ["XID", "X-GTS-XID", "TX_XID"])
     #: names the app receives the XID under
-    app_headers: list[HeaderName] = Field(default_factory=lambda: ["XID"])
-    max_length: int = Field(default=128, ge=8, le=4096)
-
-    @field_validator("headers", "app_headers")
-    @classmethod
-    def _non_empty_unique(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("must name at least one header")
-        lowered = [h.lower() for h in v]
-        if len(set(lowered)) != len(lowered):
-            raise ValueError("names a header twice (header names are case-insensitive)")
-        return v
+    app_headers: HeaderList = field(default_factory=lambda: ["XID"])
+    max_length: Annotated[int, Ge(8), Le(4096)] = 128
 
 
-class AccessLogConfig(_Model):
+@model
+class AccessLogConfig(Model):
     """One JSON line per proxied request (logger `sidecar.access`, at info)."""
 
     enabled: bool = False
     #: the share of requests logged (1.0: every one; 0.01: one in a hundred, at random)
-    sample_ratio: float = Field(default=1.0, gt=0.0, le=1.0)
+    sample_ratio: Annotated[float, Gt(0.0), Le(1.0)] = 1.0
 
 
-class LoggingConfig(_Model):
+@model
+class LoggingConfig(Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
     access_log: AccessLogConfig = AccessLogConfig()
 
 
-class TracingConfig(_Model):
+@model
+class TracingConfig(Model):
     """Spans over OTLP/HTTP (protobuf). Without an endpoint no span is recorded, and the
     calls made for a transaction still carry its `traceparent`."""
 
@@ -494,47 +506,51 @@ class TracingConfig(_Model):
     otlp_endpoint: HttpUrl | None = None
     #: the share of new traces recorded; a request that arrives with a traceparent keeps
     #: its caller's decision (the sampled flag)
-    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    sample_ratio: Annotated[float, Ge(0.0), Le(1.0)] = 1.0
 
 
-class AdminConfig(_Model):
+@model
+class AdminConfig(Model):
     #: bearer token for /admin/* (metrics and health stay open)
     token_file: SecretFile | None = None
 
 
-class MetricsConfig(_Model):
+@model
+class MetricsConfig(Model):
     enabled: bool = True
 
 
 # --- coordinator, local coordinator, declarative transactions --------------------------------
 
 
-class SigningKey(_Model):
-    key_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+KeyId = Annotated[str, Len(1, 64), Pattern(r"^[A-Za-z0-9._-]+$")]
+
+
+@model
+class SigningKey(Model):
+    key_id: KeyId
     secret_file: SecretFile
 
 
-class SigningConfig(_Model):
+@model
+class SigningConfig(Model):
     """HMAC-SHA256 request signing (docs/signing.md). Without a key the sidecar makes up a random
     one at start: it then signs and verifies only its own calls (one pod, development)."""
 
-    key_id: str | None = Field(
-        default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$"
-    )
+    key_id: KeyId | None = None
     secret_file: SecretFile | None = None
     #: keys that still verify (not sign) during a rotation
-    previous: list[SigningKey] = Field(default_factory=list)
+    previous: list[SigningKey] = field(default_factory=list)
     #: accepted clock difference between signer and verifier, either way
     window: Duration = 300.0
 
-    @model_validator(mode="after")
-    def _pairs(self) -> SigningConfig:
+    @check
+    def _pairs(self) -> None:
         if (self.key_id is None) != (self.secret_file is None):
             raise ValueError("key_id and secret_file go together")
         ids = [k.key_id for k in self.previous] + ([self.key_id] if self.key_id else [])
         if len(set(ids)) != len(ids):
             raise ValueError("a key id appears twice (current and previous keys must differ)")
-        return self
 
 
 _JWT_ALGORITHMS: Final = frozenset(
@@ -542,50 +558,52 @@ _JWT_ALGORITHMS: Final = frozenset(
 )
 
 
-class AuthConfig(_Model):
+def _allow_list(v: list[str]) -> list[str]:
+    bad = [a for a in v if a not in _JWT_ALGORITHMS]
+    if bad or not v:
+        raise ValueError(
+            f"unsupported algorithm(s) {bad or v}; choose from {sorted(_JWT_ALGORITHMS)}"
+        )
+    return v
+
+
+@model
+class AuthConfig(Model):
     """Bearer JWTs: fetched from `token_url` with the access key (client side), verified with
     `verify_key_file` when this process serves the protocol (coordinator side)."""
 
     token_url: HttpUrl | None = None
     access_key_file: SecretFile | None = None
     audience: str | None = None
-    algorithms: list[str] = Field(default_factory=lambda: ["HS256"])
+    algorithms: Annotated[list[str], After(_allow_list)] = field(default_factory=lambda: ["HS256"])
     verify_key_file: SecretFile | None = None
 
-    @field_validator("algorithms")
-    @classmethod
-    def _allow_list(cls, v: list[str]) -> list[str]:
-        bad = [a for a in v if a not in _JWT_ALGORITHMS]
-        if bad or not v:
-            raise ValueError(
-                f"unsupported algorithm(s) {bad or v}; choose from {sorted(_JWT_ALGORITHMS)}"
-            )
-        return v
-
-    @model_validator(mode="after")
-    def _pairs(self) -> AuthConfig:
+    @check
+    def _pairs(self) -> None:
         if (self.token_url is None) != (self.access_key_file is None):
             raise ValueError("token_url and access_key_file go together")
-        return self
 
 
-class CoordinatorTimeouts(_Model):
+@model
+class CoordinatorTimeouts(Model):
     connect: Duration = 1.0
     #: one call to the coordinator, connect included; must be below every transaction timeout
     request: Duration = 3.0
 
 
-class BreakerConfig(_Model):
+@model
+class BreakerConfig(Model):
     #: consecutive failures that open the breaker
-    failures: int = Field(default=5, ge=1)
+    failures: Annotated[int, Ge(1)] = 5
     #: how long it stays open before one probe is let through
     reset: Duration = 10.0
 
 
-class CoordinatorConfig(_Model):
+@model
+class CoordinatorConfig(Model):
     #: the coordinator cluster (http://host:port of each node's peer listener); empty: this
     #: sidecar's local coordinator serves every transaction
-    endpoints: list[HttpUrl] = Field(default_factory=list)
+    endpoints: list[HttpUrl] = field(default_factory=list)
     signing: SigningConfig = SigningConfig()
     auth: AuthConfig = AuthConfig()
     timeouts: CoordinatorTimeouts = CoordinatorTimeouts()
@@ -594,14 +612,15 @@ class CoordinatorConfig(_Model):
     tls: OriginTlsConfig | None = None
 
 
-class PhaseTwoRetry(_Model):
+@model
+class PhaseTwoRetry(Model):
     initial: Duration = 1.0
     max: Duration = 60.0
-    multiplier: float = Field(default=2.0, ge=1.0, le=10.0)
+    multiplier: Annotated[float, Ge(1.0), Le(10.0)] = 2.0
     #: +/- this share of each delay is random, so retries of many branches spread out
-    jitter: float = Field(default=0.2, ge=0.0, le=1.0)
+    jitter: Annotated[float, Ge(0.0), Le(1.0)] = 0.2
     #: attempts before a branch is marked stuck (it then waits for /admin retry or skip)
-    max_attempts: int = Field(default=20, ge=1)
+    max_attempts: Annotated[int, Ge(1)] = 20
 
 
 def _journal_url(value: object) -> object:
@@ -644,8 +663,9 @@ def _postgresql_url(value: str) -> str:
     return value
 
 
-class LocalCoordinatorConfig(_Model):
-    journal: Annotated[str, BeforeValidator(_journal_url)] = "sqlite:///var/journal.db"
+@model
+class LocalCoordinatorConfig(Model):
+    journal: Annotated[str, Before(_journal_url)] = "sqlite:///var/journal.db"
     #: for begins that name no timeout
     default_timeout: Duration = 60.0
     max_timeout: Duration = 86400.0
@@ -655,7 +675,7 @@ class LocalCoordinatorConfig(_Model):
     retention: Duration = 86400.0
     #: undelivered decisions for the cluster kept at most; past it a decision is answered
     #: 503 OUTBOX_FULL instead of growing the outbox without limit
-    outbox_max_items: int = Field(default=10_000, ge=1, le=10_000_000)
+    outbox_max_items: Annotated[int, Ge(1), Le(10_000_000)] = 10_000
     #: POSTed a JSON event when a branch is marked stuck
     alert_webhook: HttpUrl | None = None
     #: PostgreSQL journal only: its password (else libpq's PGPASSWORD or .pgpass)
@@ -667,7 +687,7 @@ class LocalCoordinatorConfig(_Model):
     #: the lease, so a renewal that hangs fails while the lease still holds
     statement_timeout: Duration = 2.0
     #: PostgreSQL journal only: connections per replica
-    pool_size: int = Field(default=10, ge=2, le=200)
+    pool_size: Annotated[int, Ge(2), Le(200)] = 10
 
     @property
     def replicated(self) -> bool:
@@ -681,46 +701,46 @@ class LocalCoordinatorConfig(_Model):
             return None
         return self.journal[len("sqlite:///") :] + suffix
 
-    @model_validator(mode="after")
-    def _bounds(self) -> LocalCoordinatorConfig:
+    @check
+    def _bounds(self) -> None:
         if self.default_timeout > self.max_timeout:
             raise ValueError("default_timeout must not exceed max_timeout")
         if not 1.0 <= self.lease <= 600.0:
             raise ValueError("lease must be between 1s and 600s")
         if not 0.1 <= self.statement_timeout <= self.lease / 2:
             raise ValueError("statement_timeout must be between 100ms and half the lease")
-        return self
 
 
 _METHOD_RE: Final = re.compile(r"^[A-Z]+\Z")
 
 
-class TransactionMatch(_Model):
-    method: str | None = None
+def _method(v: str) -> str:
+    if not _METHOD_RE.match(v):
+        raise ValueError(f"invalid method {v!r} (upper-case, e.g. POST)")
+    return v
+
+
+Method = Annotated[str, After(_method)]
+
+
+def _regex(v: str) -> str:
+    try:
+        re.compile(v)
+    except re.error as exc:
+        raise ValueError(f"invalid regex {v!r}: {exc}") from None
+    return v
+
+
+@model
+class TransactionMatch(Model):
+    method: Method | None = None
     #: exactly one of: path (exact), path_prefix, path_regex (full match)
     path: str | None = None
     path_prefix: str | None = None
-    path_regex: str | None = None
+    path_regex: Annotated[str, After(_regex)] | None = None
 
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v: str | None) -> str | None:
-        if v is not None and not _METHOD_RE.match(v):
-            raise ValueError(f"invalid method {v!r} (upper-case, e.g. POST)")
-        return v
-
-    @field_validator("path_regex")
-    @classmethod
-    def _regex(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as exc:
-                raise ValueError(f"invalid regex {v!r}: {exc}") from None
-        return v
-
-    @model_validator(mode="after")
-    def _one_path(self) -> TransactionMatch:
+    @check
+    def _one_path(self) -> None:
         given = [k for k in ("path", "path_prefix", "path_regex") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of path, path_prefix, path_regex")
@@ -728,10 +748,19 @@ class TransactionMatch(_Model):
             value = getattr(self, key)
             if value is not None and not value.startswith("/"):
                 raise ValueError(f"{key} must start with '/'")
-        return self
 
 
-class DegradedConfig(_Model):
+def _cidrs(v: list[str]) -> list[str]:
+    for net in v:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ValueError(f"invalid network {net!r} (CIDR, e.g. 10.0.0.0/8)") from None
+    return v
+
+
+@model
+class DegradedConfig(Model):
     """When the coordinator cluster is unreachable (README, "Degraded mode")."""
 
     #: a branch registration for a cluster-owned XID while the cluster is unreachable:
@@ -742,46 +771,30 @@ class DegradedConfig(_Model):
     #: port) are routed to that owner (a peer sidecar coordinating in degraded mode);
     #: anything else is never called, so a forged XID cannot aim signed calls at arbitrary
     #: hosts. Empty by default: set the pod CIDR (Kubernetes) to let peers coordinate.
-    peer_networks: list[str] = Field(default_factory=list)
+    peer_networks: Annotated[list[str], After(_cidrs)] = field(default_factory=list)
     #: clients of peer sidecars kept (least recently used dropped past it)
-    max_peers: int = Field(default=64, ge=1, le=100_000)
-
-    @field_validator("peer_networks")
-    @classmethod
-    def _cidrs(cls, v: list[str]) -> list[str]:
-        for net in v:
-            try:
-                ipaddress.ip_network(net, strict=False)
-            except ValueError:
-                raise ValueError(f"invalid network {net!r} (CIDR, e.g. 10.0.0.0/8)") from None
-        return v
+    max_peers: Annotated[int, Ge(1), Le(100_000)] = 64
 
 
-class TransactionRule(_Model):
+@model
+class TransactionRule(Model):
     match: TransactionMatch
-    name: str = Field(min_length=1, max_length=128)
+    name: Annotated[str, Len(1, 128)]
     timeout: Duration = 60.0
 
 
-class Endpoint(_Model):
+def _endpoint_path(v: str) -> str:
+    if not v.startswith("/") or any(c in v for c in " ?#\r\n"):
+        raise ValueError(f"invalid path {v!r} (starts with '/', no query)")
+    return v
+
+
+@model
+class Endpoint(Model):
     """One route of the app: an exact method and path."""
 
-    method: str
-    path: str
-
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        if not _METHOD_RE.match(v):
-            raise ValueError(f"invalid method {v!r} (upper-case, e.g. POST)")
-        return v
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        if not v.startswith("/") or any(c in v for c in " ?#\r\n"):
-            raise ValueError(f"invalid path {v!r} (starts with '/', no query)")
-        return v
+    method: Method
+    path: Annotated[str, After(_endpoint_path)]
 
 
 _NOT_FOR_PHASE_TWO: Final = frozenset(
@@ -790,20 +803,20 @@ _NOT_FOR_PHASE_TWO: Final = frozenset(
 )  # fmt: skip
 
 
-class PhaseTwoHeader(_Model):
+@model
+class PhaseTwoHeader(Model):
     """A header sent with confirm/cancel/compensation calls, its value from a secret file
     (the try's own Authorization is never replayed: it may have expired by then)."""
 
     name: HeaderName
     value_file: SecretFile
 
-    @model_validator(mode="after")
-    def _safe(self) -> PhaseTwoHeader:
+    @check
+    def _safe(self) -> None:
         if self.name.lower() in _NOT_FOR_PHASE_TWO:
             raise ValueError(f"{self.name!r} is set by the sidecar itself (framing, hop)")
         if any(c in self.value_file.reveal() for c in "\r\n\x00"):
             raise ValueError("the value must be one line (no CR, LF or NUL)")
-        return self
 
 
 #: request headers never kept from phase one for phase two (forward_headers)
@@ -812,113 +825,125 @@ _CREDENTIAL_HEADERS: Final = frozenset({"authorization", "cookie", "proxy-author
 _RESOURCE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
 
-class _BranchResource(_Model):
-    resource: str
+def _resource(v: str) -> str:
+    if not _RESOURCE_RE.match(v):
+        raise ValueError(f"invalid resource {v!r} (1-128 letters, digits, '.', '_' or '-')")
+    return v
+
+
+def _no_credentials(v: list[str]) -> list[str]:
+    # a credential kept from phase one is replayed on every confirm/cancel retry, long
+    # after it may have expired: each retry then fails and the branch never settles
+    refused = [h for h in v if h.lower() in _CREDENTIAL_HEADERS]
+    if refused:
+        raise ValueError(
+            f"{refused} carry credentials, which phase two must not replay (they may have "
+            "expired by then); authenticate phase two with phase_two_headers (a fixed "
+            "header whose value comes from a secret file)"
+        )
+    return v
+
+
+@model
+class _BranchResource(Model):
+    resource: Annotated[str, After(_resource)]
     #: request headers of phase one kept for phase two (an allowlist)
-    forward_headers: list[HeaderName] = Field(default_factory=list)
-    phase_two_headers: list[PhaseTwoHeader] = Field(default_factory=list)
+    forward_headers: Annotated[list[HeaderName], After(_no_credentials)] = field(
+        default_factory=list
+    )
+    phase_two_headers: list[PhaseTwoHeader] = field(default_factory=list)
     #: the phase-one body, query and headers are journalled up to this size (past it: 413)
     max_application_data: Size = 64 * 1024
 
-    @field_validator("resource")
-    @classmethod
-    def _resource(cls, v: str) -> str:
-        if not _RESOURCE_RE.match(v):
-            raise ValueError(f"invalid resource {v!r} (1-128 letters, digits, '.', '_' or '-')")
-        return v
 
-    @field_validator("forward_headers")
-    @classmethod
-    def _no_credentials(cls, v: list[str]) -> list[str]:
-        # a credential kept from phase one is replayed on every confirm/cancel retry, long
-        # after it may have expired: each retry then fails and the branch never settles
-        refused = [h for h in v if h.lower() in _CREDENTIAL_HEADERS]
-        if refused:
-            raise ValueError(
-                f"{refused} carry credentials, which phase two must not replay (they may have "
-                "expired by then); authenticate phase two with phase_two_headers (a fixed "
-                "header whose value comes from a secret file)"
-            )
-        return v
-
-
+@model
 class TccResource(_BranchResource):
-    try_: Endpoint = Field(alias="try")
+    try_: Annotated[Endpoint, Alias("try")]
     confirm: Endpoint
     cancel: Endpoint
 
 
+@model
 class SagaResource(_BranchResource):
     action: Endpoint
     compensation: Endpoint
 
 
-class IdempotencyConfig(_Model):
+def check_store(value: str) -> str:
+    """`memory` or a redis:// / rediss:// URL naming host, optional port and db."""
+    if value == "memory":
+        return value
+    if _URL_UNSAFE_RE.search(value):
+        raise ValueError(f"invalid {value!r} (contains whitespace or control characters)")
+    parts = urlsplit(value)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError(f"invalid {value!r} (memory, or redis://host[:port][/db])")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("put the Redis password in password_file, not in the URL")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ValueError(f"invalid port in {value!r}") from None
+    db = parts.path.lstrip("/")
+    if parts.path not in ("", "/") and not (db.isascii() and db.isdigit() and len(db) <= 5):
+        raise ValueError(f"invalid db in {value!r} (a number: redis://host:6379/0)")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{value!r} must not carry a query or fragment")
+    return value
+
+
+def _lock_backend(v: str) -> str:
+    return v if v in ("journal", "coordinator") else check_store(v)
+
+
+@model
+class IdempotencyConfig(Model):
     """Where `Idempotency-Key`s (TM API, declarative begins) and the replay cache of signed
     requests live: this process (`memory`), or a Redis shared by a service's replicas."""
 
     #: memory, or redis://host[:port][/db] (rediss:// for TLS); no password in the URL
-    store: str = "memory"
+    store: Annotated[str, After(check_store)] = "memory"
     #: the Redis AUTH password, from a secret file
     password_file: SecretFile | None = None
     #: how long a key is remembered
     ttl: Duration = 86400.0
 
-    @field_validator("store")
-    @classmethod
-    def _store(cls, v: str) -> str:
-        return cls.check_store(v)
 
-    @staticmethod
-    def check_store(value: str) -> str:
-        """`memory` or a redis:// / rediss:// URL naming host, optional port and db."""
-        if value == "memory":
-            return value
-        if _URL_UNSAFE_RE.search(value):
-            raise ValueError(f"invalid {value!r} (contains whitespace or control characters)")
-        parts = urlsplit(value)
-        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-            raise ValueError(f"invalid {value!r} (memory, or redis://host[:port][/db])")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError("put the Redis password in password_file, not in the URL")
-        try:
-            _ = parts.port
-        except ValueError:
-            raise ValueError(f"invalid port in {value!r}") from None
-        db = parts.path.lstrip("/")
-        if parts.path not in ("", "/") and not (db.isascii() and db.isdigit() and len(db) <= 5):
-            raise ValueError(f"invalid db in {value!r} (a number: redis://host:6379/0)")
-        if parts.query or parts.fragment:
-            raise ValueError(f"{value!r} must not carry a query or fragment")
-        return value
-
-
-class LocksConfig(_Model):
+@model
+class LocksConfig(Model):
     """Global locks (`POST /v1/locks`, seed §3.3): per resource key, held by XIDs."""
 
     #: journal (SQLite beside local_coordinator.journal: one replica, survives restarts),
     #: memory (this process only: lost on restart), redis://host[:port][/db] (rediss://
     #: for TLS), shared by every replica, or coordinator (the coordinator cluster's, shared
     #: by its replicas on PostgreSQL and released with each transaction's end)
-    backend: str = "journal"
+    backend: Annotated[str, After(_lock_backend)] = "journal"
     #: the Redis AUTH password, from a secret file
     password_file: SecretFile | None = None
-
-    @field_validator("backend")
-    @classmethod
-    def _backend(cls, v: str) -> str:
-        return v if v in ("journal", "coordinator") else IdempotencyConfig.check_store(v)
 
 
 _UPSTREAM_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 
 
-class Config(_Model):
+def _upstream_names(v: dict[str, UpstreamConfig]) -> dict[str, UpstreamConfig]:
+    for name in v:
+        if not _UPSTREAM_NAME_RE.match(name):
+            raise ValueError(
+                f"upstream name {name!r} must be 1-63 letters, digits, '.', '_' or '-' "
+                "(it is used as a path prefix and a Host name)"
+            )
+    return v
+
+
+@model
+class Config(Model):
     node: NodeConfig = NodeConfig()
     listeners: ListenersConfig = ListenersConfig()
     app: AppConfig = AppConfig()
     xid: XidConfig = XidConfig()
-    upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
+    upstreams: Annotated[dict[str, UpstreamConfig], After(_upstream_names)] = field(
+        default_factory=dict
+    )
     admin: AdminConfig = AdminConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -926,32 +951,30 @@ class Config(_Model):
     drain_timeout: Duration = 20.0
     coordinator: CoordinatorConfig = CoordinatorConfig()
     local_coordinator: LocalCoordinatorConfig = LocalCoordinatorConfig()
-    transactions: list[TransactionRule] = Field(default_factory=list)
+    transactions: list[TransactionRule] = field(default_factory=list)
     degraded: DegradedConfig = DegradedConfig()
-    tcc: list[TccResource] = Field(default_factory=list)
-    saga: list[SagaResource] = Field(default_factory=list)
+    tcc: list[TccResource] = field(default_factory=list)
+    saga: list[SagaResource] = field(default_factory=list)
     idempotency: IdempotencyConfig = IdempotencyConfig()
     locks: LocksConfig = LocksConfig()
 
-    @model_validator(mode="after")
-    def _coordinator_locks(self) -> Config:
+    @check
+    def _coordinator_locks(self) -> None:
         if self.locks.backend == "coordinator" and not self.coordinator.endpoints:
             raise ValueError(
                 "locks.backend: coordinator keeps the locks in the coordinator cluster, "
                 "which needs coordinator.endpoints"
             )
-        return self
 
-    @model_validator(mode="after")
-    def _resources_unique(self) -> Config:
+    @check
+    def _resources_unique(self) -> None:
         names = [r.resource for r in self.tcc] + [r.resource for r in self.saga]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"tcc/saga: resource name(s) {dupes} declared twice")
-        return self
 
-    @model_validator(mode="after")
-    def _timeouts_below_transactions(self) -> Config:
+    @check
+    def _timeouts_below_transactions(self) -> None:
         """The seed's trap: a call that outlives the transaction it serves leaves it
         "committed, response lost". Everything a transaction waits on must give up first."""
         problems = []
@@ -985,22 +1008,10 @@ class Config(_Model):
                     )
         if problems:
             raise ValueError("; ".join(problems))
-        return self
-
-    @field_validator("upstreams")
-    @classmethod
-    def _upstream_names(cls, v: dict[str, UpstreamConfig]) -> dict[str, UpstreamConfig]:
-        for name in v:
-            if not _UPSTREAM_NAME_RE.match(name):
-                raise ValueError(
-                    f"upstream name {name!r} must be 1-63 letters, digits, '.', '_' or '-' "
-                    "(it is used as a path prefix and a Host name)"
-                )
-        return v
 
     def redacted(self) -> dict[str, Any]:
         """The effective config as plain data with every secret replaced by its file path."""
-        return self.model_dump(mode="json", by_alias=True)
+        return dump(self)
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -1055,44 +1066,16 @@ def _substitute(
     return node
 
 
-def _format_loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif (part.startswith("function-") and part.endswith("]")) or part in (
-            "is-instance[Secret]",
-        ):
-            continue
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "<root>"
-
-
-def _format_error(err: Mapping[str, Any]) -> list[str]:
-    loc = _format_loc(tuple(err["loc"]))
-    msg = str(err["msg"])
-    for prefix in ("Value error, ", "Assertion failed, "):
-        if msg.startswith(prefix):
-            msg = msg[len(prefix) :]
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    if loc == "<root>" and err["type"] == "value_error":
-        # cross-section checks name their own keys, one problem each
-        return msg.split("; ")
-    return [f"{loc}: {msg}"]
-
-
 def parse(data: Any, env: Mapping[str, str] | None = None) -> Config:
     """Validate already-parsed YAML data into a Config, or raise ConfigError with every
     problem and its key path."""
     return parse_as(Config, data, env)
 
 
-_M = TypeVar("_M", bound=BaseModel)
+_M = TypeVar("_M", bound=Model)
 
 
-def parse_as(model: type[_M], data: Any, env: Mapping[str, str] | None = None) -> _M:
+def parse_as(cls: type[_M], data: Any, env: Mapping[str, str] | None = None) -> _M:
     """`parse` for any schema built like Config (the injector's config uses it too)."""
     if data is None:
         data = {}
@@ -1108,9 +1091,9 @@ def parse_as(model: type[_M], data: Any, env: Mapping[str, str] | None = None) -
     except RecursionError:
         raise ConfigError(["<root>: nested too deeply"]) from None
     try:
-        config = model.model_validate(data)
-    except ValidationError as exc:
-        problems.extend(p for e in exc.errors() for p in _format_error(e))
+        config = validate(cls, data)
+    except Invalid as exc:
+        problems.extend(exc.problems)
     except (RecursionError, TypeError, ValueError) as exc:
         problems.append(f"<root>: not a usable config: {type(exc).__name__}")
     if problems:

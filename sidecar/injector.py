@@ -28,6 +28,7 @@ from typing import Any, Final
 
 from sidecar.errors import AdmissionReviewInvalid
 from sidecar.injector_config import InjectConfig
+from sidecar.schema import dump
 
 ANNOTATION_INJECT: Final = "sidecar.gts.io/inject"
 ANNOTATION_APP_PORT: Final = "sidecar.gts.io/app-port"
@@ -200,7 +201,7 @@ def _app_port(value: object, settings: InjectConfig) -> int:
     if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
         raise _Refused(f"annotation {ANNOTATION_APP_PORT} must be a port (1-65535), not {value!r}")
     port = int(text)
-    for name, number in settings.ports.model_dump().items():
+    for name, number in dump(settings.ports).items():
         if port == number:
             raise _Refused(
                 f"annotation {ANNOTATION_APP_PORT}: {port} is the sidecar's {name} port; "
@@ -210,7 +211,7 @@ def _app_port(value: object, settings: InjectConfig) -> int:
 
 
 def _check_ports_free(containers: list[dict[str, Any]], settings: InjectConfig) -> None:
-    ours = {number: name for name, number in settings.ports.model_dump().items()}
+    ours = {number: name for name, number in dump(settings.ports).items()}
     for c in containers:
         ports = c.get("ports")
         for p in ports if isinstance(ports, list) else []:
@@ -267,8 +268,8 @@ def sidecar_container(settings: InjectConfig, app_port: int) -> dict[str, Any]:
         },
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", f"{settings.pre_stop_sleep:g}"]}}},
         "resources": {
-            "requests": resources.requests.model_dump(),
-            "limits": resources.limits.model_dump(),
+            "requests": dump(resources.requests),
+            "limits": dump(resources.limits),
         },
         # set on the container, not the pod: the app's own settings stay as they are
         "securityContext": {

@@ -13,9 +13,8 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
-
 from sidecar.config import Bind, Duration, LoggingConfig, Size, parse_as, read_yaml
+from sidecar.schema import Before, Ge, Le, Len, Model, check, dump, model
 
 #: a Kubernetes resource quantity as containers' resources take it (100m, 96Mi, 1, 0.5)
 _QUANTITY_RE: Final = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?\Z")
@@ -51,32 +50,30 @@ def _image(value: object) -> object:
     return value
 
 
-Quantity = Annotated[str, BeforeValidator(_quantity)]
-ObjectName = Annotated[str, BeforeValidator(_object_name)]
-Port = Annotated[int, Field(ge=1, le=65535)]
+Quantity = Annotated[str, Before(_quantity)]
+ObjectName = Annotated[str, Before(_object_name)]
+Port = Annotated[int, Ge(1), Le(65535)]
 
 
-class _Model(BaseModel):
-    # Unknown keys are errors: a typo must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TlsFiles(_Model):
+@model
+class TlsFiles(Model):
     #: PEM certificate chain and key (a cert-manager Secret: tls.crt, tls.key)
-    cert_file: str = Field(min_length=1)
-    key_file: str = Field(min_length=1)
+    cert_file: Annotated[str, Len(1)]
+    key_file: Annotated[str, Len(1)]
     #: how often the two files are checked for a change (a renewed certificate)
     reload_interval: Duration = 10.0
     #: a client must complete its TLS handshake within this (a slow handshake holds a socket)
     handshake_timeout: Duration = 10.0
 
 
-class ListenConfig(_Model):
+@model
+class ListenConfig(Model):
     bind: Bind = "0.0.0.0:17443"
     tls: TlsFiles
 
 
-class SidecarPorts(_Model):
+@model
+class SidecarPorts(Model):
     """The ports the injected sidecar listens on: they must be the binds of the config it
     is given (the ConfigMap), and no container of the pod may use them."""
 
@@ -86,33 +83,35 @@ class SidecarPorts(_Model):
     peer: Port = 17020
     admin: Port = 17090
 
-    @model_validator(mode="after")
-    def _distinct(self) -> SidecarPorts:
-        values = list(self.model_dump().values())
+    @check
+    def _distinct(self) -> None:
+        values = list(dump(self).values())
         if len(set(values)) != len(values):
             raise ValueError(f"the sidecar's ports must differ from each other: {values}")
-        return self
 
 
-class ResourceAmounts(_Model):
+@model
+class ResourceAmounts(Model):
     cpu: Quantity
     memory: Quantity
 
 
-class Resources(_Model):
+@model
+class Resources(Model):
     # measured: ~63 MiB RSS idle, one core saturated at ~22k requests/s (README)
     requests: ResourceAmounts = ResourceAmounts(cpu="100m", memory="96Mi")
     limits: ResourceAmounts = ResourceAmounts(cpu="1", memory="256Mi")
 
 
-class InjectConfig(_Model):
+@model
+class InjectConfig(Model):
     #: the gts-sidecar image to inject (the image this injector runs is a fine choice)
-    image: Annotated[str, BeforeValidator(_image)]
+    image: Annotated[str, Before(_image)]
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     #: the ConfigMap with the sidecar's config, in the pod's namespace
     config_map: ObjectName = "gts-sidecar-config"
     #: the config's key in that ConfigMap (its file name in /etc/gts-sidecar)
-    config_key: Annotated[str, BeforeValidator(_config_key)] = "sidecar.yaml"
+    config_key: Annotated[str, Before(_config_key)] = "sidecar.yaml"
     #: the Secret with the signing key and admin token (mounted at /var/run/secrets/gts);
     #: null for a config that names no secret file
     secret: ObjectName | None = "gts-sidecar-keys"
@@ -125,21 +124,21 @@ class InjectConfig(_Model):
     #: the sidecar's preStop sleep, so endpoints drop the pod before its drain starts
     pre_stop_sleep: Duration = 5.0
 
-    @model_validator(mode="after")
-    def _default_port_free(self) -> InjectConfig:
-        if self.default_app_port in self.ports.model_dump().values():
+    @check
+    def _default_port_free(self) -> None:
+        if self.default_app_port in dump(self.ports).values():
             raise ValueError(
                 f"default_app_port {self.default_app_port} is one of the sidecar's ports"
             )
-        return self
 
 
-class InjectorConfig(_Model):
+@model
+class InjectorConfig(Model):
     listen: ListenConfig
     inject: InjectConfig
     logging: LoggingConfig = LoggingConfig()
     #: the largest AdmissionReview accepted (a pod with a large spec is still well below)
-    max_request_bytes: Annotated[Size, Field(ge=64 * 1024, le=64 * 1024 * 1024)] = 8 * 1024 * 1024
+    max_request_bytes: Annotated[Size, Ge(64 * 1024), Le(64 * 1024 * 1024)] = 8 * 1024 * 1024
 
 
 def parse(data: object, env: Mapping[str, str] | None = None) -> InjectorConfig:

@@ -25,12 +25,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
-from pydantic import BaseModel
-
 from sidecar.config import Config, Secret, load
 from sidecar.errors import ConfigError
 from sidecar.files import StatKey, stat_key
 from sidecar.metrics import Metrics
+from sidecar.schema import Model, dump, field_names
 
 log = logging.getLogger("sidecar.reload")
 
@@ -63,8 +62,8 @@ def file_digest(path: str | os.PathLike[str]) -> str:
 def _files(node: Any, key: str = "") -> Iterator[str]:
     if isinstance(node, Secret):
         yield node.path
-    elif isinstance(node, BaseModel):
-        for name in type(node).model_fields:
+    elif isinstance(node, Model):
+        for name in field_names(type(node)):
             yield from _files(getattr(node, name), name)
     elif isinstance(node, dict):
         for value in node.values():
@@ -83,8 +82,8 @@ def watched_files(config: Config) -> list[str]:
 
 def _structure(value: Any, exclude: set[str] | None = None) -> Any:
     # secrets dump as their paths: a rotated value (same path) is not a structural change
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json", by_alias=True, exclude=exclude)
+    if isinstance(value, Model):
+        return dump(value, exclude=exclude or frozenset())
     if isinstance(value, list):
         return [_structure(v) for v in value]
     return value

@@ -28,6 +28,7 @@ from sidecar.coordinator.signing import KeyRing, sign_headers
 from sidecar.errors import SidecarError
 from sidecar.proxy.fetch import fetch
 from sidecar.proxy.upstream import Cluster
+from sidecar.schema import construct
 from sidecar.spans import tracer
 from sidecar.tracing import current_trace
 
@@ -113,17 +114,19 @@ class HttpBranchCaller:
 
     def _new_cluster(self, origin: str) -> Cluster:
         # built, not parsed: these values are ours (the config checked the timeouts)
-        cfg = ClusterConfig.model_construct(
+        cfg = construct(
+            ClusterConfig,
             url=origin,
-            timeouts=UpstreamTimeouts.model_construct(
+            timeouts=construct(
+                UpstreamTimeouts,
                 connect=self.connect_timeout,
                 response_header=self.timeout,
                 total=self.timeout,  # fetch() times the whole call
             ),
-            pool=PoolConfig.model_construct(
-                max_connections=256, max_idle=64, idle_timeout=30.0, max_pending=4096
+            pool=construct(
+                PoolConfig, max_connections=256, max_idle=64, idle_timeout=30.0, max_pending=4096
             ),
-            retries=RetryConfig.model_construct(attempts=0, budget_ratio=0.0),
+            retries=construct(RetryConfig, attempts=0, budget_ratio=0.0),
         )
         return Cluster(
             POOL_LABEL, cfg, self.metrics, ssl_context=self._ssl, server_name=self._server_name

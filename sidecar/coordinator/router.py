@@ -41,6 +41,7 @@ from sidecar.coordinator.signing import KeyRing
 from sidecar.coordinator.states import BranchStatus, BranchType
 from sidecar.errors import CoordinatorUnavailable, SidecarError, XidInvalid
 from sidecar.metrics import Metrics
+from sidecar.schema import replace
 from sidecar.xid import parse as parse_xid
 
 log = logging.getLogger("sidecar.router")
@@ -198,7 +199,7 @@ class RoutingCoordinator:
                 auto_decompress=False,
             )
         peer = RemoteCoordinator(
-            self.cfg.model_copy(update={"endpoints": [f"{self.peer_scheme}://{owner}"]}),
+            replace(self.cfg, endpoints=[f"{self.peer_scheme}://{owner}"]),
             self.ring,
             self.metrics,
             session=self._peer_session,

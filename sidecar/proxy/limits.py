@@ -1,11 +1,13 @@
 """A proxy listener's and an upstream's limits as plain attributes, copied once per config
 version from config's frozen models.
 
-Why copies: the request path reads these on every request and every header field, and a
-pydantic model's attribute read goes through its class's `__getattr__` hook (two type
-lookups before the instance dict): about 370 instructions a read against a few for these
+Why copies: the request path reads these on every request and every header field. When the
+config's models were pydantic's, each read went through the class's `__getattr__` hook (two
+type lookups before the instance dict): about 370 instructions a read against a few for these
 classes, whose attributes mypyc compiles to struct fields (setup.py compiles this module with
-the request path). Fourteen such reads per request were 8% of the compiled build's work.
+the request path); fourteen such reads per request were 8% of the compiled build's work. The
+models are slotted dataclasses now (sidecar/schema.py), cheaper to read but still a generic
+attribute lookup from compiled code, where these are struct fields.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from sidecar.coordinator.client import RemoteCoordinator
 from sidecar.coordinator.states import BranchStatus, BranchType
 from sidecar.errors import CoordinatorUnavailable, TransactionNotActive
 from sidecar.metrics import Metrics
+from sidecar.schema import validate
 from tests.component.gts import SignedClient, ring, signing_config
 from tests.component.servers import wait_until
 
@@ -98,13 +99,14 @@ async def coordinator() -> AsyncIterator[Coordinator]:
 
 @pytest.fixture
 async def remote(coordinator: Coordinator) -> AsyncIterator[RemoteCoordinator]:
-    cfg = CoordinatorConfig.model_validate(
+    cfg = validate(
+        CoordinatorConfig,
         {
             "endpoints": [coordinator.url],
             "timeouts": {"request": REQUEST_TIMEOUT},
             # one failure would open it: a call cut short by the deadline must not count
             "breaker": {"failures": 1},
-        }
+        },
     )
     client = RemoteCoordinator(cfg, ring(), Metrics())
     yield client
@@ -201,8 +203,9 @@ async def test_a_participant_keeps_its_calls_within_a_transaction_begun_elsewher
     sc, initiator = peer
     # the participant's client did not begin the transaction: the register answer tells it
     # how long the transaction has left (timeLeftMs), counted from when it sent the register
-    cfg = CoordinatorConfig.model_validate(
-        {"endpoints": [f"http://127.0.0.1:{sc.ports['peer']}"], "timeouts": {"request": "30s"}}
+    cfg = validate(
+        CoordinatorConfig,
+        {"endpoints": [f"http://127.0.0.1:{sc.ports['peer']}"], "timeouts": {"request": "30s"}},
     )
     participant = RemoteCoordinator(cfg, ring(), Metrics())
     try:

@@ -14,6 +14,7 @@ from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
 from sidecar.metrics import Metrics
 from sidecar.proxy.fetch import fetch
 from sidecar.proxy.upstream import Cluster
+from sidecar.schema import validate
 from tests.component.servers import closed_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -77,7 +78,7 @@ async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[Server]]]:
 
 
 def cluster_for(port: int) -> Cluster:
-    cfg = ClusterConfig.model_validate({"url": f"http://127.0.0.1:{port}"})
+    cfg = validate(ClusterConfig, {"url": f"http://127.0.0.1:{port}"})
     return Cluster("test", cfg, Metrics())
 
 

@@ -25,6 +25,7 @@ from sidecar.config import load, parse_bind
 from sidecar.injector_config import InjectorConfig
 from sidecar.injector_config import load as load_injector
 from sidecar.injector_server import Injector
+from sidecar.schema import dump, replace
 
 from .kube import (
     BASE,
@@ -201,20 +202,15 @@ async def test_the_self_signed_recipe_gives_a_certificate_the_api_server_would_a
     assert "kubectl -n gts-system create secret tls gts-sidecar-injector-tls" in done.stdout
     certs = tmp_path / "certs"
     cfg = injector_config(tmp_path)
-    local = cfg.model_copy(
-        update={
-            "listen": cfg.listen.model_copy(
-                update={
-                    "bind": "127.0.0.1:0",
-                    "tls": cfg.listen.tls.model_copy(
-                        update={
-                            "cert_file": str(certs / "tls.crt"),
-                            "key_file": str(certs / "tls.key"),
-                        }
-                    ),
-                }
-            )
-        }
+    local = replace(
+        cfg,
+        listen=replace(
+            cfg.listen,
+            bind="127.0.0.1:0",
+            tls=replace(
+                cfg.listen.tls, cert_file=str(certs / "tls.crt"), key_file=str(certs / "tls.key")
+            ),
+        ),
     )
     server = Injector(local)
     await server.start()
@@ -375,7 +371,7 @@ def test_an_injected_sidecar_loads_its_config_with_the_pods_port(tmp_path: Path)
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     config = load(path, env=env)
     assert config.app.url == "http://127.0.0.1:9000"
-    for name, number in cfg.inject.ports.model_dump().items():
+    for name, number in dump(cfg.inject.ports).items():
         assert parse_bind(getattr(config.listeners, name).bind)[1] == number, name
 
 
@@ -391,10 +387,8 @@ async def _serve_and_post(tmp: Path, bodies: list[bytes]) -> list[tuple[int, dic
     cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
     key.write_bytes(leaf.private_key_pem.bytes())
     cfg = injector_config(tmp)
-    tls = cfg.listen.tls.model_copy(update={"cert_file": str(cert), "key_file": str(key)})
-    local = cfg.model_copy(
-        update={"listen": cfg.listen.model_copy(update={"bind": "127.0.0.1:0", "tls": tls})}
-    )
+    tls = replace(cfg.listen.tls, cert_file=str(cert), key_file=str(key))
+    local = replace(cfg, listen=replace(cfg.listen, bind="127.0.0.1:0", tls=tls))
     server = Injector(local)
     await server.start()
     try:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from sidecar.config import _DEFAULT_BINDS, Config, load, parse_bind
+from sidecar.schema import validate
 
 from .kube import KUSTOMIZATIONS, ROOT, Obj, all_containers, find, labels_match, one, render
 from .test_manifests import APP, SIDECAR, sidecar
@@ -58,7 +59,7 @@ def test_config_defaults_and_example_stay_out_of_mesh_ports() -> None:
     ports = _config_ports("Config()", Config())
     ports |= {f"_DEFAULT_BINDS {n}": parse_bind(b)[1] for n, b in _DEFAULT_BINDS.items()}
     # a listener given in part keeps its default bind
-    partial = Config.model_validate({"listeners": {n: {} for n in LISTENERS}})
+    partial = validate(Config, {"listeners": {n: {} for n in LISTENERS}})
     ports |= _config_ports("partial listeners", partial)
     ports |= _config_ports("config/sidecar.yaml", load(ROOT / "config" / "sidecar.yaml", env={}))
     assert set(ports.values()) == {17000, 17001, 17006, 17020, 17090}

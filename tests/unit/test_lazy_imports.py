@@ -1,6 +1,7 @@
 """A config loads only the libraries it uses: each one the example config does not need costs
 the idle sidecar RSS (redis-py with aiocache and OpenTelemetry ~9 MB, PyJWT with
-`cryptography` ~11 MB, h2 ~1 MB, asyncpg). Checked in a fresh interpreter's sys.modules,
+`cryptography` ~11 MB, h2 ~1 MB, asyncpg), and pydantic, which no config needs any more (9 MiB:
+the config is validated by sidecar/schema.py). Checked in a fresh interpreter's sys.modules,
 since this test process has imported everything already."""
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ NOT_NEEDED = {
     "asyncpg": "local_coordinator.journal postgresql://",
     "h2": "a client speaking HTTP/2, or an h2c app or upstream",
     "hpack": "imported by h2",
+    # no config needs it: sidecar/schema.py validates the config (pydantic held 9 MiB a pod)
+    "pydantic": "nothing (not a dependency)",
+    "pydantic_core": "nothing (not a dependency)",
     "hypothesis": "tests only",
     "pytest": "tests only",
     "trustme": "tests only",
@@ -158,7 +162,9 @@ def _loaded_by_import(module: str, cwd: Path) -> set[str]:
     return {name.split(".")[0] for name in json.loads(out.stdout)}
 
 
-@pytest.mark.parametrize("module", ["sidecar.server", "sidecar.cli", "sidecar.control"])
+@pytest.mark.parametrize(
+    "module", ["sidecar.server", "sidecar.cli", "sidecar.control", "sidecar.injector_server"]
+)
 def test_import_loads_no_optional_library(module: str, tmp_path: Path) -> None:
     loaded = _loaded_by_import(module, tmp_path)
     unwanted = {name: why for name, why in NOT_NEEDED.items() if name in loaded}

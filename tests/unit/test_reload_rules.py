@@ -9,6 +9,7 @@ from typing import Any
 
 from sidecar import config
 from sidecar.reload import restart_needed, watched_files
+from sidecar.schema import replace, validate
 
 EP = {"method": "POST", "path": "/x"}
 
@@ -53,30 +54,24 @@ def test_a_redis_password_change_needs_a_restart(tmp_path: Path) -> None:
 
 def test_signing_rotation_is_live_other_coordinator_keys_are_not(tmp_path: Path) -> None:
     old = _config(tmp_path, signing="s1", admin="a1", redis="r1", p2="Bearer 1")
-    rotated = old.model_copy(
-        update={
-            "coordinator": old.coordinator.model_copy(
-                update={
-                    "signing": config.SigningConfig.model_validate(
-                        {
-                            "key_id": "k2",
-                            "secret_file": _secret(tmp_path / "k2", "s2"),
-                            "previous": [
-                                {"key_id": "k1", "secret_file": str(tmp_path / "signing")}
-                            ],
-                        }
-                    )
-                }  # fmt: skip
-            )
-        }
+    rotated = replace(
+        old,
+        coordinator=replace(
+            old.coordinator,
+            signing=validate(
+                config.SigningConfig,
+                {
+                    "key_id": "k2",
+                    "secret_file": _secret(tmp_path / "k2", "s2"),
+                    "previous": [{"key_id": "k1", "secret_file": str(tmp_path / "signing")}],
+                },
+            ),
+        ),
     )
     assert restart_needed(old, rotated) == []
-    slower = old.model_copy(
-        update={
-            "coordinator": old.coordinator.model_copy(
-                update={"timeouts": config.CoordinatorTimeouts(request="2s")}
-            )
-        }
+    slower = replace(
+        old,
+        coordinator=replace(old.coordinator, timeouts=config.CoordinatorTimeouts(request="2s")),
     )
     assert restart_needed(old, slower) == [
         "coordinator: changing this section (except signing, tls) needs a restart"

@@ -26,6 +26,7 @@ from sidecar.coordinator.signing import (
     verify,
 )
 from sidecar.errors import SignatureInvalid
+from sidecar.schema import validate
 
 REASONS = frozenset({"unknown_key", "stale", "mismatch", "replay", "malformed"})
 NOW = 1_700_000_000_000
@@ -384,13 +385,14 @@ def test_ring_from_config(tmp_path: Path) -> None:
     cur, old = tmp_path / "cur", tmp_path / "old"
     cur.write_text("current-secret-0123456789abcdef\n")
     old.write_text("previous-secret-0123456789abcdef")
-    cfg = SigningConfig.model_validate(
+    cfg = validate(
+        SigningConfig,
         {
             "key_id": "k-2024",
             "secret_file": str(cur),
             "previous": [{"key_id": "k-2023", "secret_file": str(old)}],
             "window": "2m",
-        }
+        },
     )
     ring = KeyRing.from_config(cfg)
     assert not ring.ephemeral and ring.key_id == "k-2024"

@@ -16,6 +16,7 @@ import yaml
 
 from sidecar import config as configmod
 from sidecar.config import OriginTlsConfig
+from sidecar.schema import construct
 from sidecar.tls import TlsConfigError, build, client_context
 
 
@@ -74,7 +75,7 @@ async def test_without_ca_file_the_system_cas_are_trusted(
 
 def test_a_missing_ca_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(TlsConfigError, match="ca_file .* does not exist"):
-        client_context(OriginTlsConfig.model_construct(ca_file=str(tmp_path / "nope.pem")))
+        client_context(construct(OriginTlsConfig, ca_file=str(tmp_path / "nope.pem")))
 
 
 def test_origins_asking_for_the_same_context_share_one(
