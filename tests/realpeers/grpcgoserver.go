@@ -1,10 +1,12 @@
 // A real grpc-go server (Debian's golang-google-grpc-dev) run the way Go services run in
 // Kubernetes: keepalive.ServerParameters{MaxConnectionAge, MaxConnectionAgeGrace} rolls each
 // connection (a GOAWAY with last stream id 2^31-1, a PING, then the GOAWAY with the real last
-// id) so that clients rebalance, and SIGTERM calls GracefulStop (a rolling update). Raw bytes
+// id) so that clients rebalance, and SIGTERM calls GracefulStop (a rolling update). After
+// the last GOAWAY, grpc-go waits for the client to close the connection (with the default
+// MaxConnectionAgeGrace, forever; GracefulStop returns only then). Raw bytes
 // both ways (a codec of its own: no generated code), every method under /pkg.Go/.
 //
-// Server usage: grpcgoserver [-port N] [-max-age DUR] [-max-age-grace DUR]
+// Server usage: grpcgoserver [-port N] [-max-age DUR] [-max-age-grace DUR] [-max-streams N]
 //
 //	Prints {"port":N} once listening on 127.0.0.1, {"stopped":true} once GracefulStop returns.
 //	Echo    unary: {"message","xid","peer"} (peer: the caller's address, one per connection)
@@ -13,7 +15,8 @@
 //	        sleeper (so a test ends its calls when it wants, not on a timer), or until the
 //	        call is cancelled; replies "slept:MS"
 //	Fail    unary: FAILED_PRECONDITION "out of stock"
-//	Stats   unary: {"connections": accepted so far, "inflight": calls running now,
+//	Stats   unary: {"connections": accepted so far, "conns": {client address: {"goaways":
+//	        GOAWAY frames sent on it, "inflight": calls running on it, Stats aside}},
 //	        "calls": {method: n}, "xids": {xid: Echo calls that carried it}}
 //
 // Client usage: grpcgoserver -call TARGET [-authority NAME] [-calls N] [-workers W] [-first F]
@@ -55,28 +58,75 @@ func (rawCodec) Unmarshal(data []byte, v interface{}) error {
 func (rawCodec) Name() string   { return "proto" }
 func (rawCodec) String() string { return "proto" }
 
-// countingListener counts the connections the server accepted: the proof, read through
-// Stats, that MaxConnectionAge made the client open new ones.
-type countingListener struct {
-	net.Listener
-	accepted *int64
+// connInfo is what the server knows of one accepted connection.
+type connInfo struct {
+	goaways  int64 // GOAWAY frames written (grpc-go's roll or drain: 2, the last one final)
+	inflight int64 // calls running on it
 }
 
-func (l countingListener) Accept() (net.Conn, error) {
+// watchingListener keeps a connInfo per accepted connection, by the client's address: the
+// proof that MaxConnectionAge made the client open new connections, and when grpc-go has
+// ended one (its GOAWAYs are not visible through grpc-go's API: the frames it writes are
+// read on their way out).
+type watchingListener struct {
+	net.Listener
+	s *server
+}
+
+func (l watchingListener) Accept() (net.Conn, error) {
 	conn, err := l.Listener.Accept()
-	if err == nil {
-		atomic.AddInt64(l.accepted, 1)
+	if err != nil {
+		return nil, err
 	}
-	return conn, err
+	info := &connInfo{}
+	l.s.mu.Lock()
+	l.s.conns[conn.RemoteAddr().String()] = info
+	l.s.mu.Unlock()
+	return &watchedConn{Conn: conn, info: info}, nil
+}
+
+// watchedConn counts the GOAWAY frames among the HTTP/2 frames the server writes (a server
+// writes frames only: the connection preface is the client's). grpc-go writes from one
+// goroutine, so the parser's state needs no lock.
+type watchedConn struct {
+	net.Conn
+	info   *connInfo
+	header [9]byte
+	filled int // bytes of the current frame header seen
+	skip   int // payload bytes of the current frame still to pass
+}
+
+func (c *watchedConn) Write(p []byte) (int, error) {
+	for rest := p; len(rest) > 0; {
+		if c.skip > 0 {
+			n := c.skip
+			if n > len(rest) {
+				n = len(rest)
+			}
+			c.skip -= n
+			rest = rest[n:]
+			continue
+		}
+		n := copy(c.header[c.filled:], rest)
+		c.filled += n
+		rest = rest[n:]
+		if c.filled == len(c.header) {
+			c.filled = 0
+			c.skip = int(c.header[0])<<16 | int(c.header[1])<<8 | int(c.header[2])
+			if c.header[3] == 0x7 { // GOAWAY
+				atomic.AddInt64(&c.info.goaways, 1)
+			}
+		}
+	}
+	return c.Conn.Write(p)
 }
 
 type server struct {
-	wake     chan struct{} // closed on SIGUSR1
-	accepted int64
-	inflight int64
-	mu       sync.Mutex
-	calls    map[string]int
-	xids     map[string]int
+	wake  chan struct{} // closed on SIGUSR1
+	mu    sync.Mutex
+	conns map[string]*connInfo
+	calls map[string]int
+	xids  map[string]int
 }
 
 func firstValue(md metadata.MD, key string) string {
@@ -87,13 +137,24 @@ func firstValue(md metadata.MD, key string) string {
 }
 
 func (s *server) handle(_ interface{}, stream grpc.ServerStream) error {
-	atomic.AddInt64(&s.inflight, 1)
-	defer atomic.AddInt64(&s.inflight, -1)
 	method, _ := grpc.MethodFromServerStream(stream)
 	ctx := stream.Context()
 	md, _ := metadata.FromIncomingContext(ctx)
 	xid := firstValue(md, "xid")
+	from := ""
+	if p, ok := peer.FromContext(ctx); ok {
+		from = p.Addr.String()
+	}
 	s.mu.Lock()
+	info := s.conns[from]
+	if info != nil && method != "/pkg.Go/Stats" {
+		info.inflight++
+		defer func() {
+			s.mu.Lock()
+			info.inflight--
+			s.mu.Unlock()
+		}()
+	}
 	s.calls[method]++
 	if method == "/pkg.Go/Echo" {
 		s.xids[xid]++
@@ -107,10 +168,6 @@ func (s *server) handle(_ interface{}, stream grpc.ServerStream) error {
 	var out []byte
 	switch method {
 	case "/pkg.Go/Echo":
-		from := ""
-		if p, ok := peer.FromContext(ctx); ok {
-			from = p.Addr.String()
-		}
 		out, _ = json.Marshal(map[string]string{"message": string(in), "xid": xid, "peer": from})
 	case "/pkg.Go/Count":
 		n, _ := strconv.Atoi(string(in))
@@ -134,12 +191,14 @@ func (s *server) handle(_ interface{}, stream grpc.ServerStream) error {
 		return status.Error(codes.FailedPrecondition, "out of stock")
 	case "/pkg.Go/Stats":
 		s.mu.Lock()
+		conns := map[string]interface{}{}
+		for addr, info := range s.conns {
+			conns[addr] = map[string]int64{
+				"goaways": atomic.LoadInt64(&info.goaways), "inflight": info.inflight,
+			}
+		}
 		out, _ = json.Marshal(map[string]interface{}{
-			"connections": atomic.LoadInt64(&s.accepted),
-			// this Stats call itself is not counted as in flight
-			"inflight": atomic.LoadInt64(&s.inflight) - 1,
-			"calls":    s.calls,
-			"xids":     s.xids,
+			"connections": len(s.conns), "conns": conns, "calls": s.calls, "xids": s.xids,
 		})
 		s.mu.Unlock()
 	default:
@@ -148,13 +207,18 @@ func (s *server) handle(_ interface{}, stream grpc.ServerStream) error {
 	return stream.SendMsg(&out)
 }
 
-func serve(port int, maxAge, grace time.Duration) {
+func serve(port int, maxAge, grace time.Duration, maxStreams int) {
 	lis, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(2)
 	}
-	s := &server{wake: make(chan struct{}), calls: map[string]int{}, xids: map[string]int{}}
+	s := &server{
+		wake:  make(chan struct{}),
+		conns: map[string]*connInfo{},
+		calls: map[string]int{},
+		xids:  map[string]int{},
+	}
 	woken := make(chan os.Signal, 1)
 	signal.Notify(woken, syscall.SIGUSR1)
 	go func() {
@@ -164,6 +228,9 @@ func serve(port int, maxAge, grace time.Duration) {
 	options := []grpc.ServerOption{
 		grpc.CustomCodec(rawCodec{}),
 		grpc.UnknownServiceHandler(s.handle),
+	}
+	if maxStreams > 0 {
+		options = append(options, grpc.MaxConcurrentStreams(uint32(maxStreams)))
 	}
 	if maxAge > 0 {
 		options = append(options, grpc.KeepaliveParams(keepalive.ServerParameters{
@@ -180,7 +247,7 @@ func serve(port int, maxAge, grace time.Duration) {
 		close(stopped)
 	}()
 	fmt.Printf("{\"port\":%d}\n", lis.Addr().(*net.TCPAddr).Port)
-	if err := srv.Serve(countingListener{lis, &s.accepted}); err != nil {
+	if err := srv.Serve(watchingListener{lis, s}); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(2)
 	}
@@ -241,7 +308,8 @@ func call(target, authority string, calls, workers, first int) {
 func main() {
 	port := flag.Int("port", 0, "port to listen on (0: a free one)")
 	maxAge := flag.Duration("max-age", 0, "keepalive MaxConnectionAge (0: never)")
-	grace := flag.Duration("max-age-grace", 0, "keepalive MaxConnectionAgeGrace")
+	grace := flag.Duration("max-age-grace", 0, "keepalive MaxConnectionAgeGrace (0: forever)")
+	maxStreams := flag.Int("max-streams", 0, "MaxConcurrentStreams per connection (0: no limit)")
 	target := flag.String("call", "", "act as a client of TARGET instead")
 	authority := flag.String("authority", "", "the client's :authority")
 	calls := flag.Int("calls", 100, "the client's number of Echo calls")
@@ -252,5 +320,5 @@ func main() {
 		call(*target, *authority, *calls, *workers, *first)
 		return
 	}
-	serve(*port, *maxAge, *grace)
+	serve(*port, *maxAge, *grace, *maxStreams)
 }

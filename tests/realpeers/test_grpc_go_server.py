@@ -1,12 +1,15 @@
 """A grpc-go server behind the sidecar (grpcgoserver.go, built against Debian's
 golang-google-grpc-dev), run as Go services run in Kubernetes: `MaxConnectionAge` rolls its
-connections (a GOAWAY with last stream id 2^31-1, a PING, then the GOAWAY with the real last
-id) and SIGTERM calls `GracefulStop`. Streams the sidecar sent just as a GOAWAY came were never
-processed (above the last stream id): they must go again, whatever their method, so that no
-call fails and none reaches the server twice.
+connections and SIGTERM calls `GracefulStop`. Either way grpc-go sends a GOAWAY with last
+stream id 2^31-1 and a PING, takes the streams that arrive before the PING's ack, then sends
+the GOAWAY with the real last id, and waits for the client to close the connection once its
+calls are done (with the default `MaxConnectionAgeGrace`, forever; `GracefulStop` returns
+only then). So every call must succeed, none reach the server twice, and the sidecar must
+close each connection grpc-go ended, or they pile up and a rolling update never finishes.
 
 The server counts the connections it accepted and the XIDs its Echo saw (the Stats method);
-Echo answers with the XID it saw and the caller's address, one per sidecar connection."""
+Echo answers with the XID it saw and the caller's address, one per connection from the
+sidecar. Which connections the sidecar still holds is read from the kernel (/proc/net/tcp)."""
 
 from __future__ import annotations
 
@@ -31,9 +34,9 @@ from tests.realclients.conftest import DEBIAN_GOPATH, build_go
 
 HERE = Path(__file__).parent
 
-#: short enough that a few hundred calls span several connection lifetimes; the grace is long
-#: enough that no call is ever cut off by the hard close that follows it
-ROLLING = ("-max-age", "150ms", "-max-age-grace", "20s")
+#: short enough that a few hundred calls span several connection lifetimes; no
+#: MaxConnectionAgeGrace, as usual: grpc-go never cuts a rolled connection off itself
+ROLLING = ("-max-age", "150ms")
 
 
 @pytest.fixture(scope="session")
@@ -130,6 +133,28 @@ def stats(ch: grpc.Channel) -> dict[str, Any]:
     return result
 
 
+def established_to(port: int) -> set[int]:
+    """The local ports of the IPv4 TCP connections to 127.0.0.1:`port` that are established,
+    as the kernel sees them from the client side (the sidecar's: no test client connects
+    there)."""
+    with open("/proc/net/tcp") as table:
+        next(table)
+        rows = [line.split() for line in table]
+    target = f"0100007F:{port:04X}"
+    return {int(row[1].split(":")[1], 16) for row in rows if row[2] == target and row[3] == "01"}
+
+
+async def rolled_connections_closed(port: int) -> None:
+    """Wait, making no call, until the sidecar holds no connection to the server: each is
+    rolled within MaxConnectionAge and must then be closed by the sidecar once its calls are
+    done, since grpc-go never closes it."""
+
+    async def none_left() -> bool:
+        return not established_to(port)
+
+    await poll(none_left, timeout=10)
+
+
 def xid_of(n: int) -> str:
     return f"10.0.0.1:8091:{n}"
 
@@ -199,8 +224,8 @@ async def test_unary_calls_across_max_connection_age_rolls_all_succeed_with_thei
     """A grpcio client, 8 threads, through the inbound listener to a grpc-go app rolling its
     connections every 150 ms: hundreds of unary calls (and a server stream every tenth call)
     over at least three of the app's connections, every one answered with its own XID, each
-    XID seen by the app exactly once. Before the sidecar sent refused streams again, the calls
-    caught by a roll failed with UNAVAILABLE."""
+    XID seen by the app exactly once; the rolled connections closed by the sidecar (before it
+    closed a connection ended by GOAWAY once its streams were done, they all stayed open)."""
     server = await go_server(*ROLLING)
     sc = await sidecar_factory({"app": {"url": server.url, "protocol": "h2c"}})
     ch = channel(sc.ports["inbound"])
@@ -223,9 +248,10 @@ async def test_unary_calls_across_max_connection_age_rolls_all_succeed_with_thei
     assert len(load.peers) >= 3, load.peers
     seen = await asyncio.to_thread(stats, ch)
     assert seen["connections"] >= 3
-    # every unary call reached the app once: a stream the app refused was not processed
+    # every unary call reached the app once
     assert Counter(seen["xids"]) == Counter(load.xids)
     assert set(Counter(load.xids).values()) == {1}
+    await rolled_connections_closed(server.port)
 
 
 async def test_a_grpc_go_client_through_the_outbound_listener_across_rolls(
@@ -258,9 +284,53 @@ async def test_a_grpc_go_client_through_the_outbound_listener_across_rolls(
     for result in results:
         reply = json.loads(result["reply"])
         assert reply["xid"] == result["xid"]
-    seen = await asyncio.to_thread(stats, channel(sc.ports["outbound"], authority="inventory"))
+    stats_channel = channel(sc.ports["outbound"], authority="inventory")
+    seen = await asyncio.to_thread(stats, stats_channel)
     assert Counter(seen["xids"]) == Counter(r["xid"] for r in results)
     assert set(seen["xids"].values()) == {1}
+    await rolled_connections_closed(server.port)
+
+
+async def test_a_connection_rolled_during_a_call_is_closed_once_the_call_ends(
+    sidecar_factory: Any, go_server: GoServerFactory, channel: Any
+) -> None:
+    """A slow call on a connection grpc-go rolls (MaxConnectionAge, no grace: as usual) gets
+    its answer, and the sidecar then closes that connection: grpc-go, having ended it while a
+    call ran, waits for the client to close it (forever). Before, the sidecar kept such a
+    connection open until its idle timeout (30 s)."""
+    server = await go_server(*ROLLING)
+    sc = await sidecar_factory(
+        {
+            "app": {
+                "url": server.url,
+                "protocol": "h2c",
+                "timeouts": {"response_header": "50s", "total": "60s"},
+            }
+        }
+    )
+    ch = channel(sc.ports["inbound"])
+    slow = ch.unary_unary("/pkg.Go/Sleep").future(b"60000", timeout=60)
+    ended: list[str] = []
+
+    async def ended_during_the_call() -> bool:
+        # grpc-go has sent both GOAWAYs (the second with the real last stream id) on the
+        # connection that carries the slow call, while the call runs
+        conns = (await asyncio.to_thread(stats, ch))["conns"]
+        ended[:] = [a for a, c in conns.items() if c["inflight"] == 1 and c["goaways"] >= 2]
+        return bool(ended)
+
+    await poll(ended_during_the_call)
+    (address,) = ended
+    sidecar_port = int(address.rsplit(":", 1)[1])
+    assert sidecar_port in established_to(server.port)
+    server.signal(signal.SIGUSR1)
+    assert await asyncio.to_thread(slow.result, 30) == b"slept:60000"
+
+    async def closed() -> bool:
+        return sidecar_port not in established_to(server.port)
+
+    # with no other call made: the sidecar closes it once the last call on it is done
+    await poll(closed, timeout=10)
 
 
 def refuses_connections(port: int) -> bool:
@@ -295,8 +365,10 @@ async def test_graceful_stop_finishes_the_calls_in_flight_and_the_restarted_serv
     """A rolling update of the app: SIGTERM while six slow calls run (grpc-go's GracefulStop:
     listener closed, GOAWAY, PING, GOAWAY), a call while it is down, the app started again on
     the same port, then the slow calls let finish. The calls in flight at the SIGTERM get
-    their answers on the old connection; the call while it is down is a clean UNAVAILABLE
-    (never a hang); the calls after the restart succeed on the new server."""
+    their answers on the old connection, which the sidecar then closes so that GracefulStop
+    returns (before, it kept the connection and the old process never exited); the call while
+    it is down is a clean UNAVAILABLE (never a hang); the calls after the restart succeed on
+    the new server."""
     first = await go_server()
     sc = await sidecar_factory(
         {
@@ -312,7 +384,8 @@ async def test_graceful_stop_finishes_the_calls_in_flight_and_the_restarted_serv
     slow = [ch.unary_unary("/pkg.Go/Sleep").future(b"60000", timeout=60) for _ in range(6)]
 
     async def all_in_flight() -> bool:
-        return (await asyncio.to_thread(stats, ch))["inflight"] == 6
+        conns = (await asyncio.to_thread(stats, ch))["conns"]
+        return sum(c["inflight"] for c in conns.values()) == 6
 
     await poll(all_in_flight)
     first.signal(signal.SIGTERM)
@@ -373,3 +446,4 @@ async def test_a_declared_grpc_method_commits_across_connection_rolls(
     assert Counter(seen["xids"]) == Counter(load.xids)
     for xid in load.xids:
         assert (await sc.control.engine.get(xid))[0].status.value == "Committed"
+    await rolled_connections_closed(server.port)
