@@ -16,7 +16,8 @@
 //	        call is cancelled; replies "slept:MS"
 //	Fail    unary: FAILED_PRECONDITION "out of stock"
 //	Stats   unary: {"connections": accepted so far, "conns": {client address: {"goaways":
-//	        GOAWAY frames sent on it, "inflight": calls running on it, Stats aside}},
+//	        GOAWAY frames sent on it, "refused": streams it reset with REFUSED_STREAM,
+//	        "inflight": calls running on it, Stats aside}},
 //	        "calls": {method: n}, "xids": {xid: Echo calls that carried it}}
 //
 // Client usage: grpcgoserver -call TARGET [-authority NAME] [-calls N] [-workers W] [-first F]
@@ -28,6 +29,7 @@ package main
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -61,13 +63,14 @@ func (rawCodec) String() string { return "proto" }
 // connInfo is what the server knows of one accepted connection.
 type connInfo struct {
 	goaways  int64 // GOAWAY frames written (grpc-go's roll or drain: 2, the last one final)
+	refused  int64 // RST_STREAM REFUSED_STREAM frames written (MaxConcurrentStreams)
 	inflight int64 // calls running on it
 }
 
 // watchingListener keeps a connInfo per accepted connection, by the client's address: the
 // proof that MaxConnectionAge made the client open new connections, and when grpc-go has
-// ended one (its GOAWAYs are not visible through grpc-go's API: the frames it writes are
-// read on their way out).
+// ended one or refused a stream (not visible through grpc-go's API: the frames it writes
+// are read on their way out).
 type watchingListener struct {
 	net.Listener
 	s *server
@@ -85,36 +88,53 @@ func (l watchingListener) Accept() (net.Conn, error) {
 	return &watchedConn{Conn: conn, info: info}, nil
 }
 
-// watchedConn counts the GOAWAY frames among the HTTP/2 frames the server writes (a server
-// writes frames only: the connection preface is the client's). grpc-go writes from one
-// goroutine, so the parser's state needs no lock.
+// watchedConn counts GOAWAY and RST_STREAM(REFUSED_STREAM) frames among the HTTP/2 frames
+// the server writes (a server writes frames only: the connection preface is the client's).
+// grpc-go writes from one goroutine, so the parser's state needs no lock.
 type watchedConn struct {
 	net.Conn
 	info   *connInfo
 	header [9]byte
-	filled int // bytes of the current frame header seen
-	skip   int // payload bytes of the current frame still to pass
+	filled int    // bytes of the current frame's header seen
+	left   int    // bytes of its payload still to come
+	code   []byte // a RST_STREAM's payload: its error code
 }
+
+const (
+	frameRSTStream = 0x3
+	frameGoAway    = 0x7
+	refusedStream  = 0x7
+)
 
 func (c *watchedConn) Write(p []byte) (int, error) {
 	for rest := p; len(rest) > 0; {
-		if c.skip > 0 {
-			n := c.skip
+		if c.filled < len(c.header) {
+			n := copy(c.header[c.filled:], rest)
+			c.filled += n
+			rest = rest[n:]
+			if c.filled == len(c.header) {
+				c.left = int(c.header[0])<<16 | int(c.header[1])<<8 | int(c.header[2])
+				c.code = c.code[:0]
+				if c.header[3] == frameGoAway {
+					atomic.AddInt64(&c.info.goaways, 1)
+				}
+			}
+		} else {
+			n := c.left
 			if n > len(rest) {
 				n = len(rest)
 			}
-			c.skip -= n
+			if c.header[3] == frameRSTStream {
+				c.code = append(c.code, rest[:n]...)
+			}
+			c.left -= n
 			rest = rest[n:]
-			continue
 		}
-		n := copy(c.header[c.filled:], rest)
-		c.filled += n
-		rest = rest[n:]
-		if c.filled == len(c.header) {
+		if c.filled == len(c.header) && c.left == 0 {
 			c.filled = 0
-			c.skip = int(c.header[0])<<16 | int(c.header[1])<<8 | int(c.header[2])
-			if c.header[3] == 0x7 { // GOAWAY
-				atomic.AddInt64(&c.info.goaways, 1)
+			if c.header[3] == frameRSTStream && len(c.code) == 4 &&
+				binary.BigEndian.Uint32(c.code) == refusedStream {
+				atomic.AddInt64(&c.info.refused, 1)
 			}
 		}
 	}
@@ -194,7 +214,9 @@ func (s *server) handle(_ interface{}, stream grpc.ServerStream) error {
 		conns := map[string]interface{}{}
 		for addr, info := range s.conns {
 			conns[addr] = map[string]int64{
-				"goaways": atomic.LoadInt64(&info.goaways), "inflight": info.inflight,
+				"goaways":  atomic.LoadInt64(&info.goaways),
+				"refused":  atomic.LoadInt64(&info.refused),
+				"inflight": info.inflight,
 			}
 		}
 		out, _ = json.Marshal(map[string]interface{}{

@@ -254,6 +254,30 @@ async def test_unary_calls_across_max_connection_age_rolls_all_succeed_with_thei
     await rolled_connections_closed(server.port)
 
 
+async def test_the_servers_max_concurrent_streams_is_honoured_across_rolls(
+    sidecar_factory: Any, go_server: GoServerFactory, channel: Any
+) -> None:
+    """grpc-go with `MaxConcurrentStreams(4)` (and rolling): 8 threads of calls all succeed
+    and grpc-go never had to refuse a stream (it resets the ones past its limit with
+    REFUSED_STREAM): the sidecar keeps within the limit the server's SETTINGS announce, on
+    each new connection too."""
+    server = await go_server(*ROLLING, "-max-streams", "4")
+    sc = await sidecar_factory({"app": {"url": server.url, "protocol": "h2c"}})
+    ch = channel(sc.ports["inbound"])
+    echo = ch.unary_unary("/pkg.Go/Echo")
+
+    def call(n: int) -> tuple[str, str]:
+        reply = json.loads(echo(b"%d" % n, timeout=30, metadata=[("xid", xid_of(n))]))
+        assert reply["xid"] == xid_of(n), reply
+        return reply["xid"], reply["peer"]
+
+    load = await asyncio.to_thread(call_until_rolled, ch, call, calls=200)
+    assert load.failures == []
+    assert len(load.peers) >= 3, load.peers
+    conns = (await asyncio.to_thread(stats, ch))["conns"]
+    assert sum(c["refused"] for c in conns.values()) == 0, conns
+
+
 async def test_a_grpc_go_client_through_the_outbound_listener_across_rolls(
     sidecar_factory: Any, go_server: GoServerFactory, grpc_go_server_binary: Path, channel: Any
 ) -> None:
