@@ -7,9 +7,10 @@ calls are done (with the default `MaxConnectionAgeGrace`, forever; `GracefulStop
 only then). So every call must succeed, none reach the server twice, and the sidecar must
 close each connection grpc-go ended, or they pile up and a rolling update never finishes.
 
-The server counts the connections it accepted and the XIDs its Echo saw (the Stats method);
-Echo answers with the XID it saw and the caller's address, one per connection from the
-sidecar. Which connections the sidecar still holds is read from the kernel (/proc/net/tcp)."""
+The server counts the connections it accepted, the XIDs its Echo saw and, per connection,
+the calls running and the GOAWAY and REFUSED_STREAM frames it wrote (the Stats method); Echo
+answers with the XID it saw and the caller's address, one per connection from the sidecar.
+Which connections the sidecar still holds is read from the kernel (/proc/net/tcp)."""
 
 from __future__ import annotations
 
@@ -438,7 +439,8 @@ async def test_graceful_stop_finishes_the_calls_in_flight_and_the_restarted_serv
 
 TXN_RULES = {
     "transactions": [
-        {"match": {"method": "POST", "path": "/pkg.Go/Echo"}, "name": "echo", "timeout": "20s"}
+        {"match": {"method": "POST", "path": "/pkg.Go/Echo"}, "name": "echo", "timeout": "20s"},
+        {"match": {"method": "POST", "path": "/pkg.Go/Fail"}, "name": "fail", "timeout": "20s"},
     ]
 }
 
@@ -446,15 +448,27 @@ TXN_RULES = {
 async def test_a_declared_grpc_method_commits_across_connection_rolls(
     sidecar_factory: Any, go_server: GoServerFactory, channel: Any
 ) -> None:
-    """`/pkg.Go/Echo` declared as a transaction, the grpc-go app rolling its connections
-    every 150 ms: every call begins its own transaction, reaches the app once with that XID
-    (a retried refused stream carries the same one) and commits."""
+    """`/pkg.Go/Echo` and `/pkg.Go/Fail` declared as transactions, the grpc-go app rolling
+    its connections every 150 ms: every call begins its own transaction; an Echo reaches the
+    app once with that XID and commits, a Fail (FAILED_PRECONDITION) rolls back."""
     server = await go_server(*ROLLING)
     sc = await sidecar_factory({"app": {"url": server.url, "protocol": "h2c"}, **TXN_RULES})
     ch = channel(sc.ports["inbound"])
     echo = ch.unary_unary("/pkg.Go/Echo")
+    fail = ch.unary_unary("/pkg.Go/Fail")
+    rolled_back: list[str] = []
 
     def call(n: int) -> tuple[str, str]:
+        if n % 5 == 4:
+            try:
+                fail(b"%d" % n, timeout=30)
+            except grpc.RpcError as e:
+                trailing = dict(e.trailing_metadata() or ())
+                assert e.code() is grpc.StatusCode.FAILED_PRECONDITION, (e.code(), e.details())
+                assert trailing["x-gts-transaction-status"] == "Rollbacked", trailing
+                rolled_back.append(trailing["xid"])
+                return "", ""
+            raise AssertionError("Fail answered OK")
         answer, rpc = echo.with_call(b"%d" % n, timeout=30)
         reply = json.loads(answer)
         initial = dict(rpc.initial_metadata())
@@ -468,6 +482,9 @@ async def test_a_declared_grpc_method_commits_across_connection_rolls(
     assert set(Counter(load.xids).values()) == {1}
     seen = await asyncio.to_thread(stats, ch)
     assert Counter(seen["xids"]) == Counter(load.xids)
+    assert seen["calls"]["/pkg.Go/Fail"] == len(rolled_back) > 0
     for xid in load.xids:
         assert (await sc.control.engine.get(xid))[0].status.value == "Committed"
+    for xid in rolled_back:
+        assert (await sc.control.engine.get(xid))[0].status.value == "Rollbacked"
     await rolled_connections_closed(server.port)
