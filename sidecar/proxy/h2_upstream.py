@@ -365,20 +365,36 @@ class H2UpstreamConnection(asyncio.Protocol):
     def open_stream(
         self, stream: H2UpstreamStream, fields: list[tuple[bytes, bytes]], end_stream: bool
     ) -> int:
-        if self.failure is not None or not self.usable or self.goaway:
-            # (reported on the next step: the exchange is still sending; after a GOAWAY, h2
-            # would let a stream open that the server then ignores, see h2_conn)
+        # (a refusal is reported on the next step: the exchange is still sending)
+        loop = asyncio.get_running_loop()
+        if self.failure is not None or not self.usable:
             err = self.failure or UpstreamUnavailable(
                 f"upstream {self.cluster.name!r} closed the connection"
             )
-            asyncio.get_running_loop().call_soon(stream.lost, err)
+            loop.call_soon(stream.lost, err)
+            return 0
+        if self.goaway:
+            # h2 would let a stream open that the server then ignores (see h2_conn); the
+            # request was never sent: it goes again on another connection
+            loop.call_soon(stream.lost, self._not_sent("had ended the connection (GOAWAY)", True))
             return 0
         stream_id: int = self.h2.get_next_available_stream_id()
+        try:
+            self.h2.send_headers(stream_id, fields, end_stream=end_stream)
+        except h2.exceptions.TooManyStreamsError:
+            # the pool's count of streams and h2's disagree: never sent, so it may go again
+            # (an attempt counted: a connection that keeps refusing is not asked forever)
+            loop.call_soon(stream.lost, self._not_sent("allows no more streams", False))
+            return 0
         self.streams[stream_id] = stream
         stream.ended = end_stream
-        self.h2.send_headers(stream_id, fields, end_stream=end_stream)
         self.flush()
         return stream_id
+
+    def _not_sent(self, why: str, progress: bool) -> StreamRefused:
+        return StreamRefused(
+            f"upstream {self.cluster.name!r} {why}: the request was not sent", progress=progress
+        )
 
     def send_data(self, stream: H2UpstreamStream, data: bytes) -> int:
         size = send_within_window(self.h2, stream.stream_id, data)
