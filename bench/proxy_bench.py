@@ -1,8 +1,8 @@
 """Proxy overhead benchmark for gts-sidecar, on loopback, in one run.
 
 What it is for: to put a number on what the sidecar's data plane costs, next to a
-reference proxy everyone knows. Four targets serve the SAME tiny upstream and are hit with
-the SAME wrk settings, every request carrying a valid XID header:
+reference proxy everyone knows. The targets serve the SAME tiny upstream and are hit with
+the SAME wrk settings (h2load for the HTTP/2 ones), every request carrying a valid XID header:
 
   direct            the upstream itself (nginx, 1 worker, ``return 200 "ok\\n"``)
   nginx-proxy       nginx, 1 worker, reverse proxy with upstream keep-alive
@@ -16,10 +16,23 @@ the SAME wrk settings, every request carrying a valid XID header:
   nginx-tls         nginx, 1 worker, terminating TLS (ECDSA P-256, TLS 1.3) and proxying
   sidecar-inbound-tls  a second sidecar whose inbound listener terminates TLS with the SAME
                     certificate and key (``listeners.inbound.tls``)
+  nghttpx-h2c       nghttpx (nghttp2's C proxy), 1 worker, an h2c frontend (HTTP/2 with prior
+                    knowledge) proxying to the upstream over HTTP/1.1
+  sidecar-inbound-h2c, sidecar-inbound-h2c-compiled
+                    the inbound listeners of the pure and compiled sidecars above, spoken to in
+                    HTTP/2 with prior knowledge (the app is the same upstream over HTTP/1.1)
 
 The TLS pair is measured over keep-alive connections (wrk opens each once), so it shows the
 cost of encrypting and decrypting the traffic, not of handshakes; each is compared with its
 own nginx (the "ratio" column: plain targets against nginx-proxy, TLS ones against nginx-tls).
+
+The HTTP/2 trio is loaded by h2load (``-t1 -c4 -m16`` by default: 64 streams in flight, about
+wrk's 50 requests in flight, on few multiplexed connections as a gRPC channel keeps them; the
+load bench/grpc_bench.py uses), pinned like wrk, for the same durations, in the throughput set
+only; p50/p99 come from h2load's per-request log, and the ratios are against nghttpx-h2c.
+They need h2load, nghttp and nghttpx (Debian's nghttp2-client and nghttp2-proxy, installed
+like nginx and wrk when missing); when those cannot be had, the default target list leaves
+the HTTP/2 rows out and the report says so (named in --targets, they fail).
 
 Two sets of wrk runs: ``-t1 -c<connections>`` (throughput: requests/s, p50, p99) and
 ``-t1 -c1`` (latency: the p50 each hop adds over ``direct``). wrk runs on CPU 1; the
@@ -36,6 +49,7 @@ Usage (from the repo root)::
 
     .venv/bin/python bench/proxy_bench.py [--duration 10s] [--connections 50] [--quick]
                                           [--rounds 3] [--targets direct,nginx-proxy]
+                                          [--h2-connections 4] [--h2-streams 16]
 
 The markdown report goes to stdout and to bench/results/latest.md. Exit status: 0 when every
 requested target was measured cleanly, 1 when one failed (e.g. the sidecar did not start) or
@@ -47,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import http.client
 import os
@@ -68,6 +83,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchkit import BenchError, command_output, cpu_model, die_with_parent, positive_int
+from grpc_bench import percentile, read_latencies
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -84,12 +100,31 @@ ALL_TARGETS = (
     "sidecar-outbound-compiled",
     "nginx-tls",
     "sidecar-inbound-tls",
+    "nghttpx-h2c",
+    "sidecar-inbound-h2c",
+    "sidecar-inbound-h2c-compiled",
 )
-SIDECAR_TARGETS = ("sidecar-inbound", "sidecar-outbound")
-COMPILED_TARGETS = ("sidecar-inbound-compiled", "sidecar-outbound-compiled")
-#: the nginx each target's ratio is taken against
-REFERENCE = {"nginx-tls": "nginx-tls", "sidecar-inbound-tls": "nginx-tls"}
+SIDECAR_TARGETS = ("sidecar-inbound", "sidecar-outbound", "sidecar-inbound-h2c")
+COMPILED_TARGETS = (
+    "sidecar-inbound-compiled",
+    "sidecar-outbound-compiled",
+    "sidecar-inbound-h2c-compiled",
+)
+#: loaded with h2load (HTTP/2 with prior knowledge) instead of wrk
+H2_TARGETS = ("nghttpx-h2c", "sidecar-inbound-h2c", "sidecar-inbound-h2c-compiled")
+#: the reference each target's ratio is taken against (nginx-proxy when not named here)
+REFERENCE = {
+    "nginx-tls": "nginx-tls",
+    "sidecar-inbound-tls": "nginx-tls",
+    **{name: "nghttpx-h2c" for name in H2_TARGETS},
+}
 TOOL_PACKAGES = {"nginx": "nginx-light", "wrk": "wrk"}
+#: the HTTP/2 rows' tools: optional, the other rows are measured without them
+H2_TOOL_PACKAGES = {
+    "h2load": "nghttp2-client",
+    "nghttp": "nghttp2-client",
+    "nghttpx": "nghttp2-proxy",
+}
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
 
 SERVER_CPU = 0  # upstream and every proxy under test
@@ -112,6 +147,11 @@ class Options:
     sidecar_cmd: list[str]
     rounds: int = 1
     output: Path = RESULTS_FILE
+    #: h2load's -c and -m for the HTTP/2 rows
+    h2_connections: int = 4
+    h2_streams: int = 16
+    #: --targets was given: a target that cannot be measured is a failure, not left out
+    targets_explicit: bool = False
 
 
 def parse_seconds(text: str) -> int:
@@ -167,8 +207,21 @@ def parse_args(argv: Sequence[str]) -> Options:
     p.add_argument(
         "--targets",
         type=parse_targets,
-        default=ALL_TARGETS,
-        help="comma list, subset of " + ",".join(ALL_TARGETS),
+        default=None,
+        help="comma list, subset of " + ",".join(ALL_TARGETS) + " (all; the HTTP/2 ones only "
+        "when h2load and nghttpx are there or can be installed)",
+    )
+    # 4 x 16 = 64 streams in flight, about the throughput set's 50 requests in flight, on a
+    # few multiplexed connections as an HTTP/2 client (a gRPC channel) keeps them; the same
+    # load as bench/grpc_bench.py, so the rows read beside its figures
+    p.add_argument(
+        "--h2-connections", type=positive_int, default=4, help="HTTP/2 rows' h2load -c (4)"
+    )
+    p.add_argument(
+        "--h2-streams",
+        type=positive_int,
+        default=16,
+        help="HTTP/2 rows' h2load -m, concurrent streams per connection (16)",
     )
     a = p.parse_args(argv)
     if a.connections < 1:
@@ -178,10 +231,13 @@ def parse_args(argv: Sequence[str]) -> Options:
         warmup_s=a.warmup,
         connections=a.connections,
         # report rows in the canonical order whatever order they were asked in
-        targets=tuple(t for t in ALL_TARGETS if t in a.targets),
+        targets=tuple(t for t in ALL_TARGETS if t in (a.targets or ALL_TARGETS)),
         sidecar_cmd=a.sidecar_cmd or default_sidecar_command(),
         rounds=a.rounds,
         output=a.output,
+        h2_connections=a.h2_connections,
+        h2_streams=a.h2_streams,
+        targets_explicit=a.targets is not None,
     )
 
 
@@ -199,6 +255,19 @@ def ensure_tools() -> dict[str, str]:
     if missing:
         install_packages(missing)
     paths = {tool: find_tool(tool) for tool in TOOL_PACKAGES}
+    absent = [tool for tool, path in paths.items() if path is None]
+    if absent:
+        raise BenchError(f"still not found after installing: {', '.join(absent)}")
+    return {tool: str(path) for tool, path in paths.items()}
+
+
+def ensure_h2_tools() -> dict[str, str]:
+    """Paths of h2load, nghttp and nghttpx, installing nghttp2-client and nghttp2-proxy first
+    if one is missing; a BenchError says why they cannot be had."""
+    missing = sorted({pkg for tool, pkg in H2_TOOL_PACKAGES.items() if find_tool(tool) is None})
+    if missing:
+        install_packages(missing)
+    paths = {tool: find_tool(tool) for tool in H2_TOOL_PACKAGES}
     absent = [tool for tool, path in paths.items() if path is None]
     if absent:
         raise BenchError(f"still not found after installing: {', '.join(absent)}")
@@ -474,6 +543,21 @@ def start_nginx(servers: Servers, nginx: str, name: str, http_block: str, port: 
     return server
 
 
+def start_nghttpx(servers: Servers, nghttpx: str, port: int, upstream_port: int) -> Server:
+    """nghttpx, one worker (as bench/grpc_bench.py runs it): an h2c frontend (prior knowledge)
+    proxying to the upstream over HTTP/1.1, the C reference of the HTTP/2 rows."""
+    prefix = servers.workdir / "nghttpx"
+    prefix.mkdir()
+    argv = [
+        nghttpx, f"--frontend=127.0.0.1,{port};no-tls",
+        f"--backend=127.0.0.1,{upstream_port};;proto=http/1.1", "--workers=1", "--no-ocsp",
+        "--conf=/dev/null", f"--errorlog-file={prefix}/error.log",
+    ]  # fmt: skip
+    server = servers.start("nghttpx-h2c", argv)
+    wait_until(lambda: port_open(port), server, f"port {port}")
+    return server
+
+
 # --- the sidecar ---------------------------------------------------------------------------
 
 SIDECAR_YAML = """\
@@ -612,6 +696,80 @@ def run_wrk(pin: list[str], argv: list[str], seconds: int) -> str:
     return done.stdout
 
 
+# --- h2load --------------------------------------------------------------------------------
+
+
+def h2load_argv(
+    h2load: str, connections: int, streams: int, seconds: int, url: str, log: Path | str
+) -> list[str]:
+    """Prior knowledge on an http:// URL; the log gives each request's latency."""
+    header = f"{XID_HEADER[0].lower()}: {XID_HEADER[1]}"  # HTTP/2 field names are lower case
+    return [
+        h2load, "-t1", f"-c{connections}", f"-m{streams}", f"-D{seconds}",
+        f"--log-file={log}", "-H", header, url,
+    ]  # fmt: skip
+
+
+def parse_h2load(text: str, latencies_us: list[int]) -> WrkResult:
+    """h2load's summary and its per-request latencies, as a WrkResult: requests are those
+    done; non-2xx those done without a 2xx; socket errors those failed (errored, timed out)."""
+
+    def find(pattern: str) -> re.Match[str]:
+        m = re.search(pattern, text, re.MULTILINE)
+        if m is None:
+            raise BenchError(f"h2load output has no match for {pattern!r}:\n{text}")
+        return m
+
+    rps = float(find(r"^finished in [\d.]+\w+, ([\d.]+) req/s").group(1))
+    counts = find(r"^requests: \d+ total, \d+ started, (\d+) done, \d+ succeeded, (\d+) failed")
+    done, failed = int(counts.group(1)), int(counts.group(2))
+    ok = int(find(r"^status codes: (\d+) 2xx").group(1))
+    if not latencies_us:
+        raise BenchError(f"h2load logged no request:\n{text}")
+    return WrkResult(
+        rps=rps,
+        p50_us=percentile(latencies_us, 0.50),
+        p99_us=percentile(latencies_us, 0.99),
+        requests=done,
+        non_2xx=max(0, done - ok),
+        socket_errors=failed,
+        raw=text,
+    )
+
+
+def run_h2load(pin: list[str], argv: list[str], seconds: int, log: Path) -> WrkResult:
+    """Run h2load to completion; its report with the latencies of its log."""
+    log.unlink(missing_ok=True)  # h2load writes into an existing file without truncating it
+    try:
+        done = subprocess.run(
+            [*pin, *argv], capture_output=True, text=True, timeout=seconds + 30, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(
+            f"h2load did not finish within {seconds + 30}s: {shlex.join(argv)}"
+        ) from exc
+    if done.returncode != 0:
+        raise BenchError(f"h2load exited {done.returncode}: {done.stderr.strip() or done.stdout}")
+    try:
+        return parse_h2load(done.stdout, read_latencies(log))
+    finally:
+        log.unlink(missing_ok=True)
+
+
+def h2_get(nghttp: str, url: str, timeout: float = 10.0) -> bytes:
+    """One GET over HTTP/2 with prior knowledge (nghttp) with the bench's XID: the body."""
+    header = f"{XID_HEADER[0].lower()}: {XID_HEADER[1]}"
+    try:
+        done = subprocess.run(
+            [nghttp, "-H", header, url], capture_output=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"nghttp {url}: no answer within {timeout:.0f}s") from exc
+    if done.returncode != 0:
+        raise BenchError(f"nghttp {url} exited {done.returncode}: {done.stderr.decode().strip()}")
+    return done.stdout
+
+
 # --- targets and the run -------------------------------------------------------------------
 
 
@@ -621,6 +779,8 @@ class Target:
     port: int
     path: str = "/"
     tls: bool = False
+    #: loaded with h2load (HTTP/2, prior knowledge), checked with nghttp
+    h2: bool = False
     failure: str | None = None
     #: connections -> one result per round
     results: dict[int, list[WrkResult]] = field(default_factory=dict)
@@ -639,8 +799,17 @@ class Target:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}{self.path}"
 
 
-def check_target(target: Target) -> None:
+def check_target(target: Target, tools: dict[str, str]) -> None:
     """One request before measuring: the target must answer 200 with the upstream's body."""
+    if target.h2:
+        # nghttp prints the body only: any error (the sidecar's JSON, nghttpx's page) differs
+        body = h2_get(tools["nghttp"], target.url)
+        if body != UPSTREAM_BODY:
+            raise BenchError(
+                f"{target.name}: {target.url} over HTTP/2 answered {body[:300]!r}, "
+                f"expected {UPSTREAM_BODY!r}"
+            )
+        return
     try:
         status, body = http_get(target.port, target.path, tls=target.tls)
     except OSError as exc:
@@ -652,11 +821,14 @@ def check_target(target: Target) -> None:
         )
 
 
-def start_targets(servers: Servers, tools: dict[str, str], opts: Options) -> list[Target]:
+def start_targets(
+    servers: Servers, tools: dict[str, str], opts: Options, h2_problem: str | None = None
+) -> list[Target]:
     """Start the upstream and every proxy the chosen targets need; a proxy that fails to start is
-    recorded on its targets (and its log tail printed) instead of aborting the run."""
+    recorded on its targets (and its log tail printed) instead of aborting the run.
+    `h2_problem`: why the HTTP/2 tools cannot be had (their targets then fail)."""
     wanted = opts.targets
-    names = ("upstream", "proxy", "inbound", "outbound", "api", "peer", "admin")
+    names = ("upstream", "proxy", "nghttpx", "inbound", "outbound", "api", "peer", "admin")
     tls_names = ("nginx-tls", "tls-inbound", "tls-outbound", "tls-api", "tls-peer", "tls-admin")
     listeners = ("inbound", "outbound", "api", "peer", "admin")
     c_names = tuple(f"c-{k}" for k in listeners)
@@ -676,7 +848,16 @@ def start_targets(servers: Servers, tools: dict[str, str], opts: Options) -> lis
         ),
         "nginx-tls": Target("nginx-tls", ports["nginx-tls"], tls=True),
         "sidecar-inbound-tls": Target("sidecar-inbound-tls", ports["tls-inbound"], tls=True),
+        # the inbound listeners of the sidecars above, spoken to in HTTP/2
+        "nghttpx-h2c": Target("nghttpx-h2c", ports["nghttpx"], h2=True),
+        "sidecar-inbound-h2c": Target("sidecar-inbound-h2c", ports["inbound"], h2=True),
+        "sidecar-inbound-h2c-compiled": Target(
+            "sidecar-inbound-h2c-compiled", ports["c-inbound"], h2=True
+        ),
     }
+    if h2_problem is not None:
+        for name in H2_TARGETS:
+            targets[name].failure = f"HTTP/2 tools missing: {h2_problem}"
     tls_wanted = [targets[t] for t in ("nginx-tls", "sidecar-inbound-tls") if t in wanted]
     pair: tuple[str, str] | None = None
     if tls_wanted:
@@ -703,14 +884,21 @@ def start_targets(servers: Servers, tools: dict[str, str], opts: Options) -> lis
             targets["nginx-proxy"].server = start_nginx(
                 servers, tools["nginx"], "nginx-proxy", proxy_http, ports["proxy"]
             )
+    if "nghttpx-h2c" in wanted and h2_problem is None:
+        with reported_failure([targets["nghttpx-h2c"]]):
+            targets["nghttpx-h2c"].server = start_nghttpx(
+                servers, tools["nghttpx"], ports["nghttpx"], ports["upstream"]
+            )
     sidecar_targets = [targets[t] for t in SIDECAR_TARGETS if t in wanted]
+    sidecar_targets = [t for t in sidecar_targets if t.failure is None]
     if sidecar_targets:
-        sidecar_ports = {k: ports[k] for k in names if k != "proxy"}
+        sidecar_ports = {k: ports[k] for k in names if k not in ("proxy", "nghttpx")}
         with reported_failure(sidecar_targets):
             sidecar = start_sidecar(servers, opts.sidecar_cmd, sidecar_ports)
             for target in sidecar_targets:
                 target.server = sidecar
     compiled_targets = [targets[t] for t in COMPILED_TARGETS if t in wanted]
+    compiled_targets = [t for t in compiled_targets if t.failure is None]
     if compiled_targets:
         c_ports = {k: ports[f"c-{k}"] for k in listeners}
         c_ports["upstream"] = ports["upstream"]
@@ -727,7 +915,7 @@ def start_targets(servers: Servers, tools: dict[str, str], opts: Options) -> lis
     for target in chosen:
         if target.failure is None:
             with reported_failure([target]):
-                check_target(target)
+                check_target(target, tools)
     return chosen
 
 
@@ -742,9 +930,13 @@ def reported_failure(targets: list[Target]) -> Iterator[None]:
             target.failure = exc.message
 
 
-def measure(targets: list[Target], opts: Options, wrk: str, pin: list[str]) -> None:
+def measure(
+    targets: list[Target], opts: Options, tools: dict[str, str], pin: list[str], workdir: Path
+) -> None:
     """Idle RSS of every live target, then `opts.rounds` rounds; in each, both wrk sets over
-    every live target in the same order: a warm-up, then the measured run."""
+    every live target in the same order: a warm-up, then the measured run. The HTTP/2 targets
+    are loaded by h2load in the throughput set only (their results filed under its
+    connections); the latency set's "added over direct" compares wrk's HTTP/1.1 figures."""
     live = [t for t in targets if t.failure is None]
     time.sleep(IDLE_SETTLE_S)  # after the check request: nothing in flight
     for target in live:
@@ -752,24 +944,44 @@ def measure(targets: list[Target], opts: Options, wrk: str, pin: list[str]) -> N
     for round_no in range(1, opts.rounds + 1):
         for connections in (opts.connections, 1):
             for target in targets:
-                if target.failure is not None:
+                if target.failure is not None or (target.h2 and connections == 1):
                     continue
+                load = (
+                    f"h2load -c{opts.h2_connections} -m{opts.h2_streams}"
+                    if target.h2
+                    else f"c={connections}"
+                )
                 print(
-                    f"# round {round_no}/{opts.rounds} {target.name}: c={connections} ...",
+                    f"# round {round_no}/{opts.rounds} {target.name}: {load} ...",
                     file=sys.stderr,
                     flush=True,
                 )
                 with reported_failure([target]):
-                    measure_one(target, connections, opts, wrk, pin)
+                    measure_one(target, connections, opts, tools, pin, workdir)
 
 
-def measure_one(target: Target, connections: int, opts: Options, wrk: str, pin: list[str]) -> None:
-    run_wrk(pin, wrk_argv(wrk, connections, opts.warmup_s, target.url), opts.warmup_s)
-    argv = wrk_argv(wrk, connections, opts.duration_s, target.url)
+def measure_one(
+    target: Target,
+    connections: int,
+    opts: Options,
+    tools: dict[str, str],
+    pin: list[str],
+    workdir: Path,
+) -> None:
+    def load(seconds: int) -> WrkResult:
+        if target.h2:
+            log = workdir / "h2load.log"
+            c, m = opts.h2_connections, opts.h2_streams
+            argv = h2load_argv(tools["h2load"], c, m, seconds, target.url, log)
+            return run_h2load(pin, argv, seconds, log)
+        argv = wrk_argv(tools["wrk"], connections, seconds, target.url)
+        return parse_wrk(run_wrk(pin, argv, seconds))
+
+    load(opts.warmup_s)
     before = group_cpu_seconds(target.server)
     sampled = target.server if connections == opts.connections else None
     with RssPeak(sampled) as peak:
-        result = parse_wrk(run_wrk(pin, argv, opts.duration_s))
+        result = load(opts.duration_s)
     after = group_cpu_seconds(target.server)
     target.results.setdefault(connections, []).append(result)
     if connections == opts.connections and peak.kib is not None:
@@ -930,6 +1142,11 @@ def machine_facts(tools: dict[str, str], pinning: str, busy_before: str) -> list
         ("python", f"{platform.python_implementation()} {platform.python_version()}"),
         ("nginx", command_output([tools["nginx"], "-v"])),
         ("wrk", wrk_version(tools["wrk"])),
+        *(
+            (tool, command_output([tools[tool], "--version"]))
+            for tool in ("h2load", "nghttpx")
+            if tool in tools
+        ),
         ("pinning", pinning),
         ("CPU busy before start (all CPUs, 1 s)", busy_before),
         ("repo commit", commit + " (plus any uncommitted changes)"),
@@ -978,9 +1195,9 @@ def results_table(targets: list[Target], connections: int) -> list[str]:
     direct_c1 = [r.p50_us for r in direct.results.get(1, [])] if direct else []
 
     rows = [
-        "| target | rps | ratio vs its nginx | p50 (ms) | p99 (ms) "
+        "| target | rps | ratio vs its reference | p50 (ms) | p99 (ms) "
         "| p50 added over direct at c=1 (µs) | CPU µs per request = user + sys "
-        "| CPU ratio (its nginx's / its own) | RSS idle (MiB) | RSS under load (MiB) |",
+        "| CPU ratio (its reference's / its own) | RSS idle (MiB) | RSS under load (MiB) |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for t in targets:
@@ -1018,10 +1235,46 @@ def results_table(targets: list[Target], connections: int) -> list[str]:
     return rows
 
 
+def run_label(t: Target, connections: int, opts: Options) -> str:
+    """Which load a result is from: wrk's connections, or h2load's connections x streams."""
+    if t.h2:
+        return f"h2load -c{opts.h2_connections} -m{opts.h2_streams}"
+    return f"c={connections}"
+
+
 def render_report(
-    targets: list[Target], opts: Options, facts: list[tuple[str, str]], wrk: str
+    targets: list[Target],
+    opts: Options,
+    facts: list[tuple[str, str]],
+    wrk: str,
+    left_out: str | None = None,
+    h2load: str | None = None,
 ) -> str:
     c = opts.connections
+    h2_rows = [t for t in targets if t.h2]
+    h2_text = (
+        [
+            "",
+            f"HTTP/2 rows ({', '.join(t.name for t in h2_rows)}): h2load with prior knowledge "
+            f"(h2c), `-t1 -c{opts.h2_connections} -m{opts.h2_streams}` "
+            f"({opts.h2_connections * opts.h2_streams} streams in flight, about the throughput "
+            "set's requests in flight, on few multiplexed connections as a gRPC channel keeps "
+            "them), the same durations, the XID as a lower-case field; p50 and p99 from "
+            "h2load's per-request log. Each sidecar row is its sidecar's inbound listener "
+            "spoken to in HTTP/2 (the app, the same upstream, over HTTP/1.1); its reference is "
+            "nghttpx (1 worker), an h2c frontend proxying to the same upstream over HTTP/1.1. "
+            "They have no latency set: the c=1 column compares wrk's HTTP/1.1 figures.",
+        ]
+        if h2_rows
+        else []
+    )
+    rounds = (
+        f"{opts.rounds} interleaved rounds (each runs every target once, in this order); "
+        "each cell is the median over the rounds with its (min–max), and each ratio is "
+        "taken within a round."
+        if opts.rounds > 1
+        else "One round."
+    )
     rounds = (
         f"{opts.rounds} interleaved rounds (each runs every target once, in this order); "
         "each cell is the median over the rounds with its (min–max), and each ratio is "
@@ -1041,8 +1294,11 @@ def render_report(
         "load; CPU per request much less, so its ratio is the steadier comparison. RSS: VmRSS "
         "of the target's processes (nginx: master + worker, added), idle "
         f"{IDLE_SETTLE_S:.0f} s after start and one request, and the peak sampled every "
-        f"{RSS_SAMPLE_S * 1000:.0f} ms during the throughput run; the sidecar's two rows are "
-        "one process.",
+        f"{RSS_SAMPLE_S * 1000:.0f} ms during the throughput run; the rows of one sidecar "
+        "(inbound, outbound, inbound in HTTP/2) are one process. The ratios are against "
+        "each row's reference: nginx-proxy for plain HTTP/1.1, nginx-tls for the TLS rows, "
+        "nghttpx-h2c for the HTTP/2 rows.",
+        *h2_text,
         "",
         *results_table(targets, c),
         "",
@@ -1053,10 +1309,13 @@ def render_report(
             for round_no, r in enumerate(runs, 1):
                 if r.errors:
                     notes.append(
-                        f"- **{t.name}** c={conns} round {round_no}: {r.non_2xx} non-2xx "
+                        f"- **{t.name}** {run_label(t, conns, opts)} round {round_no}: "
+                        f"{r.non_2xx} non-2xx "
                         f"responses and {r.socket_errors} socket errors out of {r.requests} "
                         "requests (its figures are suspect)"
                     )
+    if left_out is not None:
+        notes.append(left_out)
     if notes:
         lines += ["Problems:", "", *notes, ""]
     lines += ["## Machine", "", *(f"- {k}: {v}" for k, v in facts), ""]
@@ -1075,15 +1334,22 @@ def render_report(
         "```",
         "",
     ]
+    if h2_rows and h2load is not None:
+        argv = h2load_argv(
+            Path(h2load).name, opts.h2_connections, opts.h2_streams, opts.duration_s, "URL", "LOG"
+        )
+        lines += ["h2load, per HTTP/2 target:", "", "```", shlex.join(argv), "```", ""]
     return "\n".join(lines)
 
 
-def raw_outputs(targets: list[Target]) -> str:
-    parts = ["## Raw wrk output", ""]
+def raw_outputs(targets: list[Target], opts: Options) -> str:
+    parts = ["## Raw wrk and h2load output", ""]
     for t in targets:
         for conns, runs in sorted(t.results.items(), reverse=True):
             for round_no, r in enumerate(runs, 1):
-                summary = f"{t.name}, c={conns}" + (f", round {round_no}" if len(runs) > 1 else "")
+                summary = f"{t.name}, {run_label(t, conns, opts)}" + (
+                    f", round {round_no}" if len(runs) > 1 else ""
+                )
                 parts += [f"<details><summary>{summary}</summary>", "", "```"]
                 parts += [r.raw.rstrip(), "```", "", "</details>", ""]
     return "\n".join(parts)
@@ -1102,21 +1368,47 @@ def _terminate_on_sigterm() -> None:
         signal.signal(sig, handler)
 
 
+def h2_tools_or_leave_out(
+    opts: Options, tools: dict[str, str]
+) -> tuple[Options, str | None, str | None]:
+    """Add the HTTP/2 tools to `tools` when HTTP/2 targets are wanted. If they cannot be had:
+    asked for by --targets, (opts, why, None) and those targets fail; in the default list,
+    they are left out, and the third value is the report's note saying so."""
+    if not any(t in H2_TARGETS for t in opts.targets):
+        return opts, None, None
+    try:
+        tools.update(ensure_h2_tools())
+    except BenchError as exc:
+        exc.report("!! HTTP/2 rows: ")
+        if opts.targets_explicit:
+            return opts, exc.message, None
+        rest = tuple(t for t in opts.targets if t not in H2_TARGETS)
+        packages = " ".join(sorted(set(H2_TOOL_PACKAGES.values())))
+        note = (
+            f"- the HTTP/2 rows ({', '.join(H2_TARGETS)}) were left out: {exc.message} "
+            f"(they need h2load, nghttp and nghttpx: Debian's {packages})"
+        )
+        return dataclasses.replace(opts, targets=rest), None, note
+    return opts, None, None
+
+
 def run(opts: Options) -> int:
     tools = ensure_tools()
+    opts, h2_problem, left_out = h2_tools_or_leave_out(opts, tools)
     server_pin, client_pin, pinning = cpu_pinning()
     busy_before = check_idle()
     with tempfile.TemporaryDirectory(prefix="proxy-bench-") as tmp:
         servers = Servers(Path(tmp), server_pin)
         try:
-            targets = start_targets(servers, tools, opts)
-            measure(targets, opts, tools["wrk"], client_pin)
+            targets = start_targets(servers, tools, opts, h2_problem)
+            measure(targets, opts, tools, client_pin, Path(tmp))
         finally:
             servers.stop_all()
-    report = render_report(targets, opts, machine_facts(tools, pinning, busy_before), tools["wrk"])
+    facts = machine_facts(tools, pinning, busy_before)
+    report = render_report(targets, opts, facts, tools["wrk"], left_out, tools.get("h2load"))
     print(report)
     opts.output.parent.mkdir(parents=True, exist_ok=True)
-    opts.output.write_text(report + "\n" + raw_outputs(targets))
+    opts.output.write_text(report + "\n" + raw_outputs(targets, opts))
     print(f"# written to {opts.output}", file=sys.stderr)
     clean = all(
         t.failure is None and not any(r.errors for runs in t.results.values() for r in runs)

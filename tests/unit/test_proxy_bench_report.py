@@ -78,3 +78,125 @@ def test_rounds_option() -> None:
     opts = pb.parse_args(["--rounds", "3", "--quick", "--sidecar-cmd", "x"])
     assert opts.rounds == 3 and opts.duration_s == 3
     assert pb.parse_args(["--sidecar-cmd", "x"]).rounds == 1
+
+
+# --- the HTTP/2 rows (h2load against nghttpx-h2c and the sidecars' inbound listeners) -------
+
+H2LOAD_OUTPUT = """\
+starting benchmark...
+Application protocol: h2c
+
+finished in 3.00s, 1200.50 req/s, 1.52MB/s
+requests: 3700 total, 3764 started, 3700 done, 3690 succeeded, 10 failed, 10 errored, 0 timeout
+status codes: 3680 2xx, 0 3xx, 0 4xx, 10 5xx
+traffic: 3.03MB (3180210) total, 931.91KB (954273) headers (space savings 91.59%)
+"""
+
+
+def test_parse_h2load_counts_and_percentiles() -> None:
+    latencies = list(range(1, 101))  # µs, from h2load's per-request log
+    r = pb.parse_h2load(H2LOAD_OUTPUT, latencies)
+    assert r.rps == 1200.5
+    assert r.requests == 3700  # done: what CPU per request divides by
+    assert r.non_2xx == 20  # 3,700 done, 3,680 of them 2xx
+    assert r.socket_errors == 10  # failed
+    assert (r.p50_us, r.p99_us) == (51.0, 100.0)
+    assert r.errors == 30
+
+
+def test_parse_h2load_without_a_summary_or_a_log_is_an_error() -> None:
+    for text, log in (("h2load: connect refused\n", [5]), (H2LOAD_OUTPUT, [])):
+        try:
+            pb.parse_h2load(text, log)
+        except pb.BenchError:
+            continue
+        raise AssertionError(f"no BenchError for {text!r} with {log}")
+
+
+def test_h2load_argv_prior_knowledge_with_the_xid() -> None:
+    argv = pb.h2load_argv("h2load", 4, 16, 3, "http://127.0.0.1:1/", "/tmp/log")
+    assert argv[:5] == ["h2load", "-t1", "-c4", "-m16", "-D3"]
+    assert "--log-file=/tmp/log" in argv
+    assert argv[argv.index("-H") + 1] == "xid: 127.0.0.1:8091:123456789"  # lower case in h2
+    assert argv[-1] == "http://127.0.0.1:1/"  # http:// = h2c with prior knowledge
+
+
+def h2_target(name: str, rps: list[float], cpu: list[tuple[float, float]]) -> Any:
+    t = pb.Target(name, 1, h2=True)
+    t.results = {50: [wrk(r) for r in rps]}  # the throughput set only
+    t.cpu_us = {50: cpu}
+    t.rss_idle_kib = 40 * 1024
+    return t
+
+
+def test_h2_rows_are_against_nghttpx() -> None:
+    targets = [
+        target("direct", [100.0, 100.0], [(1, 5)] * 2, [40.0, 40.0]),
+        target("nginx-proxy", [40.0, 40.0], [(2, 10)] * 2, [60.0] * 2),
+        h2_target("nghttpx-h2c", [200.0, 100.0], [(3, 6), (3, 6)]),
+        # a quarter of nghttpx in each round, although nginx-proxy's rps is far below
+        h2_target("sidecar-inbound-h2c", [50.0, 25.0], [(30, 6), (32, 4)]),
+        h2_target("sidecar-inbound-h2c-compiled", [100.0, 50.0], [(12, 6), (12, 6)]),
+    ]
+    rows = pb.results_table(targets, 50)
+    cells = {
+        r.split(" | ")[0].strip("| "): [c.strip() for c in r.strip("|").split(" | ")]
+        for r in rows[2:]
+    }
+    assert cells["nghttpx-h2c"][2] == "1.00×"
+    assert cells["sidecar-inbound-h2c"][2] == "0.25×"
+    assert cells["sidecar-inbound-h2c-compiled"][2] == "0.50×"
+    assert cells["sidecar-inbound-h2c"][6] == "36.0 = 31.0 + 5.0"
+    assert cells["sidecar-inbound-h2c"][7] == "0.25×"  # nghttpx's 9 µs / its 36 µs
+    assert cells["sidecar-inbound-h2c-compiled"][7] == "0.50×"
+    assert cells["sidecar-inbound-h2c"][5] == "n/a"  # no latency set: wrk's column
+    assert all(row.count("|") == rows[0].count("|") for row in rows)
+
+
+def test_h2_targets_are_loaded_once_per_round(monkeypatch: Any) -> None:
+    """The HTTP/2 targets run in the throughput set only, in the same round order."""
+    runs: list[tuple[str, int]] = []
+    monkeypatch.setattr(pb, "IDLE_SETTLE_S", 0.0)
+    monkeypatch.setattr(pb, "measure_one", lambda t, c, *rest: runs.append((t.name, c)))
+    targets = [pb.Target("nginx-proxy", 1), pb.Target("nghttpx-h2c", 2, h2=True)]
+    opts = pb.parse_args(["--rounds", "2", "--sidecar-cmd", "x"])
+    pb.measure(targets, opts, {}, [], Path("/nonexistent"))
+    round_runs = [("nginx-proxy", 50), ("nghttpx-h2c", 50), ("nginx-proxy", 1)]
+    assert runs == round_runs * 2
+
+
+def test_default_targets_include_h2_and_leave_them_out_without_tools(monkeypatch: Any) -> None:
+    def no_tools() -> dict[str, str]:
+        raise pb.BenchError("missing nghttp2-client nghttp2-proxy; as root run: apt-get ...")
+
+    monkeypatch.setattr(pb, "ensure_h2_tools", no_tools)
+    default = pb.parse_args(["--sidecar-cmd", "x"])
+    assert set(pb.H2_TARGETS) <= set(default.targets) and not default.targets_explicit
+    opts, problem, note = pb.h2_tools_or_leave_out(default, {})
+    assert problem is None and note is not None and "left out" in note
+    assert not set(pb.H2_TARGETS) & set(opts.targets)
+    assert "sidecar-inbound" in opts.targets  # the rest is measured
+    report = pb.render_report([], opts, [], "wrk", note)
+    assert "Problems:" in report and "left out" in report
+
+    # named in --targets, they stay and fail with the reason
+    named = pb.parse_args(["--targets", "nginx-proxy,nghttpx-h2c", "--sidecar-cmd", "x"])
+    opts, problem, note = pb.h2_tools_or_leave_out(named, {})
+    assert opts.targets == ("nginx-proxy", "nghttpx-h2c") and note is None
+    assert problem is not None and "nghttp2-client" in problem
+
+    # no HTTP/2 target asked for: the tools are not even looked for
+    plain = pb.parse_args(["--targets", "nginx-proxy", "--sidecar-cmd", "x"])
+    assert pb.h2_tools_or_leave_out(plain, {}) == (plain, None, None)
+
+
+def test_report_describes_the_h2_load() -> None:
+    opts = pb.parse_args(
+        ["--quick", "--h2-connections", "2", "--h2-streams", "8", "--sidecar-cmd", "x"]
+    )
+    t = h2_target("sidecar-inbound-h2c", [50.0], [(30, 6)])
+    t.results[50] = [pb.WrkResult(50.0, 1.0, 2.0, 150, 3, 0, "raw")]
+    report = pb.render_report([t], opts, [], "wrk", None, "/usr/bin/h2load")
+    assert "`-t1 -c2 -m8`" in report
+    assert "h2load -t1 -c2 -m8 -D3 --log-file=LOG" in report
+    assert "sidecar-inbound-h2c** h2load -c2 -m8 round 1: 3 non-2xx" in report
