@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.component.conftest import upstream  # noqa: F401  (the apps the clients reach)
-from tests.realclients.grpcapp import grpc_app  # noqa: F401
+from tests.realclients.grpcapp import channel, grpc_app  # noqa: F401 (fixtures)
 
 HERE = Path(__file__).parent
 
@@ -99,10 +99,9 @@ def java_client(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 DEBIAN_GOPATH = "/usr/share/gocode"
 
 
-@pytest.fixture(scope="session")
-def grpc_go_client(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """The command line of a real grpc-go client (grpcgo.go), built against Debian's
-    golang-google-grpc-dev."""
+def build_grpc_go(tmp_path_factory: pytest.TempPathFactory, source: str) -> Path:
+    """`source` built against Debian's golang-google-grpc-dev; without it the test skips, or
+    fails under CI=true."""
     if not Path(DEBIAN_GOPATH, "src/google.golang.org/grpc").is_dir():
         message = (
             "grpc-go is not installed (scripts/system-deps.sh installs golang-google-grpc-dev)"
@@ -110,7 +109,14 @@ def grpc_go_client(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-    return [str(build_go(tmp_path_factory, "grpcgo.go", gopath=DEBIAN_GOPATH))]
+    return build_go(tmp_path_factory, source, gopath=DEBIAN_GOPATH)
+
+
+@pytest.fixture(scope="session")
+def grpc_go_client(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The command line of a real grpc-go client (grpcgo.go), built against Debian's
+    golang-google-grpc-dev."""
+    return [str(build_grpc_go(tmp_path_factory, "grpcgo.go"))]
 
 
 @pytest.fixture(params=["grpc-js", "grpc-go"])

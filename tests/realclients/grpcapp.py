@@ -4,7 +4,7 @@ bytes (no generated code) that record what the app saw."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -85,3 +85,20 @@ def grpc_app() -> Iterator[tuple[App, int]]:
         yield app, port
     finally:
         server.stop(grace=None)
+
+
+@pytest.fixture
+async def channel() -> AsyncIterator[Callable[..., grpc.Channel]]:
+    """`channel(port, authority=None)`: a grpcio channel to 127.0.0.1:port (with `authority`,
+    its :authority, as the outbound listener routes by), closed when the test ends."""
+    channels: list[grpc.Channel] = []
+
+    def make(port: int, authority: str | None = None) -> grpc.Channel:
+        options = [("grpc.default_authority", authority)] if authority else []
+        ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
+        channels.append(ch)
+        return ch
+
+    yield make
+    for ch in channels:
+        ch.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
 
@@ -20,21 +20,6 @@ from tests.component.servers import sample, wait_until
 from tests.realclients.grpcapp import App, _handlers, _metadata
 
 GOOD_XID = "10.0.0.1:8091:2001"
-
-
-@pytest.fixture
-async def channel() -> AsyncIterator[Any]:
-    channels: list[grpc.Channel] = []
-
-    def make(port: int, authority: str | None = None) -> grpc.Channel:
-        options = [("grpc.default_authority", authority)] if authority else []
-        ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
-        channels.append(ch)
-        return ch
-
-    yield make
-    for ch in channels:
-        ch.close()
 
 
 def unary(ch: grpc.Channel, method: str, request: bytes, **kw: Any) -> bytes:

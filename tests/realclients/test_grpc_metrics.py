@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from tests.component.servers import sample
-from tests.realclients.test_grpc import GOOD_XID, channel, unary  # noqa: F401 (fixture)
+from tests.realclients.test_grpc import GOOD_XID, unary
 
 
 def calls(sc: Any, upstream: str, status: str) -> float:

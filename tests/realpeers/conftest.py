@@ -19,7 +19,7 @@ import pytest
 
 from tests.component.conftest import connect, upstream  # noqa: F401  (the apps behind nginx)
 from tests.component.servers import free_port
-from tests.realclients.grpcapp import grpc_app  # noqa: F401
+from tests.realclients.grpcapp import channel, grpc_app  # noqa: F401 (fixtures)
 
 #: every request nginx serves is one line of this format in `Nginx.access_log`: the tests
 #: read what nginx received (the XID, a request id) and on which connection (its number and

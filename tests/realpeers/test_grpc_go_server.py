@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import signal
 import socket
 import threading
@@ -31,7 +30,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.realclients.conftest import DEBIAN_GOPATH, build_go
+from tests.realclients.conftest import build_grpc_go
 
 HERE = Path(__file__).parent
 
@@ -42,14 +41,7 @@ ROLLING = ("-max-age", "150ms")
 
 @pytest.fixture(scope="session")
 def grpc_go_server_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not Path(DEBIAN_GOPATH, "src/google.golang.org/grpc").is_dir():
-        message = (
-            "grpc-go is not installed (scripts/system-deps.sh installs golang-google-grpc-dev)"
-        )
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return build_go(tmp_path_factory, str(HERE / "grpcgoserver.go"), gopath=DEBIAN_GOPATH)
+    return build_grpc_go(tmp_path_factory, str(HERE / "grpcgoserver.go"))
 
 
 class GoServer:
@@ -104,21 +96,6 @@ async def go_server(grpc_go_server_binary: Path, tmp_path: Path) -> AsyncIterato
         if server.proc.returncode is None:
             server.proc.kill()
             await server.proc.wait()
-
-
-@pytest.fixture
-async def channel() -> AsyncIterator[Callable[..., grpc.Channel]]:
-    channels: list[grpc.Channel] = []
-
-    def make(port: int, authority: str | None = None) -> grpc.Channel:
-        options = [("grpc.default_authority", authority)] if authority else []
-        ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
-        channels.append(ch)
-        return ch
-
-    yield make
-    for ch in channels:
-        ch.close()
 
 
 async def poll(condition: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:
