@@ -174,6 +174,10 @@ class PgJournal:
                 server_settings={
                     "statement_timeout": timeout_ms,
                     "lock_timeout": timeout_ms,
+                    # a replica paused mid-transaction (SIGSTOP, a long GC pause) would hold
+                    # its row's fence lock, and the reapers skip locked rows: its work would
+                    # not be taken over until it woke. PostgreSQL ends such a session.
+                    "idle_in_transaction_session_timeout": timeout_ms,
                     "application_name": "gts-sidecar coordinator",
                     # plan every execution with the table's current size: a plan cached
                     # while the table was small (a new database) keeps a sequential scan

@@ -6,11 +6,13 @@ fence, leases and takeover, the shared nonce cache, errors; and the config and C
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import asyncpg
 import pytest
 import yaml
 
@@ -170,6 +172,29 @@ async def test_an_expired_lease_is_taken_over_and_its_holder_fenced(journal: Ope
         await a.write([g("h:1:3")])  # nothing new either: its work would be orphaned
     assert await a.renew(10.0) is False
     assert (await survivor.find("h:1:1"))[0].status is GlobalStatus.COMMITTING  # type: ignore[index]
+
+
+async def test_a_replica_paused_inside_a_transaction_is_still_taken_over(journal: Opener) -> None:
+    """A replica stopped (SIGSTOP, a long GC pause) between two statements of a journal
+    transaction holds its row's lock (the fence's FOR KEY SHARE): the reapers, which skip
+    locked rows, would never take its work over while it stays paused. PostgreSQL ends such a
+    session once it has sat idle in its transaction for the statement timeout."""
+    a = await journal(lease=0.5)
+    await a.write([g("h:1:1", GlobalStatus.COMMITTING)], [b(1, "h:1:1")])
+    survivor = await journal()
+    assert a._pool is not None
+    paused = await a._pool.acquire()
+    try:
+        tx = paused.transaction()
+        await tx.start()
+        await paused.fetchval("SELECT 1 FROM gts_replicas WHERE token = $1 FOR KEY SHARE", a._me())
+        # ... and a says nothing more: its lease runs out while the lock is held
+        taken = await wait_until(survivor.reap, timeout=15, interval=0.2)
+        assert [r.xid for r, _ in taken] == ["h:1:1"]
+    finally:
+        # (PostgreSQL has ended its session by now; the pool may have let the connection go)
+        with contextlib.suppress(asyncpg.InterfaceError):
+            await a._pool.release(paused)
 
 
 async def test_a_renewed_lease_is_not_taken_over_and_leave_hands_over_at_once(
