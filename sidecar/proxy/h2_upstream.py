@@ -202,8 +202,9 @@ class H2UpstreamConnection(asyncio.Protocol):
         #: the :scheme of its requests
         self.scheme = b"https" if cluster.ssl is not None else b"http"
         self.idle_since = 0.0
-        #: requests waiting for this connection to open (none once it is open)
+        #: requests waiting for this connection to open and its server's SETTINGS to come
         self.openers: list[asyncio.Future[None]] = []
+        self.settings_seen = False
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -269,6 +270,10 @@ class H2UpstreamConnection(asyncio.Protocol):
                         )
                     )
             elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+                if isinstance(event, h2.events.RemoteSettingsChanged) and not self.settings_seen:
+                    self.settings_seen = True
+                    if self.openers and self in getattr(self.cluster, "_conns", ()):
+                        self._settled()
                 targets = [stream] if stream is not None else list(self.streams.values())
                 for target in targets:
                     if target.pending:
@@ -335,8 +340,21 @@ class H2UpstreamConnection(asyncio.Protocol):
         if sink is not None:
             sink.on_response_complete()  # (it flushes what this step produced)
 
+    def _settled(self, opened: bool = True) -> None:
+        """The server's SETTINGS came (or the connection ended first): the requests waiting
+        for it take streams now, within the limit it announced, or look again."""
+        openers, self.openers = self.openers, []
+        opening = getattr(self.cluster, "_opening", None)
+        if opening is not None and self in opening:
+            opening.remove(self)
+        for fut in openers:
+            if not fut.done():
+                fut.set_result(None)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self.openers:
+            self._settled()
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream.lost(exc)
@@ -559,13 +577,13 @@ class H2Cluster(Cluster):
                         fut.set_result(None)
             conn.openers = []
             raise
-        self._opening.remove(conn)
         self._conns.append(conn)
         conn.taken += 1
-        for fut in conn.openers:
-            if not fut.done():
-                fut.set_result(None)
-        conn.openers = []
+        if not conn.openers or conn.settings_seen:
+            conn._settled()
+        # else the requests waiting for it go on once the server's SETTINGS say how many
+        # streams it takes (opened before, a burst could pass the server's limit and have
+        # streams refused); it stays in _opening until then
         return H2UpstreamStream(conn)
 
     def _forget(self, conn: Any) -> None:

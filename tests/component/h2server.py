@@ -9,6 +9,7 @@ import asyncio
 
 import h2.config
 import h2.connection
+import h2.settings
 
 
 class H2TestServer:
@@ -39,10 +40,11 @@ class H2TestServer:
 
 
 def server_connection(
-    writer: asyncio.StreamWriter, *, validate: bool = True
+    writer: asyncio.StreamWriter, *, validate: bool = True, settings: dict[int, int] | None = None
 ) -> h2.connection.H2Connection:
-    """The server side of an HTTP/2 connection, its preface (SETTINGS) already written. With
-    `validate=False` h2's outbound checks are off, so that a test can send any bytes."""
+    """The server side of an HTTP/2 connection, its preface (SETTINGS, with `settings`)
+    already written. With `validate=False` h2's outbound checks are off, so that a test can
+    send any bytes."""
     config = h2.config.H2Configuration(
         client_side=False,
         header_encoding=None,
@@ -50,6 +52,8 @@ def server_connection(
         normalize_outbound_headers=validate,
     )
     conn = h2.connection.H2Connection(config)
+    if settings:
+        conn.local_settings = h2.settings.Settings(client=False, initial_values=settings)
     conn.initiate_connection()
     writer.write(conn.data_to_send())
     return conn

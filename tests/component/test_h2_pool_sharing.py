@@ -9,10 +9,13 @@ import asyncio
 
 import h2.events
 import h2.exceptions
+from h2.settings import SettingCodes
 
 from tests.component.h2server import H2TestServer, server_connection
 from tests.component.servers import Client, closed_port, error_of, get, request, sample, wait_until
 from tests.component.test_h2_upstream_fields import RawH2Upstream
+
+MAX_CONCURRENT_STREAMS = SettingCodes.MAX_CONCURRENT_STREAMS
 
 
 async def burst(port: int, n: int) -> list[int]:
@@ -121,5 +124,53 @@ async def test_a_connection_ended_by_goaway_is_closed_once_its_streams_are_done(
         assert sample(sc, "gts_sidecar_pool_connections_idle", upstream="app") == 0
         assert (await request(port, get("/two"))).status == 200
         assert up.connections == 2
+    finally:
+        await up.close()
+
+
+class TwoStreamsAtATime(H2TestServer):
+    """Announces MAX_CONCURRENT_STREAMS 2 and answers the requests of each read only once the
+    whole read is parsed, counting (as grpc-go does, which refuses them) the streams opened
+    past that limit: h2 itself would enforce it only once the client acknowledged it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.served = 0
+        self.violations = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = server_connection(writer, settings={MAX_CONCURRENT_STREAMS: 2})
+        try:
+            while data := await reader.read(65536):
+                opened = [
+                    event.stream_id
+                    for event in conn.receive_data(data)
+                    if isinstance(event, h2.events.RequestReceived)
+                ]
+                if len(opened) > 2:
+                    self.violations += len(opened) - 2
+                for stream_id in opened:
+                    conn.send_headers(stream_id, [(b":status", b"200")])
+                    conn.send_data(stream_id, b"ok", end_stream=True)
+                    self.served += 1
+                writer.write(conn.data_to_send())
+        except (ConnectionError, h2.exceptions.ProtocolError):
+            pass
+
+
+async def test_a_burst_on_a_new_connection_keeps_within_the_servers_stream_limit(
+    sidecar_factory,
+):
+    """Requests that waited for a connection take streams on it only once the server's
+    SETTINGS say how many it allows, never past them (a burst of 8 against a limit of 2). The
+    race this guards (streams taken as soon as the TCP connection was up, before the SETTINGS
+    were read) showed once with grpc-go, which refused the excess; this server's SETTINGS
+    come early enough that it did not show here."""
+    up = TwoStreamsAtATime()
+    try:
+        sc = await sidecar_factory({"app": {"url": await up.start(), "protocol": "h2c"}})
+        assert await burst(sc.ports["inbound"], 8) == [200] * 8
+        assert up.violations == 0
+        assert up.served == 8
     finally:
         await up.close()
