@@ -249,29 +249,27 @@ def find_tool(name: str) -> str | None:
     return shutil.which(name, path=os.environ.get("PATH", "") + os.pathsep + SBIN_PATH)
 
 
-def ensure_tools() -> dict[str, str]:
-    """Return paths of nginx and wrk, installing the Debian packages first if one is missing."""
-    missing = [pkg for tool, pkg in TOOL_PACKAGES.items() if find_tool(tool) is None]
+def ensure_packages(tool_packages: dict[str, str]) -> dict[str, str]:
+    """Paths of the tools (keys), installing the Debian packages (values) of those missing
+    first; a BenchError says which cannot be had."""
+    missing = sorted({pkg for tool, pkg in tool_packages.items() if find_tool(tool) is None})
     if missing:
         install_packages(missing)
-    paths = {tool: find_tool(tool) for tool in TOOL_PACKAGES}
+    paths = {tool: find_tool(tool) for tool in tool_packages}
     absent = [tool for tool, path in paths.items() if path is None]
     if absent:
         raise BenchError(f"still not found after installing: {', '.join(absent)}")
     return {tool: str(path) for tool, path in paths.items()}
+
+
+def ensure_tools() -> dict[str, str]:
+    """nginx and wrk."""
+    return ensure_packages(TOOL_PACKAGES)
 
 
 def ensure_h2_tools() -> dict[str, str]:
-    """Paths of h2load, nghttp and nghttpx, installing nghttp2-client and nghttp2-proxy first
-    if one is missing; a BenchError says why they cannot be had."""
-    missing = sorted({pkg for tool, pkg in H2_TOOL_PACKAGES.items() if find_tool(tool) is None})
-    if missing:
-        install_packages(missing)
-    paths = {tool: find_tool(tool) for tool in H2_TOOL_PACKAGES}
-    absent = [tool for tool, path in paths.items() if path is None]
-    if absent:
-        raise BenchError(f"still not found after installing: {', '.join(absent)}")
-    return {tool: str(path) for tool, path in paths.items()}
+    """h2load, nghttp and nghttpx (nghttp2-client, nghttp2-proxy)."""
+    return ensure_packages(H2_TOOL_PACKAGES)
 
 
 def install_packages(packages: list[str]) -> None:

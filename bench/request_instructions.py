@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import collections
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -81,14 +80,9 @@ def self_costs(path: Path) -> collections.Counter[str]:
 
 
 def measure(opts: argparse.Namespace) -> int:
-    valgrind = shutil.which("valgrind")
-    control = shutil.which("callgrind_control")
-    if valgrind is None or control is None:
-        pb.install_packages(["valgrind"])
-        valgrind, control = shutil.which("valgrind"), shutil.which("callgrind_control")
-    if valgrind is None or control is None:
-        raise BenchError("valgrind is not installed (Debian's `valgrind` package)")
     tools = pb.ensure_tools()
+    tools |= pb.ensure_packages({"valgrind": "valgrind", "callgrind_control": "valgrind"})
+    valgrind, control = tools["valgrind"], tools["callgrind_control"]
     with tempfile.TemporaryDirectory(prefix="gts-instr-") as tmp:
         work = Path(tmp)
         servers = pb.Servers(work, [])

@@ -340,16 +340,21 @@ class H2UpstreamConnection(asyncio.Protocol):
         if sink is not None:
             sink.on_response_complete()  # (it flushes what this step produced)
 
-    def _settled(self, opened: bool = True) -> None:
-        """The server's SETTINGS came (or the connection ended first): the requests waiting
-        for it take streams now, within the limit it announced, or look again."""
+    def _settled(self, failed: BaseException | None = None) -> None:
+        """The server's SETTINGS came, or the connection ended or `failed` to open first: the
+        requests waiting for it take streams now, within the limit it announced, or are told
+        the connection's own failure (_shared_failure), or look again."""
         openers, self.openers = self.openers, []
         opening = getattr(self.cluster, "_opening", None)
         if opening is not None and self in opening:
             opening.remove(self)
         for fut in openers:
             if not fut.done():
-                fut.set_result(None)
+                failure = _shared_failure(failed) if failed is not None else None
+                if failure is not None:
+                    fut.set_exception(failure)
+                else:
+                    fut.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -567,15 +572,9 @@ class H2Cluster(Cluster):
         try:
             await super()._connect(waiter_slot, conn)
         except BaseException as exc:
-            self._opening.remove(conn)
-            for fut in conn.openers:
-                if not fut.done():
-                    failure = _shared_failure(exc)
-                    if failure is not None:
-                        fut.set_exception(failure)
-                    else:  # the opener's own matter (its client left): the others go on
-                        fut.set_result(None)
-            conn.openers = []
+            # (the opener's own matter, its client gone, is no failure of the connection's:
+            # the others then look again)
+            conn._settled(exc)
             raise
         self._conns.append(conn)
         conn.taken += 1
