@@ -272,8 +272,8 @@ class H2UpstreamConnection(asyncio.Protocol):
             elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
                 if isinstance(event, h2.events.RemoteSettingsChanged) and not self.settings_seen:
                     self.settings_seen = True
-                    if self.openers and self in getattr(self.cluster, "_conns", ()):
-                        self._settled()
+                    if self in getattr(self.cluster, "_conns", ()):
+                        self._settled()  # (else _connect has yet to count it in: it settles)
                 targets = [stream] if stream is not None else list(self.streams.values())
                 for target in targets:
                     if target.pending:
@@ -341,9 +341,10 @@ class H2UpstreamConnection(asyncio.Protocol):
             sink.on_response_complete()  # (it flushes what this step produced)
 
     def _settled(self, failed: BaseException | None = None) -> None:
-        """The server's SETTINGS came, or the connection ended or `failed` to open first: the
-        requests waiting for it take streams now, within the limit it announced, or are told
-        the connection's own failure (_shared_failure), or look again."""
+        """The server's SETTINGS came, or the connection ended or `failed` to open first: it
+        is no longer one being opened, and the requests waiting for it take streams now,
+        within the limit it announced, or are told the connection's own failure
+        (_shared_failure), or look again."""
         openers, self.openers = self.openers, []
         opening = getattr(self.cluster, "_opening", None)
         if opening is not None and self in opening:
@@ -355,11 +356,16 @@ class H2UpstreamConnection(asyncio.Protocol):
                     fut.set_exception(failure)
                 else:
                     fut.set_result(None)
+        if self.has_room:
+            # room beyond what its openers take: requests queued on the pool's limit of
+            # connections look again (each that finds none left goes back to waiting)
+            cluster = self.cluster
+            for _ in range(min(self._limit() - self.taken - len(openers), len(cluster._waiters))):
+                cluster._wake_one()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        if self.openers:
-            self._settled()
+        self._settled()
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream.lost(exc)
@@ -380,10 +386,17 @@ class H2UpstreamConnection(asyncio.Protocol):
     def usable(self) -> bool:
         return not self._closed and self.transport is not None and not self.transport.is_closing()
 
+    def _limit(self) -> int:
+        limit: int = self.h2.remote_settings.max_concurrent_streams or DEFAULT_MAX_STREAMS
+        return limit
+
     @property
     def has_room(self) -> bool:
-        limit = self.h2.remote_settings.max_concurrent_streams or DEFAULT_MAX_STREAMS
-        return self.usable and not self.goaway and self.taken < limit
+        # Only once the server's SETTINGS have come: until then h2 reads its limit as
+        # unbounded, and streams opened in that window past the limit the server is about
+        # to announce are refused (grpc-go resets them with REFUSED_STREAM). The stream of
+        # the request that opened the connection is taken without asking (_connect).
+        return self.settings_seen and self.usable and not self.goaway and self.taken < self._limit()
 
     def open_stream(
         self, stream: H2UpstreamStream, fields: list[tuple[bytes, bytes]], end_stream: bool
@@ -578,11 +591,11 @@ class H2Cluster(Cluster):
             raise
         self._conns.append(conn)
         conn.taken += 1
-        if not conn.openers or conn.settings_seen:
+        if conn.settings_seen:
             conn._settled()
-        # else the requests waiting for it go on once the server's SETTINGS say how many
-        # streams it takes (opened before, a burst could pass the server's limit and have
-        # streams refused); it stays in _opening until then
+        # else it stays among those being opened until the server's SETTINGS say how many
+        # streams it takes: requests coming meanwhile wait for them with the others (opened
+        # before, a burst could pass the server's limit and have streams refused)
         return H2UpstreamStream(conn)
 
     def _forget(self, conn: Any) -> None:
@@ -602,6 +615,11 @@ class H2Cluster(Cluster):
     @property
     def idle_count(self) -> int:
         return sum(1 for conn in self._conns if not conn.taken)
+
+    @property
+    def waiting(self) -> int:
+        # (requests waiting for a connection being opened wait as much as those queued)
+        return len(self._waiters) + sum(len(conn.openers) for conn in self._opening)
 
     def close(self) -> None:
         super().close()

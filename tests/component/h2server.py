@@ -40,11 +40,15 @@ class H2TestServer:
 
 
 def server_connection(
-    writer: asyncio.StreamWriter, *, validate: bool = True, settings: dict[int, int] | None = None
+    writer: asyncio.StreamWriter,
+    *,
+    validate: bool = True,
+    settings: dict[int, int] | None = None,
+    hold: bool = False,
 ) -> h2.connection.H2Connection:
     """The server side of an HTTP/2 connection, its preface (SETTINGS, with `settings`)
-    already written. With `validate=False` h2's outbound checks are off, so that a test can
-    send any bytes."""
+    already written, or with `hold` left for the next write. With `validate=False` h2's
+    outbound checks are off, so that a test can send any bytes."""
     config = h2.config.H2Configuration(
         client_side=False,
         header_encoding=None,
@@ -55,5 +59,6 @@ def server_connection(
     if settings:
         conn.local_settings = h2.settings.Settings(client=False, initial_values=settings)
     conn.initiate_connection()
-    writer.write(conn.data_to_send())
+    if not hold:
+        writer.write(conn.data_to_send())
     return conn

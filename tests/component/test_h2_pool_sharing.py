@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import h2.connection
 import h2.events
 import h2.exceptions
 from h2.settings import SettingCodes
@@ -173,4 +174,99 @@ async def test_a_burst_on_a_new_connection_keeps_within_the_servers_stream_limit
         assert up.violations == 0
         assert up.served == 8
     finally:
+        await up.close()
+
+
+def answer(conn: h2.connection.H2Connection, stream_id: int) -> None:
+    conn.send_headers(stream_id, [(b":status", b"200")])
+    conn.send_data(stream_id, b"ok", end_stream=True)
+
+
+class SettingsWhenTold(H2TestServer):
+    """Announces MAX_CONCURRENT_STREAMS 2, but writes nothing, its SETTINGS included, until
+    the test sets `release`: the window between the TCP connection and the server's SETTINGS
+    (microseconds with grpc-go) held open. Counts the streams opened in that window; answers
+    every request once released. (Its h2 enforces the limit it will announce: a stream past
+    it is a protocol error that ends the connection, `past_limit`.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.opened_before_settings = 0
+        self.past_limit = False
+        self.served = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = server_connection(writer, settings={MAX_CONCURRENT_STREAMS: 2}, hold=True)
+        held: list[int] = []
+        released = asyncio.ensure_future(self.release.wait())
+        read = asyncio.ensure_future(reader.read(65536))
+        try:
+            while True:
+                await asyncio.wait({read, released}, return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():
+                    break  # released (the read goes on below)
+                if not (data := read.result()):
+                    return
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        self.opened_before_settings += 1
+                        held.append(event.stream_id)
+                read = asyncio.ensure_future(reader.read(65536))
+            for stream_id in held:
+                answer(conn, stream_id)
+            self.served += len(held)
+            writer.write(conn.data_to_send())
+            while data := await read:
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        answer(conn, event.stream_id)
+                        self.served += 1
+                writer.write(conn.data_to_send())
+                read = asyncio.ensure_future(reader.read(65536))
+        except h2.exceptions.TooManyStreamsError:
+            self.past_limit = True
+        except (ConnectionError, h2.exceptions.ProtocolError):
+            pass
+        finally:
+            released.cancel()
+            read.cancel()
+
+
+async def test_requests_coming_before_the_servers_settings_wait_for_them(sidecar_factory):
+    """A request that finds the new connection up but the server's SETTINGS not yet read
+    waits for them, as those that came while it was opening do: the limit they announce (2)
+    is never passed. Before, such a request opened a stream at once (h2 reads the limit as
+    unbounded until then), and grpc-go refused the excess (a CI run saw it after a
+    connection roll)."""
+    up = SettingsWhenTold()
+    clients = []
+    try:
+        sc = await sidecar_factory({"app": {"url": await up.start(), "protocol": "h2c"}})
+        port = sc.ports["inbound"]
+        first = await Client.connect(port)
+        clients.append(first)
+        await first.send(get("/first"))
+        # the connection is up and its first stream sent: the server has it
+        await wait_until(lambda: up.opened_before_settings == 1)
+        for i in range(7):
+            client = await Client.connect(port)
+            clients.append(client)
+            await client.send(get(f"/r{i}"))
+        # each either opened a stream (the server counts it) or waits for the SETTINGS
+        await wait_until(
+            lambda: (
+                up.past_limit
+                or up.opened_before_settings
+                + sample(sc, "gts_sidecar_pool_requests_waiting", upstream="app")
+                == 8
+            )
+        )
+        assert (up.past_limit, up.opened_before_settings) == (False, 1)
+        up.release.set()
+        assert [(await client.response()).status for client in clients] == [200] * 8
+        assert up.served == 8
+    finally:
+        for client in clients:
+            client.close()
         await up.close()
