@@ -136,7 +136,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._closed = False
         #: the request was HEAD: llhttp cannot be told to skip the body, so the response
-        #: ends at its head and the connection is not reused
+        #: ends at its head (and the next one is parsed afresh: _fresh_parser)
         self.expect_no_body = False
         self.response_done = False
         self._eof_body = False
@@ -301,7 +301,10 @@ class UpstreamConnection(asyncio.Protocol):
             problem = _transfer_coding_problem(self._headers)
             if problem is not None:
                 raise self._invalid(problem)
-        if not self.parser.should_keep_alive():
+        if self.expect_no_body:
+            if not _head_answer_keeps_alive(self.parser.get_http_version(), self._headers):
+                self.reusable = False
+        elif not self.parser.should_keep_alive():
             self.reusable = False
         sink = self.sink
         if sink is None:
@@ -679,6 +682,20 @@ class Cluster:
             self._sweeper.cancel()
         while self._idle:
             self._idle.pop().close()
+
+
+def _head_answer_keeps_alive(version: str, headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the connection stays open after the answer to a HEAD request. llhttp, not
+    told the request was HEAD, reads an answer without Content-Length as a body running to
+    the close, and says so; but that answer has no body (RFC 9112 §6.3): only the version
+    and the Connection field decide, as for any other answer."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    if version == "1.1":
+        return b"close" not in tokens
+    return version == "1.0" and b"keep-alive" in tokens and b"close" not in tokens
 
 
 def _transfer_coding_problem(headers: list[tuple[bytes, bytes]]) -> str | None:

@@ -1,7 +1,9 @@
 """An upstream connection that answered a HEAD request is reused: llhttp reads the answer's
 Content-Length as a body to come (it is not told the request was HEAD), so the connection's
 next answer is parsed on a new parser. Before, every HEAD (a health check, say) cost a new
-upstream connection. An upstream that sends bytes after a HEAD answer's head is not reused."""
+upstream connection. An answer without Content-Length keeps the connection too (llhttp would
+read it as a body running to the close), unless its Connection field says close. An upstream
+that sends bytes after a HEAD answer's head is not reused."""
 
 from __future__ import annotations
 
@@ -44,4 +46,38 @@ async def test_bytes_after_a_head_answer_keep_the_connection_from_reuse(sidecar_
     assert first.status == 200 and first.body == b""
     second = await request(port, get("/g"))
     assert second.status == 200 and second.body == b"fine"
+    assert app.requests[0].conn_id != app.requests[1].conn_id
+
+
+async def test_a_head_answer_without_content_length_keeps_the_connection(sidecar_factory, upstream):
+    async def answer(req: Received, reply: Reply) -> None:
+        if req.method == "HEAD":
+            reply.write(b"HTTP/1.1 200 OK\r\nX-Kind: probe\r\n\r\n")
+            await reply.drain()
+        else:
+            await reply.send(200, b"hello")
+
+    app = await upstream(answer)
+    sc = await sidecar_factory({"app": {"url": app.url}})
+    port = sc.ports["inbound"]
+    first = await request(port, get("/h", method="HEAD"), method="HEAD")
+    assert first.status == 200 and first.get("x-kind") == "probe" and first.body == b""
+    second = await request(port, get("/g"))
+    assert second.status == 200 and second.body == b"hello"
+    assert len({r.conn_id for r in app.requests}) == 1
+
+
+async def test_a_head_answer_that_says_close_is_not_reused(sidecar_factory, upstream):
+    async def answer(req: Received, reply: Reply) -> None:
+        if req.method == "HEAD":
+            reply.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+            await reply.drain()
+        else:
+            await reply.send(200, b"hello")
+
+    app = await upstream(answer)
+    sc = await sidecar_factory({"app": {"url": app.url}})
+    port = sc.ports["inbound"]
+    assert (await request(port, get("/h", method="HEAD"), method="HEAD")).status == 200
+    assert (await request(port, get("/g"))).body == b"hello"
     assert app.requests[0].conn_id != app.requests[1].conn_id
