@@ -450,7 +450,10 @@ class H2Downstream:
 
     def _stream_reset(self, event: h2.events.StreamReset) -> None:
         stream = self.streams.pop(event.stream_id, None)
-        if stream is None or stream.exchange is None:
+        if stream is None:
+            return
+        self._give_back_window(stream)
+        if stream.exchange is None:
             return
         stream.ended = True
         exchange = stream.exchange
@@ -554,8 +557,17 @@ class H2Downstream:
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             pass
 
+    def _give_back_window(self, stream: H2Stream) -> None:
+        """A stream is done: the request bytes it held unacknowledged (its exchange paused
+        them) are acknowledged, or they would be lost to the connection's flow-control
+        window for good, and enough such streams would stall every stream on it."""
+        if stream.unacked:
+            unacked, stream.unacked = stream.unacked, 0
+            self.acknowledge(stream, unacked)
+
     def reset(self, stream: H2Stream, code: h2.errors.ErrorCodes) -> None:
         stream.ended = True
+        self._give_back_window(stream)
         try:
             self.h2.reset_stream(stream.stream_id, code)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
@@ -572,9 +584,15 @@ class H2Downstream:
         if stream.pending or stream.pending_end is not False:
             return  # the rest waits for the client's window: window_opened ends it
         self.streams.pop(stream.stream_id, None)
+        self._give_back_window(stream)
         if not stream.ended:
             # the exchange ended without a response end (abandoned): tell the client
             self.reset(stream, h2.errors.ErrorCodes.CANCEL)
+        elif stream.exchange is not None and not stream.exchange.body_done:
+            # answered in full before the request's body was all sent: the client is asked
+            # to stop sending it, without error (RFC 9113 §8.1, as grpc-go and nginx do);
+            # it would otherwise wait for window the answered stream no longer gets
+            self.reset(stream, h2.errors.ErrorCodes.NO_ERROR)
         if not self.streams:
             self.client.idle_since = self.loop.time()
             if self.going_away:

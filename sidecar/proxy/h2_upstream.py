@@ -254,6 +254,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                 touched.discard(stream)
             elif isinstance(event, h2.events.StreamReset) and stream is not None:
                 self.streams.pop(stream_id, None)
+                self._give_back_window(stream)
                 stream.response_done = False
                 if event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM:
                     stream.lost(
@@ -450,8 +451,17 @@ class H2UpstreamConnection(asyncio.Protocol):
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             pass
 
+    def _give_back_window(self, stream: H2UpstreamStream) -> None:
+        """The answer bytes a stream held unacknowledged (its client was slow) are
+        acknowledged when it ends, or the connection's window, which every stream on it
+        shares, would shrink by them for good."""
+        if stream.unacked:
+            unacked, stream.unacked = stream.unacked, 0
+            self.acknowledge(stream, unacked)
+
     def reset(self, stream: H2UpstreamStream) -> None:
         self.streams.pop(stream.stream_id, None)
+        self._give_back_window(stream)
         if stream.stream_id:
             try:
                 self.h2.reset_stream(stream.stream_id, h2.errors.ErrorCodes.CANCEL)

@@ -266,8 +266,9 @@ class ClientConnection(asyncio.Protocol):
         #: a body follows (see _serve_h2c_offer)
         self.h2c_offer = False
         self.h2c_body: Exchange | None = None
-        #: a request was refused: the connection ends with a lingering close
-        self.refused = False
+        #: the connection ends with a lingering close: a request was refused, or answered
+        #: before its body was all read (the client may still be sending it)
+        self.linger_close = False
         #: a refusal that waits for the requests received before it to be answered
         self.refusal: SidecarError | None = None
         #: a request asked to close the connection: nothing after it is read
@@ -726,6 +727,11 @@ class ClientConnection(asyncio.Protocol):
             return
         self.active = None
         if not keep_alive or self.closing or self.listener.draining:
+            if not exchange.body_done:
+                # answered before its body was all read: closed at once, the unread bytes
+                # would make the kernel reset the connection, and the reset can destroy the
+                # answer before the client reads it
+                self.linger_close = True
             self._close()
             return
         if self.queue:
@@ -738,7 +744,7 @@ class ClientConnection(asyncio.Protocol):
             # every request received before the refused one is answered: now the refusal
             err, self.refusal = self.refusal, None
             self.closing = True
-            self.refused = True
+            self.linger_close = True
             self.write_error(err, close=True)
             self._close()
         elif self.last_request:
@@ -784,9 +790,12 @@ class ClientConnection(asyncio.Protocol):
         if (
             not exchange.keep_client
             or exchange.resp_close
+            or not exchange.body_done
             or self.closing
             or self.listener.draining
         ):
+            # (answered before the request's body was all read: where the next request
+            # would begin is unknown, so the connection closes, and says so, as Envoy does)
             exchange.resp_close = True
             out.append(b"connection: close\r\n")
         elif head.http_minor == 0:
@@ -947,7 +956,7 @@ class ClientConnection(asyncio.Protocol):
         parsing, self.parsing = self.parsing, None
         if transport is None or transport.is_closing() or self.active in (None, parsing):
             self.closing = True
-            self.refused = True
+            self.linger_close = True
             if transport is None or transport.is_closing():
                 return
             if parsing is not None:
@@ -1007,7 +1016,7 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if not self.refused:
+        if not self.linger_close:
             transport.close()
         elif self.active is None:  # (else its answer goes first; exchange_finished closes)
             self._linger(transport)
