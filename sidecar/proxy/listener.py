@@ -57,10 +57,13 @@ _NO_BODY_STATUS: Final = frozenset({204, 304})
 #: how often the listener checks upstream deadlines while exchanges are in flight; timeouts
 #: fire within this much of their configured value
 DEADLINE_TICK: Final = 0.01
-#: lingering close after refusing a request (nginx's lingering_close): how long, and how
-#: many bytes, the client's remaining input is read and discarded before the socket closes
+#: lingering close after refusing a request or answering before its body was all in
+#: (nginx's lingering_close): how long, and how many bytes, the client's remaining input is
+#: read and discarded before the socket closes. The bytes bound work, not memory (nothing is
+#: kept); a client still uploading when the answer comes (h2load does not stop for it) may
+#: send many megabytes before it reads the answer, and a reset before then destroys it
 LINGER_SECONDS: Final = 2.0
-LINGER_BYTES: Final = 1 << 20
+LINGER_BYTES: Final = 64 << 20
 
 
 class ProxyListener:
