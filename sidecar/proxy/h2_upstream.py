@@ -147,7 +147,9 @@ class H2UpstreamStream:
 
     def abort(self) -> None:
         self.reusable = False
-        if not self.response_done:
+        if not (self.response_done and self.ended):
+            # (answered before the request's body was all sent, too: the stream would stay
+            # half-open in h2 and count against the server's concurrent streams for good)
             self.conn.reset(self)
 
     def close(self) -> None:

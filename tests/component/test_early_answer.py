@@ -11,16 +11,21 @@ as many do) and a client still sending that body:
 - HTTP/2: request bytes a stream held unacknowledged when it ended (its exchange had paused
   them) are acknowledged, or they would be lost to the connection's flow-control window and
   a few such streams would stall the whole connection.
+- An HTTP/2 app: the upstream stream whose body can no longer be sent is reset, not left
+  half-open against the app's concurrent streams.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+import h2.events
+import h2.exceptions
 import pytest
 
 from tests.component.h2client import H2Client, H2Response
-from tests.component.servers import read_response
+from tests.component.h2server import H2TestServer, server_connection
+from tests.component.servers import read_response, wait_until
 
 DENIED = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 6\r\n\r\ndenied"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -173,3 +178,61 @@ async def test_http2_streams_ended_while_paused_give_their_window_back(
             assert resp.status == 504
     finally:
         client.close()
+
+
+class H2AnswersAtTheHead(H2TestServer):
+    """An HTTP/2 app that answers 401 at a request's HEADERS, END_STREAM and all, and then
+    neither reads its body nor resets the stream (a server may leave that to the client);
+    records the streams the client reset."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answered: list[int] = []
+        self.reset_by_client: list[int] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = server_connection(writer)
+        try:
+            while data := await reader.read(65536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        conn.send_headers(
+                            event.stream_id, [(b":status", b"401"), (b"content-length", b"6")]
+                        )
+                        conn.send_data(event.stream_id, b"denied", end_stream=True)
+                        self.answered.append(event.stream_id)
+                    elif isinstance(event, h2.events.DataReceived):
+                        conn.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                    elif isinstance(event, h2.events.StreamReset):
+                        self.reset_by_client.append(event.stream_id)
+                writer.write(conn.data_to_send())
+        except (ConnectionError, h2.exceptions.ProtocolError):
+            pass
+
+
+async def test_an_h2_upstream_stream_answered_before_its_body_is_sent_is_reset(
+    sidecar_factory,
+):
+    """The sidecar resets the upstream stream it can no longer finish sending: left
+    half-open, it would count against the upstream's concurrent streams for good."""
+    up = H2AnswersAtTheHead()
+    try:
+        config = early_config(await up.start())
+        config["app"]["protocol"] = "h2c"
+        sc = await sidecar_factory(config)
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.ports["inbound"])
+        try:
+            writer.write(
+                b"POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: %d\r\n\r\n" % BODY_SIZE
+            )
+            writer.write(b"x" * 50_000)
+            await writer.drain()
+            resp = await asyncio.wait_for(read_response(reader, "POST"), 10)
+            assert resp.status == 401 and resp.get("connection") == "close"
+        finally:
+            writer.close()
+        await wait_until(lambda: up.reset_by_client == up.answered == [1])
+    finally:
+        await up.close()
