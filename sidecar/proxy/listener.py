@@ -384,7 +384,10 @@ class ClientConnection(asyncio.Protocol):
         one (and its chunk framing, extensions and trailers are bounded from its first
         byte)."""
         size = len(data)
-        while at < size and not self.last_request:
+        # (a connection that is closing, its last answer decided, reads no further request:
+        # one pipelined after a refused request's body must never start, however the close
+        # goes on, at once or lingering)
+        while at < size and not self.last_request and not self.closing:
             end = self._head_end(data, at)
             cut = size if end == -1 else end
             if not self._feed(_piece(data, at, cut), head=True):
