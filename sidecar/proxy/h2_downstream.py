@@ -215,9 +215,16 @@ class H2Stream:
             return
         self.paused &= ~reason
         if not self.paused and self.unacked:
+            self.acknowledge_held()
+            self.conn.flush()
+
+    def acknowledge_held(self) -> None:
+        """Acknowledge the request bytes held back while paused: on resuming, and when the
+        stream ends (they would be lost to the connection's flow-control window for good,
+        and enough such streams would stall every stream on it)."""
+        if self.unacked:
             unacked, self.unacked = self.unacked, 0
             self.conn.acknowledge(self, unacked)
-            self.conn.flush()
 
     def upstream_full(self) -> bool:
         return bool(self.paused & PAUSE_UPSTREAM_FULL)
@@ -452,7 +459,7 @@ class H2Downstream:
         stream = self.streams.pop(event.stream_id, None)
         if stream is None:
             return
-        self._give_back_window(stream)
+        stream.acknowledge_held()
         if stream.exchange is None:
             return
         stream.ended = True
@@ -557,17 +564,9 @@ class H2Downstream:
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             pass
 
-    def _give_back_window(self, stream: H2Stream) -> None:
-        """A stream is done: the request bytes it held unacknowledged (its exchange paused
-        them) are acknowledged, or they would be lost to the connection's flow-control
-        window for good, and enough such streams would stall every stream on it."""
-        if stream.unacked:
-            unacked, stream.unacked = stream.unacked, 0
-            self.acknowledge(stream, unacked)
-
     def reset(self, stream: H2Stream, code: h2.errors.ErrorCodes) -> None:
         stream.ended = True
-        self._give_back_window(stream)
+        stream.acknowledge_held()
         try:
             self.h2.reset_stream(stream.stream_id, code)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
@@ -584,7 +583,7 @@ class H2Downstream:
         if stream.pending or stream.pending_end is not False:
             return  # the rest waits for the client's window: window_opened ends it
         self.streams.pop(stream.stream_id, None)
-        self._give_back_window(stream)
+        stream.acknowledge_held()
         if not stream.ended:
             # the exchange ended without a response end (abandoned): tell the client
             self.reset(stream, h2.errors.ErrorCodes.CANCEL)

@@ -141,9 +141,16 @@ class H2UpstreamStream:
     def resume_reading(self) -> None:
         self.paused = False
         if self.unacked:
+            self.acknowledge_held()
+            self.conn.flush()
+
+    def acknowledge_held(self) -> None:
+        """Acknowledge the answer bytes held back while paused (its client was slow): on
+        resuming, and when the stream ends, or the connection's window, which every stream
+        on it shares, would shrink by them for good."""
+        if self.unacked:
             unacked, self.unacked = self.unacked, 0
             self.conn.acknowledge(self, unacked)
-            self.conn.flush()
 
     def abort(self) -> None:
         self.reusable = False
@@ -256,7 +263,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                 touched.discard(stream)
             elif isinstance(event, h2.events.StreamReset) and stream is not None:
                 self.streams.pop(stream_id, None)
-                self._give_back_window(stream)
+                stream.acknowledge_held()
                 stream.response_done = False
                 if event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM:
                     stream.lost(
@@ -453,17 +460,9 @@ class H2UpstreamConnection(asyncio.Protocol):
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             pass
 
-    def _give_back_window(self, stream: H2UpstreamStream) -> None:
-        """The answer bytes a stream held unacknowledged (its client was slow) are
-        acknowledged when it ends, or the connection's window, which every stream on it
-        shares, would shrink by them for good."""
-        if stream.unacked:
-            unacked, stream.unacked = stream.unacked, 0
-            self.acknowledge(stream, unacked)
-
     def reset(self, stream: H2UpstreamStream) -> None:
         self.streams.pop(stream.stream_id, None)
-        self._give_back_window(stream)
+        stream.acknowledge_held()
         if stream.stream_id:
             try:
                 self.h2.reset_stream(stream.stream_id, h2.errors.ErrorCodes.CANCEL)
