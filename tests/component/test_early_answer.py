@@ -118,8 +118,9 @@ async def test_http1_a_request_whose_body_came_whole_keeps_the_connection(sideca
 
 async def send_body(client: H2Client, stream_id: int, data: bytes) -> None:
     """Send `data` on the stream as the flow-control windows allow, waiting for the server's
-    WINDOW_UPDATEs (TimeoutError when none comes)."""
-    while data:
+    WINDOW_UPDATEs (TimeoutError when none comes); stop early once the server has reset the
+    stream (it answered, and asks for no more)."""
+    while data and client.responses[stream_id].reset is None:
         window = min(
             client.conn.local_flow_control_window(stream_id), client.conn.max_outbound_frame_size
         )

@@ -71,8 +71,8 @@ async def test_a_stream_abandoned_while_paused_gives_its_window_back(sidecar_fac
         # a client with a small receive buffer that asks for /big, reads nothing, and leaves
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", port))
         sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
         reader, writer = await asyncio.open_connection(sock=sock)
         writer.write(get("/big"))
         await writer.drain()

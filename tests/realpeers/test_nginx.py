@@ -20,8 +20,18 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.component.servers import Received, Reply, error_of, get, sample, wait_until
+from tests.component.h2client import H2Client
+from tests.component.servers import (
+    Received,
+    Reply,
+    error_of,
+    get,
+    read_response,
+    sample,
+    wait_until,
+)
 from tests.component.test_abandon import ORDERS, PATIENT, WaitsForItsClient, rolled_back
+from tests.component.test_early_answer import send_body, until_reset
 from tests.realpeers.conftest import Nginx
 from tests.realpeers.peers import (
     GOOD_XID,
@@ -433,6 +443,39 @@ async def test_posts_to_nginx_reach_it_exactly_once_across_its_closes(
     assert [line["n"] for line in lines] == ["1", "2", "1", "2", "1", "1"]
     assert len({line["conn"] for line in lines}) == 4
     assert retries(sc) == 0
+
+
+async def test_uploads_nginx_refuses_early_get_its_413_over_both_framings(sidecar_factory, nginx):
+    """nginx (client_max_body_size 1m, its default) answers 413 to a 16 MB upload as soon as
+    it has the head. HTTP/1.1: a client that writes its whole body before reading, as h2load
+    does, gets that 413 with `Connection: close` and then a FIN, never a reset (the sidecar
+    reads and drops the rest; it used to reset after a MiB). HTTP/2: the 413, then the
+    stream reset with NO_ERROR (stop sending), and the connection serves on."""
+    sc, _ = await nginx_app(sidecar_factory, nginx, keepalive_requests=1000)
+    port = sc.ports["inbound"]
+    size = 16_000_000  # (more than the sockets between hold: the sidecar must read it)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(size // 1_000_000):
+            writer.write(b"x" * 1_000_000)
+            await writer.drain()
+        resp = await read_response(reader, "POST", timeout=10)
+        assert resp.status == 413 and resp.get("connection") == "close", resp.raw_head
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        writer.close()
+    client = await H2Client.connect(port)
+    try:
+        sid = await client.send_request(
+            "/upload", method="POST", headers=[("content-length", str(size))], end=False
+        )
+        await send_body(client, sid, b"x" * 200_000)
+        resp2 = await until_reset(client, sid)
+        assert (resp2.status, resp2.reset) == (413, 0)
+        assert (await client.get("/after")).status == 200
+    finally:
+        client.close()
 
 
 # --- 5. nginx as an outbound upstream -----------------------------------------------------------
