@@ -1273,13 +1273,6 @@ def render_report(
         if opts.rounds > 1
         else "One round."
     )
-    rounds = (
-        f"{opts.rounds} interleaved rounds (each runs every target once, in this order); "
-        "each cell is the median over the rounds with its (min–max), and each ratio is "
-        "taken within a round."
-        if opts.rounds > 1
-        else "One round."
-    )
     lines = [
         "# gts-sidecar proxy benchmark",
         "",
