@@ -10,19 +10,28 @@ from __future__ import annotations
 from tests.component.servers import Received, Reply, get, request
 
 
-async def test_the_connection_that_answered_a_head_serves_the_next_request(
-    sidecar_factory, upstream
-):
+async def head_answered_with(sidecar_factory, upstream, head: bytes):
+    """An app that answers HEAD with exactly `head` (no body) and anything else with 200
+    "hello", behind a sidecar: (the app, the inbound port)."""
+
     async def answer(req: Received, reply: Reply) -> None:
         if req.method == "HEAD":
-            reply.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+            reply.write(head)
             await reply.drain()
         else:
             await reply.send(200, b"hello")
 
     app = await upstream(answer)
     sc = await sidecar_factory({"app": {"url": app.url}})
-    port = sc.ports["inbound"]
+    return app, sc.ports["inbound"]
+
+
+async def test_the_connection_that_answered_a_head_serves_the_next_request(
+    sidecar_factory, upstream
+):
+    app, port = await head_answered_with(
+        sidecar_factory, upstream, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    )
     first = await request(port, get("/h", method="HEAD"), method="HEAD")
     assert first.status == 200 and first.get("content-length") == "5" and first.body == b""
     second = await request(port, get("/g"))
@@ -50,16 +59,9 @@ async def test_bytes_after_a_head_answer_keep_the_connection_from_reuse(sidecar_
 
 
 async def test_a_head_answer_without_content_length_keeps_the_connection(sidecar_factory, upstream):
-    async def answer(req: Received, reply: Reply) -> None:
-        if req.method == "HEAD":
-            reply.write(b"HTTP/1.1 200 OK\r\nX-Kind: probe\r\n\r\n")
-            await reply.drain()
-        else:
-            await reply.send(200, b"hello")
-
-    app = await upstream(answer)
-    sc = await sidecar_factory({"app": {"url": app.url}})
-    port = sc.ports["inbound"]
+    app, port = await head_answered_with(
+        sidecar_factory, upstream, b"HTTP/1.1 200 OK\r\nX-Kind: probe\r\n\r\n"
+    )
     first = await request(port, get("/h", method="HEAD"), method="HEAD")
     assert first.status == 200 and first.get("x-kind") == "probe" and first.body == b""
     second = await request(port, get("/g"))
@@ -68,16 +70,9 @@ async def test_a_head_answer_without_content_length_keeps_the_connection(sidecar
 
 
 async def test_a_head_answer_that_says_close_is_not_reused(sidecar_factory, upstream):
-    async def answer(req: Received, reply: Reply) -> None:
-        if req.method == "HEAD":
-            reply.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
-            await reply.drain()
-        else:
-            await reply.send(200, b"hello")
-
-    app = await upstream(answer)
-    sc = await sidecar_factory({"app": {"url": app.url}})
-    port = sc.ports["inbound"]
+    app, port = await head_answered_with(
+        sidecar_factory, upstream, b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"
+    )
     assert (await request(port, get("/h", method="HEAD"), method="HEAD")).status == 200
     assert (await request(port, get("/g"))).body == b"hello"
     assert app.requests[0].conn_id != app.requests[1].conn_id
